@@ -329,3 +329,21 @@ def test_defended_accuracy_of_pretrained_resnet20(resnet20_weights, data_root):
     clean = (out.original_labels == y).float().mean()
     defended = (out.labels == y).float().mean()
     assert clean >= 0.88 and defended >= clean - 0.03
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("amp", [None, torch.bfloat16, torch.float16])
+def test_cuda_matches_cpu_and_autocast_keeps_bounds(amp):
+    model = create("tiny_preact_resnet")
+    x = torch.rand(16, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    cpu = ReScaler(model).adapt(x)
+    gpu_model = copy.deepcopy(model).cuda()
+    out = ReScaler(gpu_model, amp_dtype=amp).adapt(x.cuda())
+    assert out.scalars.dtype == torch.float32 and out.logits.dtype == torch.float32
+    assert out.scalars.min() >= 0 and out.scalars.max() <= 0.15
+    tol = 1e-4 if amp is None else 5e-2
+    assert torch.allclose(out.original_logits.cpu(), cpu.original_logits, atol=tol, rtol=tol)
+    if amp is None:
+        assert torch.allclose(out.scalars.cpu(), cpu.scalars, atol=1e-4)
+        assert torch.allclose(out.logits.cpu(), cpu.logits, atol=1e-4)

@@ -1,0 +1,49 @@
+"""``guard info``: what this installation provides (models, block types ReScaler adapts, versions)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+import guard
+from guard.models import get_spec, list_models
+from guard.rescaler import registered_blocks
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="list registered models and capabilities")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=run)
+
+
+def collect() -> dict:
+    models = {}
+    for name in list_models():
+        spec = get_spec(name)
+        models[name] = {"family": spec.family, "input_size": list(spec.input_size), "mean": list(spec.mean),
+                        "std": list(spec.std), "description": spec.description}
+    return {
+        "version": guard.__version__,
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "models": models,
+        "rescaler_blocks": [f"{c.__module__}.{c.__qualname__}" for c in registered_blocks()],
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    info = collect()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"guard {info['version']} (torch {info['torch']}, CUDA {'yes' if info['cuda_available'] else 'no'})")
+    print("models:")
+    for name, m in info["models"].items():
+        size = "x".join(map(str, m["input_size"]))
+        print(f"  {name:<24} {m['family']:<9} {size:<10} {m['description']}")
+    print("ReScaler block types:")
+    for block in info["rescaler_blocks"]:
+        print(f"  {block}")
+    return 0
