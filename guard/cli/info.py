@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
+from importlib.metadata import version
+
 import torch
 
-import guard
 from guard.models import get_spec, list_models
 from guard.rescaler import registered_blocks
 
@@ -25,7 +26,7 @@ def collect() -> dict:
         models[name] = {"family": spec.family, "input_size": list(spec.input_size), "mean": list(spec.mean),
                         "std": list(spec.std), "description": spec.description}
     return {
-        "version": guard.__version__,
+        "version": version("guard"),
         "torch": torch.__version__,
         "cuda_available": torch.cuda.is_available(),
         "models": models,
