@@ -1,0 +1,52 @@
+"""``guard archive``: package a registered model and its weights as a TorchServe archive for a guarded endpoint.
+
+Example::
+
+    guard archive --model resnet20 --weights resnet20-12fca82f.th --guard-config guard.json \\
+        --out model_store/resnet20.mar
+
+``--guard-config`` is a JSON file with any of the fields of ``guard.serving.GuardConfig``, e.g.
+``{"rescaler": {"eps": 0.15, "alpha": 1.0, "steps": 1}, "top_k": 3, "class_names": [...]}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from . import CLIError
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("archive", help="build a TorchServe model archive (.mar) for a guarded endpoint",
+                              description=__doc__.splitlines()[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="registered model name (see `guard info`)")
+    p.add_argument("--weights", required=True, help="weights file (state dict, .pt/.th or .safetensors)")
+    p.add_argument("--out", required=True, help="archive path DIR/NAME.mar; NAME becomes /predictions/NAME")
+    p.add_argument("--guard-config", default=None, help="guard config JSON (default: ReScaler defaults, top-3)")
+    p.add_argument("--num-classes", type=int, default=10, help="output classes of the model (default 10)")
+    p.add_argument("--handler", default=None, help="handler file (default: handlers/guard_handler.py)")
+    p.add_argument("--force", action="store_true", help="replace an existing archive")
+    p.add_argument("--json", action="store_true", help="print the archive's manifest as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..serving import GuardConfig, build_archive, read_manifest
+
+    config = GuardConfig.load(args.guard_config) if args.guard_config else None
+    try:
+        out = build_archive(args.model, args.weights, args.out, config, num_classes=args.num_classes,
+                            handler=args.handler, force=args.force)
+    except FileExistsError as exc:
+        raise CLIError(str(exc)) from exc
+    manifest = read_manifest(out)
+    if args.json:
+        print(json.dumps({"archive": str(out), **manifest.to_dict()}, indent=2))
+    else:
+        state = "on" if manifest.guard.enabled else "off"
+        print(f"wrote {out}: {manifest.model}, {manifest.num_classes} classes, guard {state} "
+              f"(eps={manifest.guard.rescaler.eps}, alpha={manifest.guard.rescaler.alpha}, "
+              f"steps={manifest.guard.rescaler.steps}), weights sha256 {manifest.weights_sha256}")
+    return 0

@@ -1,0 +1,27 @@
+"""Serving a guarded classifier with TorchServe: archives, request decoding, metrics, server control.
+
+The TorchServe handler itself lives in ``handlers/guard_handler.py`` (the only code importing ``ts``);
+everything it needs is here, testable without a server.
+
+Example::
+
+    from guard.serving import build_archive, TorchServe, ServerSettings
+    mar = build_archive("resnet20", "resnet20-12fca82f.th", "model_store/resnet20.mar")
+    with TorchServe("runs/serve", "model_store", {"resnet20": mar.name}, ServerSettings()) as server:
+        print(server.inference_url("resnet20"))
+"""
+
+from .archive import build_archive, read_manifest
+from .config import MANIFEST_NAME, RESIZE_MODES, ArchiveManifest, GuardConfig
+from .decode import BadRequest, decode_request, reject_form_encoding, select_field
+from .metrics import (BAD_REQUESTS, BATCH_SIZE, ESTIMATED_ASR, LATENCY, METRICS, REQUESTS, REVERTED, STAGES,
+                      MetricSpec)
+from .monitor import RevertMonitor
+from .predictor import GuardedClassifier, WeightsMismatchError, sha256_file
+from .server import PORT_NAMES, ServerError, ServerSettings, TorchServe
+
+__all__ = ["ArchiveManifest", "BAD_REQUESTS", "BATCH_SIZE", "BadRequest", "ESTIMATED_ASR", "GuardConfig",
+           "GuardedClassifier", "LATENCY", "MANIFEST_NAME", "METRICS", "MetricSpec", "PORT_NAMES", "REQUESTS",
+           "RESIZE_MODES", "REVERTED", "RevertMonitor", "STAGES", "ServerError", "ServerSettings", "TorchServe",
+           "WeightsMismatchError", "build_archive", "decode_request", "read_manifest", "reject_form_encoding",
+           "select_field", "sha256_file"]

@@ -1,0 +1,175 @@
+"""The guard configuration a model archive carries, validated once when the server loads it.
+
+Two frozen dataclasses travel inside every archive as one JSON file (:data:`MANIFEST_NAME`):
+:class:`GuardConfig` (how requests are decoded and how ReScaler defends them — the file a user passes to
+``guard archive --guard-config``) and :class:`ArchiveManifest` (which registered architecture, which
+weights and their SHA-256, plus the :class:`GuardConfig`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..rescaler import ReScalerConfig
+
+#: name of the manifest file inside a model archive
+MANIFEST_NAME = "guard-archive.json"
+#: bump when the manifest layout changes; the handler refuses layouts it does not know
+MANIFEST_VERSION = 1
+#: how a request image is brought to the model's input size
+RESIZE_MODES = ("center-crop", "stretch", "exact")
+
+
+def _reject_unknown(cls: type, data: dict[str, Any], where: str) -> None:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; expected some of {sorted(known)}")
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """How the served guard decodes requests and defends predictions.
+
+    ``rescaler``: ε, α, steps of ReScaler (rescaler_main.txt §3; defaults from rescaler_appendix.txt §A).
+    ``enabled``: ``False`` serves the same model unguarded (the baseline of ``benchmarks/serve_load.py``).
+    ``top_k``: how many classes the response's ``probabilities`` lists.
+    ``class_names``: one name per output class; ``None`` names them ``"0" … "K-1"``.
+    ``resize``: ``center-crop`` scales the shorter side to the model's input size and crops the centre;
+    ``stretch`` resizes both sides; ``exact`` refuses any other size with a 400.
+    ``max_image_pixels``: decompression-bomb limit, checked from the image header before decoding (413).
+    ``convert_color``: convert grayscale, palette, RGBA (alpha dropped), CMYK and 16-bit images to 8-bit
+    RGB; ``False`` answers them with a 415 instead.
+    ``asr_window``: how many recent predictions the estimated attack-success-rate gauge looks back over.
+    """
+
+    rescaler: ReScalerConfig = field(default_factory=ReScalerConfig)
+    enabled: bool = True
+    top_k: int = 3
+    class_names: tuple[str, ...] | None = None
+    resize: str = "center-crop"
+    max_image_pixels: int = 16_000_000
+    convert_color: bool = True
+    asr_window: int = 1000
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rescaler, ReScalerConfig):
+            raise TypeError(f"rescaler must be a ReScalerConfig, got {type(self.rescaler).__name__}")
+        for name in ("enabled", "convert_color"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        _positive_int("top_k", self.top_k)
+        _positive_int("max_image_pixels", self.max_image_pixels)
+        _positive_int("asr_window", self.asr_window)
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
+        if self.class_names is not None:
+            names = self.class_names
+            if isinstance(names, (str, bytes)) or not all(isinstance(n, str) and n for n in names):
+                raise TypeError(f"class_names must be a list of non-empty strings, got {names!r:.120}")
+            if len(set(names)) != len(names):
+                raise ValueError(f"class_names must be distinct, got {list(names)}")
+            object.__setattr__(self, "class_names", tuple(names))
+
+    def names_for(self, num_classes: int) -> tuple[str, ...]:
+        """The class names for a model with ``num_classes`` outputs (checked against ``class_names``)."""
+        if self.class_names is None:
+            return tuple(str(i) for i in range(num_classes))
+        if len(self.class_names) != num_classes:
+            raise ValueError(f"class_names lists {len(self.class_names)} names but the model has "
+                             f"{num_classes} classes")
+        return self.class_names
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["class_names"] = None if self.class_names is None else list(self.class_names)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "guard config") -> "GuardConfig":
+        """Build from a JSON-like dict; unknown keys are refused so a typo cannot silently do nothing."""
+        if not isinstance(data, dict):
+            raise TypeError(f"{where}: expected a JSON object, got {type(data).__name__}")
+        _reject_unknown(cls, data, where)
+        data = dict(data)
+        rescaler = data.pop("rescaler", {})
+        if isinstance(rescaler, dict):
+            _reject_unknown(ReScalerConfig, rescaler, f"{where}: rescaler")
+            rescaler = ReScalerConfig(**rescaler)
+        class_names = data.pop("class_names", None)
+        if isinstance(class_names, list):
+            class_names = tuple(class_names)
+        return cls(rescaler=rescaler, class_names=class_names, **data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "GuardConfig":
+        """Read a guard config JSON file (e.g. ``{"rescaler": {"eps": 0.1}, "top_k": 5}``)."""
+        return cls.from_dict(_read_json(Path(path)), where=str(path))
+
+
+@dataclass(frozen=True)
+class ArchiveManifest:
+    """What a guard model archive holds: architecture, weights (with their SHA-256) and guard config."""
+
+    model: str
+    num_classes: int
+    weights_file: str
+    weights_sha256: str
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    version: int = MANIFEST_VERSION
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"model must be a registered model name, got {self.model!r}")
+        _positive_int("num_classes", self.num_classes)
+        if not isinstance(self.weights_file, str) or not self.weights_file or "/" in self.weights_file:
+            raise ValueError(f"weights_file must be a bare file name inside the archive, got {self.weights_file!r}")
+        sha = self.weights_sha256
+        if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            raise ValueError(f"weights_sha256 must be 64 lowercase hex digits, got {sha!r}")
+        if not isinstance(self.guard, GuardConfig):
+            raise TypeError(f"guard must be a GuardConfig, got {type(self.guard).__name__}")
+        if self.version != MANIFEST_VERSION:
+            raise ValueError(f"unsupported archive manifest version {self.version!r}; this guard reads "
+                             f"version {MANIFEST_VERSION} (rebuild the archive with `guard archive`)")
+        self.guard.names_for(self.num_classes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "model": self.model, "num_classes": self.num_classes,
+                "weights_file": self.weights_file, "weights_sha256": self.weights_sha256,
+                "guard": self.guard.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = MANIFEST_NAME) -> "ArchiveManifest":
+        if not isinstance(data, dict):
+            raise TypeError(f"{where}: expected a JSON object, got {type(data).__name__}")
+        _reject_unknown(cls, data, where)
+        data = dict(data)
+        guard = GuardConfig.from_dict(data.pop("guard", {}), where=f"{where}: guard")
+        return cls(guard=guard, **data)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ArchiveManifest":
+        return cls.from_dict(_read_json(Path(path)), where=str(path))
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc

@@ -1,0 +1,43 @@
+"""The Prometheus metrics a guarded endpoint exports, declared once.
+
+``metrics.yaml`` at the repository root declares the same metrics to TorchServe (which refuses
+undeclared backend metrics by default); a test checks that the two agree.
+
+TorchServe 0.12 renders histograms with the Prometheus Java client's default buckets
+(0.005 … 10, +Inf), which it does not let a metrics file change: they suit latencies in seconds; for
+``guard_batch_size`` they resolve batches of 1, ≤2, ≤5, ≤7, ≤10 and more — ``_sum / _count`` gives the
+exact mean batch size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+METRIC_KINDS = ("counter", "gauge", "histogram")
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """A metric's Prometheus name, kind, unit (TorchServe puts it in the HELP line) and label names."""
+
+    name: str
+    kind: str
+    unit: str
+    labels: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.kind not in METRIC_KINDS:
+            raise ValueError(f"metric kind must be one of {METRIC_KINDS}, got {self.kind!r}")
+
+
+LATENCY = MetricSpec("guard_inference_latency_seconds", "histogram", "seconds", ("model_name", "stage"))
+REQUESTS = MetricSpec("guard_requests_total", "counter", "requests", ("model_name",))
+REVERTED = MetricSpec("guard_reverted_total", "counter", "predictions", ("model_name", "original_class"))
+ESTIMATED_ASR = MetricSpec("guard_estimated_asr", "gauge", "ratio", ("model_name", "class"))
+BATCH_SIZE = MetricSpec("guard_batch_size", "histogram", "requests", ("model_name",))
+BAD_REQUESTS = MetricSpec("guard_bad_requests_total", "counter", "requests", ("model_name", "status"))
+
+#: every metric the handler emits
+METRICS = (LATENCY, REQUESTS, REVERTED, ESTIMATED_ASR, BATCH_SIZE, BAD_REQUESTS)
+#: values of the ``stage`` label of :data:`LATENCY`: decoding, the ReScaler pass, building the answers
+STAGES = ("preprocess", "adapt", "postprocess")

@@ -1,0 +1,133 @@
+"""TorchServe handler for a guarded image classifier (archives built by ``guard archive``).
+
+Thin by design: ``initialize`` loads the archive once through :class:`guard.serving.GuardedClassifier`
+(which checks the weights' SHA-256 and refuses a mismatch); ``preprocess`` decodes each request on its
+own, turning bad input into a per-request 4xx; ``inference`` runs one ReScaler pass over the decodable
+part of the server batch; ``postprocess`` answers every request and updates the guard metrics.
+"""
+
+from __future__ import annotations
+
+import http
+import logging
+import time
+
+import torch
+from ts.metrics.metric_cache_errors import MetricsCacheKeyError
+from ts.metrics.metric_type_enum import MetricTypes
+from ts.torch_handler.base_handler import BaseHandler
+
+from guard.serving import (BAD_REQUESTS, BATCH_SIZE, ESTIMATED_ASR, LATENCY, METRICS, REQUESTS, REVERTED,
+                           BadRequest, GuardedClassifier, RevertMonitor, decode_request,
+                           reject_form_encoding, select_field)
+
+log = logging.getLogger(__name__)
+
+_TYPES = {"counter": MetricTypes.COUNTER, "gauge": MetricTypes.GAUGE, "histogram": MetricTypes.HISTOGRAM}
+
+
+class GuardHandler(BaseHandler):
+    """Answers ``{"label", "class", "probabilities", "original_label", "reverted", "anomaly_score"}``."""
+
+    def initialize(self, context) -> None:
+        properties = context.system_properties
+        gpu = properties.get("gpu_id")
+        device = torch.device(f"cuda:{gpu}" if gpu is not None and torch.cuda.is_available() else "cpu")
+        try:
+            self.classifier = GuardedClassifier.from_archive_dir(properties["model_dir"], device)
+        except Exception as exc:
+            log.error("guard: refusing to load model %s: %s", context.model_name, exc)
+            raise
+        self.device = device
+        self.model_name = context.model_name
+        self.monitor = RevertMonitor(len(self.classifier.class_names), self.classifier.config.asr_window)
+        self._asr_sent: list[float | None] = [None] * len(self.classifier.class_names)
+        self._metrics = {spec.name: self._declare(context.metrics, spec) for spec in METRICS}
+        self.context = context
+        self.initialized = True
+        log.info("guard: model %s ready on %s", self.model_name, device)
+
+    @staticmethod
+    def _declare(cache, spec):
+        """The declared metric; one the metrics file lacks is added so the worker still emits it."""
+        try:
+            return cache.get_metric(spec.name, _TYPES[spec.kind])
+        except MetricsCacheKeyError:
+            log.warning("metric %s is not declared in the server's metrics file", spec.name)
+            return cache.add_metric_to_cache(spec.name, spec.unit, list(spec.labels), _TYPES[spec.kind])
+
+    def _emit(self, spec, value: float, *labels: str) -> None:
+        self._metrics[spec.name].add_or_update(value, [self.model_name, *labels])
+
+    # -- the three stages ------------------------------------------------------------------------------
+    def preprocess(self, data):
+        """Decode every request alone: a tensor for a good one, a :class:`BadRequest` for a bad one."""
+        start = time.perf_counter()
+        config, size = self.classifier.config, self.classifier.input_hw
+        items = []
+        for idx, request in enumerate(data):
+            try:
+                if not isinstance(request, dict):
+                    raise BadRequest(400, f"expected a request body, got {type(request).__name__}")
+                reject_form_encoding(self.context.get_all_request_header(idx))
+                field = select_field(request)
+                items.append(decode_request(request[field], self._part_type(idx, field), config, size))
+            except BadRequest as exc:
+                items.append(exc)
+            except Exception as exc:  # a decoder failing in a way it does not document: still this request only
+                log.warning("guard: request %d failed to decode", idx, exc_info=True)
+                items.append(BadRequest(400, f"could not decode the request: {type(exc).__name__}: {exc}"))
+        self._emit(LATENCY, time.perf_counter() - start, "preprocess")
+        return items
+
+    def _part_type(self, idx: int, field: str) -> str | None:
+        """The media type of one request field (TorchServe keeps it under the field's name)."""
+        part = self.context.get_request_header(idx, field)
+        return part.get("content-type") if isinstance(part, dict) else None
+
+    def inference(self, items, *args, **kwargs):
+        """One ReScaler pass (one forward + one backward) over all decodable requests of the batch."""
+        good = [item for item in items if isinstance(item, torch.Tensor)]
+        if not good:
+            return items, None
+        start = time.perf_counter()
+        result = self.classifier.classify(torch.stack(good))
+        if result.logits.is_cuda:
+            torch.cuda.synchronize(result.logits.device)
+        self._emit(LATENCY, time.perf_counter() - start, "adapt")
+        return items, result
+
+    def postprocess(self, data):
+        """Answer each request (4xx for bad ones, set on that request only) and update the metrics."""
+        start = time.perf_counter()
+        items, result = data
+        answers = iter(self.classifier.describe(result) if result is not None else ())
+        responses = []
+        for idx, item in enumerate(items):
+            self.context.set_response_content_type(idx, "application/json")
+            if isinstance(item, BadRequest):
+                self.context.set_response_status(item.status, http.HTTPStatus(item.status).phrase, idx)
+                self._emit(BAD_REQUESTS, 1, str(item.status))
+                responses.append(item.to_dict())
+            else:
+                responses.append(next(answers))
+        if result is not None:
+            self._update_guard_metrics(result.original_labels.cpu(), result.reverted.cpu())
+        self._emit(REQUESTS, len(items))
+        self._emit(BATCH_SIZE, len(items))
+        self._emit(LATENCY, time.perf_counter() - start, "postprocess")
+        return responses
+
+    def _update_guard_metrics(self, original: torch.Tensor, reverted: torch.Tensor) -> None:
+        names = self.classifier.class_names
+        for label in original[reverted].tolist():
+            self._emit(REVERTED, 1, names[label])
+        self.monitor.update(original, reverted)
+        for c, value in enumerate(self.monitor.estimated_asr()):
+            if value != self._asr_sent[c]:
+                self._emit(ESTIMATED_ASR, value, names[c])
+                self._asr_sent[c] = value
+
+    def explain_handle(self, data_preprocess, raw_data):
+        """``/explanations`` gets the same answers as ``/predictions`` (the guard has no other explanation)."""
+        return self.postprocess(self.inference(data_preprocess))

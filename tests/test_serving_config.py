@@ -1,0 +1,131 @@
+"""Guard config and archive manifest validation, the revert monitor, and the server configuration files."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from guard import ReScalerConfig
+from guard.serving import METRICS, ArchiveManifest, GuardConfig, RevertMonitor, ServerSettings, TorchServe
+from guard.serving.server import read_properties
+
+ROOT = Path(__file__).resolve().parents[1]
+SHA = "ab" * 32
+
+
+def test_guard_config_round_trips_through_json_and_pickle(tmp_path):
+    config = GuardConfig(rescaler=ReScalerConfig(eps=0.1, alpha=0.5, steps=2), enabled=False, top_k=5,
+                         class_names=("a", "b"), resize="stretch", max_image_pixels=1000, asr_window=50)
+    path = tmp_path / "guard.json"
+    path.write_text(json.dumps(config.to_dict()))
+    assert GuardConfig.load(path) == config
+    assert pickle.loads(pickle.dumps(config)) == config
+    assert GuardConfig.from_dict({"rescaler": {"eps": 0.05}}).rescaler == ReScalerConfig(eps=0.05)
+
+
+@pytest.mark.parametrize("data, error, words", [
+    ({"top_k": 0}, ValueError, "top_k must be an int >= 1, got 0"),
+    ({"resize": "crop"}, ValueError, "resize must be one of"),
+    ({"enabled": "yes"}, TypeError, "enabled must be true or false"),
+    ({"class_names": ["a", "a"]}, ValueError, "distinct"),
+    ({"class_names": "ab"}, TypeError, "list of non-empty strings"),
+    ({"max_image_pixels": -1}, ValueError, "max_image_pixels"),
+    ({"rescaler": {"eps": 2.0}}, ValueError, "eps must be a number in (0, 1]"),
+    ({"rescaler": {"epsilon": 0.1}}, ValueError, "unknown keys ['epsilon']"),
+    ({"topk": 3}, ValueError, "unknown keys ['topk']"),
+])
+def test_guard_config_rejects_bad_values(data, error, words):
+    with pytest.raises(error) as info:
+        GuardConfig.from_dict(data)
+    assert words in str(info.value)
+
+
+def test_guard_config_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        GuardConfig.load(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{eps: 1")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        GuardConfig.load(bad)
+
+
+def test_manifest_checks_its_fields(tmp_path):
+    manifest = ArchiveManifest("resnet20", 10, "w.th", SHA, GuardConfig(class_names=tuple("abcdefghij")))
+    assert ArchiveManifest.load(manifest.save(tmp_path / "m.json")) == manifest
+    with pytest.raises(ValueError, match="64 lowercase hex"):
+        ArchiveManifest("resnet20", 10, "w.th", "abc")
+    with pytest.raises(ValueError, match="bare file name"):
+        ArchiveManifest("resnet20", 10, "../w.th", SHA)
+    with pytest.raises(ValueError, match="class_names lists 3 names but the model has 10 classes"):
+        ArchiveManifest("resnet20", 10, "w.th", SHA, GuardConfig(class_names=("a", "b", "c")))
+    with pytest.raises(ValueError, match="unsupported archive manifest version 7"):
+        ArchiveManifest.from_dict({**manifest.to_dict(), "version": 7})
+    assert GuardConfig().names_for(3) == ("0", "1", "2")
+
+
+def test_revert_monitor_slides_its_window():
+    monitor = RevertMonitor(num_classes=3, window=4)
+    monitor.update(torch.tensor([0, 0, 1, 2]), torch.tensor([True, False, False, True]))
+    assert monitor.estimated_asr() == [0.5, 0.0, 1.0]
+    monitor.update(torch.tensor([1, 1]), torch.tensor([True, True]))  # pushes out the two class-0 entries
+    assert len(monitor) == 4
+    assert monitor.estimated_asr() == [0.0, 2 / 3, 1.0]
+    with pytest.raises(ValueError, match="out of range"):
+        monitor.update(torch.tensor([3]), torch.tensor([False]))
+    with pytest.raises(ValueError, match="two \\(B,\\) tensors"):
+        monitor.update(torch.tensor([0, 1]), torch.tensor([True]))
+    with pytest.raises(ValueError, match="window must be an int >= 1"):
+        RevertMonitor(3, 0)
+
+
+def test_metrics_file_declares_exactly_the_guard_metrics():
+    yaml = pytest.importorskip("yaml")
+    declared = yaml.safe_load((ROOT / "metrics.yaml").read_text())["model_metrics"]
+    guard_metrics = {(m["name"], kind, tuple(m["dimensions"]))
+                     for kind, entries in declared.items() for m in entries if m["name"].startswith("guard_")}
+    assert guard_metrics == {(m.name, m.kind, m.labels) for m in METRICS}
+
+
+def test_config_properties_is_loopback_prometheus_and_batches_the_demo():
+    props = read_properties(ROOT / "config.properties")
+    for key in ("inference_address", "management_address", "metrics_address"):
+        assert props[key].startswith("http://127.0.0.1:")
+    assert props["grpc_inference_address"] == props["grpc_management_address"] == "127.0.0.1"
+    assert props["metrics_mode"] == "prometheus"
+    assert (ROOT / props["metrics_config"]).is_file()
+    assert props.get("disable_token_authorization", "false") == "false"
+    demo = json.loads(props["models"])["resnet20"]["1.0"]
+    assert demo["batchSize"] > 1 and demo["maxBatchDelay"] > 0
+
+
+def test_server_config_overrides_ports_batching_and_tokens(tmp_path):
+    server = TorchServe(tmp_path / "run", tmp_path, {"m": "m.mar"},
+                        ServerSettings(9101, 9102, 9103, 9104, 9105, token_auth=False, batch_size=4,
+                                       max_batch_delay_ms=7))
+    props = read_properties(server.write_config())
+    assert props["inference_address"] == "http://127.0.0.1:9101"
+    assert props["metrics_address"] == "http://127.0.0.1:9103"
+    assert (props["grpc_inference_port"], props["grpc_management_port"]) == ("9104", "9105")
+    assert props["grpc_inference_address"] == props["grpc_management_address"] == "127.0.0.1"
+    assert server.inference_url("m") == "http://127.0.0.1:9101/predictions/m"
+    assert Path(props["metrics_config"]).is_absolute() and Path(props["metrics_config"]).is_file()
+    assert props["disable_token_authorization"] == "true"
+    models = json.loads(props["models"])
+    assert models["m"]["1.0"] == {"defaultVersion": True, "marName": "m.mar", "batchSize": 4, "maxBatchDelay": 7}
+    assert models["resnet20"]["1.0"]["batchSize"] == 16  # entries of the base file are kept
+
+
+def test_server_refuses_non_loopback_addresses_and_bad_settings(tmp_path):
+    config = tmp_path / "config.properties"
+    config.write_text("inference_address=http://0.0.0.0:8080\nmanagement_address=http://127.0.0.1:8081\n"
+                      "metrics_address=http://127.0.0.1:8082\n")
+    with pytest.raises(ValueError, match="not a loopback address"):
+        TorchServe(tmp_path / "run", tmp_path, {"m": "m.mar"}, config=config).write_config()
+    with pytest.raises(ValueError, match="TCP port"):
+        ServerSettings(inference_port=70000)
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+        ServerSettings(batch_size=0)
