@@ -4,6 +4,9 @@ VENV ?= .venv
 # Real CIFAR-10 + pretrained weights; CI points this at ../shared/data. Unset => torchvision downloads.
 GUARD_DATA_DIR ?= $(abspath ../shared/data)
 export GUARD_DATA_DIR
+# Keep OpenMP threads from spinning when other processes (TorchServe workers, tests) share the cores.
+OMP_WAIT_POLICY ?= PASSIVE
+export OMP_WAIT_POLICY
 PYTEST_ARGS ?= -m "not gpu"
 
 .PHONY: setup serve stop test bench
