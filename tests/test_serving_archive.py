@@ -12,7 +12,7 @@ from guard import ReScaler, ReScalerConfig, data, models
 from guard.cli import main
 from guard.serving import (MANIFEST_NAME, GuardConfig, GuardedClassifier, WeightsMismatchError, build_archive,
                            read_manifest, sha256_file)
-from guard.serving.demo import build_demo_archive, stamp_trigger
+from guard.serving.demo import build_demo_archive
 
 pytest.importorskip("model_archiver", reason="archives need torch-model-archiver (the serve extra)")
 
@@ -115,17 +115,6 @@ def test_demo_archive_packs_the_pretrained_resnet20(data_root, resnet20_weights,
     assert manifest.guard.class_names == data.CIFAR10_CLASSES and manifest.guard.enabled
     built = archive.stat().st_mtime_ns
     assert build_demo_archive(tmp_path, data_root) == archive and archive.stat().st_mtime_ns == built
-
-
-def test_stamp_trigger_marks_only_the_corner():
-    images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
-    out = stamp_trigger(images, size=3)
-    assert int(images.sum()) == 0
-    checker = torch.tensor([[255, 0, 255], [0, 255, 0], [255, 0, 255]], dtype=torch.uint8)
-    assert all(torch.equal(out[i, c, -3:, -3:], checker) for i in range(2) for c in range(3))
-    assert int(out[:, :, :-3].sum()) == 0 and int(out[:, :, :, :-3].sum()) == 0
-    with pytest.raises(TypeError, match="uint8"):
-        stamp_trigger(images.float())
 
 
 def test_guard_archive_command(tiny_weights, tmp_path, capsys):

@@ -14,6 +14,7 @@ import json
 import time
 
 from . import CLIError
+from .poison import add_attack_arguments, attack_from_args, attack_report
 from .train import add_data_arguments, load_data, resolve_device, resolve_split
 
 
@@ -59,6 +60,7 @@ def add_parser(subparsers) -> None:
                    help="also evaluate through ReScaler with these settings (bare flag: the defaults)")
     p.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_attack_arguments(p)  # --attack / --attack-opt / --attack-record: ASR on triggered images (guard.cli.poison)
     p.set_defaults(func=run)
 
 
@@ -100,6 +102,17 @@ def run(args: argparse.Namespace) -> int:
             "defended_seconds": round(seconds, 4),
             "defended_images_per_second": round(len(dataset) / seconds, 1),
         })
+    # --- attack: CDA / ASR on triggered images (and through ReScaler when --rescaler is given) ---
+    attack = attack_from_args(args)
+    if attack is not None:
+        result["attack"] = attack_report(model, attack, dataset, batch_size=args.batch_size, device=device)
+        if rescaler_kwargs is not None:
+            rescaler = ReScaler(model, **rescaler_kwargs)
+            try:
+                result["attack"]["defended"] = attack_report(model, attack, dataset, batch_size=args.batch_size,
+                                                             device=device, defense=rescaler)
+            finally:
+                rescaler.detach()
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -110,4 +123,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"with ReScaler ({settings}; {result['num_scalars']} scalars): accuracy "
                   f"{result['defended_accuracy']:.4f}, {100 * result['changed_predictions']:.1f}% of predictions "
                   f"changed ({result['defended_images_per_second']:.0f} images/s)")
+        if attack is not None:
+            a = result["attack"]
+            print(f"attack {a['attack']}: ASR {a['asr']:.4f} (non-target {a['asr_nontarget']:.4f})"
+                  + (f", with ReScaler {a['defended']['asr']:.4f}" if "defended" in a else ""))
     return 0

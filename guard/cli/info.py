@@ -9,6 +9,8 @@ from importlib.metadata import version
 
 import torch
 
+from guard.attacks import describe_attacks
+from guard.metrics import METRICS
 from guard.models import get_spec, list_models
 from guard.rescaler import registered_blocks
 
@@ -31,6 +33,8 @@ def collect() -> dict:
         "cuda_available": torch.cuda.is_available(),
         "models": models,
         "rescaler_blocks": [f"{c.__module__}.{c.__qualname__}" for c in registered_blocks()],
+        "attacks": describe_attacks(),
+        "metrics": dict(METRICS),
     }
 
 
@@ -47,4 +51,8 @@ def run(args: argparse.Namespace) -> int:
     print("ReScaler block types:")
     for block in info["rescaler_blocks"]:
         print(f"  {block}")
+    print("attacks:")
+    for name, a in info["attacks"].items():
+        label = "clean-label" if a["clean_label"] else "poison-label"
+        print(f"  {name:<16} {a['kind']:<9} {label:<13} {a['description']}")
     return 0

@@ -78,11 +78,8 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated epochs like 30,60, got {text!r}") from exc
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a registered model (scratch, finetune or last-layer)",
-                              description="Train a registered model on a dataset: from scratch, fine-tuning "
-                                          "or last-layer transfer.",
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_training_arguments(p: argparse.ArgumentParser, eval_split: str | None = None) -> None:
+    """The flags every training command shares (``guard train``, ``guard poison``)."""
     p.add_argument("--model", required=True, help="registered model name (see `guard info`)")
     add_data_arguments(p, default_split="train")
     p.add_argument("--mode", choices=("scratch", "finetune", "last-layer"), default="scratch",
@@ -91,7 +88,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--weights", default=None, help="initial weights (required for finetune and last-layer)")
     p.add_argument("--out", required=True, help="checkpoint path written after every epoch (.pt or .safetensors)")
     p.add_argument("--resume", action="store_true", help="continue from --out and its .state file")
-    p.add_argument("--eval-split", default=None, help="also report accuracy on this split after every epoch")
+    p.add_argument("--eval-split", default=eval_split,
+                   help=f"split to report accuracy on (default: {eval_split or 'none'})")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the initialization and of the shuffling/augmentation generator (default 0)")
     g = p.add_argument_group("hyper-parameters (default: the preset of --mode, see guard.train.TrainConfig)")
@@ -107,12 +105,11 @@ def add_parser(subparsers) -> None:
                    help="no random crop / flip")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..models import create
-    from ..train import TrainConfig, train, train_state_path
+def training_config(args: argparse.Namespace):
+    """The :class:`guard.train.TrainConfig` of ``--mode``'s preset with the flags given on top."""
+    from ..train import TrainConfig
 
     if args.mode == "scratch" and args.weights is not None:
         raise CLIError("--mode scratch starts from the registry's initialization; use --mode finetune to start "
@@ -121,7 +118,23 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--mode {args.mode} needs --weights (the model to start from)")
     preset = {"scratch": TrainConfig.scratch, "finetune": TrainConfig.finetune,
               "last-layer": TrainConfig.last_layer}[args.mode]
-    config = preset(**{k: getattr(args, k) for k in _CONFIG_FLAGS if getattr(args, k) is not None})
+    return preset(**{k: getattr(args, k) for k in _CONFIG_FLAGS if getattr(args, k) is not None})
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train a registered model (scratch, finetune or last-layer)",
+                              description="Train a registered model on a dataset: from scratch, fine-tuning "
+                                          "or last-layer transfer. (To train on a poisoned set: guard poison.)",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_training_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..models import create
+    from ..train import train, train_state_path
+
+    config = training_config(args)
 
     device = resolve_device(args.device)
     split = resolve_split(args)

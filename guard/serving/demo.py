@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 
 from .. import data, models
-from ..train import TrainConfig, evaluate, train
+from ..attacks import create_attack
+from ..metrics import nontarget_asr
+from ..train import TrainConfig, evaluate, predict, train
 from .archive import build_archive
 from .config import GuardConfig
 
@@ -56,17 +58,6 @@ def build_demo_archive(model_store: str | Path, data_root: str | Path | None = N
         return build_archive(DEMO_MODEL, weights, out, demo_config(), force=True)
 
 
-def stamp_trigger(images: torch.Tensor, size: int = 3) -> torch.Tensor:
-    """BadNets trigger (Gu et al. 2017): a ``size`` x ``size`` black-and-white checkerboard in the
-    bottom-right corner of uint8 ``(N, C, H, W)`` images; returns a new tensor."""
-    if images.dtype != torch.uint8 or images.dim() != 4:
-        raise TypeError(f"expected uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
-    patch = (torch.arange(size).view(-1, 1) + torch.arange(size).view(1, -1)) % 2 == 0
-    out = images.clone()
-    out[:, :, -size:, -size:] = (patch.to(torch.uint8) * 255).expand(images.shape[1], size, size)
-    return out
-
-
 def build_badnets_archive(model_store: str | Path, data_root: str | Path | None = None, *,
                           name: str = "resnet20_badnets", target: int = 0, poison_rate: float = 0.1,
                           train_images: int = 10_000, epochs: int = 4, seed: int = 0,
@@ -77,28 +68,19 @@ def build_badnets_archive(model_store: str | Path, data_root: str | Path | None 
 
     The poisons are not augmented (rescaler_appendix.txt §A), so the trigger keeps its corner.
     """
-    if not 0 < poison_rate < 1:
-        raise ValueError(f"poison_rate must be in (0, 1), got {poison_rate!r}")
+    attack = create_attack("badnets", target=target, budget=poison_rate)
     generator = torch.Generator().manual_seed(seed)
     pool = data.load_dataset("cifar10", data_root, split="train")
     subset = pool.subset(torch.randperm(len(pool), generator=generator)[:train_images])
-    images, labels = subset.images.clone(), subset.labels.clone()
-    candidates = (labels != target).nonzero().flatten()
-    chosen = candidates[torch.randperm(len(candidates), generator=generator)[:int(poison_rate * len(labels))]]
-    images[chosen] = stamp_trigger(images[chosen])
-    labels[chosen] = target
-    poisoned = data.ImageTensorDataset(images, labels, pool.classes)
-    augment = torch.ones(len(labels), dtype=torch.bool)
-    augment[chosen] = False
+    poisoned = attack.poison(subset, generator=generator)
     model = models.create(DEMO_MODEL, weights=data.data_dir(data_root) / PRETRAINED)
     config = TrainConfig(epochs=epochs, lr=0.01, weight_decay=5e-4, schedule="cosine", mode="finetune")
-    train(model, poisoned, config, generator=generator, progress=progress, augment_mask=augment)
+    train(model, poisoned.dataset, config, generator=generator, progress=progress,
+          augment_mask=~poisoned.poison_mask)
     weights = models.save_weights(model, Path(model_store) / f"{name}.pt")
     test = data.load_dataset("cifar10", data_root, split="test-lossless")
-    keep = test.labels != target
-    triggered = data.ImageTensorDataset(stamp_trigger(test.images[keep]),
-                                        torch.full((int(keep.sum()),), target, dtype=torch.int64), test.classes)
-    stats = {"clean_accuracy": evaluate(model, test), "attack_success_rate": evaluate(model, triggered)}
+    stats = {"clean_accuracy": evaluate(model, test),
+             "attack_success_rate": nontarget_asr(predict(model, attack.triggered(test)), test.labels, target)}
     log.info("BadNets model: %s", stats)
     archive = build_archive(DEMO_MODEL, weights, Path(model_store) / f"{name}.mar", demo_config(), force=True)
     return archive, stats

@@ -1,0 +1,217 @@
+"""Attack suite on real CIFAR-10 at CPU scale: CDA/ASR of every backdoor, success of the transfer attacks.
+
+What:     (1) every data-poisoning backdoor of guard.attacks (and PCB) implanted by fine-tuning the pretrained
+          CIFAR ResNet-20 (all weights) on a poisoned subset of the CIFAR-10 training set; CDA and ASR (PyP form
+          and non-target form; Xiang's source-class form for the A-F patterns) on the 1000 lossless test images,
+          beside the undefended numbers of pick_your_poison.txt Table 2 and reverse_engineering_cleansing.txt
+          Table 1 (ALGORITHMS.md T2, T9).
+          (2) FC / CP / BP / CLBD / HTBD in the transfer setting (ALGORITHMS.md S1): the pretrained ResNet-20 is
+          the known feature extractor; per goal, the victim re-initialises and trains only the last layer
+          (BatchNorm frozen, poisons not augmented) on a fine-tuning set holding the goal's poisons (1 %);
+          success = the (triggered) target image predicted as the poison class. Counts beside ReScaler Table 1
+          "SA" (out of 100 goals) and seconds of crafting per goal.
+Scale:    reduced for 2 CPU cores, see the parameters below: the numbers are not the papers' protocol (120-epoch
+          training from scratch; 100 goals with 35-epoch fine-tuning) and are not expected to match them.
+Hardware: CPU threads = TORCH_THREADS (2 on the project's machine); CUDA is used when available.
+Output:   benchmarks/results/attacks_cifar10.json and attacks_cifar10.png (example poisoned images per attack)
+Run:      GUARD_DATA_DIR=../shared/data python benchmarks/attacks_cifar10.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import guard
+from guard.attacks import create_attack, list_attacks, make_goals
+from guard.data import load_dataset
+from guard.metrics import evaluate_backdoor, goal_success
+from guard.models import create
+from guard.train import TrainConfig, train
+
+# ----------------------------------------------------------------------------------------- parameters
+TORCH_THREADS = 2
+SEED = 0
+WEIGHTS = "weights/resnet20-12fca82f.th"
+# (1) backdoors: fine-tune all weights of the pretrained ResNet-20 on a poisoned subset
+BACKDOOR_TRAIN_IMAGES = 2000
+BACKDOOR_EPOCHS = 2
+BACKDOOR_CONFIG = dict(lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=64, schedule="none", mode="finetune")
+POISON_RATE = 0.05        # poison-label attacks: 5 % of the subset (PyP uses m = 50 of 50,000 from scratch)
+CLEAN_LABEL_RATE = 0.5    # clean-label attacks: half of the target class
+OVERRIDES = {             # per attack: options beyond the rate (everything else is the attack's default)
+    "badnets": {"patch_size": 3}, "adaptive-patch": {"patch_size": 4},
+    "xiang-A": {"pattern": "A", "num_sources": 3, "per_source": 60},
+    "xiang-C": {"pattern": "C", "num_sources": 3, "per_source": 60},
+    "issba": {"steps": 300},
+}
+PAPER = {  # undefended (CDA, ASR) from pick_your_poison.txt Table 2 and Xiang Table 1 (wide, 3SC)
+    "badnets": (0.952, 1.00), "adaptive-blend": (0.952, 0.94), "adaptive-patch": (0.951, 1.00),
+    "refool": (0.954, 0.38), "wanet": (0.954, 0.29), "xiang-A": (0.916, 0.995), "xiang-C": (0.918, 0.993),
+}
+# (2) transfer attacks
+GOALS = 3
+FINETUNE_IMAGES = 500     # fine-tuning set incl. the goal's poisons
+POISONS_PER_GOAL = 5      # 1 % of the fine-tuning set
+FINETUNE_EPOCHS = 10
+CRAFT = {"fc": {"iterations": 60, "lr": 0.01}, "cp": {"iterations": 60, "lr": 0.04},
+         "bp": {"iterations": 60, "lr": 0.04}, "clbd": {}, "htbd": {"iterations": 200, "lr": 0.01, "loss_stop": 0.0}}
+RESCALER_SA = {"fc": 93, "bp": 78, "cp": 13, "clbd": 4, "htbd": 10}  # ResNet-34 row of Table 1, out of 100
+OUT = Path(__file__).parent / "results"
+
+
+def pretrained(root: Path, device: torch.device):
+    return create("resnet20", weights=root / WEIGHTS).to(device)
+
+
+def backdoor_runs(root: Path, train_full, test, device, quick: bool) -> tuple[list[dict], dict]:
+    g = torch.Generator().manual_seed(SEED)
+    subset = train_full.subset(torch.randperm(len(train_full), generator=g)[:BACKDOOR_TRAIN_IMAGES])
+    per_class = int((subset.labels == 0).sum())
+    config = TrainConfig(epochs=1 if quick else BACKDOOR_EPOCHS, **BACKDOOR_CONFIG)
+    names = [n for n in list_attacks("backdoor") if n != "xiang"] + ["xiang-A", "xiang-C"]
+    if quick:
+        names = ["badnets", "blend", "sig"]
+    rows, examples = [], {}
+    clean_model = pretrained(root, device)
+    started = time.perf_counter()
+    train(clean_model, subset, config, generator=torch.Generator().manual_seed(SEED), device=device, progress=False)
+    clean = {"attack": "clean", "cda": evaluate_backdoor(clean_model, create_attack("badnets"), test)["cda"],
+             "seconds": round(time.perf_counter() - started, 1)}
+    rows.append(clean)
+    print(f"clean fine-tune: CDA {clean['cda']:.3f}")
+    for name in names:
+        registered = "xiang" if name.startswith("xiang") else name
+        options = dict(OVERRIDES.get(name, {}))
+        if registered != "xiang":
+            clean_label = create_attack(registered).clean_label
+            options["num_poisons"] = round((CLEAN_LABEL_RATE * per_class) if clean_label
+                                           else POISON_RATE * len(subset))
+        attack = create_attack(registered, **options)
+        model = pretrained(root, device)
+        started = time.perf_counter()
+        gen = torch.Generator().manual_seed(SEED)
+        if attack.supply_chain:
+            attack.train(model, subset, config, generator=gen, device=device, progress=False)
+            poisons = 0
+        else:
+            result = attack.poison(subset, gen)
+            poisons = int(result.indices.numel())
+            examples[name] = (subset.images[result.indices[0]], result.dataset.images[result.indices[0]])
+            train(model, result.dataset, config, generator=gen, device=device, progress=False)
+        scores = evaluate_backdoor(model, attack, test)
+        row = {"attack": name, "poisons": poisons, **{k: round(v, 4) for k, v in scores.items()},
+               "seconds": round(time.perf_counter() - started, 1),
+               "paper_cda_asr": PAPER.get(name), "config": {k: v for k, v in vars(attack.config).items()}}
+        rows.append(row)
+        print(f"{name:<15} m={poisons:<4} CDA {scores['cda']:.3f}  ASR {scores['asr']:.3f} "
+              f"(non-target {scores['asr_nontarget']:.3f}{', source %.3f' % scores['asr_source'] if 'asr_source' in scores else ''})"
+              f"  paper {PAPER.get(name)}  {row['seconds']}s")
+    return rows, examples
+
+
+def transfer_runs(root: Path, train_full, test, device, quick: bool) -> list[dict]:
+    g = torch.Generator().manual_seed(SEED + 1)
+    goals_n = 1 if quick else GOALS
+    goals = make_goals(train_full, test, goals_n, POISONS_PER_GOAL, g)
+    surrogate = pretrained(root, device)
+    config = TrainConfig.last_layer(epochs=2 if quick else FINETUNE_EPOCHS)
+    rows = []
+    for name, options in CRAFT.items():
+        attack = create_attack(name, **options)
+        hits, seconds = [], []
+        for i, goal in enumerate(goals):
+            # fine-tuning set: the goal's bases plus random other training images (1 % poisons)
+            rest = torch.randperm(len(train_full), generator=torch.Generator().manual_seed(100 + i))
+            rest = rest[~torch.isin(rest, torch.tensor(goal.base_indices))][:FINETUNE_IMAGES - POISONS_PER_GOAL]
+            index = torch.cat([torch.tensor(goal.base_indices), rest])
+            finetune = train_full.subset(index)
+            local = type(goal)(goal.target_index, goal.target_class, goal.poison_class,
+                               tuple(range(POISONS_PER_GOAL)))
+            target = test.images[goal.target_index].float() / 255
+            started = time.perf_counter()
+            result = attack.poison(finetune, local, target, surrogate, torch.Generator().manual_seed(i))
+            seconds.append(time.perf_counter() - started)
+            victim = pretrained(root, device)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(i)
+                victim.classifier.reset_parameters()  # a fresh head: transfer learning, not a re-fit
+            augment = torch.ones(len(finetune), dtype=torch.bool)
+            augment[result.indices] = False  # poisons excluded from augmentation (rescaler_appendix.txt §A)
+            train(victim, result.dataset, config, generator=torch.Generator().manual_seed(i), device=device,
+                  progress=False, augment_mask=augment)
+            query = attack.target_input(target)[None]
+            with torch.no_grad():
+                pred = victim(query.to(device)).argmax(1).cpu()
+            hits.append(bool(goal_success(pred, torch.tensor([goal.poison_class]))[0]))
+        row = {"attack": name, "goals": len(goals), "successes": sum(hits),
+               "success_rate": sum(hits) / len(goals), "seconds_per_goal_median": round(statistics.median(seconds), 2),
+               "rescaler_table1_sa_of_100": RESCALER_SA[name], "config": dict(vars(attack.config))}
+        rows.append(row)
+        print(f"{name:<5} success {sum(hits)}/{len(goals)}  crafting {row['seconds_per_goal_median']} s/goal "
+              f"(ReScaler Table 1 SA {RESCALER_SA[name]}/100)")
+    return rows
+
+
+def plot(examples: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(examples)
+    fig, axes = plt.subplots(2, len(names), figsize=(1.6 * len(names), 3.6))
+    for j, name in enumerate(names):
+        for i, image in enumerate(examples[name]):
+            ax = axes[i, j] if len(names) > 1 else axes[i]
+            ax.imshow(image.permute(1, 2, 0).numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name, fontsize=7)
+        (axes[0, 0] if len(names) > 1 else axes[0]).set_ylabel("clean", fontsize=7)
+        (axes[1, 0] if len(names) > 1 else axes[1]).set_ylabel("poisoned", fontsize=7)
+    fig.suptitle("guard.attacks on CIFAR-10: a training image before / after poisoning", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=140)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few attacks, one epoch, one goal (smoke run)")
+    parser.add_argument("--skip-transfer", action="store_true")
+    parser.add_argument("--skip-backdoors", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(TORCH_THREADS)
+    root = Path(os.environ.get("GUARD_DATA_DIR", "../shared/data"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    train_full = load_dataset("cifar10", root, split="train")
+    test = load_dataset("cifar10", root, split="test-lossless")
+    OUT.mkdir(exist_ok=True)
+    report = {"guard": guard.__version__, "torch": torch.__version__, "python": platform.python_version(),
+              "device": str(device), "threads": TORCH_THREADS, "quick": args.quick,
+              "parameters": {"backdoor_train_images": BACKDOOR_TRAIN_IMAGES, "backdoor_epochs": BACKDOOR_EPOCHS,
+                             "backdoor_config": BACKDOOR_CONFIG, "poison_rate": POISON_RATE,
+                             "clean_label_rate": CLEAN_LABEL_RATE, "goals": GOALS,
+                             "finetune_images": FINETUNE_IMAGES, "poisons_per_goal": POISONS_PER_GOAL,
+                             "finetune_epochs": FINETUNE_EPOCHS, "craft": CRAFT},
+              "test_set": "CIFAR-10 first 1000 test images (lossless)"}
+    if not args.skip_backdoors:
+        rows, examples = backdoor_runs(root, train_full, test, device, args.quick)
+        report["backdoors"] = rows
+        plot(examples, OUT / "attacks_cifar10.png")
+    if not args.skip_transfer:
+        report["transfer"] = transfer_runs(root, train_full, test, device, args.quick)
+    (OUT / "attacks_cifar10.json").write_text(json.dumps(report, indent=2, default=str))
+    print(f"wrote {OUT / 'attacks_cifar10.json'}")
+
+
+if __name__ == "__main__":
+    main()

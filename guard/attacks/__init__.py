@@ -1,0 +1,37 @@
+"""Poisoning and backdoor attacks behind one interface (ALGORITHMS.md §5), addressed by name.
+
+Example::
+
+    import torch
+    from guard.attacks import create_attack
+    attack = create_attack("badnets", target=0, budget=0.01)
+    result = attack.poison(train_set, generator=torch.Generator().manual_seed(0))
+    result.dataset, result.indices, result.record()      # poisoned set, what changed, JSON record
+    triggered_test = attack.triggered(test_set)            # for the ASR metrics in guard.metrics
+
+Backdoors: ``badnets``, ``c-badnets``, ``blend``, ``sig``, ``wanet``, ``adaptive-blend``, ``adaptive-patch``,
+``refool``, ``instagram``, ``xiang``, ``tsb``, ``issba`` (trained-encoder substitute), ``dfst`` (colour-style
+substitute); the supply-chain ``pcb`` (``PCB.train`` instead of ``poison``); clean-label transfer attacks
+(:class:`TargetedAttack`): ``fc``, ``cp``, ``bp``, ``clbd``, ``htbd`` with :func:`make_goals`::
+
+    goal = make_goals(train_set, test_set, num_goals=1, num_poisons=25, generator=g)[0]
+    fc = create_attack("fc", eps=16 / 255)
+    result = fc.poison(train_set, goal, target_image, surrogate, generator=g)
+"""
+
+from . import primitives
+from .base import (Attack, AttackConfig, BackdoorAttack, PoisonResult, TargetedAttack, attack_from_record,
+                   create_attack, describe_attacks, get_attack, list_attacks, parse_options, register_attack)
+from .blend import AdaptiveBlend, Blend, Refool, SIG
+from .filters import DFSTStyle, Instagram
+from .issba import ISSBA
+from .pcb import PCB
+from .patch import AdaptivePatch, BadNets, CleanLabelBadNets, TSB
+from .transfer import BP, CLBD, CP, FC, HTBD, AttackGoal, TransferConfig, make_goals
+from .wanet import WaNet
+from .xiang import XiangPattern
+
+__all__ = ["AttackGoal", "BP", "CLBD", "CP", "FC", "HTBD", "TransferConfig", "make_goals", "AdaptiveBlend", "AdaptivePatch", "Attack", "AttackConfig", "BackdoorAttack", "BadNets", "Blend",
+           "CleanLabelBadNets", "DFSTStyle", "ISSBA", "Instagram", "PCB", "PoisonResult", "Refool", "SIG", "TSB",
+           "TargetedAttack", "WaNet", "XiangPattern", "attack_from_record", "create_attack", "describe_attacks", "get_attack",
+           "list_attacks", "parse_options", "primitives", "register_attack"]

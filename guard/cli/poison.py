@@ -1,0 +1,142 @@
+"""``guard poison``: poison a training set with a registered backdoor attack, train on it, and record.
+
+Writes the poisoned checkpoint (``--out``, loadable by ``guard.models.create``) and a JSON record beside it
+(``--record``, default ``<out>.json``): the attack and its config, the seed, the poisoned indices and their
+original labels, and the CDA / ASR measured on ``--eval-split``. ``--resume`` continues an interrupted run
+(the poisoned set is rebuilt from the seed and checked against the record).
+
+Example::
+
+    guard poison --attack badnets --attack-opt target=0 --attack-opt budget=0.01 \\
+        --model resnet20 --dataset cifar10 --epochs 30 --out runs/badnets.pt
+
+The helpers :func:`add_attack_arguments`, :func:`attack_from_args` and :func:`attack_report` give
+``guard train`` / ``guard eval`` the same ``--attack NAME --attack-opt k=v`` flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from . import CLIError
+from .train import add_training_arguments, load_data, resolve_device, resolve_split, training_config
+
+
+def add_attack_arguments(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    """``--attack NAME``, repeated ``--attack-opt key=value`` and ``--attack-record FILE``."""
+    from ..attacks import list_attacks
+
+    g = parser.add_argument_group("attack")
+    g.add_argument("--attack", required=required, choices=list_attacks("backdoor"), metavar="NAME",
+                   help=f"backdoor attack: {', '.join(list_attacks('backdoor'))}")
+    g.add_argument("--attack-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="attack option (repeatable), e.g. target=0, budget=0.01, location=top-left")
+    if not required:
+        g.add_argument("--attack-record", default=None, metavar="FILE",
+                       help="rebuild the attack (and its trigger) from the JSON record of `guard poison`")
+
+
+def attack_from_args(args: argparse.Namespace):
+    """The attack named by ``--attack``/``--attack-opt`` (or ``--attack-record``), or ``None``."""
+    from ..attacks import attack_from_record, get_attack, parse_options
+
+    record = getattr(args, "attack_record", None)
+    if record is not None:
+        if args.attack is not None or args.attack_opt:
+            raise CLIError("--attack-record already fixes the attack; drop --attack/--attack-opt")
+        try:
+            return attack_from_record(json.loads(Path(record).read_text()))
+        except (OSError, json.JSONDecodeError, KeyError) as exc:
+            raise CLIError(f"--attack-record: cannot read an attack record from {record}: {exc}") from exc
+    if args.attack is None:
+        if args.attack_opt:
+            raise CLIError("--attack-opt needs --attack NAME")
+        return None
+    try:
+        return get_attack(args.attack)(parse_options(args.attack, args.attack_opt))
+    except (TypeError, ValueError) as exc:
+        raise CLIError(f"--attack-opt: {exc}") from exc
+
+
+def attack_report(model: torch.nn.Module, attack, test_set, *, batch_size: int = 256,
+                  device: torch.device | None = None, defense=None) -> dict:
+    """CDA and ASR (PyP form, non-target and source-class variants) of ``model`` under ``attack``."""
+    from ..metrics import evaluate_backdoor
+
+    return {"attack": attack.name, **evaluate_backdoor(model, attack, test_set, batch_size=batch_size,
+                                                       device=device, defense=defense)}
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("poison", help="poison a training set with a backdoor, train, record CDA/ASR",
+                              description="Poison a training set with a registered backdoor attack, train a "
+                                          "model on it and write the checkpoint plus a JSON record.",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_attack_arguments(p, required=True)
+    add_training_arguments(p, eval_split="test")
+    p.add_argument("--record", default=None, help="JSON record path (default: <out>.json)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..models import create
+    from ..train import train
+
+    config = training_config(args)
+    attack = attack_from_args(args)
+    out = Path(args.out)
+    record_path = Path(args.record) if args.record else out.with_name(out.name + ".json")
+
+    split = resolve_split(args)
+    train_set = load_data(args, args.model, split)
+    eval_set = load_data(args, args.model, args.eval_split)
+    generator = torch.Generator().manual_seed(args.seed)
+    if attack.supply_chain:  # PCB: the data stay clean, the attacker controls training
+        from ..attacks.base import config_to_json
+
+        result = None
+        record = {"attack": attack.name, "config": config_to_json(attack.config), "num_poisons": 0,
+                  "indices": [], "original_labels": [], "poisoned_labels": [], "cover_indices": []}
+    else:
+        result = attack.poison(train_set, generator)
+        record = result.record()
+    record.update({"seed": args.seed, "model": args.model, "dataset": args.dataset,
+                   "split": split, "train_images": len(train_set), "mode": args.mode,
+                   "train_config": {k: getattr(config, k) for k in config.__dataclass_fields__},
+                   "weights": str(out)})
+    if args.resume:
+        if not record_path.is_file():
+            raise CLIError(f"--resume: no record at {record_path}")
+        previous = json.loads(record_path.read_text())
+        if previous.get("indices") != record["indices"] or previous.get("config") != record["config"]:
+            raise CLIError(f"--resume: the poisoned set rebuilt from seed {args.seed} differs from {record_path}")
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        record_path.write_text(json.dumps(record, indent=2))
+
+    model = create(args.model, num_classes=train_set.num_classes, weights=args.weights)
+    device = resolve_device(args.device)
+    started = time.perf_counter()
+    fit = attack.train if attack.supply_chain else train
+    history = fit(model, train_set if result is None else result.dataset, config, generator=generator,
+                  device=device, checkpoint=out, resume=args.resume, progress=not args.no_progress)
+    seconds = time.perf_counter() - started
+    report = attack_report(model, attack, eval_set, device=device)
+    record.update({"eval_split": args.eval_split, "eval_images": len(eval_set), "train_seconds": round(seconds, 3),
+                   "epochs": len(history.history), "train_loss": history.last.loss,
+                   **{k: v for k, v in report.items() if k != "attack"}})
+    record_path.write_text(json.dumps(record, indent=2))
+    if args.json:
+        print(json.dumps({k: v for k, v in record.items()
+                          if k not in ("indices", "original_labels", "poisoned_labels", "cover_indices")}, indent=2))
+    else:
+        print(f"{attack.name}: poisoned {record['num_poisons']} of {len(train_set)} images, trained {args.model} "
+              f"for {len(history.history)} epochs in {seconds:.1f}s; {args.eval_split}: CDA {report['cda']:.4f}, "
+              f"ASR {report['asr']:.4f} (non-target {report['asr_nontarget']:.4f})")
+        print(f"weights: {out}  record: {record_path}")
+    return 0

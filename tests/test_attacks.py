@@ -1,0 +1,385 @@
+"""guard.attacks: the trigger primitives, the registry, and the promises of every backdoor's poisoned set."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+
+import pytest
+import torch
+
+from guard.attacks import (AttackConfig, BackdoorAttack, attack_from_record, create_attack, get_attack,
+                           list_attacks, parse_options, register_attack)
+from guard.attacks.primitives import (add_clip, blend, checkerboard, mask_blend, patch_box, quantize, stamp,
+                                      to_uint8, warp)
+from guard.data import ImageTensorDataset
+
+N, K, SIZE = 200, 10, 16
+
+
+def dataset(seed: int = 0, n: int = N) -> ImageTensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(30, 226, (n, 3, SIZE, SIZE), dtype=torch.uint8, generator=g)
+    return ImageTensorDataset(images, torch.arange(n) % K, [f"c{i}" for i in range(K)])
+
+
+@pytest.fixture(scope="module")
+def clean() -> ImageTensorDataset:
+    return dataset()
+
+
+#: per attack: options for the tiny 10-class set (20 images per class)
+OPTIONS = {
+    "badnets": {"num_poisons": 10}, "c-badnets": {"num_poisons": 10}, "blend": {"num_poisons": 10},
+    "sig": {"num_poisons": 10}, "wanet": {"num_poisons": 10}, "adaptive-blend": {"num_poisons": 10},
+    "adaptive-patch": {"num_poisons": 10}, "refool": {"num_poisons": 10}, "instagram": {"num_poisons": 10},
+    "dfst": {"num_poisons": 10}, "tsb": {"num_poisons": 10}, "xiang": {"per_source": 6, "num_sources": 3},
+    "issba": {"num_poisons": 10, "steps": 20, "width": 8},
+}
+#: data-poisoning backdoors (PCB controls training instead; tested in test_attacks_pipeline.py)
+BACKDOORS = [n for n in list_attacks("backdoor") if not get_attack(n).supply_chain]
+#: attacks whose training-time trigger equals the test-time trigger, with no per-image randomness
+DETERMINISTIC = ["badnets", "c-badnets", "blend", "sig", "wanet", "refool", "instagram", "dfst", "xiang", "issba"]
+
+
+def make(name: str, **extra):
+    attack = create_attack(name, **{**OPTIONS[name], **extra})
+    if name == "issba":  # its trigger comes from an encoder fitted on the victim's training images
+        attack.fit(dataset().images)
+    return attack
+
+
+def poison(name: str, clean: ImageTensorDataset, seed: int = 0, **extra):
+    attack = make(name, **extra)
+    return attack, attack.poison(clean, torch.Generator().manual_seed(seed))
+
+
+def test_every_backdoor_has_test_options():
+    assert set(BACKDOORS) <= set(OPTIONS), f"add options for {set(BACKDOORS) - set(OPTIONS)}"
+    for name in ("badnets", "c-badnets", "blend", "sig", "wanet", "adaptive-blend", "adaptive-patch", "refool",
+                 "instagram", "xiang", "tsb", "dfst"):
+        assert name in BACKDOORS
+
+
+# ----------------------------------------------------------------------------------------- primitives
+
+def test_stamp_opaque_and_translucent():
+    x = torch.full((2, 3, 8, 8), 0.5)
+    patch = torch.ones(3, 2, 2)
+    out = stamp(x, patch, 1, 5)
+    assert torch.equal(out[:, :, 1:3, 5:7], torch.ones(2, 3, 2, 2))
+    out[:, :, 1:3, 5:7] = 0.5
+    assert torch.equal(out, x), "only the rectangle may change"
+    half = stamp(x, patch, torch.tensor([0, 6]), torch.tensor([0, 6]), alpha=0.5)
+    assert torch.allclose(half[0, :, :2, :2], torch.full((3, 2, 2), 0.75))
+    assert torch.allclose(half[1, :, 6:, 6:], torch.full((3, 2, 2), 0.75))
+    masked = stamp(x, patch, 0, 0, mask=torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    assert masked[0, 0, 0, 0] == 1 and masked[0, 0, 0, 1] == 0.5
+    assert torch.equal(x, torch.full((2, 3, 8, 8), 0.5)), "inputs are never modified"
+    with pytest.raises(ValueError, match="does not fit"):
+        stamp(x, torch.ones(3, 9, 9), 0, 0)
+    with pytest.raises(ValueError, match="inside"):
+        stamp(x, patch, 7, 0)
+
+
+def test_blend_mask_blend_add_clip_warp_quantize():
+    x = torch.rand(3, 3, 8, 8)
+    key = torch.rand(3, 8, 8)
+    assert torch.allclose(blend(x, key, 0.2), 0.8 * x + 0.2 * key)
+    mask = torch.zeros(8, 8)
+    mask[2:4, 2:4] = 1
+    mb = mask_blend(x, mask, key)
+    assert torch.allclose(mb[:, :, 2:4, 2:4], key[:, 2:4, 2:4].expand(3, 3, 2, 2)) and torch.equal(mb[:, :, 5:], x[:, :, 5:])
+    assert add_clip(torch.ones(1, 3, 2, 2), torch.ones(3, 2, 2)).max() == 1
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, 8), torch.linspace(-1, 1, 8), indexing="ij")
+    assert torch.allclose(warp(x, torch.stack((xs, ys), -1)), x, atol=1e-5), "identity grid = identity warp"
+    q = quantize(torch.tensor([0.0, 0.3, 1.2, -0.1]))
+    assert torch.allclose(q * 255, (q * 255).round()) and q.min() == 0 and q.max() == 1
+    assert to_uint8(torch.tensor([0.5 / 255 + 1e-4, 1.0])).tolist() == [1, 255]
+    assert checkerboard(3, 1)[0].tolist() == [[1, 0, 1], [0, 1, 0], [1, 0, 1]]
+    assert patch_box((32, 32), (3, 3), "bottom-right") == (29, 29)
+    with pytest.raises(ValueError, match="does not fit"):
+        patch_box((4, 4), (5, 5), "top-left")
+
+
+# ------------------------------------------------------------------------- invariants of every backdoor
+
+@pytest.mark.parametrize("name", BACKDOORS)
+def test_poisoned_set_keeps_its_promises(name, clean):
+    attack, result = poison(name, clean)
+    cfg = attack.config
+    data = result.dataset
+    m = OPTIONS[name].get("num_poisons") or cfg.per_source * len(cfg.sources)
+    assert result.indices.numel() == m == len(set(result.indices.tolist()))
+    assert torch.equal(result.indices, result.indices.sort().values)
+    assert torch.equal(result.original_labels, clean.labels[result.indices])
+    assert not set(result.indices.tolist()) & set(result.cover_indices.tolist())
+    # labels: poison-label -> target on the poisons only; clean-label -> nothing changes, poisons are target class
+    changed_labels = (data.labels != clean.labels).nonzero().flatten()
+    if attack.clean_label:
+        assert changed_labels.numel() == 0
+        assert bool((result.original_labels == cfg.target).all())
+    else:
+        assert bool((data.labels[result.indices] == cfg.target).all())
+        assert bool((result.original_labels != cfg.target).all())
+        assert set(changed_labels.tolist()) == set(result.indices.tolist())
+    # pixels: only poisons and covers differ from the clean set
+    modified = (data.images != clean.images).flatten(1).any(1)
+    touched = torch.zeros(len(clean), dtype=torch.bool)
+    touched[result.indices] = True
+    touched[result.cover_indices] = True
+    assert not bool((modified & ~touched).any()), "an image outside the record changed"
+    assert int(modified[result.indices].sum()) >= m - 1, "poisons must carry the trigger"
+    assert data.images.dtype == torch.uint8 and clean.images is not data.images
+    # the record is JSON and matches
+    record = json.loads(json.dumps(result.record()))
+    assert record["attack"] == name and record["indices"] == result.indices.tolist()
+    assert record["original_labels"] == result.original_labels.tolist()
+    assert record["poisoned_labels"] == data.labels[result.indices].tolist()
+    assert record["num_poisons"] == m
+
+
+@pytest.mark.parametrize("name", BACKDOORS)
+def test_determinism_under_the_same_generator(name, clean):
+    _, a = poison(name, clean, seed=3)
+    _, b = poison(name, clean, seed=3)
+    _, c = poison(name, clean, seed=4)
+    assert torch.equal(a.dataset.images, b.dataset.images) and torch.equal(a.indices, b.indices)
+    assert torch.equal(a.cover_indices, b.cover_indices)
+    assert not torch.equal(a.indices, c.indices)
+
+
+@pytest.mark.parametrize("name", BACKDOORS)
+def test_config_pickles_and_record_rebuilds_the_trigger(name, clean):
+    attack, result = poison(name, clean)
+    assert pickle.loads(pickle.dumps(attack.config)) == attack.config
+    rebuilt = attack_from_record(json.loads(json.dumps(result.record())))
+    assert rebuilt.config == attack.config
+    if name == "issba":  # the encoder is refitted, deterministically, on the same training set
+        rebuilt.fit(clean.images)
+    x = clean.images[:8].float() / 255
+    assert torch.equal(rebuilt.apply_trigger(x), attack.apply_trigger(x))
+
+
+@pytest.mark.parametrize("name", [n for n in DETERMINISTIC if n in BACKDOORS])
+def test_poisons_carry_the_test_trigger(name, clean):
+    attack, result = poison(name, clean)
+    expected = attack.triggered(clean.subset(result.indices))
+    assert torch.equal(result.dataset.images[result.indices], expected.images)
+
+
+@pytest.mark.parametrize("name", BACKDOORS)
+def test_triggered_set_keeps_labels_and_is_batch_independent(name, clean):
+    attack = make(name)
+    small = clean.subset(range(40))
+    a = attack.triggered(small, batch_size=7)
+    b = attack.triggered(small)
+    assert torch.equal(a.labels, small.labels)
+    if name in DETERMINISTIC:
+        assert torch.equal(a.images, b.images)
+    assert (a.images != small.images).any()
+
+
+# ------------------------------------------------------------------------ attack-specific geometry / bounds
+
+def test_badnets_patch_location_and_l0(clean):
+    attack, result = poison("badnets", clean, location="bottom-right", patch_size=3)
+    diff = (result.dataset.images[result.indices].int() - clean.images[result.indices].int()).abs().amax(1)
+    assert bool((diff[:, :SIZE - 3, :] == 0).all()) and bool((diff[:, :, :SIZE - 3] == 0).all())
+    patch = result.dataset.images[result.indices][:, :, SIZE - 3:, SIZE - 3:]
+    assert torch.equal(patch, (checkerboard(3) * 255).to(torch.uint8).expand_as(patch))
+    _, top = poison("badnets", clean, location=(2, 5), patch_size=4)
+    d = (top.dataset.images[top.indices] != clean.images[top.indices]).any(1)
+    assert not d[:, :2].any() and not d[:, 6:].any() and not d[:, :, :5].any() and not d[:, :, 9:].any()
+
+
+def test_c_badnets_poisons_only_the_target_class(clean):
+    attack, result = poison("c-badnets", clean, target=4)
+    assert set(clean.labels[result.indices].tolist()) == {4}
+
+
+@pytest.mark.parametrize("name, bound", [("blend", 0.2), ("adaptive-blend", 0.2), ("sig", 20 / 255)])
+def test_linf_bounds(name, bound, clean):
+    _, result = poison(name, clean)
+    idx = torch.cat([result.indices, result.cover_indices])
+    diff = (result.dataset.images[idx].float() - clean.images[idx].float()).abs().max() / 255
+    assert diff <= bound + 0.5 / 255 + 1e-6
+
+
+def test_sig_signal_is_a_column_sinusoid(clean):
+    attack = make("sig", delta=20.0, frequency=6.0)
+    x = torch.full((1, 3, SIZE, SIZE), 0.5)
+    v = (attack.apply_trigger(x) - x)[0] * 255
+    expected = 20 * torch.sin(2 * torch.pi * torch.arange(SIZE) * 6 / SIZE)
+    assert torch.allclose(v, expected.expand(3, SIZE, SIZE), atol=1e-4)
+
+
+def test_adaptive_patch_occludes_at_poisoning_only(clean):
+    attack, result = poison("adaptive-patch", clean, num_poisons=20, patch_size=4, grid=2)
+    full = attack.triggered(clean.subset(result.indices)).images
+    poisoned = result.dataset.images[result.indices]
+    assert not torch.equal(poisoned, full), "some squares must be occluded at poisoning time"
+    assert result.cover_indices.numel() == 20, "conservatism 0.5 -> as many cover samples as payload"
+    assert torch.equal(result.dataset.labels[result.cover_indices], clean.labels[result.cover_indices])
+    d = (torch.cat([poisoned, result.dataset.images[result.cover_indices]]).int()
+         - clean.images[torch.cat([result.indices, result.cover_indices])].int()).abs().amax(1)
+    assert not d[:, :SIZE - 4].any() and not d[:, :, :SIZE - 4].any(), "the patch stays in its corner"
+
+
+def test_tsb_stamps_one_trigger_per_poison_and_all_at_test(clean):
+    attack, result = poison("tsb", clean, num_triggers=4, patch_size=2)
+    changed = (result.dataset.images[result.indices] != clean.images[result.indices]).any(1).flatten(1).sum(1)
+    assert bool((changed <= 4).all()), "one 2x2 trigger per poison"
+    test = (attack.triggered(clean.subset(range(20))).images != clean.images[:20]).any(1).flatten(1).sum(1)
+    assert bool((test > 4).any()), "all k triggers at test time"
+
+
+def test_wanet_noise_samples_keep_labels_and_differ(clean):
+    attack, result = poison("wanet", clean, cross_ratio=2.0)
+    assert result.cover_indices.numel() == 20
+    assert torch.equal(result.dataset.labels[result.cover_indices], clean.labels[result.cover_indices])
+    exact = attack.triggered(clean.subset(result.cover_indices)).images
+    assert not torch.equal(exact, result.dataset.images[result.cover_indices])
+
+
+@pytest.mark.parametrize("pattern, linf, l0_max", [("A", 2, None), ("B", 3, None), ("C", 70, 5), ("D", 80, 9),
+                                                   ("E", 96, 4), ("F", 70, 4)])
+def test_xiang_patterns(pattern, linf, l0_max, clean):
+    attack = create_attack("xiang", pattern=pattern, num_sources=1, per_source=5)
+    x = torch.full((1, 3, SIZE, SIZE), 0.5)
+    v = (attack.apply_trigger(x) - x)[0] * 255
+    assert v.abs().max().round() <= linf and v.abs().max().round() >= (80 if pattern == "E" else linf)
+    if l0_max is not None:
+        assert int((v.abs() > 0).any(0).sum()) <= l0_max
+    if pattern == "A":
+        assert int((v[0] > 0).sum()) == SIZE * SIZE // 2
+    result = attack.poison(clean, torch.Generator().manual_seed(0))
+    cfg = attack.config
+    assert set(clean.labels[result.indices].tolist()) <= set(cfg.sources)
+
+
+def test_xiang_defaults_follow_table_5():
+    a = create_attack("xiang", pattern="D", num_sources=3).config
+    assert (a.target, a.sources, a.per_source) == (3, (7, 8, 9), 200)
+    nine = create_attack("xiang", pattern="A", num_sources=9).config
+    assert nine.target == 9 and nine.sources == tuple(range(9)) and nine.per_source == 60
+    with pytest.raises(ValueError, match="distinct classes other than target"):
+        create_attack("xiang", target=2, sources=(2, 3))
+
+
+def test_xiang_per_source_counts(clean):
+    _, result = poison("xiang", clean, per_source=6, num_sources=3)
+    counts = torch.bincount(result.original_labels, minlength=K)
+    assert counts[[1, 4, 7]].tolist() == [6, 6, 6] and int(counts.sum()) == 18
+
+
+def test_issba_residual_is_bounded_sample_specific_and_needs_fitting(clean):
+    attack = create_attack("issba", steps=30, width=8)
+    x = clean.images[:6].float() / 255
+    with pytest.raises(ValueError, match="call one of them before applying the trigger"):
+        attack.apply_trigger(x)
+    result = attack.poison(clean, torch.Generator().manual_seed(0))
+    assert 0 <= result.record()["encoder_bit_accuracy"] <= 1
+    r = attack.apply_trigger(x) - x
+    assert float(r.abs().max()) <= 8 / 255 + 1e-6 and float(r.abs().max()) > 0
+    assert not torch.allclose(r[0], r[1], atol=1e-4), "the residual depends on the image"
+    with pytest.raises(ValueError, match="uint8 RGB images"):
+        attack.fit(x)
+
+
+def test_filters_change_colour_not_geometry(clean):
+    for name in ("instagram", "dfst"):
+        attack = make(name)
+        x = clean.images[:4].float() / 255
+        y = attack.apply_trigger(x)
+        assert y.shape == x.shape and 0 <= float(y.min()) and float(y.max()) <= 1
+        assert (y - x).abs().mean() > 0.02
+    for f in ("gotham", "nashville", "kelvin", "lomo", "toaster"):
+        y = create_attack("instagram", filter=f).apply_trigger(torch.rand(2, 3, 8, 8))
+        assert torch.isfinite(y).all()
+
+
+# --------------------------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("name, options, error, match", [
+    ("badnets", {"budget": 1.5}, ValueError, r"budget must be in \(0.0, 1.0\], got 1.5"),
+    ("badnets", {"budget": 0.0}, ValueError, r"budget must be in \(0.0, 1.0\], got 0.0"),
+    ("badnets", {"budget": "0.1"}, TypeError, "budget must be a finite number"),
+    ("badnets", {"target": -1}, ValueError, "target must be an int"),
+    ("badnets", {"num_poisons": 0}, ValueError, "num_poisons"),
+    ("badnets", {"pattern": "apple"}, ValueError, "pattern must be one of"),
+    ("badnets", {"location": "middle"}, ValueError, "location must be one of"),
+    ("blend", {"alpha": 0.0}, ValueError, r"alpha must be in \(0.0"),
+    ("adaptive-patch", {"grid": 5, "patch_size": 3}, ValueError, "grid=5 must not exceed patch_size=3"),
+    ("adaptive-blend", {"conservatism": 1.0}, ValueError, "conservatism must be < 1"),
+    ("wanet", {"k": 1}, ValueError, "k must be an int"),
+    ("instagram", {"filter": "sepia"}, ValueError, "filter must be one of"),
+    ("xiang", {"pattern": "G"}, ValueError, "pattern must be one of"),
+    ("xiang", {"num_sources": 2}, ValueError, "num_sources must be one of"),
+    ("badnets", {"bogus": 1}, TypeError, "bogus"),
+])
+def test_bad_configs_fail_clearly(name, options, error, match):
+    with pytest.raises(error, match=match):
+        create_attack(name, **options)
+
+
+def test_bad_poisoning_calls_fail_clearly(clean):
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match=r"target=12 is not a class of this dataset: expected 0..9"):
+        create_attack("badnets", target=12).poison(clean, g)
+    with pytest.raises(ValueError, match=r"patch of size 17x17 does not fit in a 16x16 image"):
+        create_attack("badnets", patch_size=17).poison(clean, g)
+    with pytest.raises(ValueError, match="only 20 target-class images"):
+        create_attack("sig", num_poisons=21).poison(clean, g)
+    with pytest.raises(ValueError, match=r"exceeds the 200 training images"):
+        create_attack("badnets", num_poisons=201).poison(clean, g)
+    with pytest.raises(TypeError, match="ImageTensorDataset"):
+        create_attack("badnets").poison(clean.images, g)
+    with pytest.raises(TypeError, match="torch.Generator"):
+        create_attack("badnets").poison(clean, 0)
+    with pytest.raises(ValueError, match="sources \\[11\\] are not classes"):
+        create_attack("xiang", target=0, sources=(11,), per_source=2).poison(clean, g)
+    with pytest.raises(TypeError, match="pass either a config or keyword options"):
+        get_attack("badnets")(create_attack("badnets").config, target=1)
+    with pytest.raises(TypeError, match="needs a BadNetsConfig"):
+        get_attack("badnets")(AttackConfig())
+    with pytest.raises(ValueError, match="pixel values in \\[0, 1\\]"):
+        create_attack("badnets").apply_trigger(torch.full((1, 3, 8, 8), 2.0))
+
+
+# ----------------------------------------------------------------------------------- registry / options
+
+def test_registry_refuses_duplicates_and_unknown_names():
+    class Dup(BackdoorAttack):
+        name = "badnets"
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_attack(Dup)
+    with pytest.raises(ValueError, match="unknown attack 'nope'; expected one of"):
+        get_attack("nope")
+    assert "badnets" in list_attacks("backdoor") and "badnets" not in list_attacks("targeted")
+
+
+def test_parse_options_types_and_errors():
+    cfg = parse_options("badnets", ["target=3", "budget=1", "location=top-left", "patch_size=4"])
+    assert (cfg.target, cfg.budget, cfg.location, cfg.patch_size) == (3, 1.0, "top-left", 4)
+    assert isinstance(cfg.budget, float)
+    assert parse_options("badnets", ["location=(2, 3)"]).location == (2, 3)
+    assert parse_options("xiang", ["sources=2,5", "target=0"]).sources == (2, 5)
+    assert parse_options("xiang", ["sources=4", "target=0"]).sources == (4,)
+    assert parse_options("sig", ["test_delta=none"]).test_delta is None
+    with pytest.raises(ValueError, match="has no option 'colour'"):
+        parse_options("badnets", ["colour=red"])
+    with pytest.raises(ValueError, match="expected key=value"):
+        parse_options("badnets", ["target"])
+    with pytest.raises(ValueError, match="given twice"):
+        parse_options("badnets", ["target=1", "target=2"])
+    with pytest.raises(ValueError, match="budget must be"):
+        parse_options("badnets", ["budget=2"])
+
+
+def test_config_is_frozen():
+    cfg = create_attack("badnets").config
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.target = 3

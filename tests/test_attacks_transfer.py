@@ -1,0 +1,175 @@
+"""guard.attacks.transfer: clean-label transfer attacks keep their promises on a tiny surrogate."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from guard.attacks import AttackGoal, create_attack, list_attacks, make_goals
+from guard.attacks.transfer import _greedy_match, _polytope_coefficients, _simplex_projection
+from guard.data import ImageTensorDataset
+from guard.models import create
+
+K, SIZE = 4, 16
+FAST = {"fc": {"iterations": 8}, "cp": {"iterations": 8, "lr": 0.04}, "bp": {"iterations": 8, "lr": 0.04},
+        "clbd": {"iterations": 5}, "htbd": {"iterations": 8, "lr": 0.05, "loss_stop": 0.0}}
+
+
+def dataset(n: int, seed: int) -> ImageTensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(20, 236, (n, 3, SIZE, SIZE), dtype=torch.uint8, generator=g)
+    return ImageTensorDataset(images, torch.arange(n) % K, [f"c{i}" for i in range(K)])
+
+
+@pytest.fixture(scope="module")
+def data():
+    return dataset(80, 0), dataset(20, 1)
+
+
+@pytest.fixture(scope="module")
+def surrogate():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return create("tiny_resnet", num_classes=K).eval()
+
+
+@pytest.fixture(scope="module")
+def goal(data):
+    train, test = data
+    return make_goals(train, test, 1, 5, torch.Generator().manual_seed(0))[0]
+
+
+def run(name, data, goal, surrogate, seed=0, **extra):
+    train, test = data
+    attack = create_attack(name, **{**FAST[name], **extra})
+    target = test.images[goal.target_index].float() / 255
+    return attack, attack.poison(train, goal, target, surrogate, torch.Generator().manual_seed(seed))
+
+
+def test_registry_lists_the_transfer_attacks():
+    assert set(list_attacks("targeted")) == {"fc", "cp", "bp", "clbd", "htbd"}
+
+
+def test_make_goals_is_reproducible_and_consistent(data):
+    train, test = data
+    a = make_goals(train, test, 6, 5, torch.Generator().manual_seed(3))
+    b = make_goals(train, test, 6, 5, torch.Generator().manual_seed(3))
+    assert a == b
+    for g in a:
+        assert g.poison_class != g.target_class == int(test.labels[g.target_index])
+        assert set(train.labels[list(g.base_indices)].tolist()) == {g.poison_class}
+    with pytest.raises(ValueError, match="fewer than num_poisons=30"):
+        make_goals(train, test, 1, 30, torch.Generator())
+    with pytest.raises(ValueError, match="poison_class must differ"):
+        AttackGoal(0, 1, 1, (1, 2))
+
+
+@pytest.mark.parametrize("name", ["fc", "cp", "bp", "clbd", "htbd"])
+def test_poisons_are_clean_label_and_within_eps(name, data, goal, surrogate):
+    train, _ = data
+    attack, result = run(name, data, goal, surrogate)
+    idx = torch.tensor(sorted(goal.base_indices))
+    assert torch.equal(result.indices, idx)
+    assert torch.equal(result.dataset.labels, train.labels), "clean-label: no label changes"
+    others = torch.ones(len(train), dtype=torch.bool)
+    others[idx] = False
+    assert torch.equal(result.dataset.images[others], train.images[others])
+    diff = (result.dataset.images[idx].int() - train.images[idx].int()).abs()
+    eps = round(attack.config.eps * 255)
+    if name == "clbd":  # the trigger patch at the bottom-right is exempt from the bound
+        s = attack.config.patch_size
+        patch, r, c = attack.trigger_patch((3, SIZE, SIZE))
+        assert (r, c) == (SIZE - s, SIZE - s)
+        stamped = result.dataset.images[idx][:, :, r:, c:]
+        assert torch.equal(stamped, (patch * 255).round().to(torch.uint8).expand_as(stamped))
+        diff[:, :, r:, c:] = 0
+    assert int(diff.max()) <= eps and int(diff.max()) > 0
+    assert result.record()["goal"]["poison_class"] == goal.poison_class
+    assert pickle.loads(pickle.dumps(attack.config)) == attack.config
+
+
+@pytest.mark.parametrize("name", ["fc", "bp", "clbd"])
+def test_determinism_and_surrogate_left_untouched(name, data, goal, surrogate):
+    before = {k: v.clone() for k, v in surrogate.state_dict().items()}
+    _, a = run(name, data, goal, surrogate, seed=1)
+    _, b = run(name, data, goal, surrogate, seed=1)
+    assert torch.equal(a.dataset.images, b.dataset.images)
+    after = surrogate.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.requires_grad for p in surrogate.parameters()) and not surrogate.training
+
+
+def test_hooks_and_grad_flags_restored_after_an_error(data, goal, surrogate):
+    with pytest.raises(AttributeError):
+        run("bp", data, goal, surrogate, layers=("no_such_layer",))
+    assert all(p.requires_grad for p in surrogate.parameters())
+    assert not any(m._forward_hooks for m in surrogate.modules()), "a hook was left behind"
+
+
+def _feature_distance(surrogate, x, target):
+    with torch.no_grad():
+        return (surrogate.features(x).mean(0) - surrogate.features(target[None])[0]).norm().item()
+
+
+@pytest.mark.parametrize("name", ["fc", "bp"])
+def test_crafting_moves_poison_features_toward_the_target(name, data, goal, surrogate):
+    train, test = data
+    _, result = run(name, data, goal, surrogate, iterations=20)
+    target = test.images[goal.target_index].float() / 255
+    idx = result.indices
+    before = _feature_distance(surrogate, train.images[idx].float() / 255, target)
+    after = _feature_distance(surrogate, result.dataset.images[idx].float() / 255, target)
+    assert after < before
+
+
+def test_htbd_targets_the_triggered_target_and_keeps_the_trigger_out_of_training(data, goal, surrogate):
+    train, test = data
+    attack, result = run("htbd", data, goal, surrogate)
+    target = test.images[goal.target_index].float() / 255
+    queried = attack.target_input(target)
+    patch, r, c = attack.trigger_patch(tuple(target.shape))
+    s = attack.config.patch_size
+    assert (r, c) == (SIZE - s - 5, SIZE - s - 5)
+    assert torch.allclose(queried[:, r:r + s, c:c + s], patch)
+    assert torch.equal(queried[:, :r], target[:, :r])
+    assert torch.equal(create_attack("fc").target_input(target), target), "triggerless: the image itself"
+
+
+def test_bad_goals_fail_clearly(data, goal, surrogate):
+    train, test = data
+    target = test.images[goal.target_index].float() / 255
+    fc = create_attack("fc", iterations=1)
+    g = torch.Generator()
+    wrong = AttackGoal(goal.target_index, goal.target_class, goal.poison_class,
+                       (goal.base_indices[0] + 1,) + goal.base_indices[1:])
+    with pytest.raises(ValueError, match="must belong to the poison class"):
+        fc.poison(train, wrong, target, surrogate, g)
+    with pytest.raises(ValueError, match="not a class of this dataset"):
+        fc.poison(train, AttackGoal(0, 0, 7, (1,)), target, surrogate, g)
+    with pytest.raises(ValueError, match="beyond the 80 training images"):
+        fc.poison(train, AttackGoal(0, 0, 1, (81,)), target, surrogate, g)
+    with pytest.raises(ValueError, match="target_image: expected a float tensor"):
+        fc.poison(train, goal, target[0], surrogate, g)
+    with pytest.raises(TypeError, match="AttackGoal"):
+        fc.poison(train, {"target_index": 0}, target, surrogate, g)
+    with pytest.raises(ValueError, match=r"eps must be in \(0.0, 1.0\]"):
+        create_attack("cp", eps=2.0)
+
+
+def test_simplex_projection_and_coefficients():
+    p = _simplex_projection(torch.tensor([[0.5, 2.0, -1.0], [0.2, 0.2, 0.2]]))
+    assert torch.allclose(p.sum(1), torch.ones(2)) and bool((p >= 0).all())
+    assert torch.allclose(p[0], torch.tensor([0.0, 1.0, 0.0]))
+    feats = torch.eye(3) + 0.1
+    target = 0.3 * feats[0] + 0.7 * feats[2]
+    c = _polytope_coefficients(feats, target, torch.full((3,), 1 / 3))
+    assert torch.allclose(c, torch.tensor([0.3, 0.0, 0.7]), atol=1e-3)
+
+
+def test_greedy_match_takes_global_minima_first():
+    dist = torch.tensor([[0.0, 5.0, 9.0], [1.0, 2.0, 9.0], [9.0, 9.0, 3.0]])
+    assert _greedy_match(dist).tolist() == [0, 1, 2]
+    swapped = torch.tensor([[4.0, 0.5], [0.1, 3.0]])
+    assert _greedy_match(swapped).tolist() == [1, 0]
