@@ -23,7 +23,6 @@ import io
 import json
 import platform
 import re
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,7 +33,7 @@ import torch
 from PIL import Image
 
 from guard import data
-from guard.serving import ServerSettings, TorchServe, read_manifest
+from guard.serving import ServerSettings, TorchServe, free_ports, read_manifest
 from guard.attacks import create_attack
 from guard.serving.demo import build_badnets_archive
 
@@ -47,16 +46,6 @@ TRIGGERED = 300
 CLIENTS = 8
 CACHE = Path(__file__).resolve().parents[1] / "runs" / "badnets"
 OUT = Path(__file__).parent / "results"
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def png(image: np.ndarray) -> bytes:

@@ -25,7 +25,6 @@ import io
 import json
 import os
 import platform
-import socket
 import statistics
 import tempfile
 import threading
@@ -40,7 +39,7 @@ from PIL import Image
 
 import guard
 from guard import data, models
-from guard.serving import GuardConfig, ServerSettings, TorchServe, build_archive
+from guard.serving import GuardConfig, ServerSettings, TorchServe, build_archive, free_ports
 
 MODEL = "resnet20"
 CLIENTS = 16
@@ -52,16 +51,6 @@ MAX_BATCH_DELAY_MS = 20
 IMAGES = 256
 OUT = Path(__file__).parent / "results"
 ENDPOINTS = {"guarded": True, "unguarded": False}
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def pngs(count: int) -> tuple[list[bytes], str]:

@@ -12,7 +12,6 @@ import io
 import json
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -27,7 +26,7 @@ from PIL import Image
 
 from guard import data
 from guard.cli import main
-from guard.serving import GuardedClassifier, ServerError, ServerSettings, TorchServe
+from guard.serving import GuardedClassifier, ServerError, ServerSettings, TorchServe, free_ports
 
 requests = pytest.importorskip("requests")
 pytestmark = pytest.mark.serve
@@ -35,16 +34,6 @@ pytestmark = pytest.mark.serve
 MODEL = "resnet20"
 BATCH = 8
 RESPONSE_KEYS = {"label", "class", "probabilities", "original_label", "reverted", "anomaly_score"}
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def _alive(pid: int) -> bool:

@@ -17,6 +17,11 @@ COMMANDS = {
     "info": "info",
     "train": "train",
     "eval": "evaluate",
+    "archive": "archive",
+    "serve": "serve",
+    "poison": "poison",
+    "scan": "scan",
+    "repair": "repair",
 }
 
 

@@ -18,9 +18,9 @@ from .metrics import (BAD_REQUESTS, BATCH_SIZE, ESTIMATED_ASR, LATENCY, METRICS,
                       MetricSpec)
 from .monitor import RevertMonitor
 from .predictor import GuardedClassifier, WeightsMismatchError, sha256_file
-from .server import PORT_NAMES, ServerError, ServerSettings, TorchServe
+from .server import PORT_NAMES, ServerError, ServerSettings, TorchServe, free_ports
 
-__all__ = ["ArchiveManifest", "BAD_REQUESTS", "BATCH_SIZE", "BadRequest", "ESTIMATED_ASR", "GuardConfig",
+__all__ = ["free_ports", "ArchiveManifest", "BAD_REQUESTS", "BATCH_SIZE", "BadRequest", "ESTIMATED_ASR", "GuardConfig",
            "GuardedClassifier", "LATENCY", "MANIFEST_NAME", "METRICS", "MetricSpec", "PORT_NAMES", "REQUESTS",
            "RESIZE_MODES", "REVERTED", "RevertMonitor", "STAGES", "ServerError", "ServerSettings", "TorchServe",
            "WeightsMismatchError", "build_archive", "decode_request", "read_manifest", "reject_form_encoding",

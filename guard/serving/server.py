@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -352,6 +353,18 @@ class TorchServe:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct loopback ports that are free right now (for tests, benchmarks and ``--ports``)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def _is_alive(pid: int) -> bool:

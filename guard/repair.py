@@ -1,0 +1,356 @@
+"""Post-training repair of a possibly backdoored classifier with a small trusted set.
+
+* :class:`PivotalTuning` — Pivotal Tuning with the Soft Latent Orthogonalization Loss
+  (pick_your_poison.txt §4.1, Algorithm 3, Table 5; ALGORITHMS.md D2): a copy θ* of the suspect model θ̃
+  (the frozen *pivot*) is fine-tuned on trusted data with
+  ``CE + λ_S·SLOL(θ̃, θ*) + λ_P·R(θ̃, θ*)``, pushing its class latents away from the pivot's while keeping its
+  parameters close to the pivot's.
+* :func:`trusted_finetune` — the trusted-data fine-tuning protocol every repair defense shares
+  (ALGORITHMS.md P4, M10): :func:`guard.train.train` in step-counted epochs of ``eval_every`` steps,
+  (CDA, ASR) recorded after each, stop as soon as CDA ≤ CDA_0 − Δ, and keep the best admissible point.
+  Neural Cleanse unlearning (:mod:`guard.detect.neural_cleanse`) runs on it too.
+
+Example::
+
+    from guard.repair import PivotalTuning, PivotalTuningConfig
+    result = PivotalTuning(PivotalTuningConfig(steps=2000)).repair(
+        model, trusted, eval_set=heldout, asr=lambda m: asr_of(m),   # asr: optional, needs the trigger
+        generator=torch.Generator().manual_seed(0))
+    result.model, result.chosen.cda, result.chosen.asr, result.history
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import ImageTensorDataset
+from .models import GuardModel
+from .train import TrainConfig, evaluate, train
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PivotalTuning", "PivotalTuningConfig", "RepairPoint", "RepairResult", "parameter_distance", "slol",
+           "split_trusted", "trusted_finetune"]
+
+#: ``asr(model) -> float``: the attack success rate of a model, measured by the caller who knows the trigger
+#: (e.g. ``guard.metrics.attack_success_rate`` on triggered test images); repair itself never sees a trigger.
+AsrProbe = Callable[[nn.Module], float]
+
+_SLOL_VARIANTS = ("paper", "code")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _class_centroids(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean feature vector of every class present in ``labels`` (sorted class order), ``(K_b, D)``."""
+    classes = torch.unique(labels)
+    onehot = (labels[:, None] == classes[None, :]).to(features.dtype)          # (B, K_b)
+    return (onehot.T @ features) / onehot.sum(0)[:, None]
+
+
+def slol(pivot_features: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, *,
+         variant: str = "paper") -> torch.Tensor:
+    """Soft Latent Orthogonalization Loss (pick_your_poison.txt Algorithm 3; ALGORITHMS.md D2).
+
+    Class centroids ``C_i`` of the pivot's latents and ``Ĉ_i`` of the repaired model's latents are taken
+    over the classes present in the batch. ``variant="paper"``:
+    ``Σ_{i<j} cos(C_i − C_j, Ĉ_i − Ĉ_j) + cos(Ĉ_i, Ĉ_j)``. ``variant="code"`` (the authors' code,
+    ALGORITHMS.md §7 item 7): the same cross-model term plus ``‖ĈᵀĈ/K_b − diag(ĈᵀĈ/K_b)‖_F``, the diagonal
+    broadcast along rows as in that code. Gradients flow into ``features`` only; with fewer than two classes
+    in the batch there is no pair and the loss is 0.
+    """
+    if variant not in _SLOL_VARIANTS:
+        raise ValueError(f"variant must be one of {_SLOL_VARIANTS}, got {variant!r}")
+    for name, t in (("pivot_features", pivot_features), ("features", features)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a (B, D) tensor, got {got}")
+    if pivot_features.shape != features.shape:
+        raise ValueError(f"pivot_features and features must have the same shape, got "
+                         f"{tuple(pivot_features.shape)} and {tuple(features.shape)}")
+    if not isinstance(labels, torch.Tensor) or labels.shape != (features.shape[0],):
+        got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be a ({features.shape[0]},) tensor, got {got}")
+    pivot_c = _class_centroids(pivot_features.detach(), labels)
+    own_c = _class_centroids(features, labels)
+    k = own_c.shape[0]
+    if k < 2:
+        return features.sum() * 0.0
+    i, j = torch.triu_indices(k, k, offset=1, device=features.device)
+    cross = F.cosine_similarity(pivot_c[i] - pivot_c[j], own_c[i] - own_c[j], dim=1).sum()
+    if variant == "paper":
+        within = F.cosine_similarity(own_c[i], own_c[j], dim=1).sum()
+    else:
+        cov = own_c.T @ own_c / k
+        within = torch.linalg.matrix_norm(cov - torch.diagonal(cov))
+    return cross + within
+
+
+def parameter_distance(pivot: nn.Module, model: nn.Module) -> torch.Tensor:
+    """Mean squared parameter difference ``Σ_p ‖θ̃_p − θ*_p‖² / #params`` (the authors' code form of the
+    regulariser R, with which Table 5's λ_R magnitudes make sense; ALGORITHMS.md D2, §7 item 8)."""
+    total, count = None, 0
+    pivot_params = dict(pivot.named_parameters())
+    names = [name for name, _ in model.named_parameters()]
+    if set(names) != set(pivot_params):
+        extra = sorted(set(names) ^ set(pivot_params))[:3]
+        raise ValueError(f"pivot and model have different parameters (e.g. {extra}); expected two copies "
+                         f"of one architecture")
+    for name, p in model.named_parameters():
+        q = pivot_params[name]
+        if q.shape != p.shape:
+            raise ValueError(f"pivot and model differ at parameter {name!r}; expected two copies of one "
+                             f"architecture")
+        term = (p - q.detach()).pow(2).sum()
+        total = term if total is None else total + term
+        count += p.numel()
+    if total is None:
+        raise ValueError("the model has no parameters")
+    return total / count
+
+
+def split_trusted(dataset: ImageTensorDataset, fraction: float, generator: torch.Generator
+                  ) -> ImageTensorDataset:
+    """A class-stratified random ``fraction`` of ``dataset`` (the defender's trusted set D_trust, r images;
+    ALGORITHMS.md S2). Every class keeps ``round(fraction · n_class)`` images, at least one."""
+    if not isinstance(dataset, ImageTensorDataset):
+        raise TypeError(f"dataset must be a guard.data.ImageTensorDataset, got {type(dataset).__name__}")
+    if not _is_number(fraction) or not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    picked = []
+    for c in range(dataset.num_classes):
+        members = torch.nonzero(dataset.labels == c).flatten()
+        if members.numel() == 0:
+            continue
+        n = max(1, round(fraction * members.numel()))
+        picked.append(members[torch.randperm(members.numel(), generator=generator)[:n]])
+    index = torch.cat(picked).sort().values
+    return dataset.subset(index)
+
+
+@dataclass(frozen=True)
+class RepairPoint:
+    """One evaluation of the model during repair: steps done, clean accuracy on the held-out set and, when a
+    triggered set was given, the attack success rate (``None`` otherwise)."""
+
+    step: int
+    cda: float
+    asr: float | None
+
+
+@dataclass(frozen=True)
+class RepairResult:
+    """The repaired model (a copy; the input model is untouched) at the chosen point, and the trade-off curve.
+
+    ``chosen`` is the lowest-ASR admissible point when ASR was measured (ALGORITHMS.md M10), else the last
+    admissible one; a point is admissible while ``cda > cda0 − max_cda_drop``. ``stopped_early`` says the
+    CDA budget ended the run before the step budget.
+    """
+
+    model: GuardModel
+    history: tuple[RepairPoint, ...]
+    chosen: RepairPoint
+    cda0: float
+    max_cda_drop: float
+    stopped_early: bool
+    seconds: float
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary (without the model)."""
+        return {"cda0": self.cda0, "max_cda_drop": self.max_cda_drop, "stopped_early": self.stopped_early,
+                "seconds": self.seconds, "chosen": self.chosen.__dict__,
+                "history": [p.__dict__ for p in self.history]}
+
+
+def trusted_finetune(model: GuardModel, train_set: torch.utils.data.Dataset, config: TrainConfig, *,
+                     eval_set: torch.utils.data.Dataset, eval_every: int, max_cda_drop: float = 0.02,
+                     asr: AsrProbe | None = None,
+                     extra_loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                     generator: torch.Generator | None = None, device: str | torch.device | None = None,
+                     progress: bool = False) -> RepairResult:
+    """Fine-tune ``model`` in place on ``train_set`` with :func:`guard.train.train` (ALGORITHMS.md P4).
+
+    ``config.epochs · eval_every`` steps in epochs of ``eval_every`` steps (``config.steps_per_epoch`` must
+    equal ``eval_every``); after step 0 and every epoch, CDA on ``eval_set`` and (with ``asr``) the attack
+    success rate are recorded; the run stops as soon as CDA ≤ CDA_0 − ``max_cda_drop``. The model is left
+    holding the weights of the chosen point (see :class:`RepairResult`).
+    """
+    if not isinstance(model, GuardModel):
+        raise TypeError(f"model must be a guard.models.GuardModel, got {type(model).__name__}")
+    if not _is_int(eval_every) or eval_every < 1 or config.steps_per_epoch != eval_every:
+        raise ValueError(f"eval_every must be an int >= 1 equal to config.steps_per_epoch, got eval_every="
+                         f"{eval_every!r}, steps_per_epoch={config.steps_per_epoch!r}")
+    if not _is_number(max_cda_drop) or not 0 <= max_cda_drop < 1:
+        raise ValueError(f"max_cda_drop must be a number in [0, 1) (a fraction: 0.02 = 2 points), "
+                         f"got {max_cda_drop!r}")
+    if asr is not None and not callable(asr):
+        raise TypeError(f"asr must be a callable model -> attack success rate, got {type(asr).__name__}")
+
+    started = time.perf_counter()
+
+    def measure(step: int) -> RepairPoint:
+        cda = evaluate(model, eval_set, device=device)
+        return RepairPoint(step, cda, None if asr is None else float(asr(model)))
+
+    def better(p: RepairPoint, q: RepairPoint) -> bool:
+        return p.asr is None or (p.asr, -p.cda) <= (q.asr, -q.cda)
+
+    first = measure(0)
+    history = [first]
+    chosen, chosen_state = first, _snapshot(model)
+    floor = first.cda - max_cda_drop
+
+    def on_epoch(stats) -> bool:
+        nonlocal chosen, chosen_state
+        point = measure(stats.epoch * eval_every)
+        history.append(point)
+        logger.info("repair step %d: CDA %.4f, ASR %s", point.step, point.cda,
+                    "n/a" if point.asr is None else f"{point.asr:.4f}")
+        if point.cda <= floor:
+            return True
+        if better(point, chosen):
+            chosen, chosen_state = point, _snapshot(model)
+        return False
+
+    train(model, train_set, config, generator=generator, device=device, progress=progress,
+          callback=on_epoch, extra_loss=extra_loss)
+    model.load_state_dict(chosen_state)
+    model.eval()
+    stopped = history[-1].cda <= floor
+    logger.info("repair chose step %d (CDA %.4f, ASR %s) of %d evaluated points%s", chosen.step, chosen.cda,
+                chosen.asr, len(history), "; stopped by the CDA budget" if stopped else "")
+    return RepairResult(model, tuple(history), chosen, first.cda, max_cda_drop, stopped,
+                        time.perf_counter() - started)
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@dataclass(frozen=True)
+class PivotalTuningConfig:
+    """Pivotal Tuning hyper-parameters; defaults are Table 5's CIFAR-10 column (r = 1 %) of
+    pick_your_poison.txt (ALGORITHMS.md D2, T5): 2,000 steps of SGD (momentum 0.9, Nesterov, lr 0.01,
+    no weight decay), batch 128, λ_S = 0.05, λ_P = 20,000; (CDA, ASR) every 50 steps; Δ = 0.02.
+
+    ``augment``: random crop + flip on the trusted data (ALGORITHMS.md §7 item 9, unspecified by the
+    paper). ``slol_variant``: ``"paper"`` or ``"code"``, see :func:`slol`. ``steps`` must be a multiple of
+    ``eval_every``.
+    """
+
+    steps: int = 2000
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    slol_lambda: float = 0.05
+    param_lambda: float = 20_000.0
+    slol_variant: str = "paper"
+    eval_every: int = 50
+    max_cda_drop: float = 0.02
+    augment: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_every"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.steps % self.eval_every:
+            raise ValueError(f"steps must be a multiple of eval_every, got steps={self.steps}, "
+                             f"eval_every={self.eval_every}")
+        for name in ("slol_lambda", "param_lambda", "weight_decay"):
+            value = getattr(self, name)
+            if not _is_number(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not _is_number(self.lr) or self.lr <= 0:
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if not _is_number(self.max_cda_drop) or not 0 <= self.max_cda_drop < 1:
+            raise ValueError(f"max_cda_drop must be a fraction in [0, 1) (0.02 = 2 points), "
+                             f"got {self.max_cda_drop!r}")
+        if self.slol_variant not in _SLOL_VARIANTS:
+            raise ValueError(f"slol_variant must be one of {_SLOL_VARIANTS}, got {self.slol_variant!r}")
+        for name in ("nesterov", "augment"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
+        self.train_config()  # momentum / nesterov consistency is checked by TrainConfig
+
+    def train_config(self) -> TrainConfig:
+        """The :class:`guard.train.TrainConfig` of the fine-tuning run: constant lr, epochs of ``eval_every``."""
+        return TrainConfig(epochs=self.steps // self.eval_every, lr=self.lr, momentum=self.momentum,
+                           nesterov=self.nesterov, weight_decay=self.weight_decay, batch_size=self.batch_size,
+                           schedule="none", augment=self.augment, mode="finetune",
+                           steps_per_epoch=self.eval_every)
+
+
+class PivotalTuning:
+    """Repair by Pivotal Tuning + SLOL (pick_your_poison.txt §4.1, Algorithm 3; ALGORITHMS.md D2).
+
+    :meth:`repair` returns a repaired *copy*; the suspect model (the pivot) is not modified.
+    """
+
+    def __init__(self, config: PivotalTuningConfig | None = None) -> None:
+        config = PivotalTuningConfig() if config is None else config
+        if not isinstance(config, PivotalTuningConfig):
+            raise TypeError(f"config must be a PivotalTuningConfig, got {type(config).__name__}")
+        self.config = config
+
+    def repair(self, model: GuardModel, trusted: torch.utils.data.Dataset, *,
+               eval_set: torch.utils.data.Dataset, asr: AsrProbe | None = None,
+               generator: torch.Generator | None = None,
+               device: str | torch.device | None = None, progress: bool = False) -> RepairResult:
+        """Fine-tune a copy of ``model`` on ``trusted`` (D_trust) with CE + λ_S·SLOL + λ_P·R.
+
+        ``eval_set`` is held-out clean labelled data for the CDA budget; ``asr`` (a callable model -> ASR) is
+        only for recording the trade-off curve when the trigger is known (benchmarks, ``guard repair --attack``).
+        """
+        if not isinstance(model, GuardModel):
+            raise TypeError(f"model must be a guard.models.GuardModel, got {type(model).__name__}")
+        cfg = self.config
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+        pivot = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+        repaired = copy.deepcopy(model).to(device).requires_grad_(True)
+        captured: list[torch.Tensor] = []
+
+        def capture(module, inputs, output):
+            if module.training:  # the training forward only, not the evaluations between epochs
+                captured.append(inputs[0])
+
+        def regulariser(x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+            features = captured.pop().flatten(1)
+            captured.clear()
+            loss = logits.new_zeros(())
+            if cfg.slol_lambda:
+                with torch.no_grad():
+                    pivot_features = pivot.features(x)
+                loss = loss + cfg.slol_lambda * slol(pivot_features, features, y, variant=cfg.slol_variant)
+            if cfg.param_lambda:
+                loss = loss + cfg.param_lambda * parameter_distance(pivot, repaired)
+            return loss
+
+        handle = repaired.classifier.register_forward_hook(capture)
+        try:
+            result = trusted_finetune(repaired, trusted, cfg.train_config(), eval_set=eval_set,
+                                      eval_every=cfg.eval_every, max_cda_drop=cfg.max_cda_drop,
+                                      asr=asr, extra_loss=regulariser,
+                                      generator=generator, device=device, progress=progress)
+        finally:
+            handle.remove()
+        return result

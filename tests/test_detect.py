@@ -1,0 +1,274 @@
+"""Backdoor detection (guard.detect): CNC and Neural Cleanse on a tiny model with a planted BadNets backdoor
+and on its clean twin, the MAD test on hand-made norms, the scan report, and the per-request serving score."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from guard.detect import (CNCConfig, CalibratedTriggerInversion, NeuralCleanse, NeuralCleanseConfig,
+                          RequestScorer, ScanReport, apply_mask_pattern, calibrate_threshold,
+                          mad_anomaly_index, save_trigger_png, tanh_bounded)
+from guard.models import save_weights
+from test_repair import TARGET, TINY_REPAIR, attack_success_rate, planted
+
+TINY_CNC = CNCConfig(steps_per_class=40, batch_size=64, repair=TINY_REPAIR)
+TINY_NC = NeuralCleanseConfig(steps=25, samples_per_step=64, batch_size=32, unlearn_steps=60, eval_every=20,
+                              unlearn_lr=0.01, unlearn_batch_size=64, augment=False)
+
+
+@pytest.fixture(scope="module")
+def cnc_scans():
+    p = planted()
+    scans = {name: CalibratedTriggerInversion(TINY_CNC).scan(model, p.trusted, p.test_set,
+                                                             generator=torch.Generator().manual_seed(0))
+             for name, model in (("backdoored", p.backdoored), ("clean", p.clean))}
+    return scans
+
+
+@pytest.fixture(scope="module")
+def nc_scans():
+    p = planted()
+    return {name: NeuralCleanse(TINY_NC).scan(model, p.trusted, generator=torch.Generator().manual_seed(0))
+            for name, model in (("backdoored", p.backdoored), ("clean", p.clean))}
+
+
+# -------------------------------------------------------------------------------------------- CNC
+def test_cnc_scores_the_planted_target_above_every_other_class(cnc_scans):
+    report = cnc_scans["backdoored"].report
+    others = [s for c, s in report.scores.items() if c != TARGET]
+    assert report.scores[TARGET] > max(others)
+    assert report.backdoored and report.flagged_class == TARGET
+    # the reversed trigger flips the pivot to the target and not the repaired model
+    assert report.details["pivot_success"][str(TARGET)] > 0.9
+    assert report.details["repaired_success"][str(TARGET)] < 0.2
+    assert set(report.scores) == {0, 1, 2, 3}
+    assert cnc_scans["backdoored"].repair.chosen.cda >= cnc_scans["backdoored"].repair.cda0 - 0.02
+
+
+def test_cnc_scores_the_clean_twin_lower(cnc_scans):
+    assert cnc_scans["clean"].report.max_score < cnc_scans["backdoored"].report.max_score
+    threshold = calibrate_threshold([cnc_scans["clean"].report.max_score], 0.0)
+    assert threshold == pytest.approx(cnc_scans["clean"].report.max_score)
+
+
+def test_cnc_is_deterministic_under_a_generator_and_reuses_a_repaired_model(cnc_scans):
+    p = planted()
+    first = cnc_scans["backdoored"]
+    config = CNCConfig(steps_per_class=10, batch_size=64, classes=(0, 1), repair=TINY_REPAIR)
+    runs = [CalibratedTriggerInversion(config).scan(p.backdoored, p.trusted, p.test_set, repaired=first.repaired,
+                                                    generator=torch.Generator().manual_seed(5))
+            for _ in range(2)]
+    assert runs[0].repair is None
+    assert runs[0].report.scores == runs[1].report.scores
+    assert torch.equal(runs[0].triggers[0], runs[1].triggers[0])
+    assert set(runs[0].report.scores) == {0, 1}
+
+
+def test_cnc_report_round_trips_and_triggers_save_as_png(cnc_scans, tmp_path):
+    result = cnc_scans["backdoored"]
+    path = result.report.save(tmp_path / "report.json")
+    data = json.loads(path.read_text())
+    assert data["backdoored"] is True and data["flagged_class"] == TARGET and data["method"] == "cnc"
+    assert set(data["scores"]) == {"0", "1", "2", "3"}
+    loaded = ScanReport.load(path)
+    assert loaded.scores == result.report.scores and loaded.flagged_class == TARGET
+    png = save_trigger_png(result.triggers[TARGET], tmp_path / "trigger.png", scale=2)
+    image = Image.open(png)
+    assert image.size == (32, 32) and image.mode == "RGB"
+    pixels = torch.from_numpy(np.array(image))
+    assert pixels.min() == 0 and pixels.max() == 255  # min–max stretched
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"steps_per_class": 0}, "steps_per_class"),
+    ({"lr": 0.0}, "lr"),
+    ({"betas": (0.5,)}, "betas"),
+    ({"score_variant": "mean"}, "score_variant"),
+    ({"threshold": 3.0}, "threshold"),
+    ({"classes": (1, 1)}, "classes"),
+    ({"repaired_weight": -1.0}, "repaired_weight"),
+])
+def test_bad_cnc_config_fails_clearly(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CNCConfig(**kwargs)
+
+
+def test_cnc_rejects_bad_inputs():
+    p = planted()
+    cnc = CalibratedTriggerInversion(CNCConfig(classes=(7,), repair=TINY_REPAIR))
+    with pytest.raises(ValueError, match="classes must lie"):
+        cnc.scan(p.backdoored, p.trusted, p.test_set, repaired=p.clean)
+    with pytest.raises(TypeError, match="ImageTensorDataset"):
+        cnc.scan(p.backdoored, [(torch.zeros(3, 16, 16), 0)], p.test_set)
+    with pytest.raises(TypeError, match="CNCConfig"):
+        CalibratedTriggerInversion(TINY_REPAIR)
+    assert pickle.loads(pickle.dumps(TINY_CNC)) == TINY_CNC
+
+
+# ---------------------------------------------------------------------------------- Neural Cleanse
+def test_mad_anomaly_index_on_hand_made_norms():
+    result = mad_anomaly_index([10.0, 11.0, 9.0, 10.0, 12.0, 8.0, 1.0])
+    # median 10; |L − 10| = 0,1,1,0,2,2,9 -> median 1 -> MAD 1.4826
+    assert result.median == 10.0 and result.mad == pytest.approx(1.4826)
+    assert result.indices[6] == pytest.approx(9 / 1.4826)
+    assert result.flagged == (6,)
+    assert result.model_index == pytest.approx(9 / 1.4826)
+    # a large norm is never flagged (only the small side is suspicious)
+    assert mad_anomaly_index([10.0, 11.0, 9.0, 10.0, 40.0]).flagged == ()
+    with pytest.raises(ValueError, match="at least 3"):
+        mad_anomaly_index([1.0, 2.0])
+
+
+def test_tanh_reparameterisation_and_mask_blend():
+    raw = torch.tensor([-50.0, 0.0, 50.0])
+    bounded = tanh_bounded(raw)
+    assert 0 <= bounded[0] < 1e-6 and bounded[1] == 0.5 and 1 - 1e-6 < bounded[2] <= 1
+    assert 0 < tanh_bounded(torch.tensor([-5.0])).item() < tanh_bounded(torch.tensor([-4.0])).item()
+    x = torch.zeros(1, 3, 2, 2)
+    mask = torch.tensor([[1.0, 0.0], [0.0, 0.5]])
+    out = apply_mask_pattern(x, mask, torch.ones(3, 2, 2))
+    assert out[0, :, 0, 0].tolist() == [1.0] * 3 and out[0, :, 0, 1].tolist() == [0.0] * 3
+    assert out[0, :, 1, 1].tolist() == [0.5] * 3
+
+
+def test_neural_cleanse_mad_flags_the_planted_backdoor(nc_scans):
+    result = nc_scans["backdoored"]
+    finite = {c: n for c, n in result.l1_norms.items() if n != float("inf")}
+    assert min(finite, key=finite.get) == TARGET
+    assert result.report.backdoored and result.report.flagged_class == TARGET
+    assert result.mad.model_index > 2
+    assert result.report.scores[TARGET] == max(result.report.scores.values())
+    assert result.masks[TARGET].shape == (16, 16) and result.patterns[TARGET].shape == (3, 16, 16)
+    # the reversed trigger really works on the backdoored model
+    p = planted()
+    x = p.test_set.images[p.test_set.labels != TARGET].float() / 255
+    stamped = apply_mask_pattern(x, result.masks[TARGET], result.patterns[TARGET])
+    assert (p.backdoored(stamped).argmax(1) == TARGET).double().mean() > 0.9
+
+
+def test_neural_cleanse_does_not_flag_the_clean_twin(nc_scans):
+    assert not nc_scans["clean"].report.backdoored
+    assert nc_scans["clean"].report.flagged_class is None
+
+
+def test_neural_cleanse_unlearning_lowers_the_asr(nc_scans):
+    p = planted()
+    result = NeuralCleanse(TINY_NC).repair(p.backdoored, p.trusted, nc_scans["backdoored"], eval_set=p.test_set,
+                                           asr=lambda m: attack_success_rate(m, p.triggered),
+                                           generator=torch.Generator().manual_seed(0))
+    assert result.history[0].asr > 0.6
+    assert result.chosen.asr < 0.3
+    assert result.chosen.cda > result.cda0 - 0.02
+    assert attack_success_rate(p.backdoored, p.triggered, TARGET) > 0.6  # the input model is untouched
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"steps": 0}, "steps"),
+    ({"cost_multiplier": 1.0}, "cost_multiplier"),
+    ({"attack_threshold": 0.0}, "attack_threshold"),
+    ({"unlearn_fraction": 0.0}, "unlearn_fraction"),
+    ({"unlearn_steps": 70, "eval_every": 50}, "multiple"),
+    ({"early_stop_patience": 0}, "early_stop_patience"),
+])
+def test_bad_neural_cleanse_config_fails_clearly(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        NeuralCleanseConfig(**kwargs)
+
+
+# --------------------------------------------------------------------------------------- serving
+def test_request_scorer_flags_triggered_inputs_with_one_batched_forward(cnc_scans, tmp_path):
+    p = planted()
+    repaired = cnc_scans["backdoored"].repaired
+    weights = save_weights(repaired, tmp_path / "repaired.pt")
+    report = cnc_scans["backdoored"].report.save(tmp_path / "report.json")
+    scorer = RequestScorer.from_files(weights, "tiny_resnet", report=report, num_classes=4)
+    assert scorer.class_gauges() == cnc_scans["backdoored"].report.scores
+
+    calls = []
+    handle = scorer.repaired.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        keep = p.test_set.labels != TARGET
+        clean_x = p.test_set.images[keep][:64].float() / 255
+        triggered_x = p.triggered.images[keep][:64].float() / 255
+        with torch.no_grad():
+            clean = scorer.score(clean_x, p.backdoored(clean_x))
+            triggered = scorer.score(triggered_x, p.backdoored(triggered_x))
+    finally:
+        handle.remove()
+    assert len(calls) == 2  # one forward per batch, whatever its size
+    assert clean.score.shape == (64,) and clean.disagree.dtype == torch.bool
+    assert triggered.score.mean() > clean.score.mean() + 0.5
+    assert triggered.disagree.double().mean() > 0.8 > 0.1 > clean.disagree.double().mean()
+    assert ((0 <= triggered.score) & (triggered.score <= 1)).all()
+    rows = triggered.to_list()
+    assert len(rows) == 64 and set(rows[0]) == {"backdoor_score", "disagree", "repaired_label"}
+    json.dumps(rows)
+    with pytest.raises(ValueError, match="pivot_logits"):
+        scorer.score(clean_x, torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="pixel values"):
+        scorer.score(clean_x * 3, torch.zeros(64, 4))
+    with pytest.raises(ValueError, match="no repaired model"):
+        RequestScorer(None).score(clean_x, torch.zeros(64, 4))
+
+
+def test_scan_report_rejects_inconsistent_or_malformed_input(tmp_path):
+    with pytest.raises(ValueError, match="contradicts"):
+        ScanReport("cnc", True, None, {0: 0.9}, 0.5)
+    with pytest.raises(ValueError, match="method"):
+        ScanReport("strip", False, None, {0: 0.1}, 0.5)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"backdoored": False}))
+    with pytest.raises(ValueError, match="lacks the keys"):
+        ScanReport.load(bad)
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        ScanReport.load(bad)
+    with pytest.raises(FileNotFoundError):
+        ScanReport.load(tmp_path / "missing.json")
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def _tiny_weights(tmp_path):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        from guard.models import create
+        return save_weights(create("tiny_resnet", num_classes=10), tmp_path / "suspect.pt")
+
+
+def test_guard_scan_cli_writes_report_triggers_and_repaired_model(data_root, tmp_path, capsys):
+    from guard.cli import main
+    from guard.models import create
+
+    weights = _tiny_weights(tmp_path)
+    common = ["scan", "--model", "tiny_resnet", "--weights", str(weights), "--dataset", "cifar10",
+              "--data-dir", str(data_root), "--limit", "1000", "--trusted-fraction", "0.1",
+              "--eval-split", "test-lossless", "--eval-limit", "200", "--device", "cpu"]
+    out = tmp_path / "scan" / "report.json"
+    assert main(common + ["--out", str(out), "--steps-per-class", "2", "--repair-steps", "20", "--eval-every", "10",
+                          "--repaired-out", str(tmp_path / "repaired.pt")]) == 0
+    report = json.loads(out.read_text())
+    assert {"backdoored", "flagged_class", "scores", "method"} <= set(report)
+    assert report["method"] == "cnc" and set(report["scores"]) == {str(c) for c in range(10)}
+    assert 90 <= report["trusted_images"] <= 110 and report["heldout_images"] == 200
+    assert sorted(Path(p).name for p in report["triggers"].values()) == sorted(f"class_{c}.png" for c in range(10))
+    assert all(Path(p).is_file() for p in report["triggers"].values())
+    create("tiny_resnet", weights=tmp_path / "repaired.pt")
+    assert ScanReport.load(out).scores == {int(c): s for c, s in report["scores"].items()}
+
+    nc_out = tmp_path / "nc.json"
+    assert main(common + ["--method", "nc", "--out", str(nc_out), "--steps-per-class", "2",
+                          "--nc-samples-per-step", "32"]) == 0
+    nc_report = json.loads(nc_out.read_text())
+    assert nc_report["method"] == "nc" and "l1_norms" in nc_report["details"]
+    capsys.readouterr()
+    assert main(common + ["--method", "nc", "--out", str(nc_out), "--repair-steps", "20"]) == 2
+    assert "--repair-steps applies to --method cnc only" in capsys.readouterr().err
+    assert main(common + ["--out", str(out), "--repair-steps", "15", "--eval-every", "10"]) == 2
+    assert "multiple of eval_every" in capsys.readouterr().err
