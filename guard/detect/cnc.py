@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from ..models import GuardModel
 from ..repair import PivotalTuning, PivotalTuningConfig, RepairResult
-from ._sampling import TrustedSampler, check_dataset
+from ._sampling import TrustedSampler, check_dataset, check_scan_inputs
 from .report import ScanReport
 
 logger = logging.getLogger(__name__)
@@ -157,15 +157,9 @@ class CalibratedTriggerInversion:
         for scoring. ``repaired``: an already repaired model to calibrate against (skips the repair).
         """
         cfg = self.config
-        if not isinstance(model, GuardModel):
-            raise TypeError(f"model must be a guard.models.GuardModel, got {type(model).__name__}")
+        generator = check_scan_inputs(model, generator)
         check_dataset(trusted, "trusted")
         check_dataset(test_set, "test_set")
-        if generator is None:
-            generator = torch.Generator()
-            logger.info("no generator given; seeded a fresh one with %d", generator.seed())
-        if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
-            raise TypeError(f"generator must be a CPU torch.Generator, got {generator!r}")
         k = model.num_classes
         classes = cfg.classes if cfg.classes is not None else tuple(range(k))
         if max(classes) >= k:

@@ -31,7 +31,7 @@ from ..data import ImageTensorDataset
 from ..models import GuardModel
 from ..repair import AsrProbe, RepairResult, trusted_finetune
 from ..train import TrainConfig
-from ._sampling import TrustedSampler, check_dataset
+from ._sampling import TrustedSampler, check_dataset, check_scan_inputs
 from .report import ScanReport
 
 logger = logging.getLogger(__name__)
@@ -207,14 +207,8 @@ class NeuralCleanse:
     def scan(self, model: GuardModel, trusted: ImageTensorDataset, *, generator: torch.Generator | None = None,
              device: str | torch.device | None = None) -> NCResult:
         cfg = self.config
-        if not isinstance(model, GuardModel):
-            raise TypeError(f"model must be a guard.models.GuardModel, got {type(model).__name__}")
+        generator = check_scan_inputs(model, generator)
         check_dataset(trusted, "trusted")
-        if generator is None:
-            generator = torch.Generator()
-            logger.info("no generator given; seeded a fresh one with %d", generator.seed())
-        if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
-            raise TypeError(f"generator must be a CPU torch.Generator, got {generator!r}")
         k = model.num_classes
         classes = cfg.classes if cfg.classes is not None else tuple(range(k))
         if max(classes) >= k or len(classes) < 3:
