@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -33,3 +35,13 @@ def check_images(x: object, input_size: tuple[int, int, int] | None = None, *, n
             raise ValueError(f"{name}: expected pixel values in [0, 1] (normalization happens inside the "
                              f"model), got range [{lo:.4g}, {hi:.4g}]")
     return x
+
+
+def is_int(value: object) -> bool:
+    """An ``int`` that is not a ``bool`` (config fields must not accept ``True`` as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """A finite ``int`` or ``float`` that is not a ``bool``."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

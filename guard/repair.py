@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._validation import is_int, is_number
 from .data import ImageTensorDataset
 from .models import GuardModel
 from .train import TrainConfig, evaluate, train
@@ -46,14 +46,6 @@ __all__ = ["PivotalTuning", "PivotalTuningConfig", "RepairPoint", "RepairResult"
 AsrProbe = Callable[[nn.Module], float]
 
 _SLOL_VARIANTS = ("paper", "code")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _class_centroids(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -130,7 +122,7 @@ def split_trusted(dataset: ImageTensorDataset, fraction: float, generator: torch
     ALGORITHMS.md S2). Every class keeps ``round(fraction · n_class)`` images, at least one."""
     if not isinstance(dataset, ImageTensorDataset):
         raise TypeError(f"dataset must be a guard.data.ImageTensorDataset, got {type(dataset).__name__}")
-    if not _is_number(fraction) or not 0 < fraction <= 1:
+    if not is_number(fraction) or not 0 < fraction <= 1:
         raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
@@ -194,10 +186,10 @@ def trusted_finetune(model: GuardModel, train_set: torch.utils.data.Dataset, con
     """
     if not isinstance(model, GuardModel):
         raise TypeError(f"model must be a guard.models.GuardModel, got {type(model).__name__}")
-    if not _is_int(eval_every) or eval_every < 1 or config.steps_per_epoch != eval_every:
+    if not is_int(eval_every) or eval_every < 1 or config.steps_per_epoch != eval_every:
         raise ValueError(f"eval_every must be an int >= 1 equal to config.steps_per_epoch, got eval_every="
                          f"{eval_every!r}, steps_per_epoch={config.steps_per_epoch!r}")
-    if not _is_number(max_cda_drop) or not 0 <= max_cda_drop < 1:
+    if not is_number(max_cda_drop) or not 0 <= max_cda_drop < 1:
         raise ValueError(f"max_cda_drop must be a number in [0, 1) (a fraction: 0.02 = 2 points), "
                          f"got {max_cda_drop!r}")
     if asr is not None and not callable(asr):
@@ -271,18 +263,18 @@ class PivotalTuningConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_every"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if self.steps % self.eval_every:
             raise ValueError(f"steps must be a multiple of eval_every, got steps={self.steps}, "
                              f"eval_every={self.eval_every}")
         for name in ("slol_lambda", "param_lambda", "weight_decay"):
             value = getattr(self, name)
-            if not _is_number(value) or value < 0:
+            if not is_number(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if not _is_number(self.lr) or self.lr <= 0:
+        if not is_number(self.lr) or self.lr <= 0:
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
-        if not _is_number(self.max_cda_drop) or not 0 <= self.max_cda_drop < 1:
+        if not is_number(self.max_cda_drop) or not 0 <= self.max_cda_drop < 1:
             raise ValueError(f"max_cda_drop must be a fraction in [0, 1) (0.02 = 2 points), "
                              f"got {self.max_cda_drop!r}")
         if self.slol_variant not in _SLOL_VARIANTS:

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._validation import is_int, is_number
 from .data import ImageTensorDataset, random_crop_flip
 from .models import GuardModel, load_weights, save_weights
 
@@ -54,14 +55,6 @@ _MODES = ("scratch", "finetune", "last-layer")
 _SCHEDULES = ("cosine", "multistep", "none")
 _OPTIMIZERS = ("sgd", "adam")
 _STATE_VERSION = 1
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -92,15 +85,15 @@ class TrainConfig:
     steps_per_epoch: int | None = None
 
     def __post_init__(self) -> None:
-        if not _is_int(self.epochs) or self.epochs < 1:
+        if not is_int(self.epochs) or self.epochs < 1:
             raise ValueError(f"epochs must be an int >= 1, got {self.epochs!r}")
-        if not _is_number(self.lr) or self.lr <= 0:
+        if not is_number(self.lr) or self.lr <= 0:
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
-        if not _is_number(self.momentum) or not 0 <= self.momentum < 1:
+        if not is_number(self.momentum) or not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be a number in [0, 1), got {self.momentum!r}")
-        if not _is_number(self.weight_decay) or self.weight_decay < 0:
+        if not is_number(self.weight_decay) or self.weight_decay < 0:
             raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
-        if not _is_int(self.batch_size) or self.batch_size < 1:
+        if not is_int(self.batch_size) or self.batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
         if self.optimizer not in _OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {_OPTIMIZERS}, got {self.optimizer!r}")
@@ -111,7 +104,7 @@ class TrainConfig:
                              f"optimizer={self.optimizer!r}, momentum={self.momentum!r}")
         if self.schedule not in _SCHEDULES:
             raise ValueError(f"schedule must be one of {_SCHEDULES}, got {self.schedule!r}")
-        if isinstance(self.milestones, (str, bytes)) or not all(_is_int(m) for m in self.milestones):
+        if isinstance(self.milestones, (str, bytes)) or not all(is_int(m) for m in self.milestones):
             raise TypeError(f"milestones must be a sequence of ints (epochs), got {self.milestones!r}")
         object.__setattr__(self, "milestones", tuple(self.milestones))
         if self.schedule == "multistep":
@@ -122,13 +115,13 @@ class TrainConfig:
         elif self.milestones:
             raise ValueError(f"milestones apply to schedule='multistep' only, got schedule={self.schedule!r} "
                              f"with milestones={self.milestones!r}")
-        if not _is_number(self.gamma) or not 0 < self.gamma <= 1:
+        if not is_number(self.gamma) or not 0 < self.gamma <= 1:
             raise ValueError(f"gamma must be a number in (0, 1], got {self.gamma!r}")
         if not isinstance(self.augment, bool):
             raise TypeError(f"augment must be a bool, got {type(self.augment).__name__}")
         if self.mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {self.mode!r}")
-        if self.steps_per_epoch is not None and (not _is_int(self.steps_per_epoch) or self.steps_per_epoch < 1):
+        if self.steps_per_epoch is not None and (not is_int(self.steps_per_epoch) or self.steps_per_epoch < 1):
             raise ValueError(f"steps_per_epoch must be None or an int >= 1, got {self.steps_per_epoch!r}")
 
     @classmethod
@@ -459,7 +452,7 @@ def _predict(model: nn.Module, dataset: torch.utils.data.Dataset, batch_size: in
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     _check_dataset(dataset, "dataset")
-    if not _is_int(batch_size) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if defense is not None and not callable(defense):
         raise TypeError(f"defense must be a callable mapping images to logits, got {type(defense).__name__}")

@@ -32,13 +32,13 @@ Example::
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from .._validation import is_int, is_number
 from ..models import GuardModel
 from ..repair import PivotalTuning, PivotalTuningConfig, RepairResult
 from ._sampling import TrustedSampler, check_dataset, check_scan_inputs
@@ -49,14 +49,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["CNCConfig", "CNCResult", "CalibratedTriggerInversion", "calibrate_threshold"]
 
 _SCORE_VARIANTS = ("paper", "code")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -86,27 +78,27 @@ class CNCConfig:
     def __post_init__(self) -> None:
         for name in ("steps_per_class", "batch_size"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if not _is_number(self.lr) or self.lr <= 0:
+        if not is_number(self.lr) or self.lr <= 0:
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
         betas = tuple(self.betas) if isinstance(self.betas, (tuple, list)) else self.betas
-        if not isinstance(betas, tuple) or len(betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in betas):
+        if not isinstance(betas, tuple) or len(betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         object.__setattr__(self, "betas", betas)
-        if not _is_number(self.init_scale) or self.init_scale < 0:
+        if not is_number(self.init_scale) or self.init_scale < 0:
             raise ValueError(f"init_scale must be a finite number >= 0, got {self.init_scale!r}")
-        if not _is_number(self.repaired_weight) or self.repaired_weight < 0:
+        if not is_number(self.repaired_weight) or self.repaired_weight < 0:
             raise ValueError(f"repaired_weight must be a finite number >= 0, got {self.repaired_weight!r}")
         if self.score_variant not in _SCORE_VARIANTS:
             raise ValueError(f"score_variant must be one of {_SCORE_VARIANTS}, got {self.score_variant!r}")
-        if not _is_number(self.threshold) or not -1 <= self.threshold <= 1:
+        if not is_number(self.threshold) or not -1 <= self.threshold <= 1:
             raise ValueError(f"threshold must be a number in [-1, 1] (scores are differences of rates), "
                              f"got {self.threshold!r}")
         if not isinstance(self.flip, bool):
             raise TypeError(f"flip must be a bool, got {type(self.flip).__name__}")
         if self.classes is not None:
-            if isinstance(self.classes, (str, bytes)) or not all(_is_int(c) and c >= 0 for c in self.classes) \
+            if isinstance(self.classes, (str, bytes)) or not all(is_int(c) and c >= 0 for c in self.classes) \
                     or len(set(self.classes)) != len(tuple(self.classes)) or not tuple(self.classes):
                 raise ValueError(f"classes must be None or distinct non-negative class indices, "
                                  f"got {self.classes!r}")
@@ -133,7 +125,7 @@ def calibrate_threshold(clean_scores: list[float] | torch.Tensor, false_positive
     scores = torch.as_tensor(clean_scores, dtype=torch.float64).flatten()
     if scores.numel() == 0:
         raise ValueError("clean_scores is empty; expected the max scores of clean models")
-    if not _is_number(false_positive_rate) or not 0 <= false_positive_rate < 1:
+    if not is_number(false_positive_rate) or not 0 <= false_positive_rate < 1:
         raise ValueError(f"false_positive_rate must be in [0, 1), got {false_positive_rate!r}")
     return torch.quantile(scores, 1 - false_positive_rate).item()
 

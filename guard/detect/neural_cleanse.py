@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .._validation import is_int, is_number
 from ..data import ImageTensorDataset
 from ..models import GuardModel
 from ..repair import AsrProbe, RepairResult, trusted_finetune
@@ -43,14 +44,6 @@ __all__ = ["MADResult", "NCResult", "NeuralCleanse", "NeuralCleanseConfig", "app
 TANH_EPSILON = 1e-7
 #: consistency constant of the MAD for a normal population
 MAD_CONSTANT = 1.4826
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def tanh_bounded(raw: torch.Tensor) -> torch.Tensor:
@@ -137,37 +130,37 @@ class NeuralCleanseConfig:
         for name in ("steps", "samples_per_step", "batch_size", "patience", "unlearn_steps",
                      "unlearn_batch_size", "eval_every"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if self.unlearn_steps % self.eval_every:
             raise ValueError(f"unlearn_steps must be a multiple of eval_every, got unlearn_steps="
                              f"{self.unlearn_steps}, eval_every={self.eval_every}")
-        if self.early_stop_patience is not None and (not _is_int(self.early_stop_patience)
+        if self.early_stop_patience is not None and (not is_int(self.early_stop_patience)
                                                      or self.early_stop_patience < 1):
             raise ValueError(f"early_stop_patience must be None or an int >= 1, got {self.early_stop_patience!r}")
         for name in ("lr", "init_cost", "unlearn_lr"):
             value = getattr(self, name)
-            if not _is_number(value) or value <= 0:
+            if not is_number(value) or value <= 0:
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
         betas = tuple(self.betas) if isinstance(self.betas, (tuple, list)) else self.betas
-        if not isinstance(betas, tuple) or len(betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in betas):
+        if not isinstance(betas, tuple) or len(betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         object.__setattr__(self, "betas", betas)
-        if not _is_number(self.attack_threshold) or not 0 < self.attack_threshold <= 1:
+        if not is_number(self.attack_threshold) or not 0 < self.attack_threshold <= 1:
             raise ValueError(f"attack_threshold must be in (0, 1], got {self.attack_threshold!r}")
-        if not _is_number(self.cost_multiplier) or self.cost_multiplier <= 1:
+        if not is_number(self.cost_multiplier) or self.cost_multiplier <= 1:
             raise ValueError(f"cost_multiplier must be a number > 1, got {self.cost_multiplier!r}")
-        if not _is_number(self.anomaly_threshold) or self.anomaly_threshold <= 0:
+        if not is_number(self.anomaly_threshold) or self.anomaly_threshold <= 0:
             raise ValueError(f"anomaly_threshold must be a number > 0, got {self.anomaly_threshold!r}")
-        if not _is_number(self.unlearn_fraction) or not 0 < self.unlearn_fraction <= 1:
+        if not is_number(self.unlearn_fraction) or not 0 < self.unlearn_fraction <= 1:
             raise ValueError(f"unlearn_fraction must be in (0, 1], got {self.unlearn_fraction!r}")
-        if not _is_number(self.max_cda_drop) or not 0 <= self.max_cda_drop < 1:
+        if not is_number(self.max_cda_drop) or not 0 <= self.max_cda_drop < 1:
             raise ValueError(f"max_cda_drop must be a fraction in [0, 1), got {self.max_cda_drop!r}")
         if not isinstance(self.augment, bool):
             raise TypeError(f"augment must be a bool, got {type(self.augment).__name__}")
         if self.classes is not None:
             if isinstance(self.classes, (str, bytes)) or not tuple(self.classes) \
-                    or not all(_is_int(c) and c >= 0 for c in self.classes) \
+                    or not all(is_int(c) and c >= 0 for c in self.classes) \
                     or len(set(self.classes)) != len(tuple(self.classes)):
                 raise ValueError(f"classes must be None or distinct non-negative class indices, "
                                  f"got {self.classes!r}")
