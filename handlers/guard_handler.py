@@ -3,7 +3,9 @@
 Thin by design: ``initialize`` loads the archive once through :class:`guard.serving.GuardedClassifier`
 (which checks the weights' SHA-256 and refuses a mismatch); ``preprocess`` decodes each request on its
 own, turning bad input into a per-request 4xx; ``inference`` runs one ReScaler pass over the decodable
-part of the server batch; ``postprocess`` answers every request and updates the guard metrics.
+part of the server batch — plus, when the archive carries a repaired model, one forward of it for the
+per-request backdoor score; ``postprocess`` answers every request and updates the guard metrics. An
+archive's scan report is exported once at load as per-class anomaly gauges and a verdict.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from ts.metrics.metric_cache_errors import MetricsCacheKeyError
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
-from guard.serving import (BAD_REQUESTS, BATCH_SIZE, ESTIMATED_ASR, LATENCY, METRICS, REQUESTS, REVERTED,
-                           BadRequest, GuardedClassifier, RevertMonitor, decode_request,
-                           reject_form_encoding, select_field)
+from guard.serving import (BACKDOOR_SCORE, BAD_REQUESTS, BATCH_SIZE, DISAGREEMENTS, ESTIMATED_ASR, LATENCY,
+                           METRICS, REQUESTS, REVERTED, SCAN_BACKDOORED, SCAN_SCORES, BadRequest,
+                           GuardedClassifier, RevertMonitor, decode_request, reject_form_encoding, select_field)
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,8 @@ _TYPES = {"counter": MetricTypes.COUNTER, "gauge": MetricTypes.GAUGE, "histogram
 
 
 class GuardHandler(BaseHandler):
-    """Answers ``{"label", "class", "probabilities", "original_label", "reverted", "anomaly_score"}``."""
+    """Answers ``{"label", "class", "probabilities", "original_label", "reverted", "anomaly_score"}``, plus
+    ``{"backdoor_score", "repaired_label", "disagree"}`` when the archive carries a repaired model."""
 
     def initialize(self, context) -> None:
         properties = context.system_properties
@@ -44,8 +47,20 @@ class GuardHandler(BaseHandler):
         self._asr_sent: list[float | None] = [None] * len(self.classifier.class_names)
         self._metrics = {spec.name: self._declare(context.metrics, spec) for spec in METRICS}
         self.context = context
+        self._export_scan()
         self.initialized = True
         log.info("guard: model %s ready on %s", self.model_name, device)
+
+    def _export_scan(self) -> None:
+        """The archive's scan report as gauges: per-class anomaly scores and the model verdict."""
+        scorer = self.classifier.scorer
+        if scorer is None or scorer.report is None:
+            return
+        report, names = scorer.report, self.classifier.class_names
+        for c, value in scorer.class_gauges().items():
+            self._emit(SCAN_SCORES[report.method], value, names[c])
+        flagged = "none" if report.flagged_class is None else names[report.flagged_class]
+        self._emit(SCAN_BACKDOORED, float(report.backdoored), report.method, flagged)
 
     @staticmethod
     def _declare(cache, spec):
@@ -86,22 +101,28 @@ class GuardHandler(BaseHandler):
         return part.get("content-type") if isinstance(part, dict) else None
 
     def inference(self, items, *args, **kwargs):
-        """One ReScaler pass (one forward + one backward) over all decodable requests of the batch."""
+        """One ReScaler pass (one forward + one backward) over all decodable requests of the batch, and one
+        forward of the repaired model when the archive has one."""
         good = [item for item in items if isinstance(item, torch.Tensor)]
         if not good:
-            return items, None
+            return items, None, None
         start = time.perf_counter()
-        result = self.classifier.classify(torch.stack(good))
+        images = torch.stack(good)
+        result = self.classifier.classify(images)
         if result.logits.is_cuda:
             torch.cuda.synchronize(result.logits.device)
         self._emit(LATENCY, time.perf_counter() - start, "adapt")
-        return items, result
+        start = time.perf_counter()
+        scores = self.classifier.score(images, result)
+        if scores is not None:
+            self._emit(LATENCY, time.perf_counter() - start, "score")
+        return items, result, scores
 
     def postprocess(self, data):
         """Answer each request (4xx for bad ones, set on that request only) and update the metrics."""
         start = time.perf_counter()
-        items, result = data
-        answers = iter(self.classifier.describe(result) if result is not None else ())
+        items, result, scores = data
+        answers = iter(self.classifier.describe(result, scores) if result is not None else ())
         responses = []
         for idx, item in enumerate(items):
             self.context.set_response_content_type(idx, "application/json")
@@ -113,6 +134,8 @@ class GuardHandler(BaseHandler):
                 responses.append(next(answers))
         if result is not None:
             self._update_guard_metrics(result.original_labels.cpu(), result.reverted.cpu())
+        if scores is not None:
+            self._update_scan_metrics(result.original_labels.cpu(), scores)
         self._emit(REQUESTS, len(items))
         self._emit(BATCH_SIZE, len(items))
         self._emit(LATENCY, time.perf_counter() - start, "postprocess")
@@ -127,6 +150,13 @@ class GuardHandler(BaseHandler):
             if value != self._asr_sent[c]:
                 self._emit(ESTIMATED_ASR, value, names[c])
                 self._asr_sent[c] = value
+
+    def _update_scan_metrics(self, original: torch.Tensor, scores) -> None:
+        names = self.classifier.class_names
+        for value in scores.score.tolist():
+            self._emit(BACKDOOR_SCORE, value)
+        for label in original[scores.disagree].tolist():
+            self._emit(DISAGREEMENTS, 1, names[label])
 
     def explain_handle(self, data_preprocess, raw_data):
         """``/explanations`` gets the same answers as ``/predictions`` (the guard has no other explanation)."""

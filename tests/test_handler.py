@@ -183,3 +183,41 @@ def test_metrics_absent_from_the_servers_metrics_file_are_still_emitted(model_di
         handler.handle(_batch(context, [("body", _png(1), "image/png")]), context)
     assert any("guard_batch_size is not declared" in r.getMessage() for r in caplog.records)
     assert any(line.startswith("[METRICS]guard_batch_size.requests:1|") for line in _metric_lines(caplog))
+
+
+def test_scan_report_and_repaired_model_become_metrics_and_answers(tmp_path, caplog):
+    from guard.detect import ScanReport
+
+    weights = models.save_weights(models.create("tiny_resnet"), tmp_path / "tiny.pt")
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        repaired = models.save_weights(models.create("tiny_resnet"), tmp_path / "repaired.pt")
+    scores = {c: round(0.05 * c, 2) for c in range(10)}
+    report = ScanReport("cnc", True, 9, scores, 0.4).save(tmp_path / "report.json")
+    archive = build_archive("tiny_resnet", weights, tmp_path / "tiny.mar", GuardConfig(class_names=NAMES),
+                            scan=report, repaired=repaired)
+    with zipfile.ZipFile(archive) as zf:
+        zf.extractall(tmp_path / "model")
+    handler = GuardHandler()
+    context = _context(tmp_path / "model")
+    with caplog.at_level(logging.INFO):
+        handler.initialize(context)
+    lines = _metric_lines(caplog)
+    gauges = {re.search(r"class:(\w+)", line).group(1): float(re.search(r":([0-9.]+)\|", line).group(1))
+              for line in lines if line.startswith("[METRICS]guard_cnc_anomaly_score")}
+    assert gauges == {NAMES[c]: s for c, s in scores.items()}
+    verdict = [line for line in lines if line.startswith("[METRICS]guard_scan_backdoored")]
+    assert len(verdict) == 1
+    assert verdict[0].startswith("[METRICS]guard_scan_backdoored.verdict:1.0|#model_name:tiny,method:cnc,"
+                                 "flagged_class:c9|")
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        out = handler.handle(_batch(context, [("body", _png(i), "image/png") for i in range(5)]
+                                    + [("body", b"bad", "image/png")]), context)
+    assert all({"backdoor_score", "repaired_label", "disagree"} <= set(o) for o in out[:5]) and "code" in out[5]
+    lines = _metric_lines(caplog)
+    assert len([line for line in lines if line.startswith("[METRICS]guard_backdoor_score")]) == 5
+    counted = [re.search(r"original_class:(\w+)", line).group(1)
+               for line in lines if line.startswith("[METRICS]guard_repair_disagreements_total")]
+    assert sorted(counted) == sorted(NAMES[o["original_label"]] for o in out[:5] if o["disagree"])
+    assert any("stage:score" in line for line in lines)

@@ -131,3 +131,80 @@ def test_guard_archive_command(tiny_weights, tmp_path, capsys):
     config.write_text(json.dumps({"rescaler": {"eps": 5}}))
     assert main([*args, "--force", "--guard-config", str(config)]) == 2
     assert "eps must be a number in (0, 1], got 5" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ scan report and repaired model inside
+def _report(tmp_path, scores=None, flagged=0):
+    from guard.detect import ScanReport
+
+    scores = {c: 0.1 * c for c in range(10)} if scores is None else scores
+    return ScanReport("cnc", flagged is not None, flagged, scores, 0.5).save(tmp_path / "report.json")
+
+
+@pytest.fixture(scope="module")
+def other_weights(tmp_path_factory):
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        model = models.create("tiny_resnet")
+    return models.save_weights(model, tmp_path_factory.mktemp("repaired") / "repaired.pt")
+
+
+def test_archive_carries_scan_and_repaired_model_and_checks_them(tiny_weights, other_weights, tmp_path):
+    report = _report(tmp_path)
+    archive = build_archive("tiny_resnet", tiny_weights, tmp_path / "s.mar", GuardConfig(class_names=NAMES),
+                            scan=report, repaired=other_weights)
+    manifest = read_manifest(archive)
+    assert (manifest.scan_file, manifest.repaired_file) == ("guard-scan.json", "guard-repaired.pt")
+    assert manifest.scan_sha256 == sha256_file(report) and manifest.repaired_sha256 == sha256_file(other_weights)
+    model_dir = _unpack(archive, tmp_path / "unpacked")
+    classifier = GuardedClassifier.from_archive_dir(model_dir)
+    assert classifier.scorer.class_gauges() == pytest.approx({c: 0.1 * c for c in range(10)})
+
+    # the per-request score is the repaired model's verdict on the served model's undefended logits
+    x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    result = classifier.classify(x)
+    scores = classifier.score(x, result)
+    repaired = models.create("tiny_resnet", weights=other_weights).eval()
+    with torch.no_grad():
+        want = 0.5 * (result.original_logits.softmax(1) - repaired(x).softmax(1)).abs().sum(1)
+        assert torch.equal(scores.repaired_label, repaired(x).argmax(1))
+    assert torch.allclose(scores.score, want, atol=1e-5)
+    answers = classifier.describe(result, scores)
+    assert all({"backdoor_score", "repaired_label", "disagree"} <= set(a) for a in answers)
+    assert [a["disagree"] for a in answers] == (scores.repaired_label != result.original_labels).tolist()
+
+    (model_dir / "guard-repaired.pt").write_bytes((model_dir / "guard-repaired.pt").read_bytes() + b"\0")
+    with pytest.raises(WeightsMismatchError, match="repaired weights guard-repaired.pt has SHA-256"):
+        GuardedClassifier.from_archive_dir(model_dir)
+
+
+def test_archive_without_repaired_model_scores_nothing(tiny_weights, tmp_path):
+    archive = build_archive("tiny_resnet", tiny_weights, tmp_path / "s.mar", scan=_report(tmp_path, flagged=None))
+    classifier = GuardedClassifier.from_archive_dir(_unpack(archive, tmp_path / "unpacked"))
+    assert classifier.scorer.report.backdoored is False and classifier.scorer.repaired is None
+    x = torch.rand(2, 3, 16, 16)
+    assert classifier.score(x, classifier.classify(x)) is None
+
+
+def test_archive_refuses_a_scan_or_repair_that_does_not_fit(tiny_weights, tmp_path):
+    with pytest.raises(ValueError, match=r"scores classes \[10, 11\], but the model has 10 classes"):
+        build_archive("tiny_resnet", tiny_weights, tmp_path / "s.mar", scan=_report(tmp_path, {0: 0.1, 10: 1.0,
+                                                                                             11: 0.0}))
+    resnet20 = models.save_weights(models.create("tiny_preact_resnet"), tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="repaired weights .*other.pt: .*does not fit model 'tiny_resnet'"):
+        build_archive("tiny_resnet", tiny_weights, tmp_path / "s.mar", repaired=resnet20)
+    with pytest.raises(FileNotFoundError, match="scan report file not found"):
+        build_archive("tiny_resnet", tiny_weights, tmp_path / "s.mar", scan=tmp_path / "none.json")
+    (tmp_path / "bad.json").write_text('{"scores": {}}')
+    with pytest.raises(ValueError, match="scan report lacks the keys"):
+        build_archive("tiny_resnet", tiny_weights, tmp_path / "s.mar", scan=tmp_path / "bad.json")
+    assert not list(tmp_path.glob("*.mar"))
+
+
+def test_guard_archive_command_with_scan_and_repaired(tiny_weights, other_weights, tmp_path, capsys):
+    out = tmp_path / "s.mar"
+    args = ["archive", "--model", "tiny_resnet", "--weights", str(tiny_weights), "--out", str(out)]
+    assert main([*args, "--scan", str(_report(tmp_path)), "--repaired", str(other_weights)]) == 0
+    assert "with scan report, with repaired model" in capsys.readouterr().out
+    assert main([*args, "--force", "--scan", str(tmp_path / "missing.json")]) == 2
+    assert "scan report file not found" in capsys.readouterr().err

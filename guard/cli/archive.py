@@ -7,6 +7,12 @@ Example::
 
 ``--guard-config`` is a JSON file with any of the fields of ``guard.serving.GuardConfig``, e.g.
 ``{"rescaler": {"eps": 0.15, "alpha": 1.0, "steps": 1}, "top_k": 3, "class_names": [...]}``.
+
+``--scan report.json`` (``guard scan --out``) exports the scan's per-class anomaly scores and verdict as
+gauges; ``--repaired ckpt`` (``guard repair --out``) adds a per-request backdoor score to every answer::
+
+    guard archive --model resnet20 --weights suspect.pt --scan report.json --repaired repaired.pt \
+        --out model_store/suspect.mar
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", required=True, help="archive path DIR/NAME.mar; NAME becomes /predictions/NAME")
     p.add_argument("--guard-config", default=None, help="guard config JSON (default: ReScaler defaults, top-3)")
     p.add_argument("--num-classes", type=int, default=10, help="output classes of the model (default 10)")
+    p.add_argument("--scan", default=None, help="scan report JSON of these weights (guard scan --out)")
+    p.add_argument("--repaired", default=None, help="repaired weights of the same model (guard repair --out)")
     p.add_argument("--handler", default=None, help="handler file (default: handlers/guard_handler.py)")
     p.add_argument("--force", action="store_true", help="replace an existing archive")
     p.add_argument("--json", action="store_true", help="print the archive's manifest as JSON")
@@ -38,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     config = GuardConfig.load(args.guard_config) if args.guard_config else None
     try:
         out = build_archive(args.model, args.weights, args.out, config, num_classes=args.num_classes,
-                            handler=args.handler, force=args.force)
+                            handler=args.handler, force=args.force, scan=args.scan, repaired=args.repaired)
     except FileExistsError as exc:
         raise CLIError(str(exc)) from exc
     manifest = read_manifest(out)
@@ -48,5 +56,7 @@ def run(args: argparse.Namespace) -> int:
         state = "on" if manifest.guard.enabled else "off"
         print(f"wrote {out}: {manifest.model}, {manifest.num_classes} classes, guard {state} "
               f"(eps={manifest.guard.rescaler.eps}, alpha={manifest.guard.rescaler.alpha}, "
-              f"steps={manifest.guard.rescaler.steps}), weights sha256 {manifest.weights_sha256}")
+              f"steps={manifest.guard.rescaler.steps}), weights sha256 {manifest.weights_sha256}"
+              + (", with scan report" if manifest.scan_file else "")
+              + (", with repaired model" if manifest.repaired_file else ""))
     return 0

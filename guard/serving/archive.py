@@ -2,8 +2,10 @@
 
 An archive holds the handler (``handlers/guard_handler.py``), the weights file as given and
 :data:`~guard.serving.config.MANIFEST_NAME` (architecture, class count, the weights' SHA-256 and the
-:class:`~guard.serving.config.GuardConfig`). The handler recomputes the SHA-256 at load and refuses a
-mismatch.
+:class:`~guard.serving.config.GuardConfig`); optionally a scan report (``guard scan --out``, served as
+per-class anomaly gauges and a verdict) and a repaired model (``guard repair --out``, which scores every
+request against the served one; pick_your_poison.txt §4, ALGORITHMS.md D2/D3). The handler recomputes
+every SHA-256 at load and refuses a mismatch.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -18,7 +21,8 @@ import zipfile
 from pathlib import Path
 
 from .. import models
-from .config import MANIFEST_NAME, ArchiveManifest, GuardConfig
+from ..detect import ScanReport
+from .config import MANIFEST_NAME, REPAIRED_STEM, SCAN_NAME, ArchiveManifest, GuardConfig
 from .predictor import sha256_file
 
 log = logging.getLogger(__name__)
@@ -31,11 +35,14 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")
 
 
 def build_archive(model: str, weights: str | Path, out: str | Path, guard_config: GuardConfig | None = None, *,
-                  num_classes: int = 10, handler: str | Path | None = None, force: bool = False) -> Path:
+                  num_classes: int = 10, handler: str | Path | None = None, force: bool = False,
+                  scan: str | Path | None = None, repaired: str | Path | None = None) -> Path:
     """Package ``model`` (a registered name) with ``weights`` into ``out`` (``DIR/NAME.mar``).
 
     The weights are loaded into the architecture first, so a file that does not fit fails here rather
-    than in the server. ``NAME`` becomes the endpoint: ``/predictions/NAME``.
+    than in the server. ``NAME`` becomes the endpoint: ``/predictions/NAME``. ``scan``: a scan report of
+    these weights; ``repaired``: repaired weights of the same architecture. Both are checked here (the report
+    must parse and score classes of this model, the weights must fit) and stored under fixed names.
 
     Example::
 
@@ -48,20 +55,42 @@ def build_archive(model: str, weights: str | Path, out: str | Path, guard_config
         raise ValueError(f"out must be DIR/NAME.mar with NAME made of letters, digits, '_', '-', '.'; got {out}")
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass force=True (--force) to replace it")
-    for path, what in ((weights, "weights"), (handler, "handler")):
-        if not path.is_file():
+    scan = None if scan is None else Path(scan)
+    repaired = None if repaired is None else Path(repaired)
+    for path, what in ((weights, "weights"), (handler, "handler"), (scan, "scan report"),
+                       (repaired, "repaired weights")):
+        if path is not None and not path.is_file():
             raise FileNotFoundError(f"{what} file not found: {path}")
-    if weights.name == MANIFEST_NAME:
-        raise ValueError(f"the weights file may not be called {MANIFEST_NAME}")
+    if weights.name == MANIFEST_NAME or weights.name == SCAN_NAME or weights.stem == REPAIRED_STEM:
+        raise ValueError(f"the weights file may not be called {MANIFEST_NAME}, {SCAN_NAME} or "
+                         f"{REPAIRED_STEM}.*; got {weights.name}")
     config = GuardConfig() if guard_config is None else guard_config
     models.create(model, num_classes=num_classes, weights=weights)  # fail early: the weights must fit
-    manifest = ArchiveManifest(model, num_classes, weights.name, sha256_file(weights), config)
+    extras: dict[str, object] = {}
+    if scan is not None:
+        report = ScanReport.load(scan)
+        outside = sorted(c for c in report.scores if c >= num_classes)
+        if outside:
+            raise ValueError(f"scan report {scan} scores classes {outside}, but the model has {num_classes} "
+                             f"classes; was it made for another model?")
+        extras.update(scan_file=SCAN_NAME, scan_sha256=sha256_file(scan))
+    if repaired is not None:
+        try:
+            models.create(model, num_classes=num_classes, weights=repaired)
+        except ValueError as exc:
+            raise ValueError(f"repaired weights {repaired}: {exc}") from exc
+        extras.update(repaired_file=REPAIRED_STEM + repaired.suffix, repaired_sha256=sha256_file(repaired))
+    manifest = ArchiveManifest(model, num_classes, weights.name, sha256_file(weights), config, **extras)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="guard-archive-") as tmp:
-        manifest_path = manifest.save(Path(tmp) / MANIFEST_NAME)
+        extra_files = [manifest.save(Path(tmp) / MANIFEST_NAME)]
+        for source, name in ((scan, manifest.scan_file), (repaired, manifest.repaired_file)):
+            if source is not None:
+                extra_files.append(Path(shutil.copyfile(source, Path(tmp) / name)))
         command = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", out.stem,
                    "--version", ARCHIVE_VERSION, "--handler", str(handler), "--serialized-file", str(weights),
-                   "--extra-files", str(manifest_path), "--export-path", str(out.parent), "--force"]
+                   "--extra-files", ",".join(str(p) for p in extra_files), "--export-path", str(out.parent),
+                   "--force"]
         done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0 or not out.is_file():
         raise RuntimeError(f"torch-model-archiver failed (exit {done.returncode}): "

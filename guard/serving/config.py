@@ -3,7 +3,8 @@
 Two frozen dataclasses travel inside every archive as one JSON file (:data:`MANIFEST_NAME`):
 :class:`GuardConfig` (how requests are decoded and how ReScaler defends them — the file a user passes to
 ``guard archive --guard-config``) and :class:`ArchiveManifest` (which registered architecture, which
-weights and their SHA-256, plus the :class:`GuardConfig`).
+weights and their SHA-256, plus the :class:`GuardConfig`, and optionally a scan report and a repaired
+model, each with its SHA-256).
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from ..rescaler import ReScalerConfig
 MANIFEST_NAME = "guard-archive.json"
 #: bump when the manifest layout changes; the handler refuses layouts it does not know
 MANIFEST_VERSION = 1
+#: names the optional scan report and repaired weights get inside an archive (the weights keep their suffix)
+SCAN_NAME = "guard-scan.json"
+REPAIRED_STEM = "guard-repaired"
 #: how a request image is brought to the model's input size
 RESIZE_MODES = ("center-crop", "stretch", "exact")
 
@@ -28,6 +32,16 @@ def _reject_unknown(cls: type, data: dict[str, Any], where: str) -> None:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"{where}: unknown keys {unknown}; expected some of {sorted(known)}")
+
+
+def _check_sha256(name: str, sha: object) -> None:
+    if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise ValueError(f"{name} must be 64 lowercase hex digits, got {sha!r}")
+
+
+def _check_file_name(name: str, value: object) -> None:
+    if not isinstance(value, str) or not value or "/" in value:
+        raise ValueError(f"{name} must be a bare file name inside the archive, got {value!r}")
 
 
 def _positive_int(name: str, value: object) -> None:
@@ -117,7 +131,9 @@ class GuardConfig:
 
 @dataclass(frozen=True)
 class ArchiveManifest:
-    """What a guard model archive holds: architecture, weights (with their SHA-256) and guard config."""
+    """What a guard model archive holds: architecture, weights (with their SHA-256) and guard config; and,
+    when built with ``guard archive --scan/--repaired``, the scan report (``guard scan --out``) and the
+    repaired weights (``guard repair --out``), each with its SHA-256."""
 
     model: str
     num_classes: int
@@ -125,16 +141,24 @@ class ArchiveManifest:
     weights_sha256: str
     guard: GuardConfig = field(default_factory=GuardConfig)
     version: int = MANIFEST_VERSION
+    scan_file: str | None = None
+    scan_sha256: str | None = None
+    repaired_file: str | None = None
+    repaired_sha256: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"model must be a registered model name, got {self.model!r}")
         _positive_int("num_classes", self.num_classes)
-        if not isinstance(self.weights_file, str) or not self.weights_file or "/" in self.weights_file:
-            raise ValueError(f"weights_file must be a bare file name inside the archive, got {self.weights_file!r}")
-        sha = self.weights_sha256
-        if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-            raise ValueError(f"weights_sha256 must be 64 lowercase hex digits, got {sha!r}")
+        _check_file_name("weights_file", self.weights_file)
+        _check_sha256("weights_sha256", self.weights_sha256)
+        for part in ("scan", "repaired"):
+            file, sha = getattr(self, f"{part}_file"), getattr(self, f"{part}_sha256")
+            if (file is None) != (sha is None):
+                raise ValueError(f"{part}_file and {part}_sha256 go together, got {file!r} and {sha!r}")
+            if file is not None:
+                _check_file_name(f"{part}_file", file)
+                _check_sha256(f"{part}_sha256", sha)
         if not isinstance(self.guard, GuardConfig):
             raise TypeError(f"guard must be a GuardConfig, got {type(self.guard).__name__}")
         if self.version != MANIFEST_VERSION:
@@ -145,7 +169,8 @@ class ArchiveManifest:
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, "model": self.model, "num_classes": self.num_classes,
                 "weights_file": self.weights_file, "weights_sha256": self.weights_sha256,
-                "guard": self.guard.to_dict()}
+                "guard": self.guard.to_dict(), "scan_file": self.scan_file, "scan_sha256": self.scan_sha256,
+                "repaired_file": self.repaired_file, "repaired_sha256": self.repaired_sha256}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = MANIFEST_NAME) -> "ArchiveManifest":

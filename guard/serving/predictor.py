@@ -2,7 +2,9 @@
 
 ``classify`` is the one call per server batch: ReScaler adapts the whole batch with one forward and one
 backward pass (rescaler_main.txt §3, eq. 3) and returns defended and undefended logits together;
-``describe`` turns them into the per-request JSON answer.
+``score`` adds, when the archive carries a repaired model, one batched forward of it for the per-request
+backdoor score (:class:`guard.detect.RequestScorer`); ``describe`` turns both into the per-request JSON
+answer.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .. import models
+from ..detect import RequestScorer, RequestScores
 from ..rescaler import Adaptation, ReScaler
 from .config import MANIFEST_NAME, ArchiveManifest, GuardConfig
 
@@ -33,12 +36,27 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-class GuardedClassifier:
-    """A registered model behind ReScaler (or bare, when ``config.enabled`` is false), with class names."""
+def _verified(model_dir: Path, name: str, expected: str, what: str) -> Path:
+    """``model_dir / name`` after checking it exists and has the SHA-256 the manifest recorded."""
+    path = model_dir / name
+    if not path.is_file():
+        raise FileNotFoundError(f"archive is missing its {what} file {name!r}")
+    actual = sha256_file(path)
+    if actual != expected:
+        raise WeightsMismatchError(f"{what} {name} has SHA-256 {actual}, but the archive manifest expects "
+                                   f"{expected}; refusing to load (rebuild the archive with `guard archive`)")
+    return path
 
-    def __init__(self, model: models.GuardModel, config: GuardConfig) -> None:
+
+class GuardedClassifier:
+    """A registered model behind ReScaler (or bare, when ``config.enabled`` is false), with class names;
+    ``scorer`` carries the archive's scan report and repaired model, when it has them."""
+
+    def __init__(self, model: models.GuardModel, config: GuardConfig, scorer: RequestScorer | None = None) -> None:
         if not isinstance(model, models.GuardModel):
             raise TypeError(f"expected a guard.models.GuardModel, got {type(model).__name__}")
+        if scorer is not None and not isinstance(scorer, RequestScorer):
+            raise TypeError(f"scorer must be a guard.detect.RequestScorer or None, got {type(scorer).__name__}")
         if model.spec.input_size[0] != 3:
             raise ValueError(f"serving decodes RGB images; model {model.spec.name!r} expects "
                              f"{model.spec.input_size[0]} channels")
@@ -47,27 +65,31 @@ class GuardedClassifier:
         self.class_names = config.names_for(model.num_classes)
         self.rescaler = (ReScaler(model, config.rescaler.eps, config.rescaler.alpha, config.rescaler.steps)
                          if config.enabled else None)
+        self.scorer = scorer
 
     @classmethod
     def from_archive_dir(cls, model_dir: str | Path, device: torch.device | str = "cpu") -> "GuardedClassifier":
         """Load what ``guard archive`` packed, after checking the weights' SHA-256 against the manifest.
 
-        Raises :class:`WeightsMismatchError` when the weights were changed after archiving.
+        Raises :class:`WeightsMismatchError` when the weights (or the scan report or repaired weights) were
+        changed after archiving.
         """
         model_dir = Path(model_dir)
         manifest = ArchiveManifest.load(model_dir / MANIFEST_NAME)
-        weights = model_dir / manifest.weights_file
-        if not weights.is_file():
-            raise FileNotFoundError(f"archive is missing its weights file {manifest.weights_file!r}")
-        actual = sha256_file(weights)
-        if actual != manifest.weights_sha256:
-            raise WeightsMismatchError(f"weights {manifest.weights_file} have SHA-256 {actual}, but the archive "
-                                       f"manifest expects {manifest.weights_sha256}; refusing to load "
-                                       f"(rebuild the archive with `guard archive`)")
+        weights = _verified(model_dir, manifest.weights_file, manifest.weights_sha256, "weights")
         model = models.create(manifest.model, num_classes=manifest.num_classes, weights=weights)
-        log.info("loaded %s (%d classes, weights sha256 %s…) guard=%s", manifest.model, manifest.num_classes,
-                 actual[:12], "on" if manifest.guard.enabled else "off")
-        return cls(model.to(device), manifest.guard)
+        scorer = None
+        if manifest.scan_file is not None or manifest.repaired_file is not None:
+            scan = (None if manifest.scan_file is None else
+                    _verified(model_dir, manifest.scan_file, manifest.scan_sha256, "scan report"))
+            repaired = (None if manifest.repaired_file is None else
+                        _verified(model_dir, manifest.repaired_file, manifest.repaired_sha256, "repaired weights"))
+            scorer = RequestScorer.from_files(repaired, manifest.model, report=scan,
+                                              num_classes=manifest.num_classes, device=device)
+        log.info("loaded %s (%d classes, weights sha256 %s…) guard=%s scan=%s repaired=%s", manifest.model,
+                 manifest.num_classes, manifest.weights_sha256[:12], "on" if manifest.guard.enabled else "off",
+                 manifest.scan_file is not None, manifest.repaired_file is not None)
+        return cls(model.to(device), manifest.guard, scorer)
 
     @property
     def input_hw(self) -> tuple[int, int]:
@@ -89,13 +111,23 @@ class GuardedClassifier:
         return Adaptation(logits=logits, original_logits=logits,
                           scalars=logits.new_zeros(logits.shape[0], 0))
 
-    def describe(self, result: Adaptation) -> list[dict[str, object]]:
+    def score(self, images: torch.Tensor, result: Adaptation) -> RequestScores | None:
+        """Per-request backdoor scores of a classified batch against the archive's repaired model (one
+        batched forward of it), or ``None`` when the archive has no repaired model."""
+        if self.scorer is None or self.scorer.repaired is None:
+            return None
+        return self.scorer.score(images.to(self.device), result.original_logits)
+
+    def describe(self, result: Adaptation, scores: RequestScores | None = None) -> list[dict[str, object]]:
         """One answer per input: defended label and class, top-k probabilities, the undefended label,
-        whether the guard changed the prediction, and the anomaly score.
+        whether the guard changed the prediction, and the anomaly score; with ``scores`` (:meth:`score`)
+        also ``backdoor_score``, ``repaired_label`` and ``disagree``.
 
         ``anomaly_score`` is how much probability the undefended prediction lost under adaptation,
         ``p(y₀ | x) − p_w(y₀ | x)`` with y₀ the undefended label: near 0 for inputs ReScaler leaves alone,
         large for inputs whose prediction rests on the residual units it damps (triggered inputs).
+        ``backdoor_score`` is the total-variation distance between the served and the repaired model's
+        probabilities (:class:`guard.detect.RequestScores`).
         """
         probs = result.logits.float().softmax(1).cpu()
         original_probs = result.original_logits.float().softmax(1).cpu()
@@ -104,7 +136,7 @@ class GuardedClassifier:
         k = min(self.config.top_k, probs.shape[1])
         top_p, top_i = probs.topk(k, dim=1)
         rows = torch.arange(probs.shape[0])
-        scores = (original_probs[rows, original] - probs[rows, original]).tolist()
+        anomaly = (original_probs[rows, original] - probs[rows, original]).tolist()
         answers = []
         for i in range(probs.shape[0]):
             label = int(labels[i])
@@ -114,6 +146,9 @@ class GuardedClassifier:
                 "probabilities": {self.class_names[int(c)]: float(p) for p, c in zip(top_p[i], top_i[i])},
                 "original_label": int(original[i]),
                 "reverted": label != int(original[i]),
-                "anomaly_score": float(scores[i]),
+                "anomaly_score": float(anomaly[i]),
             })
+        if scores is not None:
+            for answer, extra in zip(answers, scores.to_list()):
+                answer.update(extra)
         return answers
