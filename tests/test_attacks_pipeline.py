@@ -112,3 +112,19 @@ def test_guard_poison_cli_writes_checkpoint_and_record(data_root, tmp_path, caps
     # bad options fail with a clear message and exit code 2
     assert main(argv[:3] + ["--attack-opt", "budget=2"] + argv[9:]) == 2
     assert "budget must be in (0.0, 1.0], got 2.0" in capsys.readouterr().err
+
+
+def test_guard_train_with_attack_poisons_like_guard_poison(data_root, tmp_path, capsys):
+    common = ["--attack-opt", "target=1", "--attack-opt", "budget=0.05", "--model", "tiny_resnet", "--data-dir",
+              str(data_root), "--limit", "200", "--epochs", "1", "--batch-size", "64", "--no-progress", "--json",
+              "--device", "cpu"]
+    assert main(["train", "--attack", "blend", *common, "--out", str(tmp_path / "t.pt")]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert main(["poison", "--attack", "blend", *common, "--out", str(tmp_path / "p.pt")]) == 0
+    poisoned = json.loads(capsys.readouterr().out)
+    record = json.loads((tmp_path / "t.pt.json").read_text())
+    assert record["attack"] == "blend" and record["num_poisons"] == 10 and record["eval_split"] == "test"
+    assert record["indices"] == json.loads((tmp_path / "p.pt.json").read_text())["indices"]
+    assert trained["asr"] == poisoned["asr"] and trained["cda"] == poisoned["cda"]
+    assert main(["train", "--attack-opt", "target=1", "--model", "tiny_resnet", "--out", str(tmp_path / "x.pt")]) == 2
+    assert "--attack-opt and --record need --attack NAME" in capsys.readouterr().err

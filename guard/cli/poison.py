@@ -24,11 +24,14 @@ from pathlib import Path
 import torch
 
 from . import CLIError
-from .train import add_training_arguments, load_data, resolve_device, resolve_split, training_config
+from .train import (add_training_arguments, initial_model, load_data, resolve_device, resolve_split,
+                    training_config)
 
 
-def add_attack_arguments(parser: argparse.ArgumentParser, required: bool = False) -> None:
-    """``--attack NAME``, repeated ``--attack-opt key=value`` and ``--attack-record FILE``."""
+def add_attack_arguments(parser: argparse.ArgumentParser, required: bool = False,
+                         from_record: bool | None = None) -> None:
+    """``--attack NAME``, repeated ``--attack-opt key=value`` and (``from_record``, default: when the attack
+    is optional) ``--attack-record FILE``."""
     from ..attacks import list_attacks
 
     g = parser.add_argument_group("attack")
@@ -36,7 +39,7 @@ def add_attack_arguments(parser: argparse.ArgumentParser, required: bool = False
                    help=f"backdoor attack: {', '.join(list_attacks('backdoor'))}")
     g.add_argument("--attack-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="attack option (repeatable), e.g. target=0, budget=0.01, location=top-left")
-    if not required:
+    if (not required) if from_record is None else from_record:
         g.add_argument("--attack-record", default=None, metavar="FILE",
                        help="rebuild the attack (and its trigger) from the JSON record of `guard poison`")
 
@@ -72,6 +75,10 @@ def attack_report(model: torch.nn.Module, attack, test_set, *, batch_size: int =
                                                        device=device, defense=defense)}
 
 
+def add_record_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--record", default=None, help="JSON record path (default: <out>.json)")
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("poison", help="poison a training set with a backdoor, train, record CDA/ASR",
                               description="Poison a training set with a registered backdoor attack, train a "
@@ -79,16 +86,17 @@ def add_parser(subparsers) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_attack_arguments(p, required=True)
     add_training_arguments(p, eval_split="test")
-    p.add_argument("--record", default=None, help="JSON record path (default: <out>.json)")
+    add_record_argument(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models import create
     from ..train import train
 
     config = training_config(args)
     attack = attack_from_args(args)
+    if args.eval_split is None:  # guard train --attack: the ASR needs a test split
+        args.eval_split = "test"
     out = Path(args.out)
     record_path = Path(args.record) if args.record else out.with_name(out.name + ".json")
 
@@ -119,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         record_path.write_text(json.dumps(record, indent=2))
 
-    model = create(args.model, num_classes=train_set.num_classes, weights=args.weights)
+    model = initial_model(args, train_set.num_classes)
     device = resolve_device(args.device)
     started = time.perf_counter()
     fit = attack.train if attack.supply_chain else train

@@ -107,6 +107,15 @@ def add_training_arguments(p: argparse.ArgumentParser, eval_split: str | None = 
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
+def initial_model(args: argparse.Namespace, num_classes: int):
+    """``--model`` with ``--weights``, or initialized from ``--seed`` (leaving the global RNG as it was)."""
+    from ..models import create
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        return create(args.model, num_classes=num_classes, weights=args.weights)
+
+
 def training_config(args: argparse.Namespace):
     """The :class:`guard.train.TrainConfig` of ``--mode``'s preset with the flags given on top."""
     from ..train import TrainConfig
@@ -122,27 +131,35 @@ def training_config(args: argparse.Namespace):
 
 
 def add_parser(subparsers) -> None:
+    from .poison import add_attack_arguments, add_record_argument
+
     p = subparsers.add_parser("train", help="train a registered model (scratch, finetune or last-layer)",
                               description="Train a registered model on a dataset: from scratch, fine-tuning "
-                                          "or last-layer transfer. (To train on a poisoned set: guard poison.)",
+                                          "or last-layer transfer. With --attack NAME the training set is "
+                                          "poisoned first and a JSON record written, as by guard poison.",
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_arguments(p)
+    add_attack_arguments(p, required=False, from_record=False)
+    add_record_argument(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models import create
     from ..train import train, train_state_path
 
+    if args.attack is not None:
+        from . import poison
+
+        return poison.run(args)
+    if args.attack_opt or args.record:
+        raise CLIError("--attack-opt and --record need --attack NAME")
     config = training_config(args)
 
     device = resolve_device(args.device)
     split = resolve_split(args)
     train_set = load_data(args, args.model, split)
     eval_set = load_data(args, args.model, args.eval_split) if args.eval_split else None
-    with torch.random.fork_rng(devices=[]):  # a reproducible initialization that leaves the global RNG as it was
-        torch.manual_seed(args.seed)
-        model = create(args.model, num_classes=train_set.num_classes, weights=args.weights)
+    model = initial_model(args, train_set.num_classes)
     generator = torch.Generator().manual_seed(args.seed)
     started = time.perf_counter()
     result = train(model, train_set, config, eval_set=eval_set, generator=generator,
