@@ -35,12 +35,13 @@ OPTIONS = {
     "sig": {"num_poisons": 10}, "wanet": {"num_poisons": 10}, "adaptive-blend": {"num_poisons": 10},
     "adaptive-patch": {"num_poisons": 10}, "refool": {"num_poisons": 10}, "instagram": {"num_poisons": 10},
     "dfst": {"num_poisons": 10}, "tsb": {"num_poisons": 10}, "xiang": {"per_source": 6, "num_sources": 3},
-    "issba": {"num_poisons": 10, "steps": 20, "width": 8},
+    "issba": {"num_poisons": 10, "steps": 20, "width": 8}, "adv": {"num_poisons": 10, "surrogate": "tiny_resnet"},
 }
 #: data-poisoning backdoors (PCB controls training instead; tested in test_attacks_pipeline.py)
 BACKDOORS = [n for n in list_attacks("backdoor") if not get_attack(n).supply_chain]
 #: attacks whose training-time trigger equals the test-time trigger, with no per-image randomness
-DETERMINISTIC = ["badnets", "c-badnets", "blend", "sig", "wanet", "refool", "instagram", "dfst", "xiang", "issba"]
+DETERMINISTIC = ["badnets", "c-badnets", "blend", "sig", "wanet", "refool", "instagram", "dfst", "xiang", "issba",
+                 "adv"]
 
 
 def make(name: str, **extra):
@@ -274,6 +275,30 @@ def test_xiang_per_source_counts(clean):
     assert counts[[1, 4, 7]].tolist() == [6, 6, 6] and int(counts.sum()) == 18
 
 
+def test_adv_trigger_is_a_bounded_targeted_perturbation_on_the_surrogate(clean, tmp_path):
+    from guard.models import create, save_weights
+
+    attack = make("adv", adv_class=3)
+    x = clean.images[:12].float() / 255
+    y = attack.apply_trigger(x)
+    assert (y - x).abs().max() <= 8 / 255 + 1e-6 and (y - x).abs().amax(dim=(1, 2, 3)).min() > 0
+    surrogate = attack.surrogate_model()
+    with torch.no_grad():
+        before = torch.nn.functional.cross_entropy(surrogate(x), torch.full((12,), 3), reduction="none")
+        after = torch.nn.functional.cross_entropy(surrogate(y), torch.full((12,), 3), reduction="none")
+    assert bool((after < before).all()), "every image moves toward adv_class on the surrogate"
+    # the trigger is per image: the same perturbation is not added to every image
+    delta = y - x
+    assert not torch.allclose(delta[0], delta[1])
+    # a surrogate from a weights file; a missing file and a class the surrogate lacks fail clearly
+    weights = save_weights(create("tiny_resnet"), tmp_path / "surrogate.pt")
+    assert make("adv", surrogate_weights=str(weights)).apply_trigger(x[:2]).shape == x[:2].shape
+    with pytest.raises(FileNotFoundError, match="surrogate_weights file not found"):
+        make("adv", surrogate_weights=str(tmp_path / "none.pt")).apply_trigger(x[:2])
+    with pytest.raises(ValueError, match=r"adv_class=12 is not a class of the surrogate 'tiny_resnet' \(10"):
+        make("adv", adv_class=12).apply_trigger(x[:2])
+
+
 def test_issba_residual_is_bounded_sample_specific_and_needs_fitting(clean):
     attack = create_attack("issba", steps=30, width=8)
     x = clean.images[:6].float() / 255
@@ -318,6 +343,8 @@ def test_filters_change_colour_not_geometry(clean):
     ("xiang", {"pattern": "G"}, ValueError, "pattern must be one of"),
     ("xiang", {"num_sources": 2}, ValueError, "num_sources must be one of"),
     ("badnets", {"bogus": 1}, TypeError, "bogus"),
+    ("adv", {"surrogate": "resnet7"}, ValueError, "unknown model 'resnet7'"),
+    ("adv", {"steps": 0}, ValueError, "steps must be an int"),
 ])
 def test_bad_configs_fail_clearly(name, options, error, match):
     with pytest.raises(error, match=match):

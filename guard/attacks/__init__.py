@@ -11,7 +11,7 @@ Example::
 
 Backdoors: ``badnets``, ``c-badnets``, ``blend``, ``sig``, ``wanet``, ``adaptive-blend``, ``adaptive-patch``,
 ``refool``, ``instagram``, ``xiang``, ``tsb``, ``issba`` (trained-encoder substitute), ``dfst`` (colour-style
-substitute); the supply-chain ``pcb`` (``PCB.train`` instead of ``poison``); clean-label transfer attacks
+substitute), ``adv`` (per-image adversarial trigger from an independent model); the supply-chain ``pcb`` (``PCB.train`` instead of ``poison``); clean-label transfer attacks
 (:class:`TargetedAttack`): ``fc``, ``cp``, ``bp``, ``clbd``, ``htbd`` with :func:`make_goals`::
 
     goal = make_goals(train_set, test_set, num_goals=1, num_poisons=25, generator=g)[0]
@@ -20,6 +20,7 @@ substitute); the supply-chain ``pcb`` (``PCB.train`` instead of ``poison``); cle
 """
 
 from . import primitives
+from .adv import AdvClean
 from .base import (Attack, AttackConfig, BackdoorAttack, PoisonResult, TargetedAttack, attack_from_record,
                    create_attack, describe_attacks, get_attack, list_attacks, parse_options, register_attack)
 from .blend import AdaptiveBlend, Blend, Refool, SIG
@@ -31,7 +32,7 @@ from .transfer import BP, CLBD, CP, FC, HTBD, AttackGoal, TransferConfig, make_g
 from .wanet import WaNet
 from .xiang import XiangPattern
 
-__all__ = ["AttackGoal", "BP", "CLBD", "CP", "FC", "HTBD", "TransferConfig", "make_goals", "AdaptiveBlend", "AdaptivePatch", "Attack", "AttackConfig", "BackdoorAttack", "BadNets", "Blend",
+__all__ = ["AttackGoal", "BP", "CLBD", "CP", "FC", "HTBD", "TransferConfig", "make_goals", "AdaptiveBlend", "AdaptivePatch", "AdvClean", "Attack", "AttackConfig", "BackdoorAttack", "BadNets", "Blend",
            "CleanLabelBadNets", "DFSTStyle", "ISSBA", "Instagram", "PCB", "PoisonResult", "Refool", "SIG", "TSB",
            "TargetedAttack", "WaNet", "XiangPattern", "attack_from_record", "create_attack", "describe_attacks", "get_attack",
            "list_attacks", "parse_options", "primitives", "register_attack"]
