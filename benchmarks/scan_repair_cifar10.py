@@ -1,39 +1,47 @@
 """Scan and repair on real CIFAR-10: CNC and Neural Cleanse detection, Pivotal Tuning and NC repair.
 
-What:     (a) detection scores of CNC (max calibrated class score) and NC (MAD anomaly index) on clean and
-          BadNets-poisoned ResNet-20s, ROC AUC when both groups hold several models (M9; Table 2 of
-          pick_your_poison.txt reports 0.65–0.76 on CIFAR-10 for CNC); (b) repair with 1 % trusted data:
-          remaining ASR at ≤ 2 points CDA loss (v_1%, M10) for Pivotal Tuning and NC unlearning, next to
-          Table 3's "Ours" / "Neural Cleanse" columns; (c) wall time of a full CNC scan (its repair plus
-          trigger inversion for every class) and of each repair.
-Models:   CIFAR ResNet-20 pretrained (data/weights/resnet20-12fca82f.th), fine-tuned for FT_EPOCHS on
-          FT_IMAGES training images — clean, or with BadNets (3×3 checkerboard, bottom-right, target 0) at
-          FT_POISON_RATE — a CPU-scale stand-in for the paper's ResNet-18 trained from scratch.
-Data:     trusted = a class-stratified TRUSTED_FRACTION of the 50k training images outside the fine-tuning
-          set; held-out = the first HELDOUT_IMAGES exact (lossless) test images (CDA budget, trigger
-          scoring, ASR).
-Scale:    CPU-scale budgets at the top (REPAIR_STEPS, CNC_STEPS_PER_CLASS, NC_*) are far below Table 5's
-          (2,000 repair steps, 100 steps per class); --full uses Table 5's.
-Device:   CPU with TORCH_THREADS threads (2 on the reference machine), or CUDA when available.
-Output:   benchmarks/results/scan_repair_cifar10.json (rewritten after every stage) and .png (trade-off
-          curves, reversed triggers next to the true one).
-Run:      GUARD_DATA_DIR=../shared/data python benchmarks/scan_repair_cifar10.py [--models N] [--full]
+What:     three parts, each written into one JSON as it finishes (--part picks them):
+          detect — detection scores of CNC (max calibrated class score, code and paper forms) and NC (MAD
+                   anomaly index) on --models clean and --models BadNets-poisoned ResNet-20s, ROC AUC (M9;
+                   pick_your_poison.txt Table 2: 0.65–0.76 on CIFAR-10 for CNC). CNC runs at several inversion
+                   budgets (CNC_STEPS, sharing one repair) to show how AUC changes with fewer steps.
+          repair — per attack (BadNets, Blend, A-Blend, A-Patch, WaNet, Refool, Adv): remaining ASR at ≤ 2 points CDA
+                   loss with 1 % trusted data (v_1%, M10) for Pivotal Tuning and NC unlearning, beside Table 3's
+                   "Ours" / "Neural Cleanse" columns; (CDA, ASR) every EVAL_EVERY steps (trade-off curves).
+          timing — one full CNC scan at Table 5 budgets (its Pivotal Tuning, then 100 inversion steps for each
+                   of the 10 classes) of a poisoned model: the wall time floor is 10 minutes on 2 CPU cores.
+Models:   CIFAR ResNet-20 pretrained (data/weights/resnet20-12fca82f.th), fine-tuned (all weights) for FT_EPOCHS
+          on FT_IMAGES training images — a different random subset per model — clean or poisoned at
+          FT_POISON_RATE: a CPU-scale stand-in for the paper's ResNet-18 trained from scratch.
+Data:     trusted = a class-stratified 1 % (500 images) of the 50k training images, disjoint from every
+          fine-tuning subset; held-out = the first HELDOUT_IMAGES exact (lossless) test images (CDA budget,
+          trigger scoring, ASR).
+Scale:    detect/repair budgets at the top are far below Table 5's (2,000 repair steps, 100 steps per class);
+          the timing part uses Table 5's.
+Device:   CPU with --threads threads (2 on the reference machine), or CUDA when available.
+Output:   benchmarks/results/scan_repair_cifar10.json and .png (trade-off curves, CNC score distributions,
+          reversed triggers next to the true one).
+Run:      GUARD_DATA_DIR=../shared/data python benchmarks/scan_repair_cifar10.py [--part detect] [--models 10]
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import platform
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from guard.attacks import create_attack
 from guard.data import load_dataset
-from guard.detect import (CNCConfig, CalibratedTriggerInversion, NeuralCleanse, NeuralCleanseConfig)
+from guard.detect import (CNCConfig, CalibratedTriggerInversion, NeuralCleanse, NeuralCleanseConfig,
+                          calibrate_threshold, save_trigger_png)
 from guard.metrics import attack_success_rate, roc_auc
 from guard.models import create
 from guard.repair import PivotalTuning, PivotalTuningConfig, split_trusted
@@ -42,196 +50,291 @@ from guard.train import TrainConfig, evaluate, predict, train
 MODEL = "resnet20"
 WEIGHTS = "weights/resnet20-12fca82f.th"
 TARGET = 0
-FT_IMAGES = 8000
+FT_IMAGES = 5000
 FT_EPOCHS = 2
 FT_LR = 0.01
 FT_POISON_RATE = 0.05
 TRUSTED_FRACTION = 0.01
 HELDOUT_IMAGES = 1000
-REPAIR_STEPS = 300
 EVAL_EVERY = 50
-CNC_STEPS_PER_CLASS = 40
-CNC_BATCH = 128
-NC_STEPS = 15
+# detect: one Pivotal Tuning per model (stops at the CDA budget), then trigger inversion at each budget
+DETECT_REPAIR_STEPS = 100
+CNC_STEPS = (5, 15)
+CNC_BATCH = 64
+NC_STEPS = 5
 NC_SAMPLES_PER_STEP = 256
+# repair
+REPAIR_STEPS = 300
+NC_REPAIR_STEPS = 15
 NC_UNLEARN_STEPS = 300
-TORCH_THREADS = 2
-OUT = Path(__file__).parent / "results"
+# Adv: PyP's independent ImageNet model is not reachable; the pretrained CIFAR ResNet-56 stands in, pushing
+# toward class 6 (frog), not the target (airplane), so that ASR is the backdoor's and not plain transfer
+ADV = {"surrogate": "resnet56", "surrogate_weights": "weights/resnet56-4bfd9763.th", "adv_class": 6}
+REPAIR_ATTACKS = {  # name: options; poison-label attacks at FT_POISON_RATE, the rest at their defaults
+    "badnets": {"patch_size": 3}, "blend": {}, "adaptive-blend": {}, "adaptive-patch": {"patch_size": 4},
+    "wanet": {}, "refool": {}, "adv": ADV,
+}
 # Table 3 of pick_your_poison.txt, CIFAR-10, r = 1 %: remaining ASR v_1% ("Ours", "Neural Cleanse")
-PAPER_V1 = {"badnets": {"pivotal": 0.03, "nc": 0.13}}
+PAPER_V1 = {"badnets": (0.03, 0.13), "adaptive-blend": (0.00, 0.72), "adaptive-patch": (0.00, 0.53),
+            "refool": (0.03, 0.26), "wanet": (0.04, 0.28), "adv": (0.01, 0.95), "blend": (None, None)}
+OUT = Path(__file__).parent / "results"
+OUT_JSON = OUT / "scan_repair_cifar10.json"
+PARTS = ("detect", "repair", "timing")
+TRIGGER_PNG = OUT / "scan_repair_cifar10_cnc_trigger.png"
 
 
-def victim(poisoned: bool, seed: int, train_set, attack, device) -> torch.nn.Module:
-    """The pretrained ResNet-20 fine-tuned on FT_IMAGES images, with BadNets poisons when ``poisoned``."""
-    g = torch.Generator().manual_seed(seed)
-    data = train_set
-    if poisoned:
-        data = attack.poison(train_set, g).dataset
-    model = create(MODEL, weights=Path(os.environ["GUARD_DATA_DIR"]) / WEIGHTS).to(device)
-    train(model, data, TrainConfig.finetune(epochs=FT_EPOCHS, lr=FT_LR, weight_decay=5e-4), generator=g,
-          device=device, progress=False)
-    return model
+class Bench:
+    """The data every part shares and the victims it trains."""
+
+    def __init__(self, root: Path, device: torch.device) -> None:
+        self.root, self.device = root, device
+        full = load_dataset("cifar10", root, split="train")
+        self.test = load_dataset("cifar10", root, split="test-lossless").subset(range(HELDOUT_IMAGES))
+        # trusted: 10 % of a random tenth of the training set (1 % of it); victims draw from the other 90 %
+        g = torch.Generator().manual_seed(0)
+        order = torch.randperm(len(full), generator=g)
+        tenth = len(full) // 10
+        self.trusted = split_trusted(full.subset(order[:tenth]), TRUSTED_FRACTION * 10, g)
+        self.pool = full.subset(order[tenth:])
+
+    def victim(self, seed: int, attack=None) -> torch.nn.Module:
+        """The pretrained ResNet-20 fine-tuned on its own random FT_IMAGES-image subset (poisoned by ``attack``)."""
+        g = torch.Generator().manual_seed(seed)
+        data = self.pool.subset(torch.randperm(len(self.pool), generator=g)[:FT_IMAGES])
+        if attack is not None:
+            data = attack.poison(data, g).dataset
+        model = create(MODEL, weights=self.root / WEIGHTS).to(self.device)
+        train(model, data, TrainConfig.finetune(epochs=FT_EPOCHS, lr=FT_LR, weight_decay=5e-4), generator=g,
+              device=self.device, progress=False)
+        return model
+
+    def asr_probe(self, attack):
+        triggered = attack.triggered(self.test)
+        return lambda m: attack_success_rate(predict(m, triggered, device=self.device), triggered.labels,
+                                             attack.config.target)
 
 
-def asr_probe(triggered, device):
-    return lambda m: attack_success_rate(predict(m, triggered, device=device), triggered.labels, TARGET)
+def poisoning_attack(name: str, **options):
+    """``name`` with target class TARGET poisoning FT_POISON_RATE of a victim's fine-tuning set (clean-label
+    attacks: that many target-class images, half of the class)."""
+    return create_attack(name, target=TARGET, budget=FT_POISON_RATE, **options)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", type=int, default=1, help="clean and poisoned models each (AUC needs >= 2)")
-    parser.add_argument("--full", action="store_true", help="Table 5 budgets instead of the CPU-scale ones")
-    parser.add_argument("--skip-nc", action="store_true", help="CNC and Pivotal Tuning only")
-    args = parser.parse_args()
-    torch.set_num_threads(TORCH_THREADS)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    repair_steps, cnc_steps = (2000, 100) if args.full else (REPAIR_STEPS, CNC_STEPS_PER_CLASS)
-    nc_steps, nc_samples = (1000, 1000) if args.full else (NC_STEPS, NC_SAMPLES_PER_STEP)
-    unlearn_steps = 1000 if args.full else NC_UNLEARN_STEPS
-
-    root = Path(os.environ.get("GUARD_DATA_DIR", "../shared/data"))
-    full_train = load_dataset("cifar10", root, split="train")
-    test = load_dataset("cifar10", root, split="test-lossless").subset(range(HELDOUT_IMAGES))
-    g = torch.Generator().manual_seed(0)
-    order = torch.randperm(len(full_train), generator=g)
-    ft_set = full_train.subset(order[:FT_IMAGES])
-    trusted = split_trusted(full_train.subset(order[FT_IMAGES:]), TRUSTED_FRACTION * len(full_train)
-                            / (len(full_train) - FT_IMAGES), g)
-    attack = create_attack("badnets", target=TARGET, budget=FT_POISON_RATE, patch_size=3)
-    triggered = attack.triggered(test)
-    probe = asr_probe(triggered, device)
-
-    pivotal = PivotalTuningConfig(steps=repair_steps, eval_every=EVAL_EVERY)
-    cnc = CNCConfig(steps_per_class=cnc_steps, batch_size=CNC_BATCH, repair=pivotal)
-    nc = NeuralCleanseConfig(steps=nc_steps, samples_per_step=nc_samples, unlearn_steps=unlearn_steps,
-                             eval_every=EVAL_EVERY)
-    results: dict = {
-        "what": "CNC / NC detection and Pivotal Tuning / NC repair, CIFAR-10 ResNet-20 (CPU scale)",
-        "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "platform": platform.platform(), "processor": platform.processor(),
-        "params": {"ft_images": FT_IMAGES, "ft_epochs": FT_EPOCHS, "ft_lr": FT_LR, "poison_rate": FT_POISON_RATE,
-                   "trusted_images": len(trusted), "heldout_images": HELDOUT_IMAGES, "repair_steps": repair_steps,
-                   "eval_every": EVAL_EVERY, "cnc_steps_per_class": cnc_steps, "cnc_batch": CNC_BATCH,
-                   "nc_steps": nc_steps, "nc_samples_per_step": nc_samples, "nc_unlearn_steps": unlearn_steps,
-                   "models_per_group": args.models},
-        "models": [],
-    }
-    OUT.mkdir(parents=True, exist_ok=True)
-    out_json = OUT / "scan_repair_cifar10.json"
-
-    def save() -> None:
-        out_json.write_text(json.dumps(results, indent=2, allow_nan=False))
-
-    figures = {}
-    for i in range(args.models):
+def detect(bench: Bench, models: int, results: dict, save) -> None:
+    attack = poisoning_attack("badnets", patch_size=3)
+    probe = bench.asr_probe(attack)
+    repair = PivotalTuningConfig(steps=DETECT_REPAIR_STEPS, eval_every=EVAL_EVERY)
+    nc = NeuralCleanseConfig(steps=NC_STEPS, samples_per_step=NC_SAMPLES_PER_STEP)
+    rows = results.setdefault("detect", {"models": []})["models"]
+    done = {row["name"] for row in rows}
+    for i in range(models):
         for poisoned in (True, False):
             name = f"{'badnets' if poisoned else 'clean'}-{i}"
+            if name in done:
+                continue
             started = time.perf_counter()
-            model = victim(poisoned, 100 + i, ft_set, attack, device)
-            entry = {"name": name, "poisoned": poisoned, "victim_seconds": round(time.perf_counter() - started, 1),
-                     "cda": evaluate(model, test, device=device), "asr": probe(model)}
-            print(f"{name}: CDA {entry['cda']:.4f} ASR {entry['asr']:.3f}", flush=True)
+            model = bench.victim(1000 + i, attack if poisoned else None)
+            row = {"name": name, "poisoned": poisoned, "victim_seconds": round(time.perf_counter() - started, 1),
+                   "cda": evaluate(model, bench.test, device=bench.device), "asr": probe(model), "cnc": {}}
+            repaired = None
+            for steps in CNC_STEPS:
+                config = CNCConfig(steps_per_class=steps, batch_size=CNC_BATCH, repair=repair)
+                started = time.perf_counter()
+                scan = CalibratedTriggerInversion(config).scan(model, bench.trusted, bench.test, repaired=repaired,
+                                                               generator=torch.Generator().manual_seed(i),
+                                                               device=bench.device)
+                d = scan.report.details
+                paper = {c: d["pivot_success"][str(c)] - d["repaired_accuracy"][str(c)] for c in scan.report.scores}
+                row["cnc"][str(steps)] = {
+                    "seconds": round(time.perf_counter() - started, 1), "max_score": scan.report.max_score,
+                    "max_score_paper": max(paper.values()), "top_class": max(scan.report.scores, key=scan.report.scores.get),
+                    "scores": scan.report.scores}
+                if repaired is None:
+                    repaired = scan.repaired
+                    row["repair"] = {"steps": scan.repair.chosen.step, "cda": scan.repair.chosen.cda,
+                                     "asr": probe(repaired), "seconds": round(scan.repair.seconds, 1)}
             started = time.perf_counter()
-            scan = CalibratedTriggerInversion(cnc).scan(model, trusted, test, device=device,
-                                                        generator=torch.Generator().manual_seed(i))
-            entry["cnc"] = {"seconds": round(time.perf_counter() - started, 1),
-                            "repair_seconds": round(scan.repair.seconds, 1), "max_score": scan.report.max_score,
-                            "flagged_class": scan.report.flagged_class, "scores": scan.report.scores,
-                            "pivot_success": scan.report.details["pivot_success"],
-                            "repaired_success": scan.report.details["repaired_success"],
-                            "repaired_accuracy": scan.report.details["repaired_accuracy"],
-                            "repair_cda": scan.repair.chosen.cda, "repaired_asr": probe(scan.repaired)}
-            print(f"  CNC scan {entry['cnc']['seconds']}s: max score {scan.report.max_score:.3f} "
-                  f"(class {max(scan.report.scores, key=scan.report.scores.get)}), repaired ASR "
-                  f"{entry['cnc']['repaired_asr']:.3f}", flush=True)
-            if poisoned and i == 0:
-                figures["cnc_triggers"] = scan.triggers
-            results["models"].append(entry)
+            nc_scan = NeuralCleanse(nc).scan(model, bench.trusted, generator=torch.Generator().manual_seed(i),
+                                             device=bench.device)
+            row["nc"] = {"seconds": round(time.perf_counter() - started, 1),
+                         "anomaly_index": nc_scan.mad.model_index, "flagged_class": nc_scan.report.flagged_class}
+            rows.append(row)
+            cnc_text = ", ".join(f"N={s}: {row['cnc'][str(s)]['max_score']:.3f} (class "
+                                 f"{row['cnc'][str(s)]['top_class']})" for s in CNC_STEPS)
+            print(f"{name}: CDA {row['cda']:.3f} ASR {row['asr']:.3f} | CNC {cnc_text} | NC index "
+                  f"{row['nc']['anomaly_index']:.2f} (class {row['nc']['flagged_class']})", flush=True)
             save()
-            if not args.skip_nc:
-                started = time.perf_counter()
-                nc_scan = NeuralCleanse(nc).scan(model, trusted, generator=torch.Generator().manual_seed(i),
-                                                 device=device)
-                entry["nc"] = {"seconds": round(time.perf_counter() - started, 1),
-                               "model_anomaly_index": nc_scan.mad.model_index,
-                               "flagged_class": nc_scan.report.flagged_class,
-                               "l1_norms": {str(c): n for c, n in nc_scan.l1_norms.items() if n != float("inf")}}
-                print(f"  NC scan {entry['nc']['seconds']}s: anomaly index {nc_scan.mad.model_index:.2f}, flagged "
-                      f"{nc_scan.report.flagged_class}", flush=True)
-                if poisoned and i == 0:
-                    figures["nc_scan"] = nc_scan
-                save()
-            if poisoned and i == 0:  # repair comparison on the first poisoned model, ASR recorded every step
-                started = time.perf_counter()
-                pt = PivotalTuning(pivotal).repair(model, trusted, eval_set=test, asr=probe,
-                                                   generator=torch.Generator().manual_seed(1), device=device)
-                entry["pivotal_repair"] = {**pt.to_dict(), "v_r": pt.chosen.asr,
-                                           "wall_seconds": round(time.perf_counter() - started, 1)}
-                print(f"  Pivotal Tuning: v_1% = {pt.chosen.asr:.3f} (CDA {pt.cda0:.4f} -> {pt.chosen.cda:.4f})",
-                      flush=True)
-                figures["pivotal"] = pt
-                if not args.skip_nc:
-                    started = time.perf_counter()
-                    nr = NeuralCleanse(nc).repair(model, trusted, figures["nc_scan"], eval_set=test, asr=probe,
-                                                  generator=torch.Generator().manual_seed(1), device=device)
-                    entry["nc_repair"] = {**nr.to_dict(), "v_r": nr.chosen.asr,
-                                          "wall_seconds": round(time.perf_counter() - started, 1)}
-                    print(f"  NC unlearning: v_1% = {nr.chosen.asr:.3f}", flush=True)
-                    figures["nc"] = nr
-                save()
+    bad = [r for r in rows if r["poisoned"]]
+    clean = [r for r in rows if not r["poisoned"]]
+    if bad and clean:
+        labels = torch.tensor([True] * len(bad) + [False] * len(clean))
+        auc = lambda values: roc_auc(torch.tensor(values, dtype=torch.float64), labels)  # noqa: E731
+        summary = {"models_per_group": [len(bad), len(clean)],
+                   "paper_cnc_auc_cifar10": "0.65-0.76 (Table 2, BadNets m = 50: 0.76)",
+                   "nc_auc": auc([r["nc"]["anomaly_index"] for r in bad + clean])}
+        for steps in CNC_STEPS:
+            summary[f"cnc_auc_steps{steps}"] = auc([r["cnc"][str(steps)]["max_score"] for r in bad + clean])
+            summary[f"cnc_auc_paper_form_steps{steps}"] = auc([r["cnc"][str(steps)]["max_score_paper"]
+                                                               for r in bad + clean])
+            summary[f"cnc_top_class_is_target_steps{steps}"] = sum(r["cnc"][str(steps)]["top_class"] == TARGET
+                                                                   for r in bad) / len(bad)
+            # the verdict threshold calibrated on the clean models (10 % false positives) and its detection rate
+            threshold = calibrate_threshold([r["cnc"][str(steps)]["max_score"] for r in clean], 0.1)
+            summary[f"cnc_threshold_fpr10_steps{steps}"] = threshold
+            summary[f"cnc_tpr_at_threshold_steps{steps}"] = sum(r["cnc"][str(steps)]["max_score"] > threshold
+                                                                for r in bad) / len(bad)
+        summary["nc_flags_target"] = sum(r["nc"]["flagged_class"] == TARGET for r in bad) / len(bad)
+        results["detect"]["summary"] = summary
+        save()
+        print(json.dumps(summary, indent=2), flush=True)
 
-    clean = [m for m in results["models"] if not m["poisoned"]]
-    bad = [m for m in results["models"] if m["poisoned"]]
-    summary = {"cnc_scan_seconds_median": sorted(m["cnc"]["seconds"] for m in results["models"])[
-        len(results["models"]) // 2], "paper_v1": PAPER_V1}
-    if len(clean) >= 1 and len(bad) >= 1:
-        scores = [m["cnc"]["max_score"] for m in bad + clean]
-        positive = [True] * len(bad) + [False] * len(clean)
-        summary["cnc_auc"] = roc_auc(torch.tensor(scores), torch.tensor(positive))
-        if not args.skip_nc:
-            summary["nc_auc"] = roc_auc(torch.tensor([m["nc"]["model_anomaly_index"] for m in bad + clean]),
-                                        torch.tensor(positive))
-    results["summary"] = summary
+
+def repair_part(bench: Bench, results: dict, save) -> None:
+    pivotal = PivotalTuningConfig(steps=REPAIR_STEPS, eval_every=EVAL_EVERY)
+    nc = NeuralCleanseConfig(steps=NC_REPAIR_STEPS, samples_per_step=NC_SAMPLES_PER_STEP,
+                             unlearn_steps=NC_UNLEARN_STEPS, eval_every=EVAL_EVERY)
+    rows = results.setdefault("repair", {})
+    for j, (name, options) in enumerate(REPAIR_ATTACKS.items()):
+        if name in rows:
+            continue
+        if "surrogate_weights" in options:
+            options = {**options, "surrogate_weights": str(bench.root / options["surrogate_weights"])}
+        attack = poisoning_attack(name, **options)
+        probe = bench.asr_probe(attack)
+        model = bench.victim(2000 + j, attack)
+        row = {"cda": evaluate(model, bench.test, device=bench.device), "asr": probe(model),
+               "paper_v1_ours_nc": PAPER_V1[name]}
+        started = time.perf_counter()
+        pt = PivotalTuning(pivotal).repair(model, bench.trusted, eval_set=bench.test, asr=probe,
+                                           generator=torch.Generator().manual_seed(1), device=bench.device)
+        row["pivotal"] = {**pt.to_dict(), "v_1": pt.chosen.asr, "wall_seconds": round(time.perf_counter() - started, 1)}
+        started = time.perf_counter()
+        nc_scan = NeuralCleanse(nc).scan(model, bench.trusted, generator=torch.Generator().manual_seed(1),
+                                         device=bench.device)
+        nr = NeuralCleanse(nc).repair(model, bench.trusted, nc_scan, eval_set=bench.test, asr=probe,
+                                      generator=torch.Generator().manual_seed(1), device=bench.device)
+        row["nc"] = {**nr.to_dict(), "v_1": nr.chosen.asr, "flagged_class": nc_scan.report.flagged_class,
+                     "wall_seconds": round(time.perf_counter() - started, 1)}
+        rows[name] = row
+        print(f"{name}: CDA {row['cda']:.3f} ASR {row['asr']:.3f} -> Pivotal v_1% {pt.chosen.asr:.3f} "
+              f"(CDA {pt.chosen.cda:.3f}), NC v_1% {nr.chosen.asr:.3f} (CDA {nr.chosen.cda:.3f}); paper "
+              f"{PAPER_V1[name]}", flush=True)
+        save()
+
+
+def timing(bench: Bench, results: dict, save) -> None:
+    attack = poisoning_attack("badnets", patch_size=3)
+    model = bench.victim(1000, attack)
+    started = time.perf_counter()
+    scan = CalibratedTriggerInversion(CNCConfig()).scan(model, bench.trusted, bench.test,
+                                                        generator=torch.Generator().manual_seed(0),
+                                                        device=bench.device)
+    seconds = time.perf_counter() - started
+    save_trigger_png(scan.triggers[TARGET], TRIGGER_PNG, scale=1)
+    results["timing"] = {"cnc_full_scan_seconds": round(seconds, 1), "repair_seconds": round(scan.repair.seconds, 1),
+                         "repair_steps": scan.repair.chosen.step, "stopped_early": scan.repair.stopped_early,
+                         "inversion_steps_per_class": CNCConfig().steps_per_class, "threads": torch.get_num_threads(),
+                         "max_score": scan.report.max_score, "flagged_class": scan.report.flagged_class,
+                         "target_score": scan.report.scores[TARGET], "floor_seconds": 600}
     save()
-    plot(figures, attack, test, results)
-    print(json.dumps(summary, indent=2))
+    print(f"full CNC scan: {seconds:.0f} s (repair {scan.repair.seconds:.0f} s, stopped at step "
+          f"{scan.repair.chosen.step}); target score {scan.report.scores[TARGET]:.3f}, max "
+          f"{scan.report.max_score:.3f}", flush=True)
 
 
-def plot(figures: dict, attack, test, results: dict) -> None:
+def plot(results: dict, bench: Bench) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6), gridspec_kw={"width_ratios": [2, 1, 1, 1]})
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8), gridspec_kw={"width_ratios": [2, 2, 1, 1]})
     ax = axes[0]
-    for key, label in (("pivotal", "Pivotal Tuning"), ("nc", "NC unlearning")):
-        if key in figures:
-            h = figures[key].history
-            ax.plot([p.asr for p in h], [100 * p.cda for p in h], "o-", ms=3, label=label)
-    if "pivotal" in figures:
-        ax.axhline(100 * (figures["pivotal"].cda0 - 0.02), color="grey", ls="--", label="CDA budget (−2)")
+    for name, row in results.get("repair", {}).items():
+        pt, nr = row["pivotal"]["history"], row["nc"]["history"]
+        line, = ax.plot([p["asr"] for p in pt], [100 * p["cda"] for p in pt], "o-", ms=3, label=f"{name} Pivotal")
+        ax.plot([p["asr"] for p in nr], [100 * p["cda"] for p in nr], "x--", ms=3, color=line.get_color(),
+                label=f"{name} NC")
     ax.set_xlabel("ASR")
     ax.set_ylabel("CDA (%)")
-    ax.set_title("repair trade-off (BadNets, r = 1 %)", fontsize=9)
+    ax.set_title("repair trade-off, r = 1 % (o Pivotal Tuning, x NC unlearning)", fontsize=8)
+    ax.legend(fontsize=5, ncol=2)
+    ax = axes[1]
+    rows = results.get("detect", {}).get("models", [])
+    for k, steps in enumerate(CNC_STEPS):
+        for poisoned, marker in ((True, "o"), (False, "x")):
+            values = [r["cnc"][str(steps)]["max_score"] for r in rows if r["poisoned"] == poisoned]
+            ax.scatter([k + (0.1 if poisoned else -0.1)] * len(values), values, marker=marker,
+                       color="C3" if poisoned else "C0", label=("BadNets" if poisoned else "clean") if k == 0 else None)
+    values = {p: [r["nc"]["anomaly_index"] / 10 for r in rows if r["poisoned"] == p] for p in (True, False)}
+    for poisoned, marker in ((True, "o"), (False, "x")):
+        ax.scatter([len(CNC_STEPS) + (0.1 if poisoned else -0.1)] * len(values[poisoned]), values[poisoned],
+                   marker=marker, color="C3" if poisoned else "C0")
+    ax.set_xticks(range(len(CNC_STEPS) + 1), [f"CNC N={s}" for s in CNC_STEPS] + ["NC index / 10"], fontsize=7)
+    ax.set_title("detection scores per model", fontsize=8)
     ax.legend(fontsize=7)
-    true = attack.apply_trigger(torch.zeros(1, *test.images.shape[1:]))[0]
+    attack = poisoning_attack("badnets", patch_size=3)
+    true = attack.apply_trigger(torch.zeros(1, *bench.test.images.shape[1:]))[0]
     panels = [("true trigger", true)]
-    if "cnc_triggers" in figures:
-        t = figures["cnc_triggers"][TARGET]
-        panels.append((f"CNC reversed (class {TARGET})", (t - t.min()) / (t.max() - t.min() + 1e-12)))
-    if "nc_scan" in figures and figures["nc_scan"].masks.get(TARGET) is not None:
-        panels.append((f"NC reversed (class {TARGET})", figures["nc_scan"].trigger_image(TARGET)))
-    for ax, (title, image) in zip(axes[1:], panels):
+    if TRIGGER_PNG.is_file():
+        reversed_trigger = torch.from_numpy(np.array(Image.open(TRIGGER_PNG))).permute(2, 0, 1).float() / 255
+        panels.append((f"CNC reversed, full scan (class {TARGET})", reversed_trigger))
+    for ax, (title, image) in zip(axes[2:], panels):
         ax.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title, fontsize=8)
         ax.axis("off")
-    for ax in axes[1 + len(panels):]:
+    for ax in axes[2 + len(panels):]:
         ax.axis("off")
-    fig.suptitle(f"{results['what']} — {results['device']}, {results['threads']} threads", fontsize=9)
+    fig.suptitle(f"{results['what']} — {results['device']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(OUT / "scan_repair_cifar10.png", dpi=110)
     plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", action="append", choices=PARTS,
+                        help="run only these parts (repeatable; default: all); the others keep their results")
+    parser.add_argument("--models", type=int, default=10, help="clean and poisoned models each for detect")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--fresh", action="store_true", help="discard previous results of the parts run")
+    args = parser.parse_args()
+    parts = args.part or list(PARTS)
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bench = Bench(Path(os.environ.get("GUARD_DATA_DIR", "../shared/data")), device)
+    OUT.mkdir(parents=True, exist_ok=True)
+    results = json.loads(OUT_JSON.read_text()) if OUT_JSON.exists() else {}
+    if args.fresh:
+        for part in parts:
+            results.pop(part, None)
+    results.update({
+        "what": "CNC / NC detection and Pivotal Tuning / NC repair, CIFAR-10 ResNet-20 (CPU scale)",
+        "device": str(device), "torch": torch.__version__, "platform": platform.platform(),
+        "params": {"ft_images": FT_IMAGES, "ft_epochs": FT_EPOCHS, "ft_lr": FT_LR, "poison_rate": FT_POISON_RATE,
+                   "trusted_images": len(bench.trusted), "heldout_images": HELDOUT_IMAGES, "eval_every": EVAL_EVERY,
+                   "detect_repair_steps": DETECT_REPAIR_STEPS, "cnc_steps": CNC_STEPS, "cnc_batch": CNC_BATCH,
+                   "nc_steps": NC_STEPS, "nc_samples_per_step": NC_SAMPLES_PER_STEP, "repair_steps": REPAIR_STEPS,
+                   "nc_repair_steps": NC_REPAIR_STEPS, "nc_unlearn_steps": NC_UNLEARN_STEPS}})
+
+    def save() -> None:
+        """Write this run's parts into the JSON, keeping the parts another run (maybe running now) wrote."""
+        with open(OUT / ".scan_repair_cifar10.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            current = json.loads(OUT_JSON.read_text()) if OUT_JSON.exists() else {}
+            current.update({k: v for k, v in results.items() if k not in PARTS or k in parts})
+            current.setdefault("threads_per_part", {}).update({part: args.threads for part in parts})
+            OUT_JSON.write_text(json.dumps(current, indent=2, allow_nan=False))
+            results.update({k: v for k, v in current.items() if k not in parts})
+
+    if "detect" in parts:
+        detect(bench, args.models, results, save)
+    if "repair" in parts:
+        repair_part(bench, results, save)
+    if "timing" in parts:
+        timing(bench, results, save)
+    save()
+    plot(results, bench)
 
 
 if __name__ == "__main__":
