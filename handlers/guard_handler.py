@@ -107,7 +107,7 @@ class GuardHandler(BaseHandler):
         if not good:
             return items, None, None
         start = time.perf_counter()
-        images = torch.stack(good)
+        images = torch.stack(good).to(self.classifier.device)  # one host-to-device copy for both passes
         result = self.classifier.classify(images)
         if result.logits.is_cuda:
             torch.cuda.synchronize(result.logits.device)
