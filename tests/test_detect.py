@@ -16,6 +16,7 @@ from guard.detect import (CNCConfig, CalibratedTriggerInversion, NeuralCleanse, 
                           RequestScorer, ScanReport, apply_mask_pattern, calibrate_threshold,
                           mad_anomaly_index, save_trigger_png, tanh_bounded)
 from guard.models import save_weights
+from outcomes import SEED, check
 from test_repair import TARGET, TINY_REPAIR, attack_success_rate, planted
 
 TINY_CNC = CNCConfig(steps_per_class=40, batch_size=64, repair=TINY_REPAIR)
@@ -27,7 +28,7 @@ TINY_NC = NeuralCleanseConfig(steps=25, samples_per_step=64, batch_size=32, unle
 def cnc_scans():
     p = planted()
     scans = {name: CalibratedTriggerInversion(TINY_CNC).scan(model, p.trusted, p.test_set,
-                                                             generator=torch.Generator().manual_seed(0))
+                                                             generator=torch.Generator().manual_seed(SEED))
              for name, model in (("backdoored", p.backdoored), ("clean", p.clean))}
     return scans
 
@@ -35,25 +36,28 @@ def cnc_scans():
 @pytest.fixture(scope="module")
 def nc_scans():
     p = planted()
-    return {name: NeuralCleanse(TINY_NC).scan(model, p.trusted, generator=torch.Generator().manual_seed(0))
+    return {name: NeuralCleanse(TINY_NC).scan(model, p.trusted, generator=torch.Generator().manual_seed(SEED))
             for name, model in (("backdoored", p.backdoored), ("clean", p.clean))}
 
 
 # -------------------------------------------------------------------------------------------- CNC
+@pytest.mark.outcome
 def test_cnc_scores_the_planted_target_above_every_other_class(cnc_scans):
     report = cnc_scans["backdoored"].report
     others = [s for c, s in report.scores.items() if c != TARGET]
-    assert report.scores[TARGET] > max(others)
+    check("target score - best other class", report.scores[TARGET] - max(others), low=1e-6)
     assert report.backdoored and report.flagged_class == TARGET
     # the reversed trigger flips the pivot to the target and not the repaired model
-    assert report.details["pivot_success"][str(TARGET)] > 0.9
-    assert report.details["repaired_success"][str(TARGET)] < 0.2
+    check("pivot success of the target's trigger", report.details["pivot_success"][str(TARGET)], low=0.9)
+    check("repaired success of the target's trigger", report.details["repaired_success"][str(TARGET)], high=0.2)
     assert set(report.scores) == {0, 1, 2, 3}
     assert cnc_scans["backdoored"].repair.chosen.cda >= cnc_scans["backdoored"].repair.cda0 - 0.02
 
 
+@pytest.mark.outcome
 def test_cnc_scores_the_clean_twin_lower(cnc_scans):
-    assert cnc_scans["clean"].report.max_score < cnc_scans["backdoored"].report.max_score
+    check("backdoored - clean max score",
+          cnc_scans["backdoored"].report.max_score - cnc_scans["clean"].report.max_score, low=1e-6)
     threshold = calibrate_threshold([cnc_scans["clean"].report.max_score], 0.0)
     assert threshold == pytest.approx(cnc_scans["clean"].report.max_score)
 
@@ -138,33 +142,37 @@ def test_tanh_reparameterisation_and_mask_blend():
     assert out[0, :, 1, 1].tolist() == [0.5] * 3
 
 
+@pytest.mark.outcome
 def test_neural_cleanse_mad_flags_the_planted_backdoor(nc_scans):
     result = nc_scans["backdoored"]
     finite = {c: n for c, n in result.l1_norms.items() if n != float("inf")}
     assert min(finite, key=finite.get) == TARGET
     assert result.report.backdoored and result.report.flagged_class == TARGET
-    assert result.mad.model_index > 2
+    check("MAD anomaly index", result.mad.model_index, low=2)
     assert result.report.scores[TARGET] == max(result.report.scores.values())
     assert result.masks[TARGET].shape == (16, 16) and result.patterns[TARGET].shape == (3, 16, 16)
     # the reversed trigger really works on the backdoored model
     p = planted()
     x = p.test_set.images[p.test_set.labels != TARGET].float() / 255
     stamped = apply_mask_pattern(x, result.masks[TARGET], result.patterns[TARGET])
-    assert (p.backdoored(stamped).argmax(1) == TARGET).double().mean() > 0.9
+    check("reversed trigger's ASR", (p.backdoored(stamped).argmax(1) == TARGET).double().mean(), low=0.9)
 
 
+@pytest.mark.outcome
 def test_neural_cleanse_does_not_flag_the_clean_twin(nc_scans):
+    check("clean twin's MAD anomaly index", nc_scans["clean"].mad.model_index, high=2)
     assert not nc_scans["clean"].report.backdoored
     assert nc_scans["clean"].report.flagged_class is None
 
 
+@pytest.mark.outcome
 def test_neural_cleanse_unlearning_lowers_the_asr(nc_scans):
     p = planted()
     result = NeuralCleanse(TINY_NC).repair(p.backdoored, p.trusted, nc_scans["backdoored"], eval_set=p.test_set,
                                            asr=lambda m: attack_success_rate(m, p.triggered),
-                                           generator=torch.Generator().manual_seed(0))
-    assert result.history[0].asr > 0.6
-    assert result.chosen.asr < 0.3
+                                           generator=torch.Generator().manual_seed(SEED))
+    check("ASR before unlearning", result.history[0].asr, low=0.6)
+    check("ASR after unlearning", result.chosen.asr, high=0.3)
     assert result.chosen.cda > result.cda0 - 0.02
     assert attack_success_rate(p.backdoored, p.triggered, TARGET) > 0.6  # the input model is untouched
 
@@ -183,6 +191,7 @@ def test_bad_neural_cleanse_config_fails_clearly(kwargs, match):
 
 
 # --------------------------------------------------------------------------------------- serving
+@pytest.mark.outcome
 def test_request_scorer_flags_triggered_inputs_with_one_batched_forward(cnc_scans, tmp_path):
     p = planted()
     repaired = cnc_scans["backdoored"].repaired
@@ -204,8 +213,9 @@ def test_request_scorer_flags_triggered_inputs_with_one_batched_forward(cnc_scan
         handle.remove()
     assert len(calls) == 2  # one forward per batch, whatever its size
     assert clean.score.shape == (64,) and clean.disagree.dtype == torch.bool
-    assert triggered.score.mean() > clean.score.mean() + 0.5
-    assert triggered.disagree.double().mean() > 0.8 > 0.1 > clean.disagree.double().mean()
+    check("triggered - clean mean score", triggered.score.mean() - clean.score.mean(), low=0.5)
+    check("triggered disagreement", triggered.disagree.double().mean(), low=0.8)
+    check("clean disagreement", clean.disagree.double().mean(), high=0.1)
     assert ((0 <= triggered.score) & (triggered.score <= 1)).all()
     rows = triggered.to_list()
     assert len(rows) == 64 and set(rows[0]) == {"backdoor_score", "disagree", "repaired_label"}

@@ -20,6 +20,7 @@ from guard.models import GuardModel, create
 from guard.metrics import attack_success_rate as _asr
 from guard.repair import PivotalTuning, PivotalTuningConfig, parameter_distance, slol, split_trusted
 from guard.train import TrainConfig, evaluate, predict, train
+from outcomes import SEED, check
 
 TARGET = 0
 
@@ -57,18 +58,18 @@ class Planted:
 @functools.lru_cache(maxsize=1)
 def planted() -> Planted:
     """A tiny ResNet with a BadNets backdoor (3×3 checkerboard → class 0) and a clean twin (same seed)."""
-    train_set, test_set = stripes(800, 0), stripes(400, 1)
+    train_set, test_set = stripes(800, SEED), stripes(400, SEED + 1000)
     attack = create_attack("badnets", target=TARGET, budget=0.1, patch_size=3)
-    poisoned = attack.poison(train_set, torch.Generator().manual_seed(0)).dataset
+    poisoned = attack.poison(train_set, torch.Generator().manual_seed(SEED)).dataset
     config = TrainConfig.scratch(epochs=8, lr=0.05, batch_size=64, augment=False)
     models = []
     for data in (poisoned, train_set):
         with torch.random.fork_rng():  # a fixed initialisation, without leaving the global RNG seeded
-            torch.manual_seed(0)
+            torch.manual_seed(SEED)
             torch_model = create("tiny_resnet", num_classes=4)
-        train(torch_model, data, config, generator=torch.Generator().manual_seed(0), progress=False)
+        train(torch_model, data, config, generator=torch.Generator().manual_seed(SEED), progress=False)
         models.append(torch_model)
-    trusted = split_trusted(train_set, 0.25, torch.Generator().manual_seed(1))
+    trusted = split_trusted(train_set, 0.25, torch.Generator().manual_seed(SEED + 1))
     return Planted(models[0], models[1], train_set, test_set, attack.triggered(test_set), trusted)
 
 
@@ -161,19 +162,20 @@ def test_parameter_distance_is_mean_squared_difference():
 
 
 # ------------------------------------------------------------------------------------- the repair
+@pytest.mark.outcome
 def test_pivotal_tuning_removes_a_planted_backdoor_within_the_cda_budget():
     p = planted()
     before = {k: v.clone() for k, v in p.backdoored.state_dict().items()}
     asr0 = attack_success_rate(p.backdoored, p.triggered, TARGET)
-    assert asr0 > 0.6, "the planted backdoor should work before repair"
+    check("planted ASR", asr0, low=0.6)
     result = PivotalTuning(TINY_REPAIR).repair(p.backdoored, p.trusted, eval_set=p.test_set,
                                                asr=lambda m: attack_success_rate(m, p.triggered),
-                                               generator=torch.Generator().manual_seed(0))
+                                               generator=torch.Generator().manual_seed(SEED))
     # (CDA, ASR) at step 0 and every eval_every steps
     assert [pt.step for pt in result.history] == list(range(0, TINY_REPAIR.steps + 1, TINY_REPAIR.eval_every))
     assert result.history[0].asr == pytest.approx(asr0)
-    assert result.chosen.asr < 0.15 < asr0
-    assert result.chosen.cda > result.cda0 - TINY_REPAIR.max_cda_drop
+    check("repaired ASR", result.chosen.asr, high=0.15)
+    assert result.chosen.cda > result.cda0 - TINY_REPAIR.max_cda_drop  # the budget is enforced, not an outcome
     best = min(result.history, key=lambda pt: (pt.asr, -pt.cda))
     assert (result.chosen.asr, result.chosen.cda) == (best.asr, best.cda)
     # the returned model is the chosen point, and the pivot was not touched
@@ -183,12 +185,13 @@ def test_pivotal_tuning_removes_a_planted_backdoor_within_the_cda_budget():
     assert result.model is not p.backdoored
 
 
+@pytest.mark.outcome
 def test_pivotal_tuning_stops_when_cda_falls_below_the_budget():
     p = planted()
     harsh = PivotalTuningConfig(steps=200, eval_every=10, batch_size=64, lr=0.5, slol_lambda=0.05,
                                 param_lambda=0.0, augment=True)
     result = PivotalTuning(harsh).repair(p.backdoored, p.trusted, eval_set=p.test_set,
-                                         generator=torch.Generator().manual_seed(0))
+                                         generator=torch.Generator().manual_seed(SEED))
     assert result.stopped_early
     assert result.history[-1].cda <= result.cda0 - harsh.max_cda_drop
     assert result.history[-1].step < harsh.steps

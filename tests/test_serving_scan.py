@@ -23,6 +23,7 @@ from guard.cli import main
 from guard.detect import CalibratedTriggerInversion
 from guard.models import save_weights
 from guard.serving import GuardedClassifier, ServerSettings, TorchServe, free_ports, read_manifest
+from outcomes import SEED, check
 from test_detect import TINY_CNC
 from test_repair import TARGET, planted
 
@@ -49,7 +50,7 @@ def scanned(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("scanned")
     p = planted()
     scan = CalibratedTriggerInversion(TINY_CNC).scan(p.backdoored, p.trusted, p.test_set,
-                                                     generator=torch.Generator().manual_seed(0))
+                                                     generator=torch.Generator().manual_seed(SEED))
     return {"weights": save_weights(p.backdoored, tmp / "suspect.pt"), "report": scan.report.save(tmp / "report.json"),
             "repaired": save_weights(scan.repaired, tmp / "repaired.pt"), "scan": scan, "planted": p, "tmp": tmp}
 
@@ -101,6 +102,7 @@ def test_metrics_endpoint_exports_the_scan_at_load(scanned, server):
     assert value == 1.0 and f'flagged_class="{TARGET}"' in labels and 'method="cnc"' in labels
 
 
+@pytest.mark.outcome
 def test_responses_carry_per_request_scores_against_the_repaired_model(scanned, server):
     p = planted()
     clean = p.test_set.images[p.test_set.labels != TARGET][:8]
@@ -125,10 +127,10 @@ def test_responses_carry_per_request_scores_against_the_repaired_model(scanned, 
 
     # the backdoor fires on the served model, the repaired model keeps the true labels: high scores
     fired = [a for a in answers["triggered"] if a["original_label"] == TARGET]
-    assert len(fired) >= 6
-    assert sum(a["disagree"] for a in fired) >= 0.75 * len(fired)
+    check("triggered requests the backdoor fires on", len(fired), low=6)
+    check("disagreement on those", sum(a["disagree"] for a in fired) / len(fired), low=0.75)
     mean = {k: float(np.mean([a["backdoor_score"] for a in v])) for k, v in answers.items()}
-    assert mean["triggered"] > mean["clean"] + 0.3
+    check("triggered - clean mean backdoor_score", mean["triggered"] - mean["clean"], low=0.3)
 
     time.sleep(0.5)
     after = requests.get(server.metrics_url, timeout=10).text

@@ -65,15 +65,22 @@ class PCB(BadNets):
         return masks
 
     def backdoor_loss(self, model: nn.Module, masks: dict[str, torch.Tensor]):
-        """The ``extra_loss(x, y, logits)`` hook for :func:`guard.train.train`: its value is the backdoor
-        cross-entropy and its gradient is that cross-entropy's gradient restricted to ``masks``."""
+        """The ``extra_loss(x, y, logits)`` hook for :func:`guard.train.train`: Algorithm 5's even step.
+
+        Its value is the cross-entropy of the first ``batch_fraction`` of ``x``, triggered and labelled t, and
+        its gradient is that cross-entropy's gradient restricted to ``masks``. The triggered images are
+        forwarded together with the clean rest of the batch, which only sets the BatchNorm statistics: in a
+        batch of triggered images alone, the batch statistics subtract the trigger's shared activation, so the
+        backdoor would be learned under a normalization that eval mode never applies, and the clean accuracy
+        collapses while the backdoor survives into eval mode only for some seeds.
+        """
         params = [(p, masks[name]) for name, p in model.named_parameters() if name in masks]
 
         def extra_loss(x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
             k = max(1, round(self.config.batch_fraction * x.shape[0]))
             triggered = self.apply(x[:k], self.trigger_params(tuple(x.shape[1:])), None)
             target = torch.full((k,), self.config.target, dtype=torch.int64, device=x.device)
-            loss = F.cross_entropy(model(triggered), target)
+            loss = F.cross_entropy(model(torch.cat([triggered, x[k:]]))[:k], target)
             grads = torch.autograd.grad(loss, [p for p, _ in params], allow_unused=True)
             surrogate = sum((p * (g * m.to(g.device))).sum() for (p, m), g in zip(params, grads) if g is not None)
             return surrogate - surrogate.detach() + loss.detach()
