@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import torch
@@ -45,3 +46,14 @@ def is_int(value: object) -> bool:
 def is_number(value: object) -> bool:
     """A finite ``int`` or ``float`` that is not a ``bool``."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class MissingExtraError(ImportError):
+    """An optional dependency is not installed; the message names the ``guard[extra]`` that provides it."""
+
+
+def require_extra(module: str, extra: str, purpose: str) -> None:
+    """Fail before any work when ``module`` (a dependency of the ``guard[extra]`` extra) is not importable."""
+    if importlib.util.find_spec(module) is None:
+        raise MissingExtraError(f"{purpose} needs the {module!r} module, which is not installed; "
+                                f"install it with: pip install 'guard[{extra}]'")

@@ -15,6 +15,9 @@ Splits are chosen explicitly: ``"train"`` (50,000), ``"test"`` (10,000) and ``"t
 1,000 test images with exact pixels). SVHN, GTSRB and any ImageFolder tree go through torchvision and are
 resized to a fixed square size.
 
+A dataset that is neither on disk nor downloadable raises :class:`DataNotFoundError`, whose message says
+what was looked for, where, and how to provide it (``--data-dir``, ``GUARD_DATA_DIR``, ``--download``).
+
 Example::
 
     from guard.data import load_dataset
@@ -33,11 +36,14 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ._validation import require_extra
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "CIFAR10_CLASSES",
     "DATASETS",
+    "DataNotFoundError",
     "ImageTensorDataset",
     "data_dir",
     "load_dataset",
@@ -62,6 +68,26 @@ def data_dir(root: str | os.PathLike | None = None) -> Path:
     if env:
         return Path(env).expanduser()
     return Path.home() / ".cache" / "guard" / "data"
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A dataset is neither on disk nor downloadable now; the message (one line) says what was looked for,
+    where, and how to provide it. A :class:`FileNotFoundError`, so code handling missing files handles it."""
+
+
+_PROVIDE = ("--data-dir DIR (root=DIR) or GUARD_DATA_DIR=DIR pointing at a folder holding {what}, or "
+            "--download (download=True) to fetch it through torchvision")
+
+
+def _not_found(what: str, looked: str, error: BaseException | None = None,
+               downloading: bool = True) -> DataNotFoundError:
+    """The one error for missing data: what, where, why the download (or read) failed, and the remedies."""
+    message = f"{what} not found: looked for {looked}"
+    if error is not None:
+        cause = " ".join(f"{type(error).__name__}: {error}".split())
+        message += f"; {'downloading' if downloading else 'reading'} it failed ({cause})"
+    retry = " where the download site is reachable" if error is not None and downloading else ""
+    return DataNotFoundError(f"{message}. Provide it with {_PROVIDE.format(what=what)}{retry}.")
 
 
 class ImageTensorDataset(torch.utils.data.Dataset):
@@ -226,11 +252,7 @@ def _npz_cifar_dir(base: Path) -> Path | None:
 def _require(paths: Sequence[Path], base: Path) -> None:
     missing = [p for p in paths if not p.is_file()]
     if missing:
-        raise FileNotFoundError(
-            f"CIFAR-10 files missing under {base}: {', '.join(str(p) for p in missing)}. "
-            "Pass download=True (or `--download`) to fetch it, or point the data directory "
-            "(`root` / `--data-dir` / GUARD_DATA_DIR) at a complete copy."
-        )
+        raise _not_found("CIFAR-10", f"{', '.join(p.name for p in missing)} in {base}, which holds only part of it")
 
 
 def _load_cifar_torchvision(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -285,21 +307,19 @@ def _load_cifar10(root: Path, split: str, download: bool, image_size: int | None
     elif (folder := _npz_cifar_dir(root)) is not None:
         logger.info("reading CIFAR-10 %s split from npz layout %s", split, folder)
         images, labels = _load_cifar_npz(folder, split)
-    elif download:
+    else:
+        looked = ("torchvision's cifar-10-batches-py/ (data_batch_1..5, test_batch) and cifar10_*.npz files in "
+                  + ", ".join(str(p) for p in (root / "cifar-10-batches-py", root / "cifar10", root)))
+        if not download:
+            raise _not_found("CIFAR-10", looked)
         import torchvision
 
-        for train in (True, False):
-            torchvision.datasets.CIFAR10(str(root), train=train, download=True)
+        try:
+            for train in (True, False):
+                torchvision.datasets.CIFAR10(str(root), train=train, download=True)
+        except (OSError, RuntimeError) as exc:  # no network (URLError), unwritable root, corrupt download
+            raise _not_found("CIFAR-10", looked, exc) from exc
         images, labels = _load_cifar_torchvision(root / "cifar-10-batches-py", split)
-    else:
-        looked = [root / "cifar-10-batches-py", root / "cifar10", root]
-        raise FileNotFoundError(
-            "CIFAR-10 not found: looked for torchvision's cifar-10-batches-py/ (data_batch_1..5, "
-            "test_batch) and for cifar10_*.npz files in "
-            + ", ".join(str(p) for p in looked)
-            + ". Pass download=True (or `--download`) to fetch it, or point the data directory "
-            "(`root` / `--data-dir` / GUARD_DATA_DIR) at a folder holding either layout."
-        )
     dataset = ImageTensorDataset(torch.from_numpy(np.ascontiguousarray(images)),
                                  torch.from_numpy(labels), CIFAR10_CLASSES)
     if image_size is not None:
@@ -322,25 +342,20 @@ def _from_pil_dataset(dataset, classes: Sequence[str], image_size: int) -> Image
     return ImageTensorDataset(images, labels, classes)
 
 
-def _not_found(name: str, folder: Path, exc: Exception) -> FileNotFoundError:
-    return FileNotFoundError(
-        f"{name} not found in {folder} ({exc}). Pass download=True (or `--download`) to fetch it, or point "
-        "the data directory (`root` / `--data-dir` / GUARD_DATA_DIR) at a folder holding it."
-    )
-
-
 def _load_svhn(root: Path, split: str, download: bool, image_size: int | None) -> ImageTensorDataset:
     import torchvision
 
     if split not in ("train", "test", "extra"):
         raise ValueError(f"svhn split must be one of ('train', 'test', 'extra'), got {split!r}")
     folder = root / "svhn"
+    looked = f"{split}_32x32.mat in {folder}"
+    if not download and not (folder / f"{split}_32x32.mat").is_file():
+        raise _not_found("SVHN", looked)
+    require_extra("scipy", "svhn", "reading SVHN's .mat files")  # before a download, not after it
     try:
         raw = torchvision.datasets.SVHN(str(folder), split=split, download=download)
-    except ImportError as exc:
-        raise ImportError(f"reading SVHN's .mat files needs scipy (pip install scipy): {exc}") from exc
-    except RuntimeError as exc:
-        raise _not_found("SVHN", folder, exc) from exc
+    except (OSError, RuntimeError) as exc:  # a corrupt file (RuntimeError) or a failed download (URLError)
+        raise _not_found("SVHN", looked, exc, downloading=download) from exc
     images = torch.from_numpy(np.ascontiguousarray(raw.data))
     return ImageTensorDataset(_resize(images, 32 if image_size is None else image_size),
                               torch.as_tensor(raw.labels, dtype=torch.int64),
@@ -354,8 +369,9 @@ def _load_gtsrb(root: Path, split: str, download: bool, image_size: int | None) 
         raise ValueError(f"gtsrb split must be one of ('train', 'test'), got {split!r}")
     try:
         raw = torchvision.datasets.GTSRB(str(root), split=split, download=download)
-    except RuntimeError as exc:
-        raise _not_found("GTSRB", root / "gtsrb", exc) from exc
+    except (OSError, RuntimeError) as exc:  # not there (RuntimeError) or the download failed (URLError)
+        raise _not_found("GTSRB", f"torchvision's GTSRB {split} files in {root / 'gtsrb'}",
+                         exc if download else None) from exc
     return _from_pil_dataset(raw, tuple(str(i) for i in range(43)), 32 if image_size is None else image_size)
 
 
@@ -370,7 +386,8 @@ def _load_imagefolder(root: Path, split: str, download: bool, image_size: int | 
     if download:
         raise ValueError("imagefolder cannot be downloaded; got download=True")
     if not root.is_dir():
-        raise FileNotFoundError(f"imagefolder root {root} is not a directory of class sub-folders")
+        raise DataNotFoundError(f"imagefolder not found: {root} is not a directory of class sub-folders. "
+                                "Point --data-dir DIR (root=DIR) or GUARD_DATA_DIR=DIR at one.")
     raw = torchvision.datasets.ImageFolder(str(root))
     return _from_pil_dataset(raw, raw.classes, 32 if image_size is None else image_size)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import sys
+import urllib.error
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-from guard.data import (CIFAR10_CLASSES, DATASETS, ImageTensorDataset, data_dir, load_dataset,
+from guard._validation import MissingExtraError
+from guard.cli import main
+from guard.data import (CIFAR10_CLASSES, DATASETS, DataNotFoundError, ImageTensorDataset, data_dir, load_dataset,
                         random_crop_flip)
+from guard.serving import free_ports
+
+#: what every missing-data message offers
+REMEDIES = ("--data-dir", "GUARD_DATA_DIR", "--download")
 
 
 def _images(n: int, size: int = 8, seed: int = 0) -> torch.Tensor:
@@ -190,11 +198,58 @@ def test_cifar10_resized(tmp_path):
 
 
 def test_cifar10_missing_everywhere(tmp_path):
-    with pytest.raises(FileNotFoundError) as info:
+    with pytest.raises(DataNotFoundError) as info:
         load_dataset("cifar10", tmp_path / "nothing", split="train")
     message = str(info.value)
-    for expected in ("cifar-10-batches-py", str(tmp_path / "nothing" / "cifar10"), "download=True", "GUARD_DATA_DIR"):
+    for expected in ("cifar-10-batches-py", str(tmp_path / "nothing" / "cifar10"), "download=True", *REMEDIES):
         assert expected in message
+    assert isinstance(info.value, FileNotFoundError) and "\n" not in message
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """torchvision's CIFAR-10 download pointed at a closed loopback port: the URLError of a machine without
+    network, whether or not this one has it."""
+    import torchvision
+
+    for proxy in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    url = f"http://127.0.0.1:{free_ports(1)[0]}/cifar-10-python.tar.gz"
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "url", url)
+    return url
+
+
+def test_failed_download_says_where_it_looked_and_how_to_provide_the_data(tmp_path, offline):
+    with pytest.raises(DataNotFoundError) as info:
+        load_dataset("cifar10", tmp_path / "fresh", split="train", download=True)
+    message = str(info.value)
+    assert isinstance(info.value.__cause__, urllib.error.URLError)
+    assert "downloading it failed (URLError" in message and str(tmp_path / "fresh" / "cifar-10-batches-py") in message
+    assert all(remedy in message for remedy in REMEDIES) and "\n" not in message
+
+
+def test_cli_without_data_exits_2_with_the_data_error(tmp_path, capsys):
+    missing = tmp_path / "missing"
+    code = main(["train", "--model", "tiny_resnet", "--dataset", "cifar10", "--data-dir", str(missing),
+                 "--epochs", "1", "--out", str(tmp_path / "model.pt")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("guard train: error: CIFAR-10 not found: ") and str(missing / "cifar10") in err
+    assert all(remedy in err for remedy in REMEDIES)
+    assert not (tmp_path / "model.pt").exists()
+
+
+def test_serve_without_data_or_network_exits_2_before_starting_a_server(tmp_path, capsys, offline):
+    """The demo archive needs the pretrained ResNet-20 or CIFAR-10 (downloaded when missing): with neither, a
+    one-line error naming both places, not a traceback."""
+    root = tmp_path / "data"
+    code = main(["serve", "--model-store", str(tmp_path / "store"), "--run-dir", str(tmp_path / "run"),
+                 "--data-dir", str(root), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert str(root / "weights" / "resnet20-12fca82f.th") in err and str(root / "cifar-10-batches-py") in err
+    assert "URLError" in err and all(remedy in err for remedy in REMEDIES)
+    assert not list((tmp_path / "store").glob("*.mar")) and not (tmp_path / "run" / "server.json").exists()
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
@@ -239,8 +294,17 @@ def test_imagefolder_errors(tmp_path):
 
 @pytest.mark.parametrize("name, where", [("svhn", "svhn"), ("gtsrb", "gtsrb")])
 def test_torchvision_sets_missing(tmp_path, name, where):
-    with pytest.raises(FileNotFoundError, match=f"{where}.*download=True"):
+    with pytest.raises(DataNotFoundError, match=f"{where}.*download=True") as info:
         load_dataset(name, tmp_path, split="test")
+    assert all(remedy in str(info.value) for remedy in REMEDIES)
+
+
+def test_svhn_without_scipy_names_the_extra_before_reading(tmp_path, monkeypatch):
+    (tmp_path / "svhn").mkdir()
+    (tmp_path / "svhn" / "test_32x32.mat").touch()
+    monkeypatch.setitem(sys.modules, "scipy", None)  # what an install without guard[svhn] sees
+    with pytest.raises(MissingExtraError, match=r"pip install 'guard\[svhn\]'"):
+        load_dataset("svhn", tmp_path, split="test")
 
 
 # ------------------------------------------------------------------------------------------- real CIFAR-10

@@ -24,11 +24,10 @@ from ts.context import Context, RequestProcessor  # noqa: E402
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl  # noqa: E402
 
 from guard import models  # noqa: E402
-from guard.serving import GuardConfig, GuardedClassifier, build_archive  # noqa: E402
+from guard.serving import HANDLER_FILE, METRICS_FILE, GuardConfig, GuardedClassifier, build_archive  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-# loaded by path, as TorchServe does (handlers/ is not a package)
-_spec = importlib.util.spec_from_file_location("guard_handler", ROOT / "handlers" / "guard_handler.py")
+# loaded by path, as TorchServe does
+_spec = importlib.util.spec_from_file_location("guard_handler", HANDLER_FILE)
 _module = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_module)
 GuardHandler = _module.GuardHandler
@@ -45,7 +44,7 @@ def model_dir(tmp_path_factory):
     return tmp / "model"
 
 
-def _context(model_dir: Path, metrics_file: Path = ROOT / "metrics.yaml") -> Context:
+def _context(model_dir: Path, metrics_file: Path = METRICS_FILE) -> Context:
     metrics = MetricsCacheYamlImpl(str(metrics_file))
     metrics.initialize_cache()
     metrics.model_name = "tiny"

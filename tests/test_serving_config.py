@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from guard import ReScalerConfig
-from guard.serving import METRICS, ArchiveManifest, GuardConfig, RevertMonitor, ServerSettings, TorchServe
+from guard.serving import (METRICS, METRICS_FILE, TS_CONFIG_FILE, ArchiveManifest, GuardConfig, RevertMonitor,
+                           ServerSettings, TorchServe)
 from guard.serving.server import read_properties
 
-ROOT = Path(__file__).resolve().parents[1]
 SHA = "ab" * 32
 
 
@@ -84,19 +84,19 @@ def test_revert_monitor_slides_its_window():
 
 def test_metrics_file_declares_exactly_the_guard_metrics():
     yaml = pytest.importorskip("yaml")
-    declared = yaml.safe_load((ROOT / "metrics.yaml").read_text())["model_metrics"]
+    declared = yaml.safe_load(METRICS_FILE.read_text())["model_metrics"]
     guard_metrics = {(m["name"], kind, tuple(m["dimensions"]))
                      for kind, entries in declared.items() for m in entries if m["name"].startswith("guard_")}
     assert guard_metrics == {(m.name, m.kind, m.labels) for m in METRICS}
 
 
 def test_config_properties_is_loopback_prometheus_and_batches_the_demo():
-    props = read_properties(ROOT / "config.properties")
+    props = read_properties(TS_CONFIG_FILE)
     for key in ("inference_address", "management_address", "metrics_address"):
         assert props[key].startswith("http://127.0.0.1:")
     assert props["grpc_inference_address"] == props["grpc_management_address"] == "127.0.0.1"
     assert props["metrics_mode"] == "prometheus"
-    assert (ROOT / props["metrics_config"]).is_file()
+    assert TS_CONFIG_FILE.parent / props["metrics_config"] == METRICS_FILE
     assert props.get("disable_token_authorization", "false") == "false"
     demo = json.loads(props["models"])["resnet20"]["1.0"]
     assert demo["batchSize"] > 1 and demo["maxBatchDelay"] > 0
@@ -129,3 +129,14 @@ def test_server_refuses_non_loopback_addresses_and_bad_settings(tmp_path):
         ServerSettings(inference_port=70000)
     with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
         ServerSettings(batch_size=0)
+
+
+def test_own_server_config_gets_guards_metrics_file_unless_it_names_one(tmp_path):
+    config = tmp_path / "mine.properties"
+    config.write_text("inference_address=http://127.0.0.1:8080\nmanagement_address=http://127.0.0.1:8081\n"
+                      "metrics_address=http://127.0.0.1:8082\n")
+    props = read_properties(TorchServe(tmp_path / "run", tmp_path, {"m": "m.mar"}, config=config).write_config())
+    assert props["metrics_config"] == str(METRICS_FILE)
+    config.write_text(config.read_text() + "metrics_config=mine.yaml\n")
+    with pytest.raises(FileNotFoundError, match=f"metrics config not found: {tmp_path / 'mine.yaml'}"):
+        TorchServe(tmp_path / "run", tmp_path, {"m": "m.mar"}, config=config).write_config()

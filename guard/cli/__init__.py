@@ -12,6 +12,8 @@ import importlib
 import logging
 import sys
 
+from .._validation import MissingExtraError
+
 #: sub-command name -> module (relative to this package) implementing it
 COMMANDS = {
     "info": "info",
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (CLIError, ValueError, TypeError, FileNotFoundError) as exc:
+    except (CLIError, ValueError, TypeError, FileNotFoundError, MissingExtraError) as exc:
         print(f"guard {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

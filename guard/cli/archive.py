@@ -34,7 +34,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--num-classes", type=int, default=10, help="output classes of the model (default 10)")
     p.add_argument("--scan", default=None, help="scan report JSON of these weights (guard scan --out)")
     p.add_argument("--repaired", default=None, help="repaired weights of the same model (guard repair --out)")
-    p.add_argument("--handler", default=None, help="handler file (default: handlers/guard_handler.py)")
+    p.add_argument("--handler", default=None, help="handler file (default: guard's, guard.serving.HANDLER_FILE)")
     p.add_argument("--force", action="store_true", help="replace an existing archive")
     p.add_argument("--json", action="store_true", help="print the archive's manifest as JSON")
     p.set_defaults(func=run)

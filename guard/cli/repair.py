@@ -16,15 +16,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 
 import torch
 
+from .._validation import require_extra
 from . import CLIError
 from .poison import add_attack_arguments, attack_from_args
 from .scan import add_trust_arguments, load_trust_data
 from .train import add_data_arguments, resolve_device
+
+log = logging.getLogger(__name__)
 
 
 def add_parser(subparsers) -> None:
@@ -82,9 +86,16 @@ def _configs(args: argparse.Namespace):
 
 
 def plot_tradeoff(history: list[dict], chosen: dict, cda0: float, max_cda_drop: float, title: str,
-                  path: Path) -> Path:
-    """ASR against CDA over the repair (one point per evaluation), or CDA against steps without ASR."""
-    import matplotlib
+                  path: Path) -> Path | None:
+    """ASR against CDA over the repair (one point per evaluation), or CDA against steps without ASR.
+
+    Without matplotlib (the ``bench`` extra) there is no plot, only a warning: the repair is kept.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        log.warning("no trade-off plot: matplotlib is not installed (pip install 'guard[bench]')")
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -121,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
     from ..train import predict
 
     config = _configs(args)
+    if args.plot:  # asked for by name: fail before the repair, not after it
+        require_extra("matplotlib", "bench", "--plot")
     attack = attack_from_args(args)  # backdoor attacks only: each has a test-time trigger
     device = resolve_device(args.device)
     trusted, heldout = load_trust_data(args)
@@ -150,9 +163,9 @@ def run(args: argparse.Namespace) -> int:
                "trusted_images": len(trusted), "heldout_images": len(heldout), "attack": None if attack is None else attack.name,
                "target": target, "seconds_total": round(seconds, 2), **result.to_dict(), **extra}
     plot = Path(args.plot) if args.plot else out.with_name(out.stem + ".tradeoff.png")
-    summary["plot"] = str(plot_tradeoff(summary["history"], summary["chosen"], result.cda0, result.max_cda_drop,
-                                        f"{args.method} repair of {args.model} "
-                                        f"({len(trusted)} trusted images)", plot))
+    plot = plot_tradeoff(summary["history"], summary["chosen"], result.cda0, result.max_cda_drop,
+                         f"{args.method} repair of {args.model} ({len(trusted)} trusted images)", plot)
+    summary["plot"] = None if plot is None else str(plot)
     out.with_name(out.name + ".json").write_text(json.dumps(summary, indent=2, allow_nan=False))
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -161,5 +174,5 @@ def run(args: argparse.Namespace) -> int:
         asr = "" if chosen.asr is None else f", ASR {result.history[0].asr:.3f} -> {chosen.asr:.3f}"
         print(f"{args.method} repair of {args.model} in {seconds:.0f}s: CDA {result.cda0:.4f} -> {chosen.cda:.4f}"
               f"{asr} (step {chosen.step}{', stopped by the CDA budget' if result.stopped_early else ''})")
-        print(f"weights: {out}  plot: {plot}")
+        print(f"weights: {out}" + ("" if plot is None else f"  plot: {plot}"))
     return 0

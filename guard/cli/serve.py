@@ -47,7 +47,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--models", nargs="+", type=_model_arg, metavar="NAME=FILE.mar",
                    help="archives to serve (default: the demo ResNet-20, built if missing)")
     p.add_argument("--run-dir", default="runs/serve", help="logs, keys and state of the server (default: runs/serve)")
-    p.add_argument("--ts-config", default=None, help="TorchServe config (default: the repository's config.properties)")
+    p.add_argument("--ts-config", default=None,
+                   help="TorchServe config (default: guard's config.properties, guard.serving.TS_CONFIG_FILE)")
     p.add_argument("--ports", type=_ports, default=None, metavar="I,M,X,GI,GM",
                    help="override the config's ports: inference, management, metrics, gRPC inference, gRPC "
                         "management (e.g. 8080,8081,8082,7070,7071)")

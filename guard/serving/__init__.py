@@ -1,7 +1,8 @@
 """Serving a guarded classifier with TorchServe: archives, request decoding, metrics, server control.
 
-The TorchServe handler itself lives in ``handlers/guard_handler.py`` (the only code importing ``ts``);
-everything it needs is here, testable without a server.
+The TorchServe handler itself ships as package data, :data:`HANDLER_FILE` (``assets/guard_handler.py``, the
+only code importing ``ts``), beside the TorchServe configuration :data:`TS_CONFIG_FILE` and the metrics file
+:data:`METRICS_FILE`; everything the handler needs is here, testable without a server.
 
 Example::
 
@@ -18,11 +19,13 @@ from .metrics import (BACKDOOR_SCORE, BAD_REQUESTS, BATCH_SIZE, CNC_SCORE, DISAG
                       METRICS, NC_INDEX, REQUESTS, REVERTED, SCAN_BACKDOORED, SCAN_SCORES, STAGES, MetricSpec)
 from .monitor import RevertMonitor
 from .predictor import GuardedClassifier, WeightsMismatchError, sha256_file
+from .resources import HANDLER_FILE, METRICS_FILE, TS_CONFIG_FILE
 from .server import PORT_NAMES, ServerError, ServerSettings, TorchServe, free_ports
 
 __all__ = ["free_ports", "ArchiveManifest", "BACKDOOR_SCORE", "BAD_REQUESTS", "BATCH_SIZE", "BadRequest", "CNC_SCORE",
-           "DISAGREEMENTS", "ESTIMATED_ASR", "GuardConfig", "GuardedClassifier", "LATENCY", "MANIFEST_NAME",
-           "METRICS", "MetricSpec", "NC_INDEX", "PORT_NAMES", "REPAIRED_STEM", "REQUESTS", "RESIZE_MODES",
-           "REVERTED", "RevertMonitor", "SCAN_BACKDOORED", "SCAN_NAME", "SCAN_SCORES", "STAGES", "ServerError",
-           "ServerSettings", "TorchServe", "WeightsMismatchError", "build_archive", "decode_request",
-           "read_manifest", "reject_form_encoding", "select_field", "sha256_file"]
+           "DISAGREEMENTS", "ESTIMATED_ASR", "GuardConfig", "GuardedClassifier", "HANDLER_FILE", "LATENCY",
+           "MANIFEST_NAME", "METRICS", "METRICS_FILE", "MetricSpec", "NC_INDEX", "PORT_NAMES", "REPAIRED_STEM",
+           "REQUESTS", "RESIZE_MODES", "REVERTED", "RevertMonitor", "SCAN_BACKDOORED", "SCAN_NAME", "SCAN_SCORES",
+           "STAGES", "ServerError", "ServerSettings", "TS_CONFIG_FILE", "TorchServe", "WeightsMismatchError",
+           "build_archive", "decode_request", "read_manifest", "reject_form_encoding", "select_field",
+           "sha256_file"]

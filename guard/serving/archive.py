@@ -1,7 +1,7 @@
 """Build TorchServe model archives (``.mar``) for guarded models with ``torch-model-archiver``.
 
-An archive holds the handler (``handlers/guard_handler.py``), the weights file as given and
-:data:`~guard.serving.config.MANIFEST_NAME` (architecture, class count, the weights' SHA-256 and the
+An archive holds the handler (:data:`~guard.serving.HANDLER_FILE`, package data), the weights file as
+given and :data:`~guard.serving.config.MANIFEST_NAME` (architecture, class count, the weights' SHA-256 and the
 :class:`~guard.serving.config.GuardConfig`); optionally a scan report (``guard scan --out``, served as
 per-class anomaly gauges and a verdict) and a repaired model (``guard repair --out``, which scores every
 request against the served one; pick_your_poison.txt §4, ALGORITHMS.md D2/D3). The handler recomputes
@@ -21,14 +21,14 @@ import zipfile
 from pathlib import Path
 
 from .. import models
+from .._validation import require_extra
 from ..detect import ScanReport
 from .config import MANIFEST_NAME, REPAIRED_STEM, SCAN_NAME, ArchiveManifest, GuardConfig
 from .predictor import sha256_file
+from .resources import HANDLER_FILE
 
 log = logging.getLogger(__name__)
 
-#: the handler shipped with this source tree
-DEFAULT_HANDLER = Path(__file__).resolve().parents[2] / "handlers" / "guard_handler.py"
 #: version written into every archive (TorchServe's per-model settings are keyed by it)
 ARCHIVE_VERSION = "1.0"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")
@@ -49,8 +49,9 @@ def build_archive(model: str, weights: str | Path, out: str | Path, guard_config
         build_archive("resnet20", "resnet20-12fca82f.th", "model_store/resnet20.mar",
                       GuardConfig(class_names=("airplane", ..., "truck")))
     """
+    require_extra("model_archiver", "serve", "building a model archive")
     out, weights = Path(out), Path(weights)
-    handler = DEFAULT_HANDLER if handler is None else Path(handler)
+    handler = HANDLER_FILE if handler is None else Path(handler)
     if out.suffix != ".mar" or not _NAME.match(out.stem):
         raise ValueError(f"out must be DIR/NAME.mar with NAME made of letters, digits, '_', '-', '.'; got {out}")
     if out.exists() and not force:

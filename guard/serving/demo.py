@@ -38,7 +38,8 @@ def build_demo_archive(model_store: str | Path, data_root: str | Path | None = N
 
     Uses the pretrained ResNet-20 under ``data_root`` (default :func:`guard.data.data_dir`) when present;
     else trains ResNet-20 from scratch for ``epochs`` on CIFAR-10 (downloaded through torchvision when
-    ``download``), with a progress bar, and archives that.
+    ``download``), with a progress bar, and archives that. Without either, :class:`guard.data.DataNotFoundError`
+    names both places it looked.
     """
     model_store = Path(model_store)
     out = model_store / f"{name}.mar"
@@ -49,7 +50,11 @@ def build_demo_archive(model_store: str | Path, data_root: str | Path | None = N
     if weights.is_file():
         return build_archive(DEMO_MODEL, weights, out, demo_config(), force=True)
     log.info("no pretrained ResNet-20 at %s; training one for %d epochs", weights, epochs)
-    train_set = data.load_dataset("cifar10", data_root, split="train", download=download)
+    try:
+        train_set = data.load_dataset("cifar10", data_root, split="train", download=download)
+    except data.DataNotFoundError as exc:
+        raise data.DataNotFoundError(f"the demo model needs the pretrained ResNet-20 at {weights} or CIFAR-10 "
+                                     f"to train one; {exc}") from exc
     model = models.create(DEMO_MODEL)
     train(model, train_set, TrainConfig.scratch(epochs=epochs, lr=0.05),
           generator=torch.Generator().manual_seed(seed), progress=progress)

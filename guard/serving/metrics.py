@@ -1,7 +1,7 @@
 """The Prometheus metrics a guarded endpoint exports, declared once.
 
-``metrics.yaml`` at the repository root declares the same metrics to TorchServe (which refuses
-undeclared backend metrics by default); a test checks that the two agree.
+``assets/metrics.yaml`` (:data:`guard.serving.METRICS_FILE`) declares the same metrics to TorchServe (which
+refuses undeclared backend metrics by default); a test checks that the two agree.
 
 TorchServe 0.12 renders histograms with the Prometheus Java client's default buckets
 (0.005 … 10, +Inf), which it does not let a metrics file change: they suit latencies in seconds; for

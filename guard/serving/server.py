@@ -1,10 +1,10 @@
 """Start, wait for, and stop a TorchServe serving guard model archives.
 
-Each server lives in its own run directory: the ``config.properties`` it was started with (the
-repository's, with the ports, metrics file and per-model batching filled in), its logs, its temporary
-files (TorchServe keeps its pid file and worker sockets there, so servers never collide), its
-token-authorization keys (``key_file.json``) and ``server.json``, from which ``TorchServe.attach``
-finds a running server again (``guard serve --stop``).
+Each server lives in its own run directory: the ``config.properties`` it was started with (the packaged
+:data:`~guard.serving.TS_CONFIG_FILE` or the user's, with the ports, metrics file and per-model batching
+filled in), its logs, its temporary files (TorchServe keeps its pid file and worker sockets there, so
+servers never collide), its token-authorization keys (``key_file.json``) and ``server.json``, from which
+``TorchServe.attach`` finds a running server again (``guard serve --stop``).
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from .._validation import require_extra
 from .archive import ARCHIVE_VERSION
+from .resources import METRICS_FILE, TS_CONFIG_FILE
 
 log = logging.getLogger(__name__)
 
-#: the repository's TorchServe configuration
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "config.properties"
 STATE_FILE = "server.json"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 #: the handler logs this when it refuses an archive; start-up stops waiting when it appears
@@ -116,7 +116,7 @@ class TorchServe:
             raise ValueError("expected at least one model to serve (name -> .mar file)")
         self.models = dict(models)
         self.settings = ServerSettings() if settings is None else settings
-        self.config = DEFAULT_CONFIG if config is None else Path(config).resolve()
+        self.config = TS_CONFIG_FILE if config is None else Path(config).resolve()
         self.pid: int | None = None
         self.addresses: dict[str, str] = {}
 
@@ -180,7 +180,8 @@ class TorchServe:
             port = getattr(s, f"{api}_port")
             props[address_key] = "127.0.0.1"
             props[port_key] = str(port if port is not None else props.get(port_key, default))
-        metrics_config = Path(props.get("metrics_config", "metrics.yaml"))
+        # a config that names no metrics file gets guard's; a relative one is next to the config
+        metrics_config = Path(props["metrics_config"]) if "metrics_config" in props else METRICS_FILE
         if not metrics_config.is_absolute():
             metrics_config = self.config.parent / metrics_config
         if not metrics_config.is_file():
@@ -217,6 +218,7 @@ class TorchServe:
     # -- life cycle ------------------------------------------------------------------------------------
     def start(self, timeout: float = 180.0) -> "TorchServe":
         """Start TorchServe and wait until every model has a READY worker (raises :class:`ServerError`)."""
+        require_extra("ts", "serve", "serving with TorchServe")
         if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
             raise ServerError("TorchServe needs a Java runtime (17 or newer): install one (e.g. openjdk-17-jre) "
                               "or set JAVA_HOME")

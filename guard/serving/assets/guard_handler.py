@@ -1,5 +1,8 @@
 """TorchServe handler for a guarded image classifier (archives built by ``guard archive``).
 
+Package data (:data:`guard.serving.HANDLER_FILE`): ``guard archive`` packs it into every archive and
+TorchServe loads it from there by path.
+
 Thin by design: ``initialize`` loads the archive once through :class:`guard.serving.GuardedClassifier`
 (which checks the weights' SHA-256 and refuses a mismatch); ``preprocess`` decodes each request on its
 own, turning bad input into a per-request 4xx; ``inference`` runs one ReScaler pass over the decodable
