@@ -22,9 +22,8 @@ from pathlib import Path
 import torch
 
 from . import CLIError
-from .poison import add_attack_arguments, attack_from_args
-from .scan import add_trust_arguments, load_trust_data
-from .train import add_data_arguments, resolve_device
+from ._common import (add_attack_arguments, add_data_arguments, add_trust_arguments, attack_from_args,
+                      load_trust_data, resolve_device)
 
 
 def add_parser(subparsers) -> None:
