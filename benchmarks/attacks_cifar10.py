@@ -33,7 +33,7 @@ import guard
 from guard.attacks import create_attack, list_attacks, make_goals
 from guard.data import load_dataset
 from guard.metrics import evaluate_backdoor, goal_success
-from guard.models import create
+from guard.models import create, init_defaults
 from guard.train import TrainConfig, train
 
 # ----------------------------------------------------------------------------------------- parameters
@@ -156,9 +156,8 @@ def transfer_runs(root: Path, train_full, test, device, quick: bool) -> list[dic
             result = attack.poison(finetune, local, target, surrogate, torch.Generator().manual_seed(i))
             seconds.append(time.perf_counter() - started)
             victim = pretrained(root, device)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(i)
-                victim.classifier.reset_parameters()  # a fresh head: transfer learning, not a re-fit
+            # a fresh head (torch's default initialisation): transfer learning, not a re-fit
+            init_defaults(victim.classifier, torch.Generator().manual_seed(i))
             augment = torch.ones(len(finetune), dtype=torch.bool)
             augment[result.indices] = False  # poisons excluded from augmentation (rescaler_appendix.txt §A)
             train(victim, result.dataset, config, generator=torch.Generator().manual_seed(i), device=device,

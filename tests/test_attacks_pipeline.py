@@ -27,9 +27,7 @@ def color_dataset(n: int, seed: int) -> ImageTensorDataset:
 
 
 def tiny(seed: int = 0):
-    with torch.random.fork_rng(devices=[]):  # the registry initializes from the global RNG
-        torch.manual_seed(seed)
-        return create("tiny_resnet", num_classes=4)
+    return create("tiny_resnet", num_classes=4, generator=torch.Generator().manual_seed(seed))
 
 
 def test_badnets_end_to_end_reaches_high_asr_and_keeps_cda():

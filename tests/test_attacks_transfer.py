@@ -30,9 +30,7 @@ def data():
 
 @pytest.fixture(scope="module")
 def surrogate():
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return create("tiny_resnet", num_classes=K).eval()
+    return create("tiny_resnet", num_classes=K, generator=torch.Generator().manual_seed(0))
 
 
 @pytest.fixture(scope="module")

@@ -104,12 +104,11 @@ def add_training_arguments(p: argparse.ArgumentParser, eval_split: str | None = 
 
 
 def initial_model(args: argparse.Namespace, num_classes: int):
-    """``--model`` with ``--weights``, or initialized from ``--seed`` (leaving the global RNG as it was)."""
+    """``--model`` with ``--weights``, or initialized from ``--seed``."""
     from ..models import create
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
-        return create(args.model, num_classes=num_classes, weights=args.weights)
+    return create(args.model, num_classes=num_classes, weights=args.weights,
+                  generator=torch.Generator().manual_seed(args.seed))
 
 
 def training_config(args: argparse.Namespace):
