@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-from pathlib import Path
 
 import torch
 
@@ -131,9 +129,10 @@ def add_attack_arguments(parser: argparse.ArgumentParser, required: bool = False
     is optional) ``--attack-record FILE``."""
     from ..attacks import list_attacks
 
+    names = list_attacks("backdoor") + list_attacks("supply-chain")
     g = parser.add_argument_group("attack")
-    g.add_argument("--attack", required=required, choices=list_attacks("backdoor"), metavar="NAME",
-                   help=f"backdoor attack: {', '.join(list_attacks('backdoor'))}")
+    g.add_argument("--attack", required=required, choices=names, metavar="NAME",
+                   help=f"backdoor or supply-chain attack: {', '.join(names)}")
     g.add_argument("--attack-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="attack option (repeatable), e.g. target=0, budget=0.01, location=top-left")
     if (not required) if from_record is None else from_record:
@@ -143,16 +142,16 @@ def add_attack_arguments(parser: argparse.ArgumentParser, required: bool = False
 
 def attack_from_args(args: argparse.Namespace):
     """The attack named by ``--attack``/``--attack-opt`` (or ``--attack-record``), or ``None``."""
-    from ..attacks import attack_from_record, get_attack, parse_options
+    from ..attacks import get_attack, load_record, parse_options
 
     record = getattr(args, "attack_record", None)
     if record is not None:
         if args.attack is not None or args.attack_opt:
             raise CLIError("--attack-record already fixes the attack; drop --attack/--attack-opt")
         try:
-            return attack_from_record(json.loads(Path(record).read_text()))
-        except (OSError, json.JSONDecodeError, KeyError) as exc:
-            raise CLIError(f"--attack-record: cannot read an attack record from {record}: {exc}") from exc
+            return load_record(record)
+        except (OSError, KeyError, TypeError, ValueError) as exc:
+            raise CLIError(f"--attack-record: cannot rebuild the attack of {record}: {exc}") from exc
     if args.attack is None:
         if args.attack_opt:
             raise CLIError("--attack-opt needs --attack NAME")
@@ -173,7 +172,8 @@ def attack_report(model: torch.nn.Module, attack, test_set, *, batch_size: int =
 
 
 def add_record_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--record", default=None, help="JSON record path (default: <out>.json)")
+    parser.add_argument("--record", default=None, help="JSON record path (default: <out>.json); an attack's state "
+                        "(ISSBA's encoder, Adv's surrogate) goes beside it as <record stem>.attack.safetensors")
 
 
 def add_trust_arguments(parser: argparse.ArgumentParser) -> None:

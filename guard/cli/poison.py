@@ -2,8 +2,10 @@
 
 Writes the poisoned checkpoint (``--out``, loadable by ``guard.models.create``) and a JSON record beside it
 (``--record``, default ``<out>.json``): the attack and its config, the seed, the poisoned indices and their
-original labels, and the CDA / ASR measured on ``--eval-split``. ``--resume`` continues an interrupted run
-(the poisoned set is rebuilt from the seed and checked against the record).
+original labels, and the CDA / ASR measured on ``--eval-split``; an attack with state (ISSBA's fitted encoder,
+Adv's surrogate) also writes it beside the record, so ``guard eval --attack-record`` rebuilds the exact trigger.
+A supply-chain attack (``pcb``) trains the model itself on the clean set. ``--resume`` continues an interrupted
+run (the poisoned set is rebuilt from the seed and checked against the record).
 
 Example::
 
@@ -40,6 +42,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..attacks import SupplyChainAttack, save_record
     from ..train import train
 
     config = training_config(args)
@@ -53,12 +56,10 @@ def run(args: argparse.Namespace) -> int:
     train_set = load_data(args, args.model, split)
     eval_set = load_data(args, args.model, args.eval_split)
     generator = torch.Generator().manual_seed(args.seed)
-    if attack.supply_chain:  # PCB: the data stay clean, the attacker controls training
-        from ..attacks.base import config_to_json
-
+    supply_chain = isinstance(attack, SupplyChainAttack)  # PCB: the data stay clean, the attacker trains
+    if supply_chain:
         result = None
-        record = {"attack": attack.name, "config": config_to_json(attack.config), "num_poisons": 0,
-                  "indices": [], "original_labels": [], "poisoned_labels": [], "cover_indices": []}
+        record = attack.record()
     else:
         result = attack.poison(train_set, generator)
         record = result.record()
@@ -74,12 +75,12 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"--resume: the poisoned set rebuilt from seed {args.seed} differs from {record_path}")
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
-        record_path.write_text(json.dumps(record, indent=2))
+        save_record(record, record_path, attack)
 
     model = initial_model(args, train_set.num_classes)
     device = resolve_device(args.device)
     started = time.perf_counter()
-    fit = attack.train if attack.supply_chain else train
+    fit = attack.train if supply_chain else train
     history = fit(model, train_set if result is None else result.dataset, config, generator=generator,
                   device=device, checkpoint=out, resume=args.resume, progress=not args.no_progress)
     seconds = time.perf_counter() - started
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     record.update({"eval_split": args.eval_split, "eval_images": len(eval_set), "train_seconds": round(seconds, 3),
                    "epochs": len(history.history), "train_loss": history.last.loss,
                    **{k: v for k, v in report.items() if k != "attack"}})
-    record_path.write_text(json.dumps(record, indent=2))
+    save_record(record, record_path, attack)
     if args.json:
         print(json.dumps({k: v for k, v in record.items()
                           if k not in ("indices", "original_labels", "poisoned_labels", "cover_indices")}, indent=2))
