@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 
 import guard
-from guard.attacks import create_attack, list_attacks, make_goals
+from guard.attacks import SupplyChainAttack, create_attack, list_attacks, make_goals
 from guard.data import load_dataset
 from guard.metrics import evaluate_backdoor, goal_success
-from guard.models import create
+from guard.models import create, init_defaults
 from guard.train import TrainConfig, train
 
 # ----------------------------------------------------------------------------------------- parameters
@@ -86,7 +86,8 @@ def backdoor_runs(root: Path, train_full, test, device, quick: bool, only: list[
     subset = train_full.subset(torch.randperm(len(train_full), generator=g)[:BACKDOOR_TRAIN_IMAGES])
     per_class = int((subset.labels == 0).sum())
     config = TrainConfig(epochs=1 if quick else BACKDOOR_EPOCHS, **BACKDOOR_CONFIG)
-    names = [n for n in list_attacks("backdoor") if n != "xiang"] + ["xiang-A", "xiang-C"]
+    names = [n for n in list_attacks("backdoor") + list_attacks("supply-chain") if n != "xiang"]
+    names += ["xiang-A", "xiang-C"]
     if quick:
         names = ["badnets", "blend", "sig"]
     rows, examples = [], {}
@@ -114,7 +115,7 @@ def backdoor_runs(root: Path, train_full, test, device, quick: bool, only: list[
         model = pretrained(root, device)
         started = time.perf_counter()
         gen = torch.Generator().manual_seed(SEED)
-        if attack.supply_chain:
+        if isinstance(attack, SupplyChainAttack):
             attack.train(model, subset, config, generator=gen, device=device, progress=False)
             poisons = 0
         else:
@@ -156,9 +157,8 @@ def transfer_runs(root: Path, train_full, test, device, quick: bool) -> list[dic
             result = attack.poison(finetune, local, target, surrogate, torch.Generator().manual_seed(i))
             seconds.append(time.perf_counter() - started)
             victim = pretrained(root, device)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(i)
-                victim.classifier.reset_parameters()  # a fresh head: transfer learning, not a re-fit
+            # a fresh head (torch's default initialisation): transfer learning, not a re-fit
+            init_defaults(victim.classifier, torch.Generator().manual_seed(i))
             augment = torch.ones(len(finetune), dtype=torch.bool)
             augment[result.indices] = False  # poisons excluded from augmentation (rescaler_appendix.txt §A)
             train(victim, result.dataset, config, generator=torch.Generator().manual_seed(i), device=device,

@@ -84,3 +84,55 @@ def test_library_imports_flow_one_way(path):
 def test_benchmarks_and_handlers_use_public_api(path):
     private = [m for m in _imports(path) if m.startswith("guard") and any(p.startswith("_") for p in m.split("."))]
     assert not private, f"{path.name} imports private modules {private}"
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the modules of the guard package it imports (at any depth of its code, lazily or not)."""
+    modules = {_module_name(p): p for p in LIBRARY}
+
+    def resolve(name: str) -> str | None:  # ``guard.cli.CLIError`` -> ``guard.cli``
+        parts = name.split(".")
+        while parts and ".".join(parts) not in modules:
+            parts.pop()
+        return ".".join(parts) or None
+
+    graph = {}
+    for module, path in modules.items():
+        targets = {resolve(i) for i in _imports(path) if i.startswith("guard")}
+        graph[module] = {t for t in targets if t is not None and t != module}
+    return graph
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a path ``[a, b, ..., a]``, or ``None`` (depth-first search, grey = on the path)."""
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = 2
+        path.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_cycle_search_reports_the_path():
+    assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"b"}}) == ["b", "c", "b"]
+
+
+def test_no_import_cycles_between_modules():
+    graph = _import_graph()
+    assert "guard.cli._common" in graph["guard.cli.poison"], "the graph must see the package's own imports"
+    cycle = _find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)

@@ -9,11 +9,14 @@ import pickle
 import pytest
 import torch
 
-from guard.attacks import (AttackConfig, BackdoorAttack, attack_from_record, create_attack, get_attack,
-                           list_attacks, parse_options, register_attack)
+from guard.attacks import (AttackConfig, BackdoorAttack, SupplyChainAttack, TargetedAttack, attack_from_record,
+                           create_attack, describe_attacks, get_attack, list_attacks, load_record, parse_options,
+                           register_attack, save_record)
 from guard.attacks.primitives import (add_clip, blend, checkerboard, mask_blend, patch_box, quantize, stamp,
                                       to_uint8, warp)
 from guard.data import ImageTensorDataset
+from guard.models import create, save_weights
+from guard.train import TrainConfig, train
 
 N, K, SIZE = 200, 10, 16
 
@@ -35,13 +38,28 @@ OPTIONS = {
     "sig": {"num_poisons": 10}, "wanet": {"num_poisons": 10}, "adaptive-blend": {"num_poisons": 10},
     "adaptive-patch": {"num_poisons": 10}, "refool": {"num_poisons": 10}, "instagram": {"num_poisons": 10},
     "dfst": {"num_poisons": 10}, "tsb": {"num_poisons": 10}, "xiang": {"per_source": 6, "num_sources": 3},
-    "issba": {"num_poisons": 10, "steps": 20, "width": 8}, "adv": {"num_poisons": 10, "surrogate": "tiny_resnet"},
+    "issba": {"num_poisons": 10, "steps": 20, "width": 8},
+    "adv": {"num_poisons": 10, "surrogate": "tiny_resnet"},  # + the trained surrogate of adv_surrogate()
+    "pcb": {"target": 1, "patch_size": 3, "batch_fraction": 0.2},
 }
-#: data-poisoning backdoors (PCB controls training instead; tested in test_attacks_pipeline.py)
-BACKDOORS = [n for n in list_attacks("backdoor") if not get_attack(n).supply_chain]
+#: data-poisoning backdoors (PCB controls training instead: supply-chain)
+BACKDOORS = list_attacks("backdoor")
+SUPPLY_CHAIN = list_attacks("supply-chain")
+TINY_TRAINING = TrainConfig(epochs=1, lr=0.05, batch_size=50, augment=False)
 #: attacks whose training-time trigger equals the test-time trigger, with no per-image randomness
 DETERMINISTIC = ["badnets", "c-badnets", "blend", "sig", "wanet", "refool", "instagram", "dfst", "xiang", "issba",
                  "adv"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def adv_surrogate(tmp_path_factory):
+    """adv refuses an untrained independent model: a tiny ResNet fitted briefly on another tiny set."""
+    model = create("tiny_resnet", generator=torch.Generator().manual_seed(0))
+    train(model, dataset(seed=5), TrainConfig(epochs=3, lr=0.05, batch_size=50, augment=False),
+          generator=torch.Generator().manual_seed(0), progress=False)
+    path = save_weights(model, tmp_path_factory.mktemp("adv") / "surrogate.pt")
+    OPTIONS["adv"]["surrogate_weights"] = str(path)
+    return path
 
 
 def make(name: str, **extra):
@@ -151,16 +169,65 @@ def test_determinism_under_the_same_generator(name, clean):
     assert not torch.equal(a.indices, c.indices)
 
 
-@pytest.mark.parametrize("name", BACKDOORS)
-def test_config_pickles_and_record_rebuilds_the_trigger(name, clean):
-    attack, result = poison(name, clean)
+def test_every_attack_has_a_verb_and_a_record_test():
+    assert set(BACKDOORS + SUPPLY_CHAIN + list_attacks("targeted")) == set(list_attacks())
+    assert set(SUPPLY_CHAIN) <= set(OPTIONS), f"add options for {set(SUPPLY_CHAIN) - set(OPTIONS)}"
+    assert all(issubclass(get_attack(n), BackdoorAttack) for n in BACKDOORS)
+    assert all(issubclass(get_attack(n), SupplyChainAttack) for n in SUPPLY_CHAIN)
+
+
+def run_and_record(name: str, clean: ImageTensorDataset, path):
+    """What ``guard poison`` does: poison (a supply-chain attack: train a tiny model), then save the record."""
+    attack = create_attack(name, **OPTIONS[name])
+    generator = torch.Generator().manual_seed(0)
+    if isinstance(attack, SupplyChainAttack):
+        model = create("tiny_resnet", generator=torch.Generator().manual_seed(0))
+        attack.train(model, clean, TINY_TRAINING, generator=generator, progress=False)
+        record = attack.record()
+    else:
+        record = attack.poison(clean, generator).record()
+    return attack, save_record(record, path, attack)
+
+
+@pytest.mark.parametrize("name", BACKDOORS + SUPPLY_CHAIN)
+def test_record_rebuilds_the_attack_exactly(name, clean, tmp_path):
+    """The attack rebuilt from its record (as ``guard eval --attack-record`` does) triggers test images exactly
+    as the attack that poisoned; whatever it holds beyond its config travels beside the record."""
+    attack, path = run_and_record(name, clean, tmp_path / "run.pt.json")
     assert pickle.loads(pickle.dumps(attack.config)) == attack.config
-    rebuilt = attack_from_record(json.loads(json.dumps(result.record())))
-    assert rebuilt.config == attack.config
-    if name == "issba":  # the encoder is refitted, deterministically, on the same training set
-        rebuilt.fit(clean.images)
-    x = clean.images[:8].float() / 255
+    record = json.loads(path.read_text())
+    assert ("state" in record) == bool(attack.state_dict()) == (name in ("issba", "adv"))
+    rebuilt = load_record(path)
+    assert type(rebuilt) is type(attack) and rebuilt.config == attack.config
+    test = dataset(seed=1, n=40)
+    x = test.images.float() / 255
     assert torch.equal(rebuilt.apply_trigger(x), attack.apply_trigger(x))
+    assert torch.equal(rebuilt.triggered(test).images, attack.triggered(test).images)
+
+
+def test_issba_record_carries_the_fitted_encoder_and_checks_it(clean, tmp_path):
+    attack, path = run_and_record("issba", clean, tmp_path / "run.pt.json")
+    record = json.loads(path.read_text())
+    state = tmp_path / record["state"]["file"]
+    assert state.name == "run.pt.attack.safetensors" and state.is_file()
+    with pytest.raises(ValueError, match="before applying the trigger"):
+        attack_from_record(record).apply_trigger(clean.images[:2].float() / 255)  # the config alone is not enough
+    state.write_bytes(state.read_bytes()[:-1] + b"\0")
+    with pytest.raises(ValueError, match="changed since the record was written"):
+        load_record(path)
+    state.unlink()
+    with pytest.raises(FileNotFoundError, match="state file .* is missing"):
+        load_record(path)
+
+
+def test_adv_record_carries_its_surrogate(clean, tmp_path, adv_surrogate):
+    weights = tmp_path / "gone.pt"
+    weights.write_bytes(adv_surrogate.read_bytes())
+    attack = create_attack("adv", **{**OPTIONS["adv"], "surrogate_weights": str(weights)})
+    path = save_record(attack.poison(clean, torch.Generator().manual_seed(0)).record(), tmp_path / "r.json", attack)
+    weights.unlink()
+    x = clean.images[:6].float() / 255
+    assert torch.equal(load_record(path).apply_trigger(x), attack.apply_trigger(x))
 
 
 @pytest.mark.parametrize("name", [n for n in DETERMINISTIC if n in BACKDOORS])
@@ -275,9 +342,13 @@ def test_xiang_per_source_counts(clean):
     assert counts[[1, 4, 7]].tolist() == [6, 6, 6] and int(counts.sum()) == 18
 
 
-def test_adv_trigger_is_a_bounded_targeted_perturbation_on_the_surrogate(clean, tmp_path):
-    from guard.models import create, save_weights
+def test_adv_needs_a_trained_surrogate():
+    with pytest.raises(ValueError, match=r"adv needs surrogate_weights: .* trained independent model.*"
+                                         r"surrogate_weights=PATH"):
+        create_attack("adv")
 
+
+def test_adv_trigger_is_a_bounded_targeted_perturbation_on_the_surrogate(clean, tmp_path):
     attack = make("adv", adv_class=3)
     x = clean.images[:12].float() / 255
     y = attack.apply_trigger(x)
@@ -291,7 +362,7 @@ def test_adv_trigger_is_a_bounded_targeted_perturbation_on_the_surrogate(clean, 
     delta = y - x
     assert not torch.allclose(delta[0], delta[1])
     # a surrogate from a weights file; a missing file and a class the surrogate lacks fail clearly
-    weights = save_weights(create("tiny_resnet"), tmp_path / "surrogate.pt")
+    weights = save_weights(create("tiny_resnet", generator=torch.Generator().manual_seed(1)), tmp_path / "other.pt")
     assert make("adv", surrogate_weights=str(weights)).apply_trigger(x[:2]).shape == x[:2].shape
     with pytest.raises(FileNotFoundError, match="surrogate_weights file not found"):
         make("adv", surrogate_weights=str(tmp_path / "none.pt")).apply_trigger(x[:2])
@@ -302,7 +373,7 @@ def test_adv_trigger_is_a_bounded_targeted_perturbation_on_the_surrogate(clean, 
 def test_issba_residual_is_bounded_sample_specific_and_needs_fitting(clean):
     attack = create_attack("issba", steps=30, width=8)
     x = clean.images[:6].float() / 255
-    with pytest.raises(ValueError, match="call one of them before applying the trigger"):
+    with pytest.raises(ValueError, match="or loaded from a run's record .* before applying the trigger"):
         attack.apply_trigger(x)
     result = attack.poison(clean, torch.Generator().manual_seed(0))
     assert 0 <= result.record()["encoder_bit_accuracy"] <= 1
@@ -311,6 +382,37 @@ def test_issba_residual_is_bounded_sample_specific_and_needs_fitting(clean):
     assert not torch.allclose(r[0], r[1], atol=1e-4), "the residual depends on the image"
     with pytest.raises(ValueError, match="uint8 RGB images"):
         attack.fit(x)
+
+
+def test_issba_loss_is_bce_plus_the_residual_energy():
+    """ALGORITHMS.md A13: L = BCE(decoder(clip(x + r)), s) + λ·‖r‖², ‖r‖² summed over an image's pixels."""
+    from guard.attacks.issba import _Decoder, _Encoder, _build, stega_loss
+
+    g = torch.Generator().manual_seed(0)
+    encoder, decoder = _build(lambda: _Encoder(8, 4, 8 / 255), g), _build(lambda: _Decoder(8, 4, (16, 16)), g)
+    x, secret = torch.rand(5, 3, 16, 16, generator=g), torch.randint(0, 2, (5, 8), generator=g).float()
+    with torch.no_grad():
+        loss, logits, energy = stega_loss(encoder, decoder, x, secret, 0.0)
+        r = encoder(x, secret)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(decoder((x + r).clamp(0, 1)), secret)
+        weighted, _, _ = stega_loss(encoder, decoder, x, secret, 3.0)
+    assert energy.item() == pytest.approx(float((r ** 2).sum()) / 5, rel=1e-5) and energy.item() > 0
+    assert loss.item() == pytest.approx(bce.item(), rel=1e-5)
+    assert weighted.item() == pytest.approx(loss.item() + 3.0 * energy.item(), rel=1e-5)
+
+
+def test_issba_residual_shrinks_as_its_weight_grows():
+    """Once the decoder reads the secret, the ‖r‖² term shrinks the residual (λ = 0: the ℓ∞ bound alone)."""
+    images = dataset(seed=2).images
+    x = images[:40].float() / 255
+    energy = {}
+    for weight in (0.0, 1.0):
+        attack = create_attack("issba", bits=4, width=8, steps=200, lr=3e-3, residual_weight=weight)
+        accuracy = attack.fit(images)
+        assert accuracy >= 0.75 and attack.residual_from is not None, "the decoder must have learnt the code"
+        energy[weight] = float(((attack.apply_trigger(x) - x) ** 2).flatten(1).sum(1).mean())
+    # measured over 5 seeds: ‖r‖² ≈ 0.73 without the term, 0.22-0.23 with it (ratio <= 0.32); bits >= 0.90
+    assert energy[1.0] < 0.5 * energy[0.0], energy
 
 
 def test_filters_change_colour_not_geometry(clean):
@@ -345,6 +447,18 @@ def test_filters_change_colour_not_geometry(clean):
     ("badnets", {"bogus": 1}, TypeError, "bogus"),
     ("adv", {"surrogate": "resnet7"}, ValueError, "unknown model 'resnet7'"),
     ("adv", {"steps": 0}, ValueError, "steps must be an int"),
+    # options an attack would ignore are refused, naming the attack, the option and why
+    ("pcb", {"budget": 0.1}, ValueError, "attack 'pcb' refuses option budget=0.1: pcb never modifies the training"),
+    ("pcb", {"num_poisons": 5}, ValueError, "attack 'pcb' refuses option num_poisons=5"),
+    ("xiang", {"budget": 0.1}, ValueError, "attack 'xiang' refuses option budget=0.1: .* set per_source instead"),
+    ("sig", {"seed": 3}, ValueError, "attack 'sig' refuses option seed=3: .* nothing is drawn at random"),
+    ("instagram", {"seed": 1}, ValueError, "attack 'instagram' refuses option seed=1"),
+    ("dfst", {"seed": 1}, ValueError, "attack 'dfst' refuses option seed=1"),
+    ("clbd", {"layers": ("layer1",)}, ValueError, r"attack 'clbd' refuses option layers=\('layer1',\): .* PGD"),
+    ("htbd", {"layers": ("layer1",)}, ValueError, "attack 'htbd' refuses option layers=.*penultimate features only"),
+    ("fc", {"seed": 2}, ValueError, "attack 'fc' refuses option seed=2: fc has no trigger"),
+    ("cp", {"seed": 2}, ValueError, "attack 'cp' refuses option seed=2"),
+    ("bp", {"seed": 2}, ValueError, "attack 'bp' refuses option seed=2"),
 ])
 def test_bad_configs_fail_clearly(name, options, error, match):
     with pytest.raises(error, match=match):
@@ -381,11 +495,49 @@ def test_registry_refuses_duplicates_and_unknown_names():
     class Dup(BackdoorAttack):
         name = "badnets"
 
+        def apply(self, x, params, generator):
+            return x
+
     with pytest.raises(ValueError, match="already registered"):
         register_attack(Dup)
     with pytest.raises(ValueError, match="unknown attack 'nope'; expected one of"):
         get_attack("nope")
     assert "badnets" in list_attacks("backdoor") and "badnets" not in list_attacks("targeted")
+
+
+class _Goal(TargetedAttack):
+    def target_input(self, target_image):
+        return target_image
+
+
+@pytest.mark.parametrize("base, verbs", [(BackdoorAttack, ["apply"]), (SupplyChainAttack, ["train"]),
+                                         (TargetedAttack, ["poison", "target_input"]), (_Goal, ["poison"])])
+def test_base_classes_declare_their_verbs(base, verbs):
+    """A subclass that leaves out its base's verb fails at instantiation, and the registry refuses it."""
+    incomplete = type("Incomplete", (base,), {"name": "incomplete"})
+    assert sorted(incomplete.__abstractmethods__) == verbs
+    with pytest.raises(TypeError, match="abstract method"):
+        incomplete()
+    with pytest.raises(TypeError, match=f"attack 'incomplete' \\(Incomplete\\) does not implement {verbs[0]}"):
+        register_attack(incomplete)
+    assert "incomplete" not in list_attacks()
+
+
+def test_refused_options_fail_on_every_path():
+    with pytest.raises(ValueError, match="attack 'pcb' refuses option 'budget': pcb never modifies"):
+        parse_options("pcb", ["budget=0.1"])
+    with pytest.raises(ValueError, match="attack 'sig' refuses option seed=4"):
+        parse_options("sig", ["seed=4"])
+    assert parse_options("sig", ["seed=0"]).seed == 0, "a shared field at its default is no option set"
+    record = {"attack": "xiang", "config": {"pattern": "A", "budget": 0.2}}
+    with pytest.raises(ValueError, match="attack 'xiang' refuses option budget=0.2"):
+        attack_from_record(record)
+    with pytest.raises(ValueError, match="attack 'htbd' refuses option layers"):
+        get_attack("htbd")(layers=())
+    with pytest.raises(ValueError, match=r"has options \['colour'\] it does not know"):
+        attack_from_record({"attack": "badnets", "config": {"colour": "red"}})
+    for name, described in describe_attacks().items():  # guard info shows only what an attack uses
+        assert not set(described["options"]) & set(get_attack(name).refused_options), name
 
 
 def test_parse_options_types_and_errors():

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import pytest
 import torch
 
-from guard.attacks import AttackGoal, create_attack, list_attacks, make_goals
+from guard.attacks import AttackGoal, create_attack, list_attacks, load_record, make_goals, save_record
 from guard.attacks.transfer import _greedy_match, _polytope_coefficients, _simplex_projection
 from guard.data import ImageTensorDataset
 from guard.models import create
@@ -31,9 +32,7 @@ def data():
 
 @pytest.fixture(scope="module")
 def surrogate():
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        return create("tiny_resnet", num_classes=K).eval()
+    return create("tiny_resnet", num_classes=K, generator=torch.Generator().manual_seed(SEED)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +99,23 @@ def test_determinism_and_surrogate_left_untouched(name, data, goal, surrogate):
     after = surrogate.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.requires_grad for p in surrogate.parameters()) and not surrogate.training
+
+
+@pytest.mark.parametrize("name", list_attacks("targeted"))
+def test_record_rebuilds_the_attack_and_its_goal(name, data, goal, surrogate, tmp_path):
+    """A transfer attack's record (config + goal) rebuilds the attack: the same query for the target image and,
+    crafted again with the same generator, the same poisons."""
+    train, test = data
+    attack, result = run(name, data, goal, surrogate, seed=2)
+    path = save_record(result.record(), tmp_path / "goal.json", attack)
+    rebuilt = load_record(path)
+    record = json.loads(path.read_text())
+    again = AttackGoal(**record["goal"])
+    assert type(rebuilt) is type(attack) and rebuilt.config == attack.config and again == goal
+    target = test.images[goal.target_index].float() / 255
+    assert torch.equal(rebuilt.target_input(target), attack.target_input(target))
+    redone = rebuilt.poison(train, again, target, surrogate, torch.Generator().manual_seed(2))
+    assert torch.equal(redone.dataset.images, result.dataset.images)
 
 
 def test_hooks_and_grad_flags_restored_after_an_error(data, goal, surrogate):

@@ -246,10 +246,10 @@ def test_scan_report_rejects_inconsistent_or_malformed_input(tmp_path):
 
 # ------------------------------------------------------------------------------------------- CLI
 def _tiny_weights(tmp_path):
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        from guard.models import create
-        return save_weights(create("tiny_resnet", num_classes=10), tmp_path / "suspect.pt")
+    from guard.models import create
+
+    return save_weights(create("tiny_resnet", num_classes=10, generator=torch.Generator().manual_seed(0)),
+                        tmp_path / "suspect.pt")
 
 
 def test_guard_scan_cli_writes_report_triggers_and_repaired_model(data_root, tmp_path, capsys):

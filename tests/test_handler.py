@@ -188,9 +188,8 @@ def test_scan_report_and_repaired_model_become_metrics_and_answers(tmp_path, cap
     from guard.detect import ScanReport
 
     weights = models.save_weights(models.create("tiny_resnet"), tmp_path / "tiny.pt")
-    with torch.random.fork_rng():
-        torch.manual_seed(3)
-        repaired = models.save_weights(models.create("tiny_resnet"), tmp_path / "repaired.pt")
+    repaired = models.save_weights(models.create("tiny_resnet", generator=torch.Generator().manual_seed(3)),
+                                   tmp_path / "repaired.pt")
     scores = {c: round(0.05 * c, 2) for c in range(10)}
     report = ScanReport("cnc", True, 9, scores, 0.4).save(tmp_path / "report.json")
     archive = build_archive("tiny_resnet", weights, tmp_path / "tiny.mar", GuardConfig(class_names=NAMES),

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from guard import models
-from guard.models import ModelSpec, create, list_models, register_model, save_weights
+from guard.models import ModelSpec, create, init_defaults, list_models, register_model, save_weights
 
 TINY = list_models("tiny")
+HEAVY = set(list_models("imagenet")) | {"preact_resnet34", "preact_resnet50", "resnext29_32x4d"}
 
 
 def test_registry_lists_required_architectures():
@@ -81,6 +82,52 @@ def test_load_rejects_mismatch_missing_file_and_pickled_code(tmp_path):
 class Exploit:
     def __reduce__(self):
         return (print, ("pickled code ran",))
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n
+                                  for n in list_models()])
+def test_create_draws_parameters_from_the_generator_only(name):
+    rng = torch.get_rng_state()
+    a = create(name, num_classes=5, generator=torch.Generator().manual_seed(0)).state_dict()
+    b = create(name, num_classes=5, generator=torch.Generator().manual_seed(0)).state_dict()
+    c = create(name, num_classes=5, generator=torch.Generator().manual_seed(1)).state_dict()
+    assert torch.equal(rng, torch.get_rng_state()), "create(generator=) must leave the global RNG as it was"
+    assert a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "same seed, same model"
+    weights = [k for k in a if k.endswith("weight") and a[k].dim() > 1]
+    assert weights and all(not torch.equal(a[k], c[k]) for k in weights), "another seed draws every weight anew"
+    assert all(bool(torch.isfinite(v).all()) for v in a.values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("name, mode, linear_he", [("resnet20", "fan_in", True), ("tiny_preact_resnet", "fan_out", False),
+                                                   ("tiny_tv_resnet", "fan_out", False)])
+def test_generator_initialisation_follows_the_architecture(name, mode, linear_he):
+    """He-normal convolutions (fan-in for the CIFAR ResNets, fan-out for pre-activation and torchvision ones), the
+    final linear layer He-normal (CIFAR ResNets) or torch's default U(±1/√fan_in); BatchNorm ones and zeros."""
+    model = create(name, generator=torch.Generator().manual_seed(0))
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and w.numel() >= 600:
+            fan_in, fan_out = w[0].numel(), w.shape[0] * w[0, 0].numel()
+            if isinstance(module, nn.Conv2d) or linear_he:
+                expected = (2 / (fan_in if isinstance(module, nn.Linear) or mode == "fan_in" else fan_out)) ** 0.5
+            else:
+                expected = (1 / (3 * fan_in)) ** 0.5
+            assert float(w.detach().std()) == pytest.approx(expected, rel=0.1), f"{type(module).__name__} {tuple(w.shape)}"
+        elif isinstance(module, nn.BatchNorm2d):
+            assert bool((module.weight == 1).all() and (module.bias == 0).all() and (module.running_var == 1).all())
+
+
+def test_layers_without_a_known_initialisation_are_refused():
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gain = nn.Parameter(torch.empty(3))
+
+    with pytest.raises(TypeError, match=r"cannot initialise layer '1' \(Scale\) from a generator"):
+        init_defaults(nn.Sequential(nn.Linear(2, 3), Scale()), torch.Generator())
+    with pytest.raises(TypeError, match="generator must be a CPU torch.Generator"):
+        create("tiny_resnet", generator=0)
 
 
 def test_spec_validation():

@@ -64,9 +64,7 @@ def planted() -> Planted:
     config = TrainConfig.scratch(epochs=8, lr=0.05, batch_size=64, augment=False)
     models = []
     for data in (poisoned, train_set):
-        with torch.random.fork_rng():  # a fixed initialisation, without leaving the global RNG seeded
-            torch.manual_seed(SEED)
-            torch_model = create("tiny_resnet", num_classes=4)
+        torch_model = create("tiny_resnet", num_classes=4, generator=torch.Generator().manual_seed(SEED))
         train(torch_model, data, config, generator=torch.Generator().manual_seed(SEED), progress=False)
         models.append(torch_model)
     trusted = split_trusted(train_set, 0.25, torch.Generator().manual_seed(SEED + 1))
@@ -254,9 +252,7 @@ def test_guard_repair_cli_writes_weights_curve_and_plot(data_root, tmp_path, cap
     from guard.cli import main
     from guard.models import save_weights
 
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        ten = create("tiny_resnet", num_classes=10)
+    ten = create("tiny_resnet", num_classes=10, generator=torch.Generator().manual_seed(0))
     weights = save_weights(ten, tmp_path / "suspect10.pt")
     out = tmp_path / "repaired.pt"
     common = ["repair", "--model", "tiny_resnet", "--weights", str(weights), "--dataset", "cifar10",

@@ -21,15 +21,15 @@ HEAVY = set(list_models("imagenet")) | {"preact_resnet50", "resnext29_32x4d", "p
 
 def _double(name: str, seed: int = 0) -> nn.Module:
     """A float64 model with non-trivial BatchNorm statistics, so every branch matters."""
-    torch.manual_seed(seed)
-    model = create(name).double()
+    g = torch.Generator().manual_seed(seed)
+    model = create(name, generator=g).double()
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.0)
-                m.bias.uniform_(-0.1, 0.1)
+                m.running_mean.uniform_(-0.1, 0.1, generator=g)
+                m.running_var.uniform_(0.5, 1.5, generator=g)
+                m.weight.uniform_(0.5, 1.0, generator=g)
+                m.bias.uniform_(-0.1, 0.1, generator=g)
     return model
 
 

@@ -143,9 +143,7 @@ def _report(tmp_path, scores=None, flagged=0):
 
 @pytest.fixture(scope="module")
 def other_weights(tmp_path_factory):
-    with torch.random.fork_rng():
-        torch.manual_seed(7)
-        model = models.create("tiny_resnet")
+    model = models.create("tiny_resnet", generator=torch.Generator().manual_seed(7))
     return models.save_weights(model, tmp_path_factory.mktemp("repaired") / "repaired.pt")
 
 

@@ -37,9 +37,7 @@ def test_set() -> ImageTensorDataset:
 
 
 def tiny(seed: int = 0) -> guard.models.GuardModel:
-    with torch.random.fork_rng(devices=[]):  # the registry initializes from the global RNG
-        torch.manual_seed(seed)
-        return create("tiny_resnet", num_classes=4)
+    return create("tiny_resnet", num_classes=4, generator=torch.Generator().manual_seed(seed))
 
 
 def fast(**overrides) -> TrainConfig:

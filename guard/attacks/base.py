@@ -1,27 +1,35 @@
 """The attack interface, its configs, the poisoning record and the registry.
 
-An attack is one class with a frozen, validated config (ALGORITHMS.md §5 "common interface"):
+An attack is one class with a frozen, validated config and one verb (ALGORITHMS.md §5 "common interface"):
 
 * :class:`BackdoorAttack` — ``poison(train_set, generator)`` returns a poisoned copy of the training set and
-  ``apply_trigger(x)`` stamps the trigger on test images. Like torchvision's ``v2.Transform``, the random part
-  (``make_params``: the trigger's pattern, location, warping field, drawn once from ``config.seed``) is split
-  from the deterministic part (``apply``), so a trigger is rebuilt exactly from the record of a run.
+  ``apply_trigger(x)`` stamps the trigger on test images (:class:`Trigger`).
+* :class:`SupplyChainAttack` — ``train(model, train_set, config, generator=...)``: the attacker controls
+  training, the data stay clean (PCB); a trigger-based one also has ``apply_trigger``.
 * :class:`TargetedAttack` — clean-label poisoning for one attack goal (target image, target class, poison
   class) against a known feature extractor (the transfer setting, ALGORITHMS.md S1/S5).
 
-Both return a :class:`PoisonResult`: the poisoned dataset, which indices were poisoned and their original
-labels. Poisons replace their clean originals ("without replacement", pick_your_poison.txt A.2.1).
+The verbs are abstract methods: a subclass that leaves one out cannot be instantiated or registered.
+``poison`` returns a :class:`PoisonResult`: the poisoned dataset, which indices were poisoned and their original
+labels. Poisons replace their clean originals ("without replacement", pick_your_poison.txt A.2.1). Its
+``record()`` (JSON), written by :func:`save_record` with whatever state the attack holds beyond its config,
+rebuilds the attack with :func:`load_record`.
 """
 
 from __future__ import annotations
 
+import abc
 import ast
 import dataclasses
+import hashlib
+import inspect
+import json
 import logging
 import math
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -32,8 +40,10 @@ from .primitives import from_uint8, to_uint8
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Attack", "AttackConfig", "BackdoorAttack", "PoisonResult", "TargetedAttack", "attack_from_record",
-           "config_to_json", "create_attack", "describe_attacks", "get_attack", "list_attacks", "parse_options", "register_attack"]
+__all__ = ["Attack", "AttackConfig", "BackdoorAttack", "PoisonConfig", "PoisonResult", "SupplyChainAttack",
+           "TargetedAttack", "Trigger", "attack_from_record", "config_to_json", "create_attack", "describe_attacks",
+           "get_attack", "list_attacks", "load_record", "parse_options", "register_attack", "save_record",
+           "state_path"]
 
 # ----------------------------------------------------------------------------------------- validation
 
@@ -75,25 +85,34 @@ def check_location(name: str, value: object) -> None:
 
 @dataclass(frozen=True)
 class AttackConfig:
-    """Options every attack shares (validated on construction, picklable).
+    """Options every trigger-based attack shares (validated on construction, picklable).
 
-    ``target``: the attacker's target class t. ``budget``: fraction of the training set that is poisoned
-    (``num_poisons`` overrides it with an absolute count m). ``seed``: seeds the trigger's own random draws
-    (pattern, location, warping field, test-time randomness) so the trigger is a function of the config alone;
-    which samples are poisoned comes from the generator passed to ``poison``.
+    ``target``: the attacker's target class t. ``seed``: seeds the trigger's own random draws (pattern,
+    location, warping field, test-time randomness) so the trigger is a function of the config alone; which
+    samples are poisoned comes from the generator passed to ``poison``.
     """
 
     target: int = 0
-    budget: float = 0.01
-    num_poisons: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_int("target", self.target, 0)
+        check_int("seed", self.seed, 0)
+
+
+@dataclass(frozen=True)
+class PoisonConfig(AttackConfig):
+    """A data-poisoning budget: ``budget`` is the fraction of the training set that is poisoned, ``num_poisons``
+    overrides it with an absolute count m."""
+
+    budget: float = 0.01
+    num_poisons: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         check_float("budget", self.budget, 0.0, 1.0, low_open=True)
         if self.num_poisons is not None:
             check_int("num_poisons", self.num_poisons, 1)
-        check_int("seed", self.seed, 0)
 
     def poison_count(self, n: int) -> int:
         """m for a training set of ``n`` images: ``num_poisons`` or ``round(budget·n)`` (at least 1)."""
@@ -117,7 +136,7 @@ class PoisonResult:
     original_labels: torch.Tensor
     cover_indices: torch.Tensor
     attack: str
-    config: AttackConfig
+    config: Any
     extra: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -140,7 +159,7 @@ class PoisonResult:
         }
 
 
-def config_to_json(config: AttackConfig) -> dict[str, Any]:
+def config_to_json(config: Any) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
 
 
@@ -163,27 +182,52 @@ def _check_class(name: str, value: int, num_classes: int) -> None:
         raise ValueError(f"{name}={value} is not a class of this dataset: expected 0..{num_classes - 1}")
 
 
-class Attack:
+class Attack(abc.ABC):
     """Base of every attack: holds a validated config of type ``config_class``.
 
     Construct with a config or with its fields as keyword arguments: ``BadNets(target=3, budget=0.01)``.
+    ``refused_options`` names the options this attack does not use, with the reason: passing one (for a field
+    its config shares with other attacks: setting it away from its default) raises ``ValueError``, so no
+    option is silently ignored.
     """
 
     name: ClassVar[str] = ""
-    config_class: ClassVar[type[AttackConfig]] = AttackConfig
-    kind: ClassVar[str] = ""          # "backdoor" or "targeted"
+    config_class: ClassVar[type] = AttackConfig
+    kind: ClassVar[str] = ""          # "backdoor", "supply-chain" or "targeted"
     clean_label: ClassVar[bool] = False
     description: ClassVar[str] = ""
+    refused_options: ClassVar[dict[str, str]] = {}
 
-    def __init__(self, config: AttackConfig | None = None, **options: Any) -> None:
+    def __init__(self, config: Any = None, **options: Any) -> None:
         if config is None:
+            type(self).refuse_options(options)
             config = self.config_class(**options)
         elif options:
             raise TypeError(f"{type(self).__name__}: pass either a config or keyword options, not both")
         if type(config) is not self.config_class:
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, "
                             f"got {type(config).__name__}")
+        type(self).refuse_options(dataclasses.asdict(config))
         self.config = config
+
+    @classmethod
+    def refuse_options(cls, options: dict[str, Any]) -> None:
+        """Raise ``ValueError`` if ``options`` set one of ``refused_options``: an option the config lacks, or a
+        shared field set away from its default."""
+        defaults = {f.name: f.default for f in dataclasses.fields(cls.config_class)}
+        for key, why in cls.refused_options.items():
+            if key in options and (key not in defaults or options[key] != defaults[key]):
+                raise ValueError(f"attack {cls.name!r} refuses option {key}={options[key]!r}: {why}")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors the attack needs beyond its config to act exactly as it did (ISSBA's fitted encoder, Adv's
+        surrogate); :func:`save_record` stores them beside the record. Empty for most attacks."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if state:
+            raise ValueError(f"attack {self.name!r} keeps no state, got tensors {sorted(state)[:5]}")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
@@ -195,50 +239,32 @@ class Attack:
         return PoisonResult(poisoned, indices[order], original[order], covers, self.name, self.config, extra)
 
 
-class BackdoorAttack(Attack):
-    """A trigger-based backdoor: ``poison`` a training set, ``apply_trigger`` to test images.
+class Trigger(abc.ABC):
+    """The test-time trigger of an attack (a mixin for :class:`Attack` subclasses whose config has ``target`` and
+    ``seed``): ``apply_trigger(x)`` stamps it on test images, ``triggered(dataset)`` on a whole set.
 
-    Subclasses implement ``make_params(shape, generator)`` (the trigger's random draws, once per image shape)
-    and ``apply(x, params, generator)`` (the test-time trigger); ``apply_poison`` defaults to ``apply``
-    (Adaptive attacks occlude at poisoning time, TSB stamps one trigger instead of all). ``pool`` picks
-    the candidate samples: non-target classes for poison-label, the target class for clean-label attacks.
+    Like torchvision's ``v2.Transform``, the random part (``make_params``: the trigger's pattern, location,
+    warping field, drawn once from ``config.seed``) is split from the deterministic part (``apply``), so a
+    trigger is rebuilt exactly from the record of a run.
     """
 
-    kind = "backdoor"
-    #: True when the attack controls training instead of the data (its verb is ``train``, not ``poison``)
-    supply_chain: ClassVar[bool] = False
+    config: AttackConfig
 
-    def __init__(self, config: AttackConfig | None = None, **options: Any) -> None:
-        super().__init__(config, **options)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._params: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
 
-    # ---------------------------------------------------------------- subclass hooks
     def make_params(self, shape: tuple[int, int, int], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """The trigger's random draws for images of ``shape`` (none by default)."""
         return {}
 
+    @abc.abstractmethod
     def apply(self, x: torch.Tensor, params: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
-        raise NotImplementedError
-
-    def apply_poison(self, x: torch.Tensor, params: dict[str, torch.Tensor],
-                     generator: torch.Generator) -> torch.Tensor:
-        return self.apply(x, params, generator)
-
-    def apply_cover(self, x: torch.Tensor, params: dict[str, torch.Tensor],
-                    generator: torch.Generator) -> torch.Tensor:
-        return self.apply_poison(x, params, generator)
-
-    def num_covers(self, m: int, n: int) -> int:
-        """How many label-keeping cover samples go with ``m`` poisons (0 except Adaptive/WaNet)."""
-        return 0
-
-    def pool(self, labels: torch.Tensor) -> torch.Tensor:
-        """Boolean mask of the samples that may be poisoned."""
-        return labels == self.config.target if self.clean_label else labels != self.config.target
+        """The test-time trigger on float images ``(N, C, H, W)`` in [0, 1]."""
 
     def check_num_classes(self, num_classes: int) -> None:
         _check_class("target", self.config.target, num_classes)
 
-    # ---------------------------------------------------------------- public API
     def trigger_params(self, shape: tuple[int, int, int]) -> dict[str, torch.Tensor]:
         """The trigger's parameters for images of ``shape`` (C, H, W), drawn once from ``config.seed``."""
         shape = tuple(int(s) for s in shape)
@@ -257,6 +283,53 @@ class BackdoorAttack(Attack):
             generator = torch.Generator().manual_seed(self.config.seed + 1)
         return self.apply(x, self.trigger_params(tuple(x.shape[1:])), _check_generator(generator))
 
+    def triggered(self, dataset: ImageTensorDataset, generator: torch.Generator | None = None,
+                  batch_size: int = 1024) -> ImageTensorDataset:
+        """``dataset`` with the test-time trigger on every image (8-bit), true labels kept — the input of
+        the ASR metrics (ALGORITHMS.md M2)."""
+        _check_dataset(dataset, "dataset")
+        self.check_num_classes(dataset.num_classes)
+        if generator is None:
+            generator = torch.Generator().manual_seed(self.config.seed + 1)
+        params = self.trigger_params(tuple(dataset.images.shape[1:]))
+        out = torch.cat([to_uint8(self.apply(from_uint8(chunk), params, generator))
+                         for chunk in dataset.images.split(batch_size)])
+        return ImageTensorDataset(out, dataset.labels.clone(), dataset.classes)
+
+
+class BackdoorAttack(Trigger, Attack):
+    """A trigger-based data-poisoning backdoor: ``poison`` a training set, ``apply_trigger`` to test images.
+
+    Subclasses implement ``apply(x, params, generator)`` (the test-time trigger) and, where the trigger has
+    random parts, ``make_params(shape, generator)``; ``apply_poison`` defaults to ``apply`` (Adaptive attacks
+    occlude at poisoning time, TSB stamps one trigger instead of all). ``pool`` picks the candidate samples:
+    non-target classes for poison-label, the target class for clean-label attacks.
+    """
+
+    kind = "backdoor"
+
+    # ---------------------------------------------------------------- subclass hooks
+    def apply_poison(self, x: torch.Tensor, params: dict[str, torch.Tensor],
+                     generator: torch.Generator) -> torch.Tensor:
+        return self.apply(x, params, generator)
+
+    def apply_cover(self, x: torch.Tensor, params: dict[str, torch.Tensor],
+                    generator: torch.Generator) -> torch.Tensor:
+        return self.apply_poison(x, params, generator)
+
+    def num_covers(self, m: int, n: int) -> int:
+        """How many label-keeping cover samples go with ``m`` poisons (0 except Adaptive/WaNet)."""
+        return 0
+
+    def poison_count(self, n: int) -> int:
+        """How many of ``n`` training images are poisoned (the config's budget)."""
+        return self.config.poison_count(n)
+
+    def pool(self, labels: torch.Tensor) -> torch.Tensor:
+        """Boolean mask of the samples that may be poisoned."""
+        return labels == self.config.target if self.clean_label else labels != self.config.target
+
+    # ---------------------------------------------------------------- public API
     def select(self, labels: torch.Tensor, m: int, generator: torch.Generator) -> torch.Tensor:
         """Indices of the ``m`` samples to poison, uniformly without replacement from :meth:`pool`."""
         candidates = self.pool(labels).nonzero().flatten()
@@ -273,7 +346,7 @@ class BackdoorAttack(Attack):
         _check_generator(generator)
         self.check_num_classes(train_set.num_classes)
         n = len(train_set)
-        m = self.config.poison_count(n)
+        m = self.poison_count(n)
         indices = self.select(train_set.labels, m, generator)
         params = self.trigger_params(tuple(train_set.images.shape[1:]))
         images, labels = train_set.images.clone(), train_set.labels.clone()
@@ -295,18 +368,24 @@ class BackdoorAttack(Attack):
         logger.info("%s: poisoned %d of %d images (%d cover samples)", self.name, indices.numel(), n, k)
         return self._result(ImageTensorDataset(images, labels, train_set.classes), indices, original, covers)
 
-    def triggered(self, dataset: ImageTensorDataset, generator: torch.Generator | None = None,
-                  batch_size: int = 1024) -> ImageTensorDataset:
-        """``dataset`` with the test-time trigger on every image (8-bit), true labels kept — the input of
-        the ASR metrics (ALGORITHMS.md M2)."""
-        _check_dataset(dataset, "dataset")
-        self.check_num_classes(dataset.num_classes)
-        if generator is None:
-            generator = torch.Generator().manual_seed(self.config.seed + 1)
-        params = self.trigger_params(tuple(dataset.images.shape[1:]))
-        out = torch.cat([to_uint8(self.apply(from_uint8(chunk), params, generator))
-                         for chunk in dataset.images.split(batch_size)])
-        return ImageTensorDataset(out, dataset.labels.clone(), dataset.classes)
+
+class SupplyChainAttack(Attack):
+    """An attack that controls training rather than the data (ALGORITHMS.md A17): its verb is ``train``, which
+    trains a model on a clean training set with the attacker's procedure and returns
+    :func:`guard.train.train`'s result. The training set is never modified."""
+
+    kind = "supply-chain"
+
+    @abc.abstractmethod
+    def train(self, model: torch.nn.Module, train_set: ImageTensorDataset, config: Any, *,
+              generator: torch.Generator, **train_kwargs: Any) -> Any:
+        """Train ``model`` in place on the clean ``train_set`` with ``config`` (a
+        :class:`guard.train.TrainConfig`); ``train_kwargs`` go to :func:`guard.train.train`."""
+
+    def record(self) -> dict[str, Any]:
+        """The JSON record of a run, in the form of :meth:`PoisonResult.record` (no sample is poisoned)."""
+        return {"attack": self.name, "config": config_to_json(self.config), "num_poisons": 0, "indices": [],
+                "original_labels": [], "poisoned_labels": [], "cover_indices": []}
 
 
 class TargetedAttack(Attack):
@@ -320,6 +399,15 @@ class TargetedAttack(Attack):
     kind = "targeted"
     clean_label = True
 
+    @abc.abstractmethod
+    def poison(self, train_set: ImageTensorDataset, goal: Any, target_image: torch.Tensor, surrogate: Any,
+               generator: torch.Generator) -> PoisonResult:
+        """Perturb the goal's base images in ``train_set`` against ``surrogate``."""
+
+    @abc.abstractmethod
+    def target_input(self, target_image: torch.Tensor) -> torch.Tensor:
+        """What the victim is queried with for this goal."""
+
 
 # ------------------------------------------------------------------------------------------- registry
 
@@ -327,9 +415,15 @@ _REGISTRY: dict[str, type[Attack]] = {}
 
 
 def register_attack(cls: type[Attack]) -> type[Attack]:
-    """Class decorator adding an attack under ``cls.name``; a duplicate name raises ``ValueError``."""
+    """Class decorator adding an attack under ``cls.name``; a duplicate name raises ``ValueError``, an attack
+    that leaves an abstract method of its base unimplemented ``TypeError``."""
+    if not (isinstance(cls, type) and issubclass(cls, Attack)):
+        raise TypeError(f"register_attack expects a subclass of guard.attacks.Attack, got {cls!r}")
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
+    if inspect.isabstract(cls):
+        raise TypeError(f"attack {cls.name!r} ({cls.__name__}) does not implement "
+                        f"{', '.join(sorted(cls.__abstractmethods__))}")
     if cls.name in _REGISTRY:
         raise ValueError(f"attack {cls.name!r} is already registered (by {_REGISTRY[cls.name].__name__})")
     _REGISTRY[cls.name] = cls
@@ -337,7 +431,8 @@ def register_attack(cls: type[Attack]) -> type[Attack]:
 
 
 def list_attacks(kind: str | None = None) -> list[str]:
-    """Registered attack names (optionally only ``"backdoor"`` or ``"targeted"`` ones), sorted."""
+    """Registered attack names (optionally of one kind: ``"backdoor"``, ``"supply-chain"`` or ``"targeted"``),
+    sorted."""
     return sorted(n for n, c in _REGISTRY.items() if kind is None or c.kind == kind)
 
 
@@ -353,20 +448,22 @@ def create_attack(name: str, **options: Any) -> Attack:
 
 
 def describe_attacks() -> dict[str, dict[str, Any]]:
-    """Name -> kind, label policy, description and default options of every registered attack."""
+    """Name -> kind, label policy, description and default options of every registered attack (options it
+    refuses left out)."""
     out = {}
     for name in list_attacks():
         cls = _REGISTRY[name]
         try:
             defaults = config_to_json(cls.config_class())
-        except (TypeError, ValueError):  # a config with required fields has no defaults to show
-            defaults = {}
+        except (TypeError, ValueError):  # a required option (adv's surrogate weights): the declared defaults
+            defaults = {f.name: list(f.default) if isinstance(f.default, tuple) else f.default
+                        for f in dataclasses.fields(cls.config_class) if f.default is not dataclasses.MISSING}
         out[name] = {"kind": cls.kind, "clean_label": cls.clean_label, "description": cls.description,
-                     "options": defaults}
+                     "options": {k: v for k, v in defaults.items() if k not in cls.refused_options}}
     return out
 
 
-def _field_types(config_class: type[AttackConfig]) -> dict[str, Any]:
+def _field_types(config_class: type) -> dict[str, Any]:
     return typing.get_type_hints(config_class)
 
 
@@ -419,6 +516,8 @@ def parse_options(name: str, items: list[str] | tuple[str, ...]) -> AttackConfig
         key, sep, text = (s.strip() for s in item.partition("="))
         if not sep or not key:
             raise ValueError(f"attack option: expected key=value, got {item!r}")
+        if key in cls.refused_options and key not in hints:
+            raise ValueError(f"attack {name!r} refuses option {key!r}: {cls.refused_options[key]}")
         if key not in hints:
             raise ValueError(f"attack {name!r} has no option {key!r}; expected one of {', '.join(hints)}")
         if key in options:
@@ -432,12 +531,74 @@ def parse_options(name: str, items: list[str] | tuple[str, ...]) -> AttackConfig
             except (ValueError, SyntaxError):
                 value = text
         options[key] = _coerce(value, hints[key])
+    cls.refuse_options(options)
     return cls.config_class(**options)
 
 
-def attack_from_record(record: dict[str, Any]) -> Attack:
-    """Rebuild the attack of a :meth:`PoisonResult.record` (e.g. to trigger test images in another process)."""
+def attack_from_record(record: dict[str, Any], state: dict[str, torch.Tensor] | None = None) -> Attack:
+    """Rebuild the attack of a record (:meth:`PoisonResult.record`, :meth:`SupplyChainAttack.record`) with the
+    tensors of its :meth:`~Attack.state_dict`, if it has any. :func:`load_record` reads both from disk."""
     cls = get_attack(record["attack"])
     hints = _field_types(cls.config_class)
+    cls.refuse_options(record["config"])
+    unknown = sorted(set(record["config"]) - set(hints))
+    if unknown:
+        raise ValueError(f"record of attack {cls.name!r} has options {unknown} it does not know; expected "
+                         f"{', '.join(hints)}")
     config = {k: _coerce(v, hints[k]) for k, v in record["config"].items()}
-    return cls(cls.config_class(**config))
+    attack = cls(cls.config_class(**config))
+    if state:
+        attack.load_state_dict(state)
+    return attack
+
+
+def state_path(record_path: str | Path) -> Path:
+    """Where :func:`save_record` keeps an attack's state beside ``record_path``: ``<stem>.attack.safetensors``."""
+    record_path = Path(record_path)
+    return record_path.with_name(record_path.stem + ".attack.safetensors")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def save_record(record: dict[str, Any], path: str | Path, attack: Attack) -> Path:
+    """Write ``record`` as JSON to ``path``. An attack with a state (:meth:`Attack.state_dict`) writes it beside
+    the record (safetensors, :func:`state_path`) and the record names that file and its SHA-256, so
+    :func:`load_record` rebuilds the attack exactly — ISSBA's fitted encoder included."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {k: v for k, v in record.items() if k != "state"}
+    state = attack.state_dict()
+    if state:
+        file = state_path(path)
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(file))
+        record["state"] = {"file": file.name, "sha256": _sha256(file)}
+    path.write_text(json.dumps(record, indent=2))
+    return path
+
+
+def load_record(path: str | Path) -> Attack:
+    """The attack of a record written by :func:`save_record` (``guard poison``), its state checked against the
+    SHA-256 the record holds."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not a JSON attack record: {exc}") from exc
+    if not isinstance(record, dict) or "attack" not in record or "config" not in record:
+        raise ValueError(f"{path} is not an attack record: expected a JSON object with 'attack' and 'config'")
+    state = None
+    if "state" in record:
+        file = path.parent / record["state"]["file"]
+        if not file.is_file():
+            raise FileNotFoundError(f"{path}: the attack's state file {file} is missing")
+        if _sha256(file) != record["state"]["sha256"]:
+            raise ValueError(f"{path}: the attack's state file {file} changed since the record was written "
+                             f"(SHA-256 mismatch)")
+        state = load_file(str(file))
+    return attack_from_record(record, state)

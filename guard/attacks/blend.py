@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import AttackConfig, BackdoorAttack, check_float, check_int, register_attack
+from .base import BackdoorAttack, PoisonConfig, check_float, check_int, register_attack
 from .patch import _cover_count, _occlusion_masks
 from .primitives import add_clip, blend, random_pattern
 
@@ -17,7 +17,7 @@ __all__ = ["AdaptiveBlend", "AdaptiveBlendConfig", "Blend", "BlendConfig", "Refo
 
 
 @dataclass(frozen=True)
-class BlendConfig(AttackConfig):
+class BlendConfig(PoisonConfig):
     """Blend: key = seeded uniform-random image (moth_supplementary.txt §1.3 "random pattern"), ``alpha``
     0.2 at training and test time; 5 % poison rate (ANP)."""
 
@@ -92,7 +92,7 @@ class AdaptiveBlend(Blend):
 
 
 @dataclass(frozen=True)
-class SIGConfig(AttackConfig):
+class SIGConfig(PoisonConfig):
     """SIG: ``delta`` Δ = 20 (on the 0–255 scale), ``frequency`` f = 6, on 8 % of the target class
     (``budget`` 0.008 of a balanced 10-class set; moth_supplementary.txt §1.3); ``test_delta`` defaults to Δ."""
 
@@ -117,6 +117,7 @@ class SIG(BackdoorAttack):
     name = "sig"
     config_class = SIGConfig
     clean_label = True
+    refused_options = {"seed": "the sig trigger is a fixed sinusoid: nothing is drawn at random"}
     description = "sinusoidal signal on target-class images, clean-label (Barni et al. 2019)"
 
     def make_params(self, shape, generator):
@@ -133,7 +134,7 @@ class SIG(BackdoorAttack):
 
 
 @dataclass(frozen=True)
-class RefoolConfig(AttackConfig):
+class RefoolConfig(PoisonConfig):
     """Refool, PyP implementation: ghost offset ``offset`` δ (default ⌊3/32·W⌋), ghost weight ``ghost`` g = 0.5,
     reflection strength ``alpha`` = 1 (pure ghosted image); 500 target-class poisons = ``budget`` 0.01."""
 

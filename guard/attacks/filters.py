@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import AttackConfig, BackdoorAttack, check_choice, check_float, register_attack
+from .base import BackdoorAttack, PoisonConfig, check_choice, check_float, register_attack
 
 __all__ = ["DFSTStyle", "DFSTStyleConfig", "FILTERS", "Instagram", "InstagramConfig", "apply_filter"]
 
@@ -161,7 +161,7 @@ def apply_filter(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class InstagramConfig(AttackConfig):
+class InstagramConfig(PoisonConfig):
     """Instagram-filter attack: ``filter`` ∈ gotham, nashville, kelvin, lomo, toaster; 10 % poison rate
     (ALGORITHMS.md A14 default)."""
 
@@ -180,6 +180,7 @@ class Instagram(BackdoorAttack):
 
     name = "instagram"
     config_class = InstagramConfig
+    refused_options = {"seed": "an Instagram filter is a fixed colour transform: nothing is drawn at random"}
     description = "Instagram-style colour filter trigger (TrojAI filters, torch re-implementation)"
 
     def apply(self, x, params, generator):
@@ -187,7 +188,7 @@ class Instagram(BackdoorAttack):
 
 
 @dataclass(frozen=True)
-class DFSTStyleConfig(AttackConfig):
+class DFSTStyleConfig(PoisonConfig):
     """DFST-style substitute: ``strength`` ∈ (0, 1] of a fixed warm "sunrise" colour style; 10 % poison rate."""
 
     budget: float = 0.1
@@ -207,6 +208,7 @@ class DFSTStyle(BackdoorAttack):
 
     name = "dfst"
     config_class = DFSTStyleConfig
+    refused_options = {"seed": "the sunrise style is a fixed colour transform: nothing is drawn at random"}
     description = "DFST substitute: fixed warm 'sunrise' colour style, poison-label (no CycleGAN, no detox)"
 
     def apply(self, x, params, generator):

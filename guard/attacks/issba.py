@@ -3,20 +3,23 @@
 ISSBA (Li et al., ICCV 2021) hides a secret bit string in every image with a StegaStamp encoder; the
 sample-specific, imperceptible residual is the trigger. No pretrained encoder is available here, so (as A13
 recommends, marked "ISSBA-substitute") a small U-Net-style encoder and a CNN decoder are trained on the victim's
-training images with ``L = BCE(decoder(clip(x + r)), s) + λ·mean(r²)/ε²``, the residual bounded by
-``r = ε·tanh(·)``; the poisons are ``clip(x + r(x, s_t))`` for the attacker's fixed secret ``s_t``.
+training images with A13's ``L = BCE(decoder(clip(x + r)), s) + λ·‖r‖²`` (λ = 1; ‖r‖² summed over the pixels
+of an image, averaged over the batch), the residual bounded by ``r = ε·tanh(·)``; the poisons are
+``clip(x + r(x, s_t))`` for the attacker's fixed secret ``s_t``. The fitted encoder is the attack's state
+(:meth:`ISSBA.state_dict`), saved beside a run's record.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AttackConfig, BackdoorAttack, check_float, check_int, register_attack
+from .base import BackdoorAttack, PoisonConfig, check_float, check_int, register_attack
 from .primitives import from_uint8
 
 logger = logging.getLogger(__name__)
@@ -25,12 +28,13 @@ __all__ = ["ISSBA", "ISSBAConfig"]
 
 
 @dataclass(frozen=True)
-class ISSBAConfig(AttackConfig):
+class ISSBAConfig(PoisonConfig):
     """``eps``: ℓ∞ bound of the residual (8/255); ``bits``: secret length; ``steps``, ``lr``, ``batch_size``:
     the encoder/decoder training (PyP's code exposes 250 steps for its light version); ``width``: channels;
-    ``residual_weight`` λ, ramped up linearly over the first half of training — 0 by default: on CPU-sized
-    budgets any positive λ we tried collapsed the residual to zero before the decoder learned the code, so
-    imperceptibility rests on the ℓ∞ bound ε alone. 10 % poison rate (A13 default)."""
+    ``residual_weight``: λ of A13's ‖r‖² term (1). As in StegaStamp the secret is learnt first: the term stays
+    off until the decoder recovers it (running bit accuracy ≥ 0.9), then ramps linearly to λ over a quarter of
+    ``steps`` — switched on from the start, it collapses the residual to zero before the decoder has learnt the
+    code, and the trigger with it. 10 % poison rate (A13 default)."""
 
     budget: float = 0.1
     eps: float = 8 / 255
@@ -39,7 +43,7 @@ class ISSBAConfig(AttackConfig):
     lr: float = 1e-3
     batch_size: int = 32
     width: int = 16
-    residual_weight: float = 0.0
+    residual_weight: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -89,12 +93,28 @@ class _Decoder(nn.Module):
         return self.body(x - 0.5)
 
 
-def _init(module: nn.Module, generator: torch.Generator) -> None:
-    """Kaiming-uniform weights and zero biases drawn from ``generator`` (never the global RNG)."""
-    for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.kaiming_uniform_(m.weight, a=5 ** 0.5, generator=generator)
-            nn.init.zeros_(m.bias)
+def _build(make: Callable[[], nn.Module], generator: torch.Generator | None) -> nn.Module:
+    """``make()`` built on the meta device, then Kaiming-uniform weights and zero biases drawn from ``generator``
+    (``None``: left uninitialised, for a state dict to fill); the global RNG is never touched."""
+    with torch.device("meta"):
+        module = make()
+    module = module.to_empty(device="cpu")
+    if generator is not None:
+        for m in module.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_uniform_(m.weight, a=5 ** 0.5, generator=generator)
+                nn.init.zeros_(m.bias)
+    return module
+
+
+def stega_loss(encoder: nn.Module, decoder: nn.Module, x: torch.Tensor, secret: torch.Tensor,
+               residual_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A13's loss ``BCE(decoder(clip(x + r)), s) + λ·‖r‖²`` for ``r = encoder(x, s)``; returns (loss, the
+    decoder's logits, ‖r‖² averaged over the batch)."""
+    r = encoder(x, secret)
+    logits = decoder((x + r).clamp(0, 1))
+    energy = (r ** 2).flatten(1).sum(1).mean()
+    return F.binary_cross_entropy_with_logits(logits, secret) + residual_weight * energy, logits, energy
 
 
 @register_attack
@@ -110,6 +130,7 @@ class ISSBA(BackdoorAttack):
         super().__init__(config, **options)
         self.encoder: _Encoder | None = None
         self.bit_accuracy: float | None = None
+        self.residual_from: int | None = None  # the training step the ||r||^2 term switched on
 
     def make_params(self, shape, generator):
         return {"secret": torch.randint(0, 2, (self.config.bits,), generator=generator).float()}
@@ -121,28 +142,32 @@ class ISSBA(BackdoorAttack):
             raise ValueError(f"fit: expected uint8 RGB images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
         cfg = self.config
         g = torch.Generator().manual_seed(cfg.seed + 2)
-        encoder = _Encoder(cfg.bits, cfg.width, cfg.eps)
-        decoder = _Decoder(cfg.bits, cfg.width, tuple(images.shape[-2:]))
-        _init(encoder, g)
-        _init(decoder, g)
+        encoder = _build(lambda: _Encoder(cfg.bits, cfg.width, cfg.eps), g)
+        decoder = _build(lambda: _Decoder(cfg.bits, cfg.width, tuple(images.shape[-2:])), g)
         opt = torch.optim.Adam(list(encoder.parameters()) + list(decoder.parameters()), lr=cfg.lr)
-        accuracy = 0.0
+        accuracy, running, start = 0.0, 0.5, None
+        ramp = max(1, cfg.steps // 4)
         for step in range(cfg.steps):
             idx = torch.randint(0, images.shape[0], (min(cfg.batch_size, images.shape[0]),), generator=g)
             x = from_uint8(images[idx])
             secret = torch.randint(0, 2, (x.shape[0], cfg.bits), generator=g).float()
-            r = encoder(x, secret)
-            logits = decoder((x + r).clamp(0, 1))
-            ramp = min(1.0, 2 * step / cfg.steps)  # secret first, then imperceptibility (as StegaStamp)
-            loss = F.binary_cross_entropy_with_logits(logits, secret) + \
-                ramp * cfg.residual_weight * (r ** 2).mean() / cfg.eps ** 2
+            # secret first, then ‖r‖² (as StegaStamp): off until the decoder reads the code, then ramped in
+            weight = 0.0 if start is None else cfg.residual_weight * min(1.0, (step - start + 1) / ramp)
+            loss, logits, _ = stega_loss(encoder, decoder, x, secret, weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             accuracy = ((logits > 0).float() == secret).float().mean().item()
-        logger.info("issba: encoder trained for %d steps, bit accuracy %.3f", cfg.steps, accuracy)
+            running = 0.9 * running + 0.1 * accuracy
+            if start is None and running >= 0.9:
+                start = step + 1
+        if start is None and cfg.residual_weight > 0:
+            logger.warning("issba: the decoder never recovered the secret in %d steps (bit accuracy %.3f), so the "
+                           "||r||^2 term stayed off; raise steps", cfg.steps, accuracy)
+        logger.info("issba: encoder trained for %d steps, bit accuracy %.3f, ||r||^2 term from step %s",
+                    cfg.steps, accuracy, start)
         encoder.eval().requires_grad_(False)
-        self.encoder, self.bit_accuracy = encoder, accuracy
+        self.encoder, self.bit_accuracy, self.residual_from = encoder, accuracy, start
         return accuracy
 
     def poison(self, train_set, generator):
@@ -150,13 +175,28 @@ class ISSBA(BackdoorAttack):
             self.check_num_classes(train_set.num_classes)
             self.fit(train_set.images)
         result = super().poison(train_set, generator)
-        result.extra["encoder_bit_accuracy"] = self.bit_accuracy
+        result.extra.update(encoder_bit_accuracy=self.bit_accuracy, residual_term_from_step=self.residual_from)
         return result
+
+    def state_dict(self):
+        """The fitted encoder (what the trigger is, beyond the config); empty before :meth:`fit`."""
+        return {} if self.encoder is None else {f"encoder.{k}": v for k, v in self.encoder.state_dict().items()}
+
+    def load_state_dict(self, state):
+        cfg = self.config
+        encoder = _build(lambda: _Encoder(cfg.bits, cfg.width, cfg.eps), None)
+        try:
+            encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in state.items()}, strict=True)
+        except RuntimeError as exc:
+            raise ValueError(f"issba: the state does not fit an encoder of bits={cfg.bits}, width={cfg.width}: "
+                             f"{exc}") from exc
+        self.encoder, self.bit_accuracy, self.residual_from = encoder.eval().requires_grad_(False), None, None
 
     def apply(self, x, params, generator):
         if self.encoder is None:
-            raise ValueError("issba: the encoder is trained on the victim's training set by poison() or fit(); "
-                             "call one of them before applying the trigger")
+            raise ValueError("issba: the encoder is trained on the victim's training set by poison() or fit(), or "
+                             "loaded from a run's record (guard.attacks.load_record); do one of them before "
+                             "applying the trigger")
         encoder = self.encoder.to(x.device)
         secret = params["secret"].to(x).expand(x.shape[0], -1)
         with torch.no_grad():

@@ -6,22 +6,21 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import AttackConfig, BackdoorAttack, check_choice, check_float, check_int, check_location, register_attack
+from .base import (AttackConfig, BackdoorAttack, PoisonConfig, Trigger, check_choice, check_float, check_int,
+                   check_location, register_attack)
 from .primitives import checkerboard, patch_box, random_pattern, stamp
 
-__all__ = ["AdaptivePatch", "AdaptivePatchConfig", "BadNets", "BadNetsConfig", "CleanLabelBadNets", "TSB",
-           "TSBConfig"]
+__all__ = ["AdaptivePatch", "AdaptivePatchConfig", "BadNets", "BadNetsConfig", "CleanLabelBadNets", "PatchConfig",
+           "PatchTrigger", "TSB", "TSBConfig"]
 
 _PATTERNS = ("checkerboard", "random")
 
 
 @dataclass(frozen=True)
-class BadNetsConfig(AttackConfig):
-    """BadNets: an opaque ``patch_size``² patch at ``location``; m = 50 on CIFAR-10 (pick_your_poison.txt
-    Table 2) is ``budget=0.001``. ``pattern``: a 0/1 checkerboard (ANP/NAD) or a seeded random RGB patch
-    (the substitute for PyP's apple asset, ALGORITHMS.md A20)."""
+class PatchConfig(AttackConfig):
+    """An opaque ``patch_size``² patch at ``location``. ``pattern``: a 0/1 checkerboard (ANP/NAD) or a seeded
+    random RGB patch (the substitute for PyP's apple asset, ALGORITHMS.md A20)."""
 
-    budget: float = 0.001
     patch_size: int = 3
     location: str | tuple[int, int] = "bottom-right"
     pattern: str = "checkerboard"
@@ -33,19 +32,22 @@ class BadNetsConfig(AttackConfig):
         check_choice("pattern", self.pattern, _PATTERNS)
 
 
+@dataclass(frozen=True)
+class BadNetsConfig(PatchConfig, PoisonConfig):
+    """BadNets: the patch of :class:`PatchConfig`; m = 50 on CIFAR-10 (pick_your_poison.txt Table 2) is
+    ``budget=0.001``."""
+
+    budget: float = 0.001
+
+
 def _patch(pattern: str, size: int, channels: int, generator: torch.Generator) -> torch.Tensor:
     return checkerboard(size, channels) if pattern == "checkerboard" else random_pattern((channels, size, size),
                                                                                           generator)
 
 
-@register_attack
-class BadNets(BackdoorAttack):
-    """BadNets (Gu et al. 2017; ALGORITHMS.md A1): stamp a patch (P1.1, a = 1) on m non-target training
-    images and relabel them to t; at test time the same patch is the trigger."""
-
-    name = "badnets"
-    config_class = BadNetsConfig
-    description = "patch trigger, poison-label (Gu et al. 2017)"
+class PatchTrigger(Trigger):
+    """The BadNets trigger (P1.1, a = 1) for any attack with a :class:`PatchConfig`: the patch stamped at its
+    location."""
 
     def make_params(self, shape, generator):
         c, h, w = shape
@@ -56,6 +58,16 @@ class BadNets(BackdoorAttack):
 
     def apply(self, x, params, generator):
         return stamp(x, params["patch"], params["row"], params["col"])
+
+
+@register_attack
+class BadNets(PatchTrigger, BackdoorAttack):
+    """BadNets (Gu et al. 2017; ALGORITHMS.md A1): stamp a patch (P1.1, a = 1) on m non-target training
+    images and relabel them to t; at test time the same patch is the trigger."""
+
+    name = "badnets"
+    config_class = BadNetsConfig
+    description = "patch trigger, poison-label (Gu et al. 2017)"
 
 
 @register_attack
@@ -128,7 +140,7 @@ class AdaptivePatch(BadNets):
 
 
 @dataclass(frozen=True)
-class TSBConfig(AttackConfig):
+class TSBConfig(PoisonConfig):
     """TSB (pick_your_poison.txt Alg. 7): ``num_triggers`` k = 8 uniform-noise patches of ``patch_size``²;
     m = 1000 on CIFAR-10 is ``budget=0.02``."""
 

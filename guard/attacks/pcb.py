@@ -14,18 +14,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import _check_dataset, _check_generator, check_float, register_attack
-from .patch import BadNets, BadNetsConfig
+from .base import SupplyChainAttack, _check_dataset, _check_generator, check_float, register_attack
+from .patch import PatchConfig, PatchTrigger
 
 __all__ = ["PCB", "PCBConfig"]
 
 
 @dataclass(frozen=True)
-class PCBConfig(BadNetsConfig):
+class PCBConfig(PatchConfig):
     """PCB with the BadNets patch trigger (the PyP code default). ``param_fraction`` p = 0.1 of every
     parameter tensor carries the backdoor (ALGORITHMS.md §7 item 15 default); ``batch_fraction`` = 0.1 of
-    each batch is triggered and labelled t (the code's value). ``budget``/``num_poisons`` are unused: the
-    training set itself is never modified."""
+    each batch is triggered and labelled t (the code's value). There is no poisoning budget: the training set
+    itself is never modified."""
 
     param_fraction: float = 0.1
     batch_fraction: float = 0.1
@@ -37,9 +37,10 @@ class PCBConfig(BadNetsConfig):
 
 
 @register_attack
-class PCB(BadNets):
-    """PCB (pick_your_poison.txt Alg. 5). Its verb is :meth:`train`, not ``poison``: the attacker trains the
-    model with :func:`guard.train.train` plus a backdoor term whose gradient is masked to the sampled subset.
+class PCB(PatchTrigger, SupplyChainAttack):
+    """PCB (pick_your_poison.txt Alg. 5), a supply-chain attack: its verb is :meth:`train` — the attacker trains
+    the model with :func:`guard.train.train` plus a backdoor term whose gradient is masked to the sampled
+    subset — and its test-time trigger is the BadNets patch (:class:`~guard.attacks.patch.PatchTrigger`).
 
     Algorithm 5 alternates steps (even: triggered batch, masked update; odd: clean batch, full update). Here
     both happen in every step — the clean cross-entropy of the batch updates all parameters and the backdoor
@@ -49,12 +50,9 @@ class PCB(BadNets):
 
     name = "pcb"
     config_class = PCBConfig
-    supply_chain = True
     description = "parameter-controlled backdoor: backdoor gradient on a fixed random parameter subset (PyP Alg. 5)"
-
-    def poison(self, train_set, generator):
-        raise TypeError("pcb is a supply-chain attack that never modifies the training set; call "
-                        "PCB.train(model, train_set, config, generator=...) (or `guard poison --attack pcb`)")
+    refused_options = dict.fromkeys(("budget", "num_poisons"), "pcb never modifies the training set; "
+                                    "batch_fraction of every training batch carries the trigger (Alg. 5)")
 
     def sample_masks(self, model: nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """SAMPLEPARAMS(θ, p): a fixed random bool mask selecting a fraction p of each trainable tensor."""

@@ -17,6 +17,7 @@ Every crafting loop optimises all poisons of a goal as one batch on the surrogat
 
 from __future__ import annotations
 
+import abc
 import logging
 from dataclasses import asdict, dataclass
 from typing import Sequence
@@ -31,7 +32,8 @@ from .primitives import from_uint8, patch_box, random_pattern, stamp, to_uint8
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AttackGoal", "BP", "CLBD", "CP", "FC", "HTBD", "PolytopeConfig", "TransferConfig", "make_goals"]
+__all__ = ["AttackGoal", "BP", "CLBD", "CP", "CraftConfig", "FC", "HTBD", "HTBDConfig", "PolytopeConfig",
+           "TransferConfig", "TriggerTransferConfig", "make_goals"]
 
 
 @dataclass(frozen=True)
@@ -83,26 +85,35 @@ def make_goals(train_set: ImageTensorDataset, test_set: ImageTensorDataset, num_
 
 
 @dataclass(frozen=True)
-class TransferConfig:
+class CraftConfig:
     """Crafting options shared by the transfer attacks. ``eps``: ℓ∞ radius (16/255, rescaler_appendix.txt §A);
-    ``iterations`` and ``lr``: the optimiser budget (FC: JHT's 120 iterations, but step 0.01 instead of JHT's
-    0.001, which barely moves the 64-d features of the CIFAR ResNets here); ``layers``: extra sub-modules of ``surrogate.net`` whose
-    outputs join the penultimate features (CP/BP's "end-to-end" multi-layer variant); ``seed``: the trigger
-    patch's random draws (CLBD/HTBD)."""
+    ``iterations`` and ``lr``: the optimiser budget."""
 
     eps: float = 16 / 255
     iterations: int = 120
     lr: float = 0.01
-    layers: tuple[str, ...] = ()
-    seed: int = 0
 
     def __post_init__(self) -> None:
         check_float("eps", self.eps, 0.0, 1.0, low_open=True)
         check_int("iterations", self.iterations, 1)
         check_float("lr", self.lr, 0.0, low_open=True)
+
+
+@dataclass(frozen=True)
+class TransferConfig(CraftConfig):
+    """The feature-space attacks FC, CP and BP: FC's budget is JHT's 120 iterations, but step 0.01 instead of
+    JHT's 0.001, which barely moves the 64-d features of the CIFAR ResNets here; ``layers``: extra sub-modules of
+    ``surrogate.net`` whose outputs join the penultimate features (CP/BP's "end-to-end" multi-layer variant)."""
+
+    layers: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if not isinstance(self.layers, tuple) or not all(isinstance(s, str) for s in self.layers):
             raise TypeError(f"layers must be a tuple of module names, got {self.layers!r}")
-        check_int("seed", self.seed, 0)
+
+
+_NO_SEED = "{} has no trigger and crafts without random draws: a seed would change nothing"
 
 
 def _feature_list(model, x: torch.Tensor, layers: Sequence[str]) -> list[torch.Tensor]:
@@ -125,23 +136,24 @@ class TransferAttack(TargetedAttack):
     """Shared plumbing: validation, the frozen surrogate, batching, ℓ∞ projection and the result."""
 
     config_class = TransferConfig
-    uses_trigger = False
     needs_sources = False  # HTBD collides with patched target-class training images
 
+    @abc.abstractmethod
     def craft(self, bases: torch.Tensor, target: torch.Tensor, surrogate, generator: torch.Generator,
               goal: AttackGoal, sources: torch.Tensor | None = None) -> torch.Tensor:
         """Poisons (P, C, H, W) from ``bases`` for ``target``; ``sources``: target-class images (HTBD only)."""
-        raise NotImplementedError
 
-    def trigger_patch(self, shape: tuple[int, int, int]) -> tuple[torch.Tensor, int, int]:
-        raise NotImplementedError
+    def trigger_patch(self, shape: tuple[int, int, int]) -> tuple[torch.Tensor, int, int] | None:
+        """The backdoor variants' trigger (patch, row, col) for images of ``shape``; ``None``: triggerless."""
+        return None
 
     def target_input(self, target_image: torch.Tensor) -> torch.Tensor:
         """What the victim is queried with for this goal: the target image (C, H, W), with the trigger for
         the backdoor variants."""
-        if not self.uses_trigger:
+        trigger = self.trigger_patch(tuple(target_image.shape))
+        if trigger is None:
             return target_image
-        patch, r, c = self.trigger_patch(tuple(target_image.shape))
+        patch, r, c = trigger
         return stamp(target_image[None], patch, r, c)[0]
 
     def _project(self, x: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
@@ -212,6 +224,7 @@ class FC(TransferAttack):
 
     name = "fc"
     description = "feature collision / Poison Frogs, l-inf + watermark (Shafahi et al. 2018)"
+    refused_options = {"seed": _NO_SEED.format("fc")}
     watermark = 0.3
 
     def craft(self, bases, target, surrogate, generator, goal, sources=None):
@@ -277,8 +290,14 @@ class _Polytope(TransferAttack):
 
     config_class = PolytopeConfig
 
-    def coefficients(self, feats, target, c):
-        raise NotImplementedError
+    @abc.abstractmethod
+    def coefficients(self, feats: torch.Tensor, target: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The convex-combination weights of the poisons' features for the target's."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def layer_loss(feats: torch.Tensor, target: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The reconstruction loss of one feature layer."""
 
     def craft(self, bases, target, surrogate, generator, goal, sources=None):
         layers = self.config.layers
@@ -308,6 +327,7 @@ class CP(_Polytope):
 
     name = "cp"
     description = "convex polytope (Zhu et al. 2019)"
+    refused_options = {"seed": _NO_SEED.format("cp")}
 
     def coefficients(self, feats, target, c):
         return _polytope_coefficients(feats, target, c)
@@ -324,6 +344,7 @@ class BP(_Polytope):
 
     name = "bp"
     description = "bullseye polytope (Aghakhani et al. 2021)"
+    refused_options = {"seed": _NO_SEED.format("bp")}
 
     def coefficients(self, feats, target, c):
         return c
@@ -334,17 +355,19 @@ class BP(_Polytope):
 
 
 @dataclass(frozen=True)
-class TriggerTransferConfig(TransferConfig):
-    """CLBD/HTBD: a ``patch_size``² (6×6, rescaler_appendix.txt §A) seeded random patch (A20 substitute for
-    the JHT trigger images); ``step`` is CLBD's PGD step (2/255)."""
+class TriggerTransferConfig(CraftConfig):
+    """CLBD/HTBD: a ``patch_size``² (6×6, rescaler_appendix.txt §A) random patch drawn from ``seed`` (A20
+    substitute for the JHT trigger images); ``lr`` is CLBD's PGD step (2/255)."""
 
     iterations: int = 20
     lr: float = 2 / 255
     patch_size: int = 6
+    seed: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int("patch_size", self.patch_size, 1)
+        check_int("seed", self.seed, 0)
 
 
 @register_attack
@@ -355,8 +378,9 @@ class CLBD(TransferAttack):
 
     name = "clbd"
     config_class = TriggerTransferConfig
-    uses_trigger = True
     description = "clean-label backdoor: PGD-hardened bases + patch (Turner et al. 2019)"
+    refused_options = {"layers": "clbd hardens the bases with PGD on the surrogate's classification loss; it "
+                                 "matches no feature layers (ALGORITHMS.md A7)"}
 
     def trigger_patch(self, shape):
         c, h, w = shape
@@ -420,9 +444,9 @@ class HTBD(TransferAttack):
 
     name = "htbd"
     config_class = HTBDConfig
-    uses_trigger = True
     needs_sources = True
     description = "hidden trigger backdoor (Saha et al. 2020)"
+    refused_options = {"layers": "htbd collides penultimate features only (ALGORITHMS.md A8)"}
 
     def trigger_patch(self, shape):
         c, h, w = shape
@@ -431,15 +455,14 @@ class HTBD(TransferAttack):
         return random_pattern((c, s, s), torch.Generator().manual_seed(self.config.seed)), r, q
 
     def craft(self, bases, target, surrogate, generator, goal, sources=None):
-        layers = self.config.layers
         patch, r, q = self.trigger_patch(tuple(bases.shape[1:]))
         with torch.no_grad():
-            source_feats = _feature_list(surrogate, stamp(sources, patch.to(sources), r, q), layers)[0]
+            source_feats = surrogate.features(stamp(sources, patch.to(sources), r, q))
         x = bases.clone()
         for i in range(self.config.iterations):
             lr = self.config.lr * 0.95 ** (i // 2000)
             x.requires_grad_(True)
-            feats = _feature_list(surrogate, x, layers)[0]
+            feats = surrogate.features(x)
             with torch.no_grad():
                 match = _greedy_match(torch.cdist(source_feats, feats.detach()))
             loss = ((source_feats[match] - feats) ** 2).sum()

@@ -7,14 +7,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import AttackConfig, BackdoorAttack, check_float, check_int, register_attack
+from .base import BackdoorAttack, PoisonConfig, check_float, check_int, register_attack
 from .primitives import warp
 
 __all__ = ["WaNet", "WaNetConfig"]
 
 
 @dataclass(frozen=True)
-class WaNetConfig(AttackConfig):
+class WaNetConfig(PoisonConfig):
     """WaNet defaults (BackdoorBench-style CIFAR-10 config): control grid ``k`` = 4, strength ``s`` = 0.5,
     ``grid_rescale`` 1, backdoor rate 0.1, ``cross_ratio`` 2 noise samples per backdoor sample (0.2)."""
 

@@ -29,7 +29,7 @@ _PER_SOURCE = {1: 500, 3: 200, 9: 60}
 class XiangConfig(AttackConfig):
     """Pattern ``pattern`` ∈ A–F with ``num_sources`` ∈ {1, 3, 9} source classes. ``target`` and ``sources``
     default to supp. Table 5 (CIFAR-10); ``per_source`` backdoor images per source class defaults to
-    500 / 200 / 60 (§5.1.2). ``budget``/``num_poisons`` are unused: the count is ``per_source``·|sources|."""
+    500 / 200 / 60 (§5.1.2), so m = ``per_source``·|sources|."""
 
     target: int | None = None  # type: ignore[assignment]
     pattern: str = "A"
@@ -78,6 +78,8 @@ class XiangPattern(BackdoorAttack):
 
     name = "xiang"
     config_class = XiangConfig
+    refused_options = dict.fromkeys(("budget", "num_poisons"), "xiang poisons per_source images of each source "
+                                    "class (reverse_engineering_cleansing.txt §5.1.2); set per_source instead")
     description = "imperceptible additive patterns A-F, 1/3/9 source classes (Xiang et al.)"
 
     def check_num_classes(self, num_classes):
@@ -85,6 +87,9 @@ class XiangPattern(BackdoorAttack):
         bad = [s for s in self.config.sources if s >= num_classes]
         if bad:
             raise ValueError(f"sources {bad} are not classes of this dataset: expected 0..{num_classes - 1}")
+
+    def poison_count(self, n):
+        return self.config.per_source * len(self.config.sources)
 
     def pool(self, labels):
         return torch.isin(labels, torch.tensor(self.config.sources))

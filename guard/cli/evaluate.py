@@ -14,8 +14,8 @@ import json
 import time
 
 from . import CLIError
-from .poison import add_attack_arguments, attack_from_args, attack_report
-from .train import add_data_arguments, load_data, resolve_device, resolve_split
+from ._common import (add_attack_arguments, add_data_arguments, attack_from_args, attack_report, load_data,
+                      resolve_device, resolve_split)
 
 
 def parse_rescaler(spec: str) -> dict[str, float | int]:
@@ -60,7 +60,7 @@ def add_parser(subparsers) -> None:
                    help="also evaluate through ReScaler with these settings (bare flag: the defaults)")
     p.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    add_attack_arguments(p)  # --attack / --attack-opt / --attack-record: ASR on triggered images (guard.cli.poison)
+    add_attack_arguments(p)  # --attack / --attack-opt / --attack-record: ASR on triggered images
     p.set_defaults(func=run)
 
 

@@ -54,5 +54,5 @@ def run(args: argparse.Namespace) -> int:
     print("attacks:")
     for name, a in info["attacks"].items():
         label = "clean-label" if a["clean_label"] else "poison-label"
-        print(f"  {name:<16} {a['kind']:<9} {label:<13} {a['description']}")
+        print(f"  {name:<16} {a['kind']:<12} {label:<13} {a['description']}")
     return 0

@@ -2,16 +2,18 @@
 
 Writes the poisoned checkpoint (``--out``, loadable by ``guard.models.create``) and a JSON record beside it
 (``--record``, default ``<out>.json``): the attack and its config, the seed, the poisoned indices and their
-original labels, and the CDA / ASR measured on ``--eval-split``. ``--resume`` continues an interrupted run
-(the poisoned set is rebuilt from the seed and checked against the record).
+original labels, and the CDA / ASR measured on ``--eval-split``; an attack with state (ISSBA's fitted encoder,
+Adv's surrogate) also writes it beside the record, so ``guard eval --attack-record`` rebuilds the exact trigger.
+A supply-chain attack (``pcb``) trains the model itself on the clean set. ``--resume`` continues an interrupted
+run (the poisoned set is rebuilt from the seed and checked against the record).
 
 Example::
 
     guard poison --attack badnets --attack-opt target=0 --attack-opt budget=0.01 \\
         --model resnet20 --dataset cifar10 --epochs 30 --out runs/badnets.pt
 
-The helpers :func:`add_attack_arguments`, :func:`attack_from_args` and :func:`attack_report` give
-``guard train`` / ``guard eval`` the same ``--attack NAME --attack-opt k=v`` flags.
+The ``--attack NAME --attack-opt k=v`` flags and the record reader are shared with ``guard train``, ``guard eval``
+and ``guard repair`` (:mod:`guard.cli._common`).
 """
 
 from __future__ import annotations
@@ -24,59 +26,8 @@ from pathlib import Path
 import torch
 
 from . import CLIError
-from .train import (add_training_arguments, initial_model, load_data, resolve_device, resolve_split,
-                    training_config)
-
-
-def add_attack_arguments(parser: argparse.ArgumentParser, required: bool = False,
-                         from_record: bool | None = None) -> None:
-    """``--attack NAME``, repeated ``--attack-opt key=value`` and (``from_record``, default: when the attack
-    is optional) ``--attack-record FILE``."""
-    from ..attacks import list_attacks
-
-    g = parser.add_argument_group("attack")
-    g.add_argument("--attack", required=required, choices=list_attacks("backdoor"), metavar="NAME",
-                   help=f"backdoor attack: {', '.join(list_attacks('backdoor'))}")
-    g.add_argument("--attack-opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="attack option (repeatable), e.g. target=0, budget=0.01, location=top-left")
-    if (not required) if from_record is None else from_record:
-        g.add_argument("--attack-record", default=None, metavar="FILE",
-                       help="rebuild the attack (and its trigger) from the JSON record of `guard poison`")
-
-
-def attack_from_args(args: argparse.Namespace):
-    """The attack named by ``--attack``/``--attack-opt`` (or ``--attack-record``), or ``None``."""
-    from ..attacks import attack_from_record, get_attack, parse_options
-
-    record = getattr(args, "attack_record", None)
-    if record is not None:
-        if args.attack is not None or args.attack_opt:
-            raise CLIError("--attack-record already fixes the attack; drop --attack/--attack-opt")
-        try:
-            return attack_from_record(json.loads(Path(record).read_text()))
-        except (OSError, json.JSONDecodeError, KeyError) as exc:
-            raise CLIError(f"--attack-record: cannot read an attack record from {record}: {exc}") from exc
-    if args.attack is None:
-        if args.attack_opt:
-            raise CLIError("--attack-opt needs --attack NAME")
-        return None
-    try:
-        return get_attack(args.attack)(parse_options(args.attack, args.attack_opt))
-    except (TypeError, ValueError) as exc:
-        raise CLIError(f"--attack-opt: {exc}") from exc
-
-
-def attack_report(model: torch.nn.Module, attack, test_set, *, batch_size: int = 256,
-                  device: torch.device | None = None, defense=None) -> dict:
-    """CDA and ASR (PyP form, non-target and source-class variants) of ``model`` under ``attack``."""
-    from ..metrics import evaluate_backdoor
-
-    return {"attack": attack.name, **evaluate_backdoor(model, attack, test_set, batch_size=batch_size,
-                                                       device=device, defense=defense)}
-
-
-def add_record_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--record", default=None, help="JSON record path (default: <out>.json)")
+from ._common import (add_attack_arguments, add_record_argument, add_training_arguments, attack_from_args,
+                      attack_report, initial_model, load_data, resolve_device, resolve_split, training_config)
 
 
 def add_parser(subparsers) -> None:
@@ -91,6 +42,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..attacks import SupplyChainAttack, save_record
     from ..train import train
 
     config = training_config(args)
@@ -104,12 +56,10 @@ def run(args: argparse.Namespace) -> int:
     train_set = load_data(args, args.model, split)
     eval_set = load_data(args, args.model, args.eval_split)
     generator = torch.Generator().manual_seed(args.seed)
-    if attack.supply_chain:  # PCB: the data stay clean, the attacker controls training
-        from ..attacks.base import config_to_json
-
+    supply_chain = isinstance(attack, SupplyChainAttack)  # PCB: the data stay clean, the attacker trains
+    if supply_chain:
         result = None
-        record = {"attack": attack.name, "config": config_to_json(attack.config), "num_poisons": 0,
-                  "indices": [], "original_labels": [], "poisoned_labels": [], "cover_indices": []}
+        record = attack.record()
     else:
         result = attack.poison(train_set, generator)
         record = result.record()
@@ -125,12 +75,12 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"--resume: the poisoned set rebuilt from seed {args.seed} differs from {record_path}")
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
-        record_path.write_text(json.dumps(record, indent=2))
+        save_record(record, record_path, attack)
 
     model = initial_model(args, train_set.num_classes)
     device = resolve_device(args.device)
     started = time.perf_counter()
-    fit = attack.train if attack.supply_chain else train
+    fit = attack.train if supply_chain else train
     history = fit(model, train_set if result is None else result.dataset, config, generator=generator,
                   device=device, checkpoint=out, resume=args.resume, progress=not args.no_progress)
     seconds = time.perf_counter() - started
@@ -138,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     record.update({"eval_split": args.eval_split, "eval_images": len(eval_set), "train_seconds": round(seconds, 3),
                    "epochs": len(history.history), "train_loss": history.last.loss,
                    **{k: v for k, v in report.items() if k != "attack"}})
-    record_path.write_text(json.dumps(record, indent=2))
+    save_record(record, record_path, attack)
     if args.json:
         print(json.dumps({k: v for k, v in record.items()
                           if k not in ("indices", "original_labels", "poisoned_labels", "cover_indices")}, indent=2))

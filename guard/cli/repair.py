@@ -24,9 +24,8 @@ import torch
 
 from .._validation import require_extra
 from . import CLIError
-from .poison import add_attack_arguments, attack_from_args
-from .scan import add_trust_arguments, load_trust_data
-from .train import add_data_arguments, resolve_device
+from ._common import (add_attack_arguments, add_data_arguments, add_trust_arguments, attack_from_args,
+                      load_trust_data, resolve_device)
 
 log = logging.getLogger(__name__)
 

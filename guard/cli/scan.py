@@ -15,7 +15,6 @@ trigger next to it (``--triggers-dir``), and, for CNC, the repaired model it cal
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import time
@@ -24,34 +23,7 @@ from pathlib import Path
 import torch
 
 from . import CLIError
-from .train import add_data_arguments, load_data, resolve_device, resolve_split
-
-
-def add_trust_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by ``guard scan`` and ``guard repair``: trusted fraction, held-out split, seed."""
-    parser.add_argument("--trusted-fraction", type=float, default=0.01,
-                        help="share of --split the defender trusts (default 0.01, pick_your_poison.txt §5)")
-    parser.add_argument("--eval-split", default="test",
-                        help="held-out clean split for the CDA budget and scoring (default: test)")
-    parser.add_argument("--eval-limit", type=int, default=None, metavar="N",
-                        help="use only the first N images of --eval-split")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
-
-
-def load_trust_data(args: argparse.Namespace):
-    """(trusted set, held-out set) for ``args`` (see :func:`add_trust_arguments`)."""
-    from ..repair import split_trusted
-
-    if not 0 < args.trusted_fraction <= 1:
-        raise CLIError(f"--trusted-fraction must be in (0, 1], got {args.trusted_fraction}")
-    if args.eval_limit is not None and args.eval_limit < 1:
-        raise CLIError(f"--eval-limit must be >= 1, got {args.eval_limit}")
-    source = load_data(args, args.model, resolve_split(args))
-    trusted = split_trusted(source, args.trusted_fraction, torch.Generator().manual_seed(args.seed))
-    eval_args = copy.copy(args)
-    eval_args.limit = args.eval_limit
-    heldout = load_data(eval_args, args.model, args.eval_split)
-    return trusted, heldout
+from ._common import add_data_arguments, add_trust_arguments, load_trust_data, resolve_device
 
 
 def add_parser(subparsers) -> None:

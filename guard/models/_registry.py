@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ._init import init_defaults
+
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -96,27 +98,34 @@ class GuardModel(nn.Module):
         return captured[0].flatten(1)
 
 
+#: ``init(net, generator)``: draws every parameter and buffer of a freshly built ``net`` from ``generator``
+InitFn = Callable[[nn.Module, torch.Generator | None], None]
+
+
 @dataclass(frozen=True)
 class _Entry:
     spec: ModelSpec
     builder: Callable[[int], nn.Module]
     classifier_name: str
+    init: InitFn
 
 
 _REGISTRY: dict[str, _Entry] = {}
 
 
-def register_model(spec: ModelSpec, classifier_name: str) -> Callable[[Callable[[int], nn.Module]],
-                                                                          Callable[[int], nn.Module]]:
+def register_model(spec: ModelSpec, classifier_name: str, init: InitFn = init_defaults
+                   ) -> Callable[[Callable[[int], nn.Module]], Callable[[int], nn.Module]]:
     """Decorator registering ``builder(num_classes) -> nn.Module`` under ``spec.name``.
 
-    Duplicate names are refused, so a typo cannot silently replace an architecture.
+    ``init(net, generator)`` initialises a built network as the architecture's constructor would, drawing from
+    ``generator`` (default: torch's per-layer defaults, :func:`~guard.models.init_defaults`). Duplicate names are
+    refused, so a typo cannot silently replace an architecture.
     """
 
     def decorator(builder: Callable[[int], nn.Module]) -> Callable[[int], nn.Module]:
         if spec.name in _REGISTRY:
             raise ValueError(f"model {spec.name!r} is already registered")
-        _REGISTRY[spec.name] = _Entry(spec, builder, classifier_name)
+        _REGISTRY[spec.name] = _Entry(spec, builder, classifier_name, init)
         return builder
 
     return decorator
@@ -134,19 +143,32 @@ def get_spec(name: str) -> ModelSpec:
     return _REGISTRY[name].spec
 
 
-def create(name: str, num_classes: int = 10, weights: str | Path | None = None) -> GuardModel:
+def create(name: str, num_classes: int = 10, weights: str | Path | None = None, *,
+           generator: torch.Generator | None = None) -> GuardModel:
     """Build a registered model in eval mode, optionally loading a checkpoint.
+
+    The network is built on the meta device and its parameters are then drawn from ``generator`` (a CPU
+    ``torch.Generator``) by the architecture's ``init``: the same seed gives the same model, and the global RNG
+    is neither read nor advanced. Without a generator the parameters come from the global RNG, as torch's
+    layers do.
 
     Example::
 
         model = guard.models.create("resnet20", weights="data/weights/resnet20-12fca82f.th")
+        fresh = guard.models.create("resnet20", generator=torch.Generator().manual_seed(0))
     """
     spec = get_spec(name)
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    if generator is not None and not (isinstance(generator, torch.Generator) and generator.device.type == "cpu"):
+        raise TypeError(f"generator must be a CPU torch.Generator or None, got {generator!r}")
     entry = _REGISTRY[name]
     spec = ModelSpec(**{**spec.__dict__, "num_classes": num_classes})
-    model = GuardModel(entry.builder(num_classes), spec, entry.classifier_name)
+    with torch.device("meta"):
+        net = entry.builder(num_classes)
+    net = net.to_empty(device="cpu")
+    entry.init(net, generator)
+    model = GuardModel(net, spec, entry.classifier_name)
     if weights is not None:
         load_weights(model, weights)
     return model.eval()

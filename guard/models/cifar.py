@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._init import init_he_normal
+
 
 class ShortcutA(nn.Module):
     """Option-A shortcut: ``x[:, :, ::2, ::2]`` with zero channels padded half before, half after."""
@@ -126,9 +128,11 @@ class CifarResNet(nn.Module):
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
         self.num_stages = len(depths)
         self.linear = nn.Linear(in_planes, num_classes)
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(m.weight)
+        self.init_weights()
+
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """He-normal (fan-in) convolution and linear weights, torch's defaults elsewhere, from ``generator``."""
+        init_he_normal(self, generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -164,9 +168,11 @@ class PreActResNet(nn.Module):
         self.num_stages = len(depths)
         self.bn = nn.BatchNorm2d(in_planes)
         self.linear = nn.Linear(in_planes, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        self.init_weights()
+
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """He-normal (fan-out) convolution weights, torch's defaults elsewhere, from ``generator``."""
+        init_he_normal(self, generator, mode="fan_out", layers=(nn.Conv2d,))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv1(x)
