@@ -15,18 +15,16 @@ labels. Poisons replace their clean originals ("without replacement", pick_your_
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import logging
 import math
-import types
 import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from .._validation import check_images
+from .._validation import check_images, coerce_option, parse_config_options
 from ..data import ImageTensorDataset
 from .primitives import from_uint8, to_uint8
 
@@ -370,74 +368,15 @@ def _field_types(config_class: type[AttackConfig]) -> dict[str, Any]:
     return typing.get_type_hints(config_class)
 
 
-def _coerce(value: Any, hint: Any) -> Any:
-    """Make a parsed literal fit a field's annotation where the conversion is lossless (int -> float,
-    list -> tuple); anything else is left for the config's own validation to reject."""
-    args = typing.get_args(hint)
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        for arg in args:
-            if arg is type(None):
-                if value is None:
-                    return None
-                continue
-            coerced = _coerce(value, arg)
-            if _fits(coerced, arg):
-                return coerced
-        return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if origin is tuple and isinstance(value, (list, tuple)):
-        inner = args[0] if args else Any
-        return tuple(_coerce(v, inner) for v in value)
-    if origin is tuple and isinstance(value, (int, float)) and len(args) == 2 and args[1] is Ellipsis:
-        return (_coerce(value, args[0]),)
-    return value
-
-
-def _fits(value: Any, hint: Any) -> bool:
-    origin = typing.get_origin(hint)
-    if origin is tuple:
-        return isinstance(value, tuple)
-    if hint is float:
-        return isinstance(value, float)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint) if isinstance(hint, type) else True
-
-
 def parse_options(name: str, items: list[str] | tuple[str, ...]) -> AttackConfig:
-    """``parse_options("badnets", ["target=3", "budget=0.01"])`` -> the attack's validated config.
-
-    Values are Python literals (``3``, ``0.01``, ``true``, ``2,5,8`` or ``(2, 5, 8)``); anything that is not
-    a literal is taken as a string (``location=bottom-right``).
-    """
-    cls = get_attack(name)
-    hints = _field_types(cls.config_class)
-    options: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = (s.strip() for s in item.partition("="))
-        if not sep or not key:
-            raise ValueError(f"attack option: expected key=value, got {item!r}")
-        if key not in hints:
-            raise ValueError(f"attack {name!r} has no option {key!r}; expected one of {', '.join(hints)}")
-        if key in options:
-            raise ValueError(f"attack option {key!r} given twice")
-        lowered = text.lower()
-        if lowered in ("true", "false", "none"):
-            value: Any = {"true": True, "false": False, "none": None}[lowered]
-        else:
-            try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                value = text
-        options[key] = _coerce(value, hints[key])
-    return cls.config_class(**options)
+    """``parse_options("badnets", ["target=3", "budget=0.01"])`` -> the attack's validated config (values as
+    :func:`guard._validation.parse_config_options` reads them)."""
+    return parse_config_options(get_attack(name).config_class, items, what=f"attack {name!r}")
 
 
 def attack_from_record(record: dict[str, Any]) -> Attack:
     """Rebuild the attack of a :meth:`PoisonResult.record` (e.g. to trigger test images in another process)."""
     cls = get_attack(record["attack"])
     hints = _field_types(cls.config_class)
-    config = {k: _coerce(v, hints[k]) for k, v in record["config"].items()}
+    config = {k: coerce_option(v, hints[k]) for k, v in record["config"].items()}
     return cls(cls.config_class(**config))

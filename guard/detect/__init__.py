@@ -1,25 +1,29 @@
-"""Model-level backdoor detection: Calibrated Trigger Inversion (CNC) and Neural Cleanse (NC), the batched
-trigger inversion engine they share (:mod:`guard.detect.inversion`), the scan report they write, and the
-per-request scorer the serving handler uses.
+"""Model-level backdoor detection behind one interface (:class:`Detector`: a frozen config and one verb,
+``scan(model, trusted, heldout)``), addressed by name: ``cnc`` — Calibrated Trigger Inversion (ALGORITHMS.md
+D3), ``nc`` — Neural Cleanse (D4). Also the batched trigger inversion engine they share
+(:mod:`guard.detect.inversion`), the scan report they write, and the per-request scorer the serving handler
+uses.
 
 Example::
 
-    from guard.detect import CalibratedTriggerInversion, NeuralCleanse
-    cnc = CalibratedTriggerInversion().scan(model, trusted, heldout, generator=torch.Generator().manual_seed(0))
-    cnc.report.save("report.json")
+    from guard.detect import create_detector, list_detectors
+    scan = create_detector("cnc").scan(model, trusted, heldout, generator=torch.Generator().manual_seed(0))
+    scan.report.save("report.json"); scan.report.summary; scan.trigger_image(c)
 """
 
-from .cnc import CalibratedTriggerInversion, CNCConfig, CNCResult, calibrate_threshold
+from .base import (Detector, MADResult, ScanReport, ScanResult, create_detector, describe_detectors, get_detector,
+                   list_detectors, mad_anomaly_index, register_detector, save_trigger_png, separation_index)
+from .cnc import CalibratedTriggerInversion, CNCConfig, calibrate_threshold
 from .inversion import (AdditiveTrigger, CostSchedule, FixedSteps, InversionConfig, InversionResult, InversionTask,
                         LogSurrogate, MaskPatternTrigger, Objective, TargetCrossEntropy, TriggerForm, TriggeredBatch,
                         UntilSuccess, apply_mask_pattern, class_tasks, frozen, invert, pair_tasks, tanh_bounded)
-from .neural_cleanse import MADResult, NCResult, NeuralCleanse, NeuralCleanseConfig, mad_anomaly_index
-from .report import ScanReport, save_trigger_png
+from .neural_cleanse import NeuralCleanse, NeuralCleanseConfig
 from .serving import RequestScorer, RequestScores
 
-__all__ = ["AdditiveTrigger", "CNCConfig", "CNCResult", "CalibratedTriggerInversion", "CostSchedule", "FixedSteps",
+__all__ = ["AdditiveTrigger", "CNCConfig", "CalibratedTriggerInversion", "CostSchedule", "Detector", "FixedSteps",
            "InversionConfig", "InversionResult", "InversionTask", "LogSurrogate", "MADResult", "MaskPatternTrigger",
-           "NCResult", "NeuralCleanse", "NeuralCleanseConfig", "Objective", "RequestScorer", "RequestScores",
-           "ScanReport", "TargetCrossEntropy", "TriggerForm", "TriggeredBatch", "UntilSuccess", "apply_mask_pattern",
-           "calibrate_threshold", "class_tasks", "frozen", "invert", "mad_anomaly_index", "pair_tasks",
-           "save_trigger_png", "tanh_bounded"]
+           "NeuralCleanse", "NeuralCleanseConfig", "Objective", "RequestScorer", "RequestScores", "ScanReport",
+           "ScanResult", "TargetCrossEntropy", "TriggerForm", "TriggeredBatch", "UntilSuccess", "apply_mask_pattern",
+           "calibrate_threshold", "class_tasks", "create_detector", "describe_detectors", "frozen", "get_detector",
+           "invert", "list_detectors", "mad_anomaly_index", "pair_tasks", "register_detector", "save_trigger_png",
+           "separation_index", "tanh_bounded"]

@@ -30,3 +30,26 @@ def check_scan_inputs(model: object, generator: torch.Generator | None) -> torch
     if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
         raise TypeError(f"generator must be a CPU torch.Generator, got {generator!r}")
     return generator
+
+
+def check_classes(classes: object) -> tuple[int, ...] | None:
+    """A config's ``classes`` field: ``None`` (all) or distinct non-negative class indices, as a tuple."""
+    if classes is None:
+        return None
+    if isinstance(classes, (str, bytes)) or not hasattr(classes, "__iter__"):
+        raise ValueError(f"classes must be None or distinct non-negative class indices, got {classes!r}")
+    classes = tuple(classes)
+    if not classes or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in classes) \
+            or len(set(classes)) != len(classes):
+        raise ValueError(f"classes must be None or distinct non-negative class indices, got {classes!r}")
+    return classes
+
+
+def scanned_classes(classes: tuple[int, ...] | None, model: GuardModel, at_least: int = 1) -> tuple[int, ...]:
+    """The classes a scan covers (all of the model's when ``None``), checked against the model."""
+    k = model.num_classes
+    chosen = classes if classes is not None else tuple(range(k))
+    if max(chosen) >= k or len(chosen) < at_least:
+        raise ValueError(f"classes must be at least {at_least} labels in [0, {k - 1}] for a {k}-class model, "
+                         f"got {chosen}")
+    return chosen

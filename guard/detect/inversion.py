@@ -573,8 +573,9 @@ class InversionResult:
     """Per task (in the order given): ``triggers[i]`` — the recorded trigger's values on the CPU (under a
     cost schedule the best one, ``None`` when none reached the threshold; otherwise the last one);
     ``size`` — its mean size over its step's batches (``inf`` when none was found); ``success`` — the
-    success rate of that step (NaN when none); ``found``; ``steps`` — steps run; ``first_loss`` / ``best_loss`` — each image's objective loss in the first step and
-    in the recorded step (NaN for images not drawn in it; MOTH's warm-up loss decrease)."""
+    success rate of that step (NaN when none); ``found``; ``steps`` — steps run; ``first_loss`` /
+    ``best_loss`` — each image's objective loss in the first step and in the recorded step (NaN for images
+    not drawn in it; MOTH's warm-up loss decrease)."""
 
     tasks: tuple[InversionTask, ...]
     triggers: tuple[dict[str, torch.Tensor] | None, ...]
