@@ -19,6 +19,7 @@ from guard.detect import (CNCConfig, CalibratedTriggerInversion, Detector, Neura
                           create_detector, describe_detectors, get_detector, list_detectors, mad_anomaly_index,
                           register_detector, save_trigger_png, tanh_bounded)
 from guard.models import save_weights
+from guard.repair import PivotalTuningConfig
 from test_repair import TARGET, TINY_REPAIR, planted
 
 TINY_CNC = CNCConfig(steps_per_class=40, batch_size=64, repair=TINY_REPAIR)
@@ -347,3 +348,14 @@ def test_a_failed_scan_leaves_no_hooks_and_restores_the_model(name):
     assert model.training and all(p.requires_grad for p in model.parameters())
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_cnc_says_when_its_repair_changed_nothing():
+    p = planted()
+    harsh = PivotalTuningConfig(steps=20, eval_every=10, batch_size=64, lr=5.0, param_lambda=0.0, augment=False)
+    scan = create_detector("cnc", steps_per_class=2, repair=harsh).scan(p.backdoored, p.trusted, p.test_set,
+                                                                          generator=torch.Generator().manual_seed(0))
+    assert scan.report.details["repair"]["chosen"]["step"] == 0
+    assert scan.report.caveat is not None and "kept the original model" in scan.report.summary
+    assert all(s == 0 for s in scan.report.scores.values())  # the model compared with itself
+    assert ScanReport.from_dict(scan.report.to_dict()).caveat == scan.report.caveat

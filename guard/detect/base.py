@@ -47,7 +47,8 @@ class ScanReport:
     score's MAD anomaly index among the class scores; ``None`` with fewer than three classes).
     ``flagged_class``: the top class when the model is backdoored *and* that class stands out
     (separation > :data:`SEPARATION_THRESHOLD`), else ``None`` — a verdict without a class says the scan
-    cannot tell which class is the target. ``details``: method-specific numbers (JSON-ready).
+    cannot tell which class is the target. ``caveat``: why the scores may not mean what they seem (e.g.
+    CNC's repair changed nothing), said in :attr:`summary`. ``details``: method-specific numbers (JSON-ready).
     """
 
     method: str
@@ -58,6 +59,7 @@ class ScanReport:
     details: dict = field(default_factory=dict)
     triggers: dict[int, str] = field(default_factory=dict)
     separation: float | None = None
+    caveat: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in _REGISTRY:
@@ -72,17 +74,21 @@ class ScanReport:
             raise ValueError(f"backdoored={self.backdoored} contradicts flagged_class={self.flagged_class}")
         if self.separation is not None and not is_number(self.separation):
             raise ValueError(f"separation must be None or a finite number, got {self.separation!r}")
+        if self.caveat is not None and (not isinstance(self.caveat, str) or not self.caveat):
+            raise ValueError(f"caveat must be None or a sentence, got {self.caveat!r}")
 
     @property
     def summary(self) -> str:
         """One line: the verdict, and whether a class stands out."""
         sep = "n/a" if self.separation is None else f"{self.separation:.2f}"
         if not self.backdoored:
-            return "no backdoor found"
-        if self.flagged_class is not None:
-            return f"backdoored: class {self.flagged_class} stands out (separation {sep})"
-        return (f"backdoored, but no class stands out (separation {sep} <= {SEPARATION_THRESHOLD:g}): "
-                f"the scan cannot tell which class is the target")
+            verdict = "no backdoor found"
+        elif self.flagged_class is not None:
+            verdict = f"backdoored: class {self.flagged_class} stands out (separation {sep})"
+        else:
+            verdict = (f"backdoored, but no class stands out (separation {sep} <= {SEPARATION_THRESHOLD:g}): "
+                       f"the scan cannot tell which class is the target")
+        return verdict if self.caveat is None else f"{verdict} — but {self.caveat}"
 
     @property
     def max_score(self) -> float:
@@ -93,6 +99,7 @@ class ScanReport:
         return {"backdoored": self.backdoored, "flagged_class": self.flagged_class,
                 "scores": {str(c): s for c, s in sorted(self.scores.items())}, "method": self.method,
                 "max_score": self.max_score, "threshold": self.threshold, "separation": self.separation,
+                "caveat": self.caveat,
                 "summary": self.summary, "triggers": {str(c): p for c, p in sorted(self.triggers.items())},
                 "details": self.details}
 
@@ -122,7 +129,8 @@ class ScanReport:
                    flagged_class=None if flagged is None else int(flagged), scores=scores,
                    threshold=float(data["threshold"]), details=dict(data.get("details", {})),
                    triggers={int(c): str(p) for c, p in dict(data.get("triggers", {})).items()},
-                   separation=None if separation is None else float(separation))
+                   separation=None if separation is None else float(separation),
+                   caveat=data.get("caveat"))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ScanReport":

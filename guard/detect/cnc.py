@@ -219,8 +219,14 @@ class CalibratedTriggerInversion(Detector):
         details.update({"score_variant": cfg.score_variant, "steps_per_class": cfg.steps_per_class,
                         "threshold_source": cfg.threshold_source, "top_class": top,
                         "trusted_images": len(trusted), "heldout_images": len(heldout)})
+        caveat = None
+        if "repair" in details and details["repair"]["chosen"]["step"] == 0:
+            caveat = ("the repair kept the original model (its first evaluation already broke the CDA budget), so "
+                      "the scores compare the model with itself and detect nothing; lower repair.lr or "
+                      "repair.eval_every")
+            logger.warning("CNC: %s", caveat)
         report = ScanReport(self.name, backdoored, top if backdoored and stands_out else None, scores,
-                            cfg.threshold, details, separation=separation)
+                            cfg.threshold, details, separation=separation, caveat=caveat)
         triggers = {c: t for c, t in zip(classes, inversion.triggers)}
         return ScanResult(report, config.trigger, triggers, repaired, time.perf_counter() - started)
 
