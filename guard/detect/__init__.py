@@ -1,8 +1,8 @@
 """Model-level backdoor detection behind one interface (:class:`Detector`: a frozen config and one verb,
 ``scan(model, trusted, heldout)``), addressed by name: ``cnc`` — Calibrated Trigger Inversion (ALGORITHMS.md
 D3), ``nc`` — Neural Cleanse (D4). Also the batched trigger inversion engine they share
-(:mod:`guard.detect.inversion`), the scan report they write, and the per-request scorer the serving handler
-uses.
+(:mod:`guard.detect.inversion`), MOTH's class distance of every ordered class pair (:class:`ClassDistance`,
+M12), the scan report, and the per-request scorer the serving handler uses.
 
 Example::
 
@@ -14,13 +14,15 @@ Example::
 from .base import (Detector, MADResult, ScanReport, ScanResult, create_detector, describe_detectors, get_detector,
                    list_detectors, mad_anomaly_index, register_detector, save_trigger_png, separation_index)
 from .cnc import CalibratedTriggerInversion, CNCConfig, calibrate_threshold
+from .distance import ClassDistance, ClassDistanceConfig, DistanceResult
 from .inversion import (AdditiveTrigger, CostSchedule, FixedSteps, InversionConfig, InversionResult, InversionTask,
                         LogSurrogate, MaskPatternTrigger, Objective, TargetCrossEntropy, TriggerForm, TriggeredBatch,
                         UntilSuccess, apply_mask_pattern, class_tasks, frozen, invert, pair_tasks, tanh_bounded)
 from .neural_cleanse import NeuralCleanse, NeuralCleanseConfig
 from .serving import RequestScorer, RequestScores
 
-__all__ = ["AdditiveTrigger", "CNCConfig", "CalibratedTriggerInversion", "CostSchedule", "Detector", "FixedSteps",
+__all__ = ["AdditiveTrigger", "CNCConfig", "CalibratedTriggerInversion", "ClassDistance", "ClassDistanceConfig",
+           "CostSchedule", "Detector", "DistanceResult", "FixedSteps",
            "InversionConfig", "InversionResult", "InversionTask", "LogSurrogate", "MADResult", "MaskPatternTrigger",
            "NeuralCleanse", "NeuralCleanseConfig", "Objective", "RequestScorer", "RequestScores", "ScanReport",
            "ScanResult", "TargetCrossEntropy", "TriggerForm", "TriggeredBatch", "UntilSuccess", "apply_mask_pattern",
