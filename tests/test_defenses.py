@@ -12,18 +12,23 @@ import pytest
 import torch
 
 from guard.detect import NeuralCleanseConfig
-from guard.repair import (Defense, PivotalTuningConfig, RepairResult, UnlearningConfig, create_defense,
+from guard.repair import (Defense, MothConfig, PivotalTuningConfig, RepairResult, UnlearningConfig, create_defense,
                           describe_defenses, get_defense, list_defenses, register_defense)
 from test_repair import TARGET, TINY_REPAIR, attack_success_rate, planted
 
 TINY_UNLEARN = UnlearningConfig(NeuralCleanseConfig(steps=25, samples_per_step=64, batch_size=32), steps=60,
                                 eval_every=20, lr=0.01, batch_size=64, augment=False)
+#: MOTH at tiny scale: a few passes per inversion, lr for a tiny model trained at 0.05
+TINY_MOTH = MothConfig(epochs=3, batch_size=64, lr=0.01, augment=False, eval_every=10, warmup_steps=30,
+                       pair_steps=30, quick_steps=10)
 #: every registered defense at tiny scale (a new defense is tested by adding it here)
-TINY = {"pivotal": TINY_REPAIR, "nc": TINY_UNLEARN}
+TINY = {"pivotal": TINY_REPAIR, "nc": TINY_UNLEARN, "moth": TINY_MOTH}
 #: a quick run of each, for the invariants
 QUICK = {"pivotal": PivotalTuningConfig(steps=20, eval_every=10, batch_size=32, param_lambda=0.0, augment=False),
          "nc": UnlearningConfig(NeuralCleanseConfig(steps=5, samples_per_step=64, attack_threshold=0.9), steps=20,
-                                eval_every=10, batch_size=32, augment=False)}
+                                eval_every=10, batch_size=32, augment=False),
+         "moth": MothConfig(epochs=1, batch_size=64, augment=False, eval_every=5, warmup_steps=3, pair_steps=3,
+                            quick_steps=2)}
 
 
 def test_registry_lists_every_defense_and_refuses_duplicates():
@@ -93,8 +98,8 @@ def test_every_defense_refuses_bad_options_and_bad_data(name):
     cls = get_defense(name)
     with pytest.raises(TypeError, match="unexpected keyword"):
         create_defense(name, no_such_option=1)
-    with pytest.raises(ValueError, match="eval_every|steps"):
-        create_defense(name, steps=0)
+    with pytest.raises(ValueError, match="eval_every must be an int >= 1"):
+        create_defense(name, eval_every=0)
     with pytest.raises(TypeError, match=f"needs a {cls.config_class.__name__}"):
         cls({"steps": 10})
     defense = create_defense(name, config=QUICK[name])

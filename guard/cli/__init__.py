@@ -23,6 +23,7 @@ COMMANDS = {
     "scan": "scan",
     "repair": "repair",
     "distance": "distance",
+    "harden": "harden",
 }
 
 

@@ -32,7 +32,7 @@ from .scan import add_trust_arguments, load_trust_data
 from .train import add_data_arguments, resolve_device
 
 
-def add_defense_arguments(p: argparse.ArgumentParser, kind: str, default: str) -> None:
+def add_defense_arguments(p: argparse.ArgumentParser, kind: str, default: str, trusted_fraction: float) -> None:
     """The flags ``guard repair`` and ``guard harden`` share; ``--method`` offers the defenses of ``kind``."""
     p.add_argument("--method", choices=list_defenses(kind), default=default,
                    help=f"registered {kind} defense (default {default}; see `guard info`)")
@@ -41,7 +41,7 @@ def add_defense_arguments(p: argparse.ArgumentParser, kind: str, default: str) -
     p.add_argument("--model", required=True, help="registered model name (see `guard info`)")
     p.add_argument("--weights", required=True, help="weights of the model to defend")
     add_data_arguments(p, default_split="train")
-    add_trust_arguments(p)
+    add_trust_arguments(p, trusted_fraction)
     p.add_argument("--out", required=True, help="defended weights (.pt or .safetensors)")
     p.add_argument("--plot", default=None, help="trade-off plot PNG (default: OUT with .tradeoff.png)")
     add_attack_arguments(p)  # the attack whose trigger measures ASR (--attack / --attack-opt / --attack-record)
@@ -52,11 +52,11 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("repair", help="repair a backdoored model (Pivotal Tuning, NC unlearning, ...)",
                               description=__doc__.splitlines()[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_defense_arguments(p, "repair", "pivotal")
+    add_defense_arguments(p, "repair", "pivotal", trusted_fraction=0.01)
     p.set_defaults(func=run)
 
 
-def plot_tradeoff(history: list[dict], chosen: dict, cda0: float, max_cda_drop: float, title: str,
+def plot_tradeoff(history: list[dict], chosen: dict, cda0: float, max_cda_drop: float | None, title: str,
                   path: Path) -> Path:
     """ASR against CDA over the repair (one point per evaluation), or CDA against steps without ASR."""
     import matplotlib
@@ -77,7 +77,8 @@ def plot_tradeoff(history: list[dict], chosen: dict, cda0: float, max_cda_drop: 
         ax.plot(steps, cda, "o-", ms=3, label="repair trajectory")
         ax.plot([chosen["step"]], [100 * chosen["cda"]], "r*", ms=12, label="chosen")
         ax.set_xlabel("step")
-    ax.axhline(100 * (cda0 - max_cda_drop), color="grey", ls="--", label=f"CDA budget (−{100 * max_cda_drop:g})")
+    if max_cda_drop is not None:
+        ax.axhline(100 * (cda0 - max_cda_drop), color="grey", ls="--", label=f"CDA budget (−{100 * max_cda_drop:g})")
     ax.set_ylabel("clean data accuracy (%)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)

@@ -34,10 +34,12 @@ from . import CLIError
 from .train import add_data_arguments, load_data, resolve_device, resolve_split
 
 
-def add_trust_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by ``guard scan`` and ``guard repair``: trusted fraction, held-out split, seed."""
-    parser.add_argument("--trusted-fraction", type=float, default=0.01,
-                        help="share of --split the defender trusts (default 0.01, pick_your_poison.txt §5)")
+def add_trust_arguments(parser: argparse.ArgumentParser, trusted_fraction: float = 0.01) -> None:
+    """Flags shared by ``guard scan``, ``guard repair`` and ``guard harden``: trusted fraction, held-out
+    split, seed."""
+    parser.add_argument("--trusted-fraction", type=float, default=trusted_fraction,
+                        help=f"share of --split the defender trusts (default {trusted_fraction:g}"
+                             f"{', pick_your_poison.txt §5' if trusted_fraction == 0.01 else ''})")
     parser.add_argument("--eval-split", default="test-lossless",
                         help="held-out clean split for the CDA budget and scoring (default: test-lossless, the "
                              "exact first 1000 test images)")

@@ -3,6 +3,7 @@
 
 * ``pivotal`` — Pivotal Tuning with SLOL (pick_your_poison.txt Algorithm 3; ALGORITHMS.md D2).
 * ``nc`` — Neural Cleanse unlearning (ALGORITHMS.md D4).
+* ``moth`` — MOTH class-distance hardening before serving (moth_supplementary.txt; ALGORITHMS.md D9).
 
 Every defense returns a :class:`RepairResult` with a *copy* of the model and its (CDA, ASR) history, and runs
 the trusted-data fine-tuning protocol :func:`trusted_finetune` (ALGORITHMS.md P4) on the one training loop.
@@ -22,7 +23,8 @@ from .base import (AsrProbe, Defense, RepairPoint, RepairResult, create_defense,
 from .finetune import split_trusted, trusted_finetune
 from .pivotal import PivotalTuning, PivotalTuningConfig, parameter_distance, slol
 from .unlearning import NeuralCleanseUnlearning, UnlearningConfig
+from .moth import Moth, MothConfig
 
-__all__ = ["AsrProbe", "Defense", "NeuralCleanseUnlearning", "PivotalTuning", "PivotalTuningConfig", "RepairPoint",
-           "RepairResult", "UnlearningConfig", "create_defense", "describe_defenses", "get_defense", "list_defenses",
-           "parameter_distance", "register_defense", "slol", "split_trusted", "trusted_finetune"]
+__all__ = ["AsrProbe", "Defense", "Moth", "MothConfig", "NeuralCleanseUnlearning", "PivotalTuning",
+           "PivotalTuningConfig", "RepairPoint", "RepairResult", "UnlearningConfig", "create_defense",
+           "describe_defenses", "get_defense", "list_defenses", "parameter_distance", "register_defense", "slol", "split_trusted", "trusted_finetune"]

@@ -52,7 +52,8 @@ class RepairResult:
     """The defended model (a copy; the input model is untouched) at the chosen point, and the trade-off curve.
 
     ``chosen`` is the lowest-ASR admissible point when ASR was measured (ALGORITHMS.md M10), else the last
-    admissible one; a point is admissible while ``cda > cda0 − max_cda_drop``. ``stopped_early`` says the
+    admissible one (always the last one for a hardening defense); a point is admissible while
+    ``cda > cda0 − max_cda_drop`` (every point when ``max_cda_drop`` is ``None``). ``stopped_early`` says the
     CDA budget ended the run before the step budget. ``method``: the defense's registered name; ``details``:
     method-specific JSON-ready records (the scan a repair used, MOTH's pair bookkeeping).
     """
@@ -61,7 +62,7 @@ class RepairResult:
     history: tuple[RepairPoint, ...]
     chosen: RepairPoint
     cda0: float
-    max_cda_drop: float
+    max_cda_drop: float | None
     stopped_early: bool
     seconds: float
     method: str = ""

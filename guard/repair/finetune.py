@@ -8,6 +8,7 @@ admissible point. Pivotal Tuning, Neural Cleanse unlearning and MOTH run on it.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Callable
 
@@ -47,25 +48,28 @@ def split_trusted(dataset: ImageTensorDataset, fraction: float, generator: torch
 
 
 def trusted_finetune(model: GuardModel, train_set: torch.utils.data.Dataset, config: TrainConfig, *,
-                     eval_set: torch.utils.data.Dataset, eval_every: int, max_cda_drop: float = 0.02,
-                     asr: AsrProbe | None = None,
+                     eval_set: torch.utils.data.Dataset, eval_every: int, max_cda_drop: float | None = 0.02,
+                     asr: AsrProbe | None = None, keep_last: bool = False,
                      extra_loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                     transform: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                      generator: torch.Generator | None = None, device: str | torch.device | None = None,
                      progress: bool = False) -> RepairResult:
     """Fine-tune ``model`` in place on ``train_set`` with :func:`guard.train.train` (ALGORITHMS.md P4).
 
     ``config.epochs · eval_every`` steps in epochs of ``eval_every`` steps (``config.steps_per_epoch`` must
     equal ``eval_every``); after step 0 and every epoch, CDA on ``eval_set`` and (with ``asr``) the attack
-    success rate are recorded; the run stops as soon as CDA ≤ CDA_0 − ``max_cda_drop``. The model is left
-    holding the weights of the chosen point (see :class:`RepairResult`).
+    success rate are recorded; the run stops as soon as CDA ≤ CDA_0 − ``max_cda_drop`` (``None``: no budget).
+    The model is left holding the weights of the chosen point (see :class:`RepairResult`); ``keep_last``
+    chooses the last admissible point even when ASR is measured (a hardening defense keeps its final model;
+    ASR is only recorded). ``extra_loss`` and ``transform`` go to :func:`guard.train.train`.
     """
     if not isinstance(model, GuardModel):
         raise TypeError(f"model must be a guard.models.GuardModel, got {type(model).__name__}")
     if not is_int(eval_every) or eval_every < 1 or config.steps_per_epoch != eval_every:
         raise ValueError(f"eval_every must be an int >= 1 equal to config.steps_per_epoch, got eval_every="
                          f"{eval_every!r}, steps_per_epoch={config.steps_per_epoch!r}")
-    if not is_number(max_cda_drop) or not 0 <= max_cda_drop < 1:
-        raise ValueError(f"max_cda_drop must be a number in [0, 1) (a fraction: 0.02 = 2 points), "
+    if max_cda_drop is not None and (not is_number(max_cda_drop) or not 0 <= max_cda_drop < 1):
+        raise ValueError(f"max_cda_drop must be None or a number in [0, 1) (a fraction: 0.02 = 2 points), "
                          f"got {max_cda_drop!r}")
     if asr is not None and not callable(asr):
         raise TypeError(f"asr must be a callable model -> attack success rate, got {type(asr).__name__}")
@@ -77,12 +81,12 @@ def trusted_finetune(model: GuardModel, train_set: torch.utils.data.Dataset, con
         return RepairPoint(step, cda, None if asr is None else float(asr(model)))
 
     def better(p: RepairPoint, q: RepairPoint) -> bool:
-        return p.asr is None or (p.asr, -p.cda) <= (q.asr, -q.cda)
+        return keep_last or p.asr is None or (p.asr, -p.cda) <= (q.asr, -q.cda)
 
     first = measure(0)
     history = [first]
     chosen, chosen_state = first, _snapshot(model)
-    floor = first.cda - max_cda_drop
+    floor = -math.inf if max_cda_drop is None else first.cda - max_cda_drop
 
     def on_epoch(stats) -> bool:
         nonlocal chosen, chosen_state
@@ -97,7 +101,7 @@ def trusted_finetune(model: GuardModel, train_set: torch.utils.data.Dataset, con
         return False
 
     train(model, train_set, config, generator=generator, device=device, progress=progress,
-          callback=on_epoch, extra_loss=extra_loss)
+          callback=on_epoch, extra_loss=extra_loss, transform=transform)
     model.load_state_dict(chosen_state)
     model.eval()
     stopped = history[-1].cda <= floor
