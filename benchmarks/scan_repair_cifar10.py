@@ -44,7 +44,7 @@ from guard.detect import (CNCConfig, CalibratedTriggerInversion, NeuralCleanse, 
                           calibrate_threshold, save_trigger_png)
 from guard.metrics import attack_success_rate, roc_auc
 from guard.models import create
-from guard.repair import PivotalTuning, PivotalTuningConfig, split_trusted
+from guard.repair import PivotalTuning, PivotalTuningConfig, UnlearningConfig, create_defense, split_trusted
 from guard.train import TrainConfig, evaluate, predict, train
 
 MODEL = "resnet20"
@@ -140,7 +140,7 @@ def detect(bench: Bench, models: int, results: dict, save) -> None:
             for steps in CNC_STEPS:
                 config = CNCConfig(steps_per_class=steps, batch_size=CNC_BATCH, repair=repair)
                 started = time.perf_counter()
-                scan = CalibratedTriggerInversion(config).scan(model, bench.trusted, bench.test, repaired=repaired,
+                scan = CalibratedTriggerInversion(config).scan(model, bench.trusted, bench.test, reference=repaired,
                                                                generator=torch.Generator().manual_seed(i),
                                                                device=bench.device)
                 d = scan.report.details
@@ -150,14 +150,14 @@ def detect(bench: Bench, models: int, results: dict, save) -> None:
                     "max_score_paper": max(paper.values()), "top_class": max(scan.report.scores, key=scan.report.scores.get),
                     "scores": scan.report.scores}
                 if repaired is None:
-                    repaired = scan.repaired
-                    row["repair"] = {"steps": scan.repair.chosen.step, "cda": scan.repair.chosen.cda,
-                                     "asr": probe(repaired), "seconds": round(scan.repair.seconds, 1)}
+                    repaired, record = scan.reference, scan.report.details["repair"]
+                    row["repair"] = {"steps": record["chosen"]["step"], "cda": record["chosen"]["cda"],
+                                     "asr": probe(repaired), "seconds": round(record["seconds"], 1)}
             started = time.perf_counter()
-            nc_scan = NeuralCleanse(nc).scan(model, bench.trusted, generator=torch.Generator().manual_seed(i),
-                                             device=bench.device)
+            nc_scan = NeuralCleanse(nc).scan(model, bench.trusted, bench.test,
+                                             generator=torch.Generator().manual_seed(i), device=bench.device)
             row["nc"] = {"seconds": round(time.perf_counter() - started, 1),
-                         "anomaly_index": nc_scan.mad.model_index, "flagged_class": nc_scan.report.flagged_class}
+                         "anomaly_index": nc_scan.report.separation, "flagged_class": nc_scan.report.flagged_class}
             rows.append(row)
             cnc_text = ", ".join(f"N={s}: {row['cnc'][str(s)]['max_score']:.3f} (class "
                                  f"{row['cnc'][str(s)]['top_class']})" for s in CNC_STEPS)
@@ -191,8 +191,8 @@ def detect(bench: Bench, models: int, results: dict, save) -> None:
 
 def repair_part(bench: Bench, results: dict, save) -> None:
     pivotal = PivotalTuningConfig(steps=REPAIR_STEPS, eval_every=EVAL_EVERY)
-    nc = NeuralCleanseConfig(steps=NC_REPAIR_STEPS, samples_per_step=NC_SAMPLES_PER_STEP,
-                             unlearn_steps=NC_UNLEARN_STEPS, eval_every=EVAL_EVERY)
+    nc = UnlearningConfig(NeuralCleanseConfig(steps=NC_REPAIR_STEPS, samples_per_step=NC_SAMPLES_PER_STEP),
+                          steps=NC_UNLEARN_STEPS, eval_every=EVAL_EVERY)
     rows = results.setdefault("repair", {})
     for j, (name, options) in enumerate(REPAIR_ATTACKS.items()):
         if name in rows:
@@ -205,15 +205,13 @@ def repair_part(bench: Bench, results: dict, save) -> None:
         row = {"cda": evaluate(model, bench.test, device=bench.device), "asr": probe(model),
                "paper_v1_ours_nc": PAPER_V1[name]}
         started = time.perf_counter()
-        pt = PivotalTuning(pivotal).repair(model, bench.trusted, eval_set=bench.test, asr=probe,
+        pt = PivotalTuning(pivotal).defend(model, bench.trusted, eval_set=bench.test, asr=probe,
                                            generator=torch.Generator().manual_seed(1), device=bench.device)
         row["pivotal"] = {**pt.to_dict(), "v_1": pt.chosen.asr, "wall_seconds": round(time.perf_counter() - started, 1)}
         started = time.perf_counter()
-        nc_scan = NeuralCleanse(nc).scan(model, bench.trusted, generator=torch.Generator().manual_seed(1),
-                                         device=bench.device)
-        nr = NeuralCleanse(nc).repair(model, bench.trusted, nc_scan, eval_set=bench.test, asr=probe,
-                                      generator=torch.Generator().manual_seed(1), device=bench.device)
-        row["nc"] = {**nr.to_dict(), "v_1": nr.chosen.asr, "flagged_class": nc_scan.report.flagged_class,
+        nr = create_defense("nc", config=nc).defend(model, bench.trusted, eval_set=bench.test, asr=probe,
+                                                    generator=torch.Generator().manual_seed(1), device=bench.device)
+        row["nc"] = {**nr.to_dict(), "v_1": nr.chosen.asr, "flagged_class": nr.details["scan"]["flagged_class"],
                      "wall_seconds": round(time.perf_counter() - started, 1)}
         rows[name] = row
         print(f"{name}: CDA {row['cda']:.3f} ASR {row['asr']:.3f} -> Pivotal v_1% {pt.chosen.asr:.3f} "
@@ -226,19 +224,21 @@ def timing(bench: Bench, results: dict, save) -> None:
     attack = poisoning_attack("badnets", patch_size=3)
     model = bench.victim(1000, attack)
     started = time.perf_counter()
-    scan = CalibratedTriggerInversion(CNCConfig()).scan(model, bench.trusted, bench.test,
+    scan = CalibratedTriggerInversion(CNCConfig.table5()).scan(model, bench.trusted, bench.test,
                                                         generator=torch.Generator().manual_seed(0),
                                                         device=bench.device)
     seconds = time.perf_counter() - started
-    save_trigger_png(scan.triggers[TARGET], TRIGGER_PNG, scale=1)
-    results["timing"] = {"cnc_full_scan_seconds": round(seconds, 1), "repair_seconds": round(scan.repair.seconds, 1),
-                         "repair_steps": scan.repair.chosen.step, "stopped_early": scan.repair.stopped_early,
-                         "inversion_steps_per_class": CNCConfig().steps_per_class, "threads": torch.get_num_threads(),
+    save_trigger_png(scan.trigger_image(TARGET), TRIGGER_PNG, scale=1)
+    record = scan.report.details["repair"]
+    results["timing"] = {"cnc_full_scan_seconds": round(seconds, 1), "repair_seconds": round(record["seconds"], 1),
+                         "repair_steps": record["chosen"]["step"], "stopped_early": record["stopped_early"],
+                         "inversion_steps_per_class": CNCConfig.table5().steps_per_class,
+                         "threads": torch.get_num_threads(),
                          "max_score": scan.report.max_score, "flagged_class": scan.report.flagged_class,
                          "target_score": scan.report.scores[TARGET], "floor_seconds": 600}
     save()
-    print(f"full CNC scan: {seconds:.0f} s (repair {scan.repair.seconds:.0f} s, stopped at step "
-          f"{scan.repair.chosen.step}); target score {scan.report.scores[TARGET]:.3f}, max "
+    print(f"full CNC scan: {seconds:.0f} s (repair {record['seconds']:.0f} s, stopped at step "
+          f"{record['chosen']['step']}); target score {scan.report.scores[TARGET]:.3f}, max "
           f"{scan.report.max_score:.3f}", flush=True)
 
 

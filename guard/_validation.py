@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import importlib.util
 import math
+import types
+import typing
+from typing import Any, Sequence
 
 import torch
 
@@ -57,3 +62,86 @@ def require_extra(module: str, extra: str, purpose: str) -> None:
     if importlib.util.find_spec(module) is None:
         raise MissingExtraError(f"{purpose} needs the {module!r} module, which is not installed; "
                                 f"install it with: pip install 'guard[{extra}]'")
+
+
+def coerce_option(value: Any, hint: Any) -> Any:
+    """Make a parsed literal fit a config field's annotation where the conversion is lossless (int -> float,
+    list -> tuple); anything else is left for the config's own validation to reject."""
+    args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            if arg is type(None):
+                if value is None:
+                    return None
+                continue
+            coerced = coerce_option(value, arg)
+            if _fits(coerced, arg):
+                return coerced
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is tuple and isinstance(value, (list, tuple)):
+        inner = args[0] if args else Any
+        return tuple(coerce_option(v, inner) for v in value)
+    if origin is tuple and isinstance(value, (int, float)) and len(args) == 2 and args[1] is Ellipsis:
+        return (coerce_option(value, args[0]),)
+    return value
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        return isinstance(value, tuple)
+    if hint is float:
+        return isinstance(value, float)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _literal(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("true", "false", "none"):
+        return {"true": True, "false": False, "none": None}[lowered]
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_config_options(config_class: type, items: Sequence[str], *, what: str) -> Any:
+    """``key=value`` strings -> a validated instance of the frozen dataclass ``config_class``.
+
+    Values are Python literals (``3``, ``0.01``, ``true``, ``2,5,8`` or ``(2, 5, 8)``); anything that is not a
+    literal is taken as a string (``location=bottom-right``). ``outer.inner=value`` sets a field of a nested
+    config field (``repair.steps=100``), starting from that field's default. ``what`` names the owner in
+    error messages (``"attack 'badnets'"``).
+    """
+    hints = typing.get_type_hints(config_class)
+    options: dict[str, Any] = {}
+    nested: dict[str, list[str]] = {}
+    for item in items:
+        key, sep, text = (s.strip() for s in item.partition("="))
+        if not sep or not key:
+            raise ValueError(f"{what} option: expected key=value, got {item!r}")
+        head, dot, rest = key.partition(".")
+        if head not in hints:
+            raise ValueError(f"{what} has no option {head!r}; expected one of {', '.join(hints)}")
+        if dot:
+            if not dataclasses.is_dataclass(hints[head]):
+                raise ValueError(f"{what} option {head!r} has no fields; got {key!r}")
+            nested.setdefault(head, []).append(f"{rest}={text}")
+            continue
+        if key in options:
+            raise ValueError(f"{what} option {key!r} given twice")
+        options[key] = coerce_option(_literal(text), hints[key])
+    for head, sub in nested.items():
+        if head in options:
+            raise ValueError(f"{what} option {head!r} given both whole and by field")
+        default = next(f for f in dataclasses.fields(config_class) if f.name == head)
+        base = default.default_factory() if default.default_factory is not dataclasses.MISSING else default.default
+        inner = parse_config_options(type(base), sub, what=f"{what} option {head!r}")
+        changed = {k.partition("=")[0].strip().partition(".")[0] for k in sub}
+        options[head] = dataclasses.replace(base, **{k: getattr(inner, k) for k in changed})
+    return config_class(**options)

@@ -293,6 +293,7 @@ def train(model: nn.Module, train_set: torch.utils.data.Dataset, config: TrainCo
           callback: Callable[[EpochStats], bool | None] | None = None,
           augment_mask: torch.Tensor | None = None,
           extra_loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+          transform: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
           ) -> TrainResult:
     """Train ``model`` on ``train_set`` with cross-entropy, in place, and return the per-epoch history.
 
@@ -309,7 +310,10 @@ def train(model: nn.Module, train_set: torch.utils.data.Dataset, config: TrainCo
     exactly (same config required). ``callback(stats)`` runs after each epoch; returning ``True`` stops.
     ``extra_loss(x, y, logits)`` (a scalar tensor) is added to the cross-entropy of every batch, on the
     augmented inputs — the regularisers of repair defenses (Pivotal Tuning's SLOL and parameter distance,
-    ALGORITHMS.md D2) ride on this loop instead of a second one.
+    ALGORITHMS.md D2) ride on this loop instead of a second one. ``transform(x, y)`` returns the images the
+    model trains on in place of every (augmented, float) batch ``x`` — MOTH stamps inverted triggers on part
+    of each batch, labels unchanged (ALGORITHMS.md D9); it may run the model itself (in eval mode, restoring
+    the training mode).
     The model is moved to ``device`` (default: where its parameters are) and left in eval mode.
     """
     if not isinstance(model, nn.Module):
@@ -319,6 +323,8 @@ def train(model: nn.Module, train_set: torch.utils.data.Dataset, config: TrainCo
     if extra_loss is not None and not callable(extra_loss):
         raise TypeError(f"extra_loss must be a callable (x, y, logits) -> scalar tensor, "
                         f"got {type(extra_loss).__name__}")
+    if transform is not None and not callable(transform):
+        raise TypeError(f"transform must be a callable (x, y) -> images, got {type(transform).__name__}")
     _check_dataset(train_set, "train_set")
     if eval_set is not None:
         _check_dataset(eval_set, "eval_set")
@@ -392,6 +398,8 @@ def train(model: nn.Module, train_set: torch.utils.data.Dataset, config: TrainCo
                     x = augmented
                 if x.dtype == torch.uint8:
                     x = x.float().div_(255)
+                if transform is not None:
+                    x = transform(x, y)
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
                 if extra_loss is not None:

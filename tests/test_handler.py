@@ -202,7 +202,7 @@ def test_scan_report_and_repaired_model_become_metrics_and_answers(tmp_path, cap
         handler.initialize(context)
     lines = _metric_lines(caplog)
     gauges = {re.search(r"class:(\w+)", line).group(1): float(re.search(r":([0-9.]+)\|", line).group(1))
-              for line in lines if line.startswith("[METRICS]guard_cnc_anomaly_score")}
+              for line in lines if line.startswith("[METRICS]guard_scan_score.score:") and "method:cnc," in line}
     assert gauges == {NAMES[c]: s for c, s in scores.items()}
     verdict = [line for line in lines if line.startswith("[METRICS]guard_scan_backdoored")]
     assert len(verdict) == 1

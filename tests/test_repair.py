@@ -166,7 +166,7 @@ def test_pivotal_tuning_removes_a_planted_backdoor_within_the_cda_budget():
     before = {k: v.clone() for k, v in p.backdoored.state_dict().items()}
     asr0 = attack_success_rate(p.backdoored, p.triggered, TARGET)
     check("planted ASR", asr0, low=0.6)
-    result = PivotalTuning(TINY_REPAIR).repair(p.backdoored, p.trusted, eval_set=p.test_set,
+    result = PivotalTuning(TINY_REPAIR).defend(p.backdoored, p.trusted, eval_set=p.test_set,
                                                asr=lambda m: attack_success_rate(m, p.triggered),
                                                generator=torch.Generator().manual_seed(SEED))
     # (CDA, ASR) at step 0 and every eval_every steps
@@ -188,7 +188,7 @@ def test_pivotal_tuning_stops_when_cda_falls_below_the_budget():
     p = planted()
     harsh = PivotalTuningConfig(steps=200, eval_every=10, batch_size=64, lr=0.5, slol_lambda=0.05,
                                 param_lambda=0.0, augment=True)
-    result = PivotalTuning(harsh).repair(p.backdoored, p.trusted, eval_set=p.test_set,
+    result = PivotalTuning(harsh).defend(p.backdoored, p.trusted, eval_set=p.test_set,
                                          generator=torch.Generator().manual_seed(SEED))
     assert result.stopped_early
     assert result.history[-1].cda <= result.cda0 - harsh.max_cda_drop
@@ -203,7 +203,7 @@ def test_pivotal_tuning_is_deterministic_under_a_generator():
     p = planted()
     config = PivotalTuningConfig(steps=40, eval_every=20, batch_size=64, lr=0.01, param_lambda=1.0,
                                  augment=True)
-    runs = [PivotalTuning(config).repair(p.backdoored, p.trusted, eval_set=p.test_set,
+    runs = [PivotalTuning(config).defend(p.backdoored, p.trusted, eval_set=p.test_set,
                                          generator=torch.Generator().manual_seed(3)) for _ in range(2)]
     assert runs[0].history == runs[1].history
     for a, b in zip(runs[0].model.state_dict().values(), runs[1].model.state_dict().values()):
@@ -243,9 +243,9 @@ def test_config_pickles_and_repair_rejects_bad_arguments():
         PivotalTuning({"steps": 10})
     p = planted()
     with pytest.raises(TypeError, match="GuardModel"):
-        PivotalTuning(TINY_REPAIR).repair(torch.nn.Linear(2, 2), p.trusted, eval_set=p.test_set)
+        PivotalTuning(TINY_REPAIR).defend(torch.nn.Linear(2, 2), p.trusted, eval_set=p.test_set)
     with pytest.raises(TypeError, match="asr must be a callable"):
-        PivotalTuning(TINY_REPAIR).repair(p.backdoored, p.trusted, eval_set=p.test_set, asr=0.5)
+        PivotalTuning(TINY_REPAIR).defend(p.backdoored, p.trusted, eval_set=p.test_set, asr=0.5)
 
 
 def test_guard_repair_cli_writes_weights_curve_and_plot(data_root, tmp_path, capsys):
@@ -258,7 +258,7 @@ def test_guard_repair_cli_writes_weights_curve_and_plot(data_root, tmp_path, cap
     common = ["repair", "--model", "tiny_resnet", "--weights", str(weights), "--dataset", "cifar10",
               "--data-dir", str(data_root), "--limit", "1000", "--trusted-fraction", "0.1",
               "--eval-split", "test-lossless", "--eval-limit", "200", "--device", "cpu"]
-    assert main(common + ["--out", str(out), "--steps", "20", "--eval-every", "10", "--attack", "badnets",
+    assert main(common + ["--out", str(out), "--opt", "steps=20", "--opt", "eval_every=10", "--attack", "badnets",
                           "--attack-opt", "target=0", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert [h["step"] for h in summary["history"]][:2] == [0, 10]
@@ -266,9 +266,11 @@ def test_guard_repair_cli_writes_weights_curve_and_plot(data_root, tmp_path, cap
     assert Path(summary["plot"]).is_file() and Path(summary["plot"]).stat().st_size > 1000
     assert json.loads((tmp_path / "repaired.pt.json").read_text())["chosen"] == summary["chosen"]
     create("tiny_resnet", weights=out)
-    assert main(common + ["--method", "nc", "--out", str(tmp_path / "nc.pt"), "--steps", "20", "--eval-every",
-                          "10", "--nc-steps", "2", "--nc-samples-per-step", "32"]) == 0
+    assert summary["method"] == "pivotal" and summary["config"]["steps"] == 20
+    assert main(common + ["--method", "nc", "--out", str(tmp_path / "nc.pt"), "--opt", "steps=20", "--opt",
+                          "eval_every=10", "--opt", "scan.steps=2", "--opt", "scan.samples_per_step=32"]) == 0
     assert (tmp_path / "nc.tradeoff.png").is_file()
     capsys.readouterr()
-    assert main(common + ["--out", str(out), "--slol-lambda", "0.1", "--method", "nc"]) == 2
-    assert "--slol-lambda applies to --method pivotal only" in capsys.readouterr().err
+    assert json.loads((tmp_path / "nc.pt.json").read_text())["details"]["scan"]["method"] == "nc"
+    assert main(common + ["--out", str(out), "--opt", "slol_lambda=0.1", "--method", "nc"]) == 2
+    assert "defense 'nc' has no option 'slol_lambda'" in capsys.readouterr().err

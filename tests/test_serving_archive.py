@@ -150,9 +150,10 @@ def other_weights(tmp_path_factory):
 def test_archive_carries_scan_and_repaired_model_and_checks_them(tiny_weights, other_weights, tmp_path):
     report = _report(tmp_path)
     archive = build_archive("tiny_resnet", tiny_weights, tmp_path / "s.mar", GuardConfig(class_names=NAMES),
-                            scan=report, repaired=other_weights)
+                            scan=report, repaired=other_weights, repaired_method="pivotal")
     manifest = read_manifest(archive)
     assert (manifest.scan_file, manifest.repaired_file) == ("guard-scan.json", "guard-repaired.pt")
+    assert (manifest.scan_method, manifest.repaired_method, manifest.weights_method) == ("cnc", "pivotal", None)
     assert manifest.scan_sha256 == sha256_file(report) and manifest.repaired_sha256 == sha256_file(other_weights)
     model_dir = _unpack(archive, tmp_path / "unpacked")
     classifier = GuardedClassifier.from_archive_dir(model_dir)
@@ -184,7 +185,7 @@ def test_archive_without_repaired_model_scores_nothing(tiny_weights, tmp_path):
     assert classifier.score(x, classifier.classify(x)) is None
 
 
-def test_archive_refuses_a_scan_or_repair_that_does_not_fit(tiny_weights, tmp_path):
+def test_archive_refuses_a_scan_or_repair_that_does_not_fit(tiny_weights, other_weights, tmp_path):
     with pytest.raises(ValueError, match=r"scores classes \[10, 11\], but the model has 10 classes"):
         build_archive("tiny_resnet", tiny_weights, tmp_path / "s.mar", scan=_report(tmp_path, {0: 0.1, 10: 1.0,
                                                                                              11: 0.0}))
@@ -196,13 +197,23 @@ def test_archive_refuses_a_scan_or_repair_that_does_not_fit(tiny_weights, tmp_pa
     (tmp_path / "bad.json").write_text('{"scores": {}}')
     with pytest.raises(ValueError, match="scan report lacks the keys"):
         build_archive("tiny_resnet", tiny_weights, tmp_path / "s.mar", scan=tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="repaired_method must be a registered defense"):
+        build_archive("tiny_resnet", tiny_weights, tmp_path / "s.mar", repaired=other_weights,
+                      repaired_method="fine-pruning")
+    with pytest.raises(ValueError, match="given without repaired weights"):
+        build_archive("tiny_resnet", tiny_weights, tmp_path / "s.mar", repaired_method="pivotal")
     assert not list(tmp_path.glob("*.mar"))
 
 
 def test_guard_archive_command_with_scan_and_repaired(tiny_weights, other_weights, tmp_path, capsys):
     out = tmp_path / "s.mar"
     args = ["archive", "--model", "tiny_resnet", "--weights", str(tiny_weights), "--out", str(out)]
-    assert main([*args, "--scan", str(_report(tmp_path)), "--repaired", str(other_weights)]) == 0
+    # the method comes from the summary `guard repair` writes next to its weights
+    repaired = tmp_path / "repaired.pt"
+    repaired.write_bytes(other_weights.read_bytes())
+    repaired.with_name("repaired.pt.json").write_text(json.dumps({"method": "nc"}))
+    assert main([*args, "--scan", str(_report(tmp_path)), "--repaired", str(repaired)]) == 0
     assert "with scan report, with repaired model" in capsys.readouterr().out
+    assert read_manifest(out).repaired_method == "nc"
     assert main([*args, "--force", "--scan", str(tmp_path / "missing.json")]) == 2
     assert "scan report file not found" in capsys.readouterr().err

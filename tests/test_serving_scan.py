@@ -52,7 +52,7 @@ def scanned(tmp_path_factory):
     scan = CalibratedTriggerInversion(TINY_CNC).scan(p.backdoored, p.trusted, p.test_set,
                                                      generator=torch.Generator().manual_seed(SEED))
     return {"weights": save_weights(p.backdoored, tmp / "suspect.pt"), "report": scan.report.save(tmp / "report.json"),
-            "repaired": save_weights(scan.repaired, tmp / "repaired.pt"), "scan": scan, "planted": p, "tmp": tmp}
+            "repaired": save_weights(scan.reference, tmp / "repaired.pt"), "scan": scan, "planted": p, "tmp": tmp}
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +86,7 @@ def _post_batch(server, images: torch.Tensor) -> list[dict]:
 def test_archive_carries_the_scan_and_the_repaired_model(scanned, server):
     manifest = read_manifest(server.model_store / f"{NAME}.mar")
     assert manifest.scan_file == "guard-scan.json" and manifest.repaired_file == "guard-repaired.pt"
+    assert manifest.scan_method == "cnc"
     with zipfile.ZipFile(server.model_store / f"{NAME}.mar") as zf:
         assert {"guard-scan.json", "guard-repaired.pt", "suspect.pt"} <= set(zf.namelist())
 
@@ -94,7 +95,8 @@ def test_metrics_endpoint_exports_the_scan_at_load(scanned, server):
     report = scanned["scan"].report
     assert report.backdoored and report.flagged_class == TARGET  # the scan found the planted backdoor
     text = requests.get(server.metrics_url, timeout=10).text
-    gauges = {re.search(r'class="(\w+)"', k).group(1): v for k, v in _samples(text, "guard_cnc_anomaly_score").items()}
+    gauges = {re.search(r'class="(\w+)"', k).group(1): v for k, v in _samples(text, "guard_scan_score").items()
+              if 'method="cnc"' in k}
     assert gauges == pytest.approx({str(c): s for c, s in report.scores.items()}, abs=1e-6)
     verdict = _samples(text, "guard_scan_backdoored")
     assert len(verdict) == 1

@@ -19,14 +19,12 @@ rebuilds the attack with :func:`load_record`.
 from __future__ import annotations
 
 import abc
-import ast
 import dataclasses
 import hashlib
 import inspect
 import json
 import logging
 import math
-import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +32,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .._validation import check_images
+from .._validation import check_images, coerce_option, parse_config_options
 from ..data import ImageTensorDataset
 from .primitives import from_uint8, to_uint8
 
@@ -467,72 +465,18 @@ def _field_types(config_class: type) -> dict[str, Any]:
     return typing.get_type_hints(config_class)
 
 
-def _coerce(value: Any, hint: Any) -> Any:
-    """Make a parsed literal fit a field's annotation where the conversion is lossless (int -> float,
-    list -> tuple); anything else is left for the config's own validation to reject."""
-    args = typing.get_args(hint)
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        for arg in args:
-            if arg is type(None):
-                if value is None:
-                    return None
-                continue
-            coerced = _coerce(value, arg)
-            if _fits(coerced, arg):
-                return coerced
-        return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if origin is tuple and isinstance(value, (list, tuple)):
-        inner = args[0] if args else Any
-        return tuple(_coerce(v, inner) for v in value)
-    if origin is tuple and isinstance(value, (int, float)) and len(args) == 2 and args[1] is Ellipsis:
-        return (_coerce(value, args[0]),)
-    return value
-
-
-def _fits(value: Any, hint: Any) -> bool:
-    origin = typing.get_origin(hint)
-    if origin is tuple:
-        return isinstance(value, tuple)
-    if hint is float:
-        return isinstance(value, float)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint) if isinstance(hint, type) else True
-
-
 def parse_options(name: str, items: list[str] | tuple[str, ...]) -> AttackConfig:
-    """``parse_options("badnets", ["target=3", "budget=0.01"])`` -> the attack's validated config.
-
-    Values are Python literals (``3``, ``0.01``, ``true``, ``2,5,8`` or ``(2, 5, 8)``); anything that is not
-    a literal is taken as a string (``location=bottom-right``).
-    """
+    """``parse_options("badnets", ["target=3", "budget=0.01"])`` -> the attack's validated config (values as
+    :func:`guard._validation.parse_config_options` reads them); an option the attack refuses says why."""
     cls = get_attack(name)
     hints = _field_types(cls.config_class)
-    options: dict[str, Any] = {}
     for item in items:
-        key, sep, text = (s.strip() for s in item.partition("="))
-        if not sep or not key:
-            raise ValueError(f"attack option: expected key=value, got {item!r}")
+        key = item.partition("=")[0].strip()
         if key in cls.refused_options and key not in hints:
             raise ValueError(f"attack {name!r} refuses option {key!r}: {cls.refused_options[key]}")
-        if key not in hints:
-            raise ValueError(f"attack {name!r} has no option {key!r}; expected one of {', '.join(hints)}")
-        if key in options:
-            raise ValueError(f"attack option {key!r} given twice")
-        lowered = text.lower()
-        if lowered in ("true", "false", "none"):
-            value: Any = {"true": True, "false": False, "none": None}[lowered]
-        else:
-            try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                value = text
-        options[key] = _coerce(value, hints[key])
-    cls.refuse_options(options)
-    return cls.config_class(**options)
+    config = parse_config_options(cls.config_class, items, what=f"attack {name!r}")
+    cls.refuse_options(dataclasses.asdict(config))
+    return config
 
 
 def attack_from_record(record: dict[str, Any], state: dict[str, torch.Tensor] | None = None) -> Attack:
@@ -545,7 +489,7 @@ def attack_from_record(record: dict[str, Any], state: dict[str, torch.Tensor] | 
     if unknown:
         raise ValueError(f"record of attack {cls.name!r} has options {unknown} it does not know; expected "
                          f"{', '.join(hints)}")
-    config = {k: _coerce(v, hints[k]) for k, v in record["config"].items()}
+    config = {k: coerce_option(v, hints[k]) for k, v in record["config"].items()}
     attack = cls(cls.config_class(**config))
     if state:
         attack.load_state_dict(state)

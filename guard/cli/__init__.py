@@ -24,6 +24,8 @@ COMMANDS = {
     "poison": "poison",
     "scan": "scan",
     "repair": "repair",
+    "distance": "distance",
+    "harden": "harden",
 }
 
 

@@ -176,12 +176,15 @@ def add_record_argument(parser: argparse.ArgumentParser) -> None:
                         "(ISSBA's encoder, Adv's surrogate) goes beside it as <record stem>.attack.safetensors")
 
 
-def add_trust_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by ``guard scan`` and ``guard repair``: trusted fraction, held-out split, seed."""
-    parser.add_argument("--trusted-fraction", type=float, default=0.01,
-                        help="share of --split the defender trusts (default 0.01, pick_your_poison.txt §5)")
-    parser.add_argument("--eval-split", default="test",
-                        help="held-out clean split for the CDA budget and scoring (default: test)")
+def add_trust_arguments(parser: argparse.ArgumentParser, trusted_fraction: float = 0.01) -> None:
+    """Flags shared by ``guard scan``, ``guard repair`` and ``guard harden``: trusted fraction, held-out
+    split, seed."""
+    parser.add_argument("--trusted-fraction", type=float, default=trusted_fraction,
+                        help=f"share of --split the defender trusts (default {trusted_fraction:g}"
+                             f"{', pick_your_poison.txt §5' if trusted_fraction == 0.01 else ''})")
+    parser.add_argument("--eval-split", default="test-lossless",
+                        help="held-out clean split for the CDA budget and scoring (default: test-lossless, the "
+                             "exact first 1000 test images)")
     parser.add_argument("--eval-limit", type=int, default=None, metavar="N",
                         help="use only the first N images of --eval-split")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")

@@ -19,8 +19,25 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
+from ..repair import list_defenses
 from . import CLIError
+
+
+def recorded_method(weights: str | None) -> str | None:
+    """The defense recorded in the ``WEIGHTS.json`` summary that ``guard repair`` / ``guard harden`` write
+    next to their output, if there is one."""
+    if weights is None:
+        return None
+    summary = Path(weights).with_name(Path(weights).name + ".json")
+    if not summary.is_file():
+        return None
+    try:
+        method = json.loads(summary.read_text()).get("method")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return method if method in list_defenses() else None
 
 
 def add_parser(subparsers) -> None:
@@ -34,6 +51,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--num-classes", type=int, default=10, help="output classes of the model (default 10)")
     p.add_argument("--scan", default=None, help="scan report JSON of these weights (guard scan --out)")
     p.add_argument("--repaired", default=None, help="repaired weights of the same model (guard repair --out)")
+    p.add_argument("--repaired-method", default=None, choices=list_defenses(),
+                   help="defense that produced --repaired (default: the method in REPAIRED.json when present)")
+    p.add_argument("--weights-method", default=None, choices=list_defenses(),
+                   help="defense that produced --weights, e.g. moth from guard harden (default: the method in "
+                        "WEIGHTS.json when present)")
     p.add_argument("--handler", default=None, help="handler file (default: guard's, guard.serving.HANDLER_FILE)")
     p.add_argument("--force", action="store_true", help="replace an existing archive")
     p.add_argument("--json", action="store_true", help="print the archive's manifest as JSON")
@@ -46,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
     config = GuardConfig.load(args.guard_config) if args.guard_config else None
     try:
         out = build_archive(args.model, args.weights, args.out, config, num_classes=args.num_classes,
-                            handler=args.handler, force=args.force, scan=args.scan, repaired=args.repaired)
+                            handler=args.handler, force=args.force, scan=args.scan, repaired=args.repaired,
+                            repaired_method=args.repaired_method or recorded_method(args.repaired),
+                            weights_method=args.weights_method or recorded_method(args.weights))
     except FileExistsError as exc:
         raise CLIError(str(exc)) from exc
     manifest = read_manifest(out)

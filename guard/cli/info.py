@@ -1,4 +1,5 @@
-"""``guard info``: what this installation provides (models, block types ReScaler adapts, versions)."""
+"""``guard info``: what this installation provides (models, block types ReScaler adapts, attacks, detectors,
+defenses, versions)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from importlib.metadata import version
 import torch
 
 from guard.attacks import describe_attacks
+from guard.detect import describe_detectors
 from guard.metrics import METRICS
 from guard.models import get_spec, list_models
+from guard.repair import describe_defenses
 from guard.rescaler import registered_blocks
 
 
@@ -34,6 +37,8 @@ def collect() -> dict:
         "models": models,
         "rescaler_blocks": [f"{c.__module__}.{c.__qualname__}" for c in registered_blocks()],
         "attacks": describe_attacks(),
+        "detectors": describe_detectors(),
+        "defenses": describe_defenses(),
         "metrics": dict(METRICS),
     }
 
@@ -55,4 +60,10 @@ def run(args: argparse.Namespace) -> int:
     for name, a in info["attacks"].items():
         label = "clean-label" if a["clean_label"] else "poison-label"
         print(f"  {name:<16} {a['kind']:<12} {label:<13} {a['description']}")
+    print("detectors (guard scan --method):")
+    for name, d in info["detectors"].items():
+        print(f"  {name:<16} {d['description']}")
+    print("defenses (guard repair / guard harden --method):")
+    for name, d in info["defenses"].items():
+        print(f"  {name:<16} {d['kind']:<9} {d['description']}")
     return 0

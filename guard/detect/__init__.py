@@ -1,19 +1,31 @@
-"""Model-level backdoor detection: Calibrated Trigger Inversion (CNC) and Neural Cleanse (NC), the scan
-report they write, and the per-request scorer the serving handler uses.
+"""Model-level backdoor detection behind one interface (:class:`Detector`: a frozen config and one verb,
+``scan(model, trusted, heldout)``), addressed by name: ``cnc`` — Calibrated Trigger Inversion (ALGORITHMS.md
+D3), ``nc`` — Neural Cleanse (D4). Also the batched trigger inversion engine they share
+(:mod:`guard.detect.inversion`), MOTH's class distance of every ordered class pair (:class:`ClassDistance`,
+M12), the scan report, and the per-request scorer the serving handler uses.
 
 Example::
 
-    from guard.detect import CalibratedTriggerInversion, NeuralCleanse
-    cnc = CalibratedTriggerInversion().scan(model, trusted, heldout, generator=torch.Generator().manual_seed(0))
-    cnc.report.save("report.json")
+    from guard.detect import create_detector, list_detectors
+    scan = create_detector("cnc").scan(model, trusted, heldout, generator=torch.Generator().manual_seed(0))
+    scan.report.save("report.json"); scan.report.summary; scan.trigger_image(c)
 """
 
-from .cnc import CalibratedTriggerInversion, CNCConfig, CNCResult, calibrate_threshold
-from .neural_cleanse import (MADResult, NCResult, NeuralCleanse, NeuralCleanseConfig, apply_mask_pattern,
-                             mad_anomaly_index, tanh_bounded)
-from .report import ScanReport, save_trigger_png
+from .base import (Detector, MADResult, ScanReport, ScanResult, create_detector, describe_detectors, get_detector,
+                   list_detectors, mad_anomaly_index, register_detector, save_trigger_png, separation_index)
+from .cnc import CalibratedTriggerInversion, CNCConfig, calibrate_threshold
+from .distance import ClassDistance, ClassDistanceConfig, DistanceResult
+from .inversion import (AdditiveTrigger, CostSchedule, FixedSteps, InversionConfig, InversionResult, InversionTask,
+                        LogSurrogate, MaskPatternTrigger, Objective, TargetCrossEntropy, TriggerForm, TriggeredBatch,
+                        UntilSuccess, apply_mask_pattern, class_tasks, frozen, invert, pair_tasks, tanh_bounded)
+from .neural_cleanse import NeuralCleanse, NeuralCleanseConfig
 from .serving import RequestScorer, RequestScores
 
-__all__ = ["CNCConfig", "CNCResult", "CalibratedTriggerInversion", "MADResult", "NCResult", "NeuralCleanse",
-           "NeuralCleanseConfig", "RequestScorer", "RequestScores", "ScanReport", "apply_mask_pattern",
-           "calibrate_threshold", "mad_anomaly_index", "save_trigger_png", "tanh_bounded"]
+__all__ = ["AdditiveTrigger", "CNCConfig", "CalibratedTriggerInversion", "ClassDistance", "ClassDistanceConfig",
+           "CostSchedule", "Detector", "DistanceResult", "FixedSteps",
+           "InversionConfig", "InversionResult", "InversionTask", "LogSurrogate", "MADResult", "MaskPatternTrigger",
+           "NeuralCleanse", "NeuralCleanseConfig", "Objective", "RequestScorer", "RequestScores", "ScanReport",
+           "ScanResult", "TargetCrossEntropy", "TriggerForm", "TriggeredBatch", "UntilSuccess", "apply_mask_pattern",
+           "calibrate_threshold", "class_tasks", "create_detector", "describe_detectors", "frozen", "get_detector",
+           "invert", "list_detectors", "mad_anomaly_index", "pair_tasks", "register_detector", "save_trigger_png",
+           "separation_index", "tanh_bounded"]

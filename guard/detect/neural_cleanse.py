@@ -1,109 +1,53 @@
-"""Neural Cleanse (Wang et al., S&P 2019): trigger reverse-engineering, MAD outlier test, unlearning.
+"""Neural Cleanse (Wang et al., S&P 2019): trigger reverse-engineering and the MAD outlier test, registered as
+the detector ``nc``.
 
 ALGORITHMS.md D4 (original formulation), with the primitives P1.2 (mask–pattern blend), P2 (tanh
 re-parameterisation) and P3 (dynamic cost schedule). For every candidate label c the smallest mask m (and a
 pattern Δ) that sends clean images to c is searched:
-``min_{m,Δ} E_x CE(f((1−m)⊙x + m⊙Δ), c) + λ·‖m‖_1``. A backdoor target needs a much smaller mask than the
-other labels, which the median-absolute-deviation test picks out (anomaly index > 2 on the small side).
-Repair (:meth:`NeuralCleanse.repair`) fine-tunes on trusted data where a share of the images carry the
-reversed trigger with their *true* labels (unlearning), through :func:`guard.repair.trusted_finetune`.
+``min_{m,Δ} E_x CE(f((1−m)⊙x + m⊙Δ), c) + λ·‖m‖_1`` — all labels in one batched run of the inversion
+engine.
+A backdoor target needs a much smaller mask than the other labels, which the median-absolute-deviation
+test picks out (anomaly index > 2 on the small side). The repair that unlearns the reversed trigger is the
+defense ``nc`` of :mod:`guard.repair`.
 
 Example::
 
-    nc = NeuralCleanse(NeuralCleanseConfig(steps=50))
-    scan = nc.scan(model, trusted, generator=torch.Generator().manual_seed(0))
-    scan.report.flagged_class, scan.l1_norms
-    repaired = nc.repair(model, trusted, scan, eval_set=heldout).model
+    scan = create_detector("nc", steps=50).scan(model, trusted, heldout, generator=torch.Generator().manual_seed(0))
+    scan.report.flagged_class, scan.report.details["l1_norms"], scan.triggers[c]["mask"]
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .._validation import is_int, is_number
 from ..data import ImageTensorDataset
 from ..models import GuardModel
-from ..repair import AsrProbe, RepairResult, trusted_finetune
-from ..train import TrainConfig
-from ._sampling import TrustedSampler, check_dataset, check_scan_inputs
-from .report import ScanReport
+from ._checks import check_classes, check_dataset, check_scan_inputs, scanned_classes
+from .base import Detector, ScanReport, ScanResult, mad_anomaly_index, register_detector
+from .inversion import (CostSchedule, InversionConfig, MaskPatternTrigger, TargetCrossEntropy, class_tasks, frozen,
+                        invert)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MADResult", "NCResult", "NeuralCleanse", "NeuralCleanseConfig", "apply_mask_pattern",
-           "mad_anomaly_index", "tanh_bounded"]
-
-#: ε_t of the tanh re-parameterisation (Keras ``K.epsilon()`` in the NC code; ALGORITHMS.md P2)
-TANH_EPSILON = 1e-7
-#: consistency constant of the MAD for a normal population
-MAD_CONSTANT = 1.4826
-
-
-def tanh_bounded(raw: torch.Tensor) -> torch.Tensor:
-    """``tanh(raw)/(2 − ε_t) + 0.5`` ∈ (0, 1) (ALGORITHMS.md P2); clamped to [0, 1] because in float32
-    ``2 − ε_t`` rounds to 2 and a saturated tanh would land a rounding error outside."""
-    return (torch.tanh(raw) / (2 - TANH_EPSILON) + 0.5).clamp(0, 1)
-
-
-def _tanh_inverse(value: torch.Tensor) -> torch.Tensor:
-    return torch.atanh((value - 0.5) * (2 - TANH_EPSILON))
-
-
-def apply_mask_pattern(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
-    """``(1 − m)⊙x + m⊙Δ`` with an ``(H, W)`` mask shared by all channels (ALGORITHMS.md P1.2)."""
-    return (1 - mask) * x + mask * pattern
-
-
-@dataclass(frozen=True)
-class MADResult:
-    """Per-label anomaly indices ``|L_c − med| / MAD``, the labels flagged (``L_c < med`` and index >
-    ``threshold``) and the model's index ``|min L − med| / MAD`` (NC-code ``mad_outlier_detection.py``)."""
-
-    indices: tuple[float, ...]
-    flagged: tuple[int, ...]
-    model_index: float
-    median: float
-    mad: float
-
-
-def mad_anomaly_index(l1_norms, threshold: float = 2.0) -> MADResult:
-    """The MAD outlier test of Neural Cleanse on per-label trigger L1 norms (ALGORITHMS.md D4 Detection)."""
-    norms = torch.as_tensor(l1_norms, dtype=torch.float64).flatten()
-    if norms.numel() < 3:
-        raise ValueError(f"the MAD test needs the norms of at least 3 labels, got {norms.numel()}")
-    if not bool(torch.isfinite(norms).all()):
-        raise ValueError(f"l1_norms must be finite, got {norms.tolist()}")
-    median = norms.quantile(0.5).item()  # numpy's median: the mean of the middle two for an even count
-    mad = MAD_CONSTANT * (norms - median).abs().quantile(0.5).item()
-    if mad == 0:
-        mad = torch.finfo(torch.float64).eps
-    indices = ((norms - median).abs() / mad).tolist()
-    flagged = tuple(i for i, (n, a) in enumerate(zip(norms.tolist(), indices)) if n < median and a > threshold)
-    return MADResult(tuple(indices), flagged, abs(norms.min().item() - median) / mad, median, mad)
+__all__ = ["NeuralCleanse", "NeuralCleanseConfig"]
 
 
 @dataclass(frozen=True)
 class NeuralCleanseConfig:
     """NC hyper-parameters (ALGORITHMS.md D4; NC-code GTSRB example).
 
-    Reverse engineering: Adam (``lr`` 0.1, betas (0.5, 0.9)), ``batch_size`` 32; one step = one pass over
-    ``samples_per_step`` trusted images (1000, or the whole trusted set when smaller); at most ``steps``
-    steps per label; ``init_cost`` 1e-3; ASR threshold ``attack_threshold`` 0.99; cost schedule with
-    ``patience`` 5 and ``cost_multiplier`` 2 (down by its 1.5 power); early stop after
-    ``early_stop_patience`` (default 5·patience) steps without a smaller best mask once the cost has gone
-    both up and down. ``anomaly_threshold`` 2 for the MAD test.
-
-    Unlearning: ``unlearn_fraction`` 0.2 of the trusted images stamped with the reversed trigger, true
-    labels kept (ALGORITHMS.md D4, §7 item 29); ``unlearn_steps`` 1000 steps of SGD at ``unlearn_lr`` 0.001
-    with batch 128 (Table 5's NC column), (CDA, ASR) every ``eval_every`` steps, stop at CDA_0 − Δ;
-    ``augment``: random crop + flip during unlearning (ALGORITHMS.md §7 item 9).
+    Adam (``lr`` 0.1, betas (0.5, 0.9)), ``batch_size`` 32; one step = one pass over ``samples_per_step``
+    trusted images (1000, or the whole trusted set when smaller); at most ``steps`` steps per label;
+    ``init_cost`` 1e-3; ASR threshold ``attack_threshold`` 0.99; cost schedule with ``patience`` 5 and
+    ``cost_multiplier`` 2 (down by its 1.5 power); early stop after ``early_stop_patience`` (default
+    5·patience) steps without a smaller best mask once the cost has gone both up and down.
+    ``anomaly_threshold`` 2 for the MAD test. ``classes``: the candidate labels (``None``: all; at least 3).
     """
 
     steps: int = 1000
@@ -118,110 +62,70 @@ class NeuralCleanseConfig:
     early_stop_patience: int | None = None
     anomaly_threshold: float = 2.0
     classes: tuple[int, ...] | None = None
-    unlearn_fraction: float = 0.2
-    unlearn_steps: int = 1000
-    unlearn_lr: float = 0.001
-    unlearn_batch_size: int = 128
-    eval_every: int = 50
-    max_cda_drop: float = 0.02
-    augment: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("steps", "samples_per_step", "batch_size", "patience", "unlearn_steps",
-                     "unlearn_batch_size", "eval_every"):
+        for name in ("steps", "samples_per_step", "batch_size", "patience"):
             value = getattr(self, name)
             if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if self.unlearn_steps % self.eval_every:
-            raise ValueError(f"unlearn_steps must be a multiple of eval_every, got unlearn_steps="
-                             f"{self.unlearn_steps}, eval_every={self.eval_every}")
         if self.early_stop_patience is not None and (not is_int(self.early_stop_patience)
                                                      or self.early_stop_patience < 1):
             raise ValueError(f"early_stop_patience must be None or an int >= 1, got {self.early_stop_patience!r}")
-        for name in ("lr", "init_cost", "unlearn_lr"):
+        for name in ("lr", "init_cost"):
             value = getattr(self, name)
             if not is_number(value) or value <= 0:
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        betas = tuple(self.betas) if isinstance(self.betas, (tuple, list)) else self.betas
-        if not isinstance(betas, tuple) or len(betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
-        object.__setattr__(self, "betas", betas)
         if not is_number(self.attack_threshold) or not 0 < self.attack_threshold <= 1:
             raise ValueError(f"attack_threshold must be in (0, 1], got {self.attack_threshold!r}")
         if not is_number(self.cost_multiplier) or self.cost_multiplier <= 1:
             raise ValueError(f"cost_multiplier must be a number > 1, got {self.cost_multiplier!r}")
         if not is_number(self.anomaly_threshold) or self.anomaly_threshold <= 0:
             raise ValueError(f"anomaly_threshold must be a number > 0, got {self.anomaly_threshold!r}")
-        if not is_number(self.unlearn_fraction) or not 0 < self.unlearn_fraction <= 1:
-            raise ValueError(f"unlearn_fraction must be in (0, 1], got {self.unlearn_fraction!r}")
-        if not is_number(self.max_cda_drop) or not 0 <= self.max_cda_drop < 1:
-            raise ValueError(f"max_cda_drop must be a fraction in [0, 1), got {self.max_cda_drop!r}")
-        if not isinstance(self.augment, bool):
-            raise TypeError(f"augment must be a bool, got {type(self.augment).__name__}")
-        if self.classes is not None:
-            if isinstance(self.classes, (str, bytes)) or not tuple(self.classes) \
-                    or not all(is_int(c) and c >= 0 for c in self.classes) \
-                    or len(set(self.classes)) != len(tuple(self.classes)):
-                raise ValueError(f"classes must be None or distinct non-negative class indices, "
-                                 f"got {self.classes!r}")
-            object.__setattr__(self, "classes", tuple(self.classes))
+        object.__setattr__(self, "classes", check_classes(self.classes))
+        object.__setattr__(self, "betas", self.inversion_config(self.samples_per_step).betas)
+
+    def inversion_config(self, trusted_images: int) -> InversionConfig:
+        """The engine settings: mask and pattern from U[0.01, 0.99], Adam, one step = ``samples_per_step``
+        random trusted images in batches, the NC cost schedule (P3) with early stop."""
+        per_step = min(self.samples_per_step, trusted_images)
+        schedule = CostSchedule(self.attack_threshold, self.init_cost, self.patience, self.cost_multiplier,
+                                start_at_zero=True, early_stop_patience=self.early_stop_patience or 5 * self.patience)
+        return InversionConfig(MaskPatternTrigger(), schedule, steps=self.steps, batch_size=self.batch_size,
+                               sampling="random", batches_per_step=max(1, math.ceil(per_step / self.batch_size)),
+                               lr=self.lr, betas=self.betas)
 
 
-@dataclass(frozen=True)
-class NCResult:
-    """The report (scores = signed MAD indices, small norms positive), per-label reversed masks ``(H, W)``
-    and patterns ``(C, H, W)`` (``None`` for a label where no mask reached the ASR threshold), their L1 norms
-    (``inf`` when none was found) and the MAD test."""
+@register_detector
+class NeuralCleanse(Detector):
+    """Neural Cleanse: a reversed trigger per label and the MAD test on their mask norms.
 
-    report: ScanReport
-    masks: dict[int, torch.Tensor | None]
-    patterns: dict[int, torch.Tensor | None]
-    l1_norms: dict[int, float]
-    mad: MADResult
-    seconds: float
+    ``report.scores``: signed MAD indices (small norms positive); ``details``: the L1 norms (``None`` where no
+    mask reached the ASR threshold — such a label counts as the least suspicious), the success rate of each
+    reversed trigger on held-out images of other classes, and the MAD statistics.
+    """
 
-    def trigger_image(self, c: int) -> torch.Tensor:
-        """``m⊙Δ`` of label ``c`` — what the reversed trigger paints, for PNGs."""
-        if self.masks.get(c) is None:
-            raise ValueError(f"no reversed trigger for class {c}")
-        return self.masks[c] * self.patterns[c]
+    name = "nc"
+    config_class = NeuralCleanseConfig
+    description = "Neural Cleanse: smallest mask/pattern trigger per label, MAD outlier test (D4)"
 
-
-class NeuralCleanse:
-    """Neural Cleanse: :meth:`scan` reverse-engineers a trigger per label and runs the MAD test;
-    :meth:`repair` unlearns the smallest reversed trigger."""
-
-    def __init__(self, config: NeuralCleanseConfig | None = None) -> None:
-        config = NeuralCleanseConfig() if config is None else config
-        if not isinstance(config, NeuralCleanseConfig):
-            raise TypeError(f"config must be a NeuralCleanseConfig, got {type(config).__name__}")
-        self.config = config
-
-    def scan(self, model: GuardModel, trusted: ImageTensorDataset, *, generator: torch.Generator | None = None,
-             device: str | torch.device | None = None) -> NCResult:
+    def scan(self, model: GuardModel, trusted: ImageTensorDataset, heldout: ImageTensorDataset, *,
+             reference: GuardModel | None = None, generator: torch.Generator | None = None,
+             device: str | torch.device | None = None, progress: bool = False) -> ScanResult:
         cfg = self.config
         generator = check_scan_inputs(model, generator)
         check_dataset(trusted, "trusted")
-        k = model.num_classes
-        classes = cfg.classes if cfg.classes is not None else tuple(range(k))
-        if max(classes) >= k or len(classes) < 3:
-            raise ValueError(f"classes must be at least 3 labels in [0, {k - 1}] (the MAD test compares "
-                             f"them), got {classes}")
+        check_dataset(heldout, "heldout")
+        if reference is not None:
+            raise ValueError("nc compares no reference model; pass reference=None")
+        classes = scanned_classes(cfg.classes, model, at_least=3)
         device = torch.device(device) if device is not None else next(model.parameters()).device
-        model = model.to(device).eval()
-        sampler = TrustedSampler(trusted, device)
+        model = model.to(device)
         started = time.perf_counter()
-        masks, patterns, norms = {}, {}, {}
-        params = [p for p in model.parameters() if p.requires_grad]
-        try:
-            for p in params:
-                p.requires_grad_(False)
-            for c in classes:
-                masks[c], patterns[c], norms[c] = self._reverse(model, sampler, c, generator, device)
-                logger.info("NC class %d: best mask L1 %.2f", c, norms[c])
-        finally:
-            for p in params:
-                p.requires_grad_(True)
+        tasks = class_tasks(trusted.images, trusted.labels, classes, generator=generator, exclude_target=False)
+        config = cfg.inversion_config(len(trusted))
+        inversion = invert(tasks, TargetCrossEntropy(model), config, device=device, progress=progress)
+        norms = dict(zip(classes, inversion.size.tolist()))
+        triggers = {c: t for c, t in zip(classes, inversion.triggers) if t is not None}
         finite = [n for n in norms.values() if math.isfinite(n)]
         cap = 2 * max(finite) if finite else 1.0  # a label with no successful mask is the least suspicious
         values = [norms[c] if math.isfinite(norms[c]) else cap for c in classes]
@@ -229,105 +133,27 @@ class NeuralCleanse:
         scores = {c: (idx if v < mad.median else -idx) for c, v, idx in zip(classes, values, mad.indices)}
         flagged = [classes[i] for i in mad.flagged]
         top = min(flagged, key=lambda c: norms[c]) if flagged else None
+        success = self._heldout_success(model, heldout, triggers, config.trigger, device)
         details = {"l1_norms": {str(c): (norms[c] if math.isfinite(norms[c]) else None) for c in classes},
+                   "heldout_success": {str(c): s for c, s in success.items()},
                    "model_anomaly_index": mad.model_index, "median": mad.median, "mad": mad.mad,
-                   "flagged_classes": flagged, "trusted_images": len(trusted)}
-        report = ScanReport("nc", top is not None, top, scores, cfg.anomaly_threshold, details)
-        return NCResult(report, masks, patterns, norms, mad, time.perf_counter() - started)
+                   "flagged_classes": flagged, "steps": cfg.steps, "trusted_images": len(trusted)}
+        for c in classes:
+            logger.info("NC class %d: best mask L1 %.2f", c, norms[c])
+        report = ScanReport(self.name, top is not None, top, scores, cfg.anomaly_threshold, details,
+                            separation=mad.model_index)
+        return ScanResult(report, config.trigger, triggers, None, time.perf_counter() - started)
 
-    def _reverse(self, model, sampler: TrustedSampler, c: int, generator, device):
-        """Mask/pattern search for label ``c`` with the NC cost schedule (ALGORITHMS.md P3)."""
-        cfg = self.config
-        _, channels, h, w = sampler.images.shape
-        mask_raw = _tanh_inverse(torch.rand(h, w, generator=generator).clamp(0.01, 0.99)).to(device)
-        pattern_raw = _tanh_inverse(torch.rand(channels, h, w, generator=generator).clamp(0.01, 0.99)).to(device)
-        mask_raw.requires_grad_(True)
-        pattern_raw.requires_grad_(True)
-        optimizer = torch.optim.Adam([mask_raw, pattern_raw], lr=cfg.lr, betas=cfg.betas)
-        pool = sampler.pool(exclude=None)
-        per_step = min(cfg.samples_per_step, pool.numel())
-        batches = max(1, math.ceil(per_step / cfg.batch_size))
-        cost, up, down = 0.0, 0, 0
-        went_up = went_down = False
-        best_l1, best = math.inf, (None, None)
-        stale, early_best = 0, math.inf
-        early_patience = cfg.early_stop_patience or 5 * cfg.patience
-        down_multiplier = cfg.cost_multiplier ** 1.5
-        for step in range(cfg.steps):
-            hits, seen, l1_sum = 0.0, 0, 0.0
-            for _ in range(batches):
-                x, _y = sampler.batch(pool, cfg.batch_size, generator, flip=False)
-                mask = tanh_bounded(mask_raw)
-                pattern = tanh_bounded(pattern_raw)
-                logits = model(apply_mask_pattern(x, mask, pattern))
-                l1 = mask.sum()
-                loss = F.cross_entropy(logits, torch.full((x.shape[0],), c, device=device)) + cost * l1
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                hits += (logits.detach().argmax(1) == c).sum().item()
-                seen += x.shape[0]
-                l1_sum += l1.item() * x.shape[0]
-            asr, mean_l1 = hits / seen, l1_sum / seen
-            if asr >= cfg.attack_threshold and mean_l1 < best_l1:
-                best_l1 = mean_l1
-                best = (tanh_bounded(mask_raw).detach().cpu(), tanh_bounded(pattern_raw).detach().cpu())
-            # early stop: no smaller best mask for early_patience steps, after the cost went both ways
-            if best_l1 < math.inf:
-                stale = stale + 1 if best_l1 >= early_best else 0
-                early_best = min(early_best, best_l1)
-                if went_up and went_down and stale >= early_patience:
-                    logger.debug("NC class %d: early stop at step %d", c, step)
-                    break
-            if asr >= cfg.attack_threshold:
-                up, down = up + 1, 0
-            else:
-                up, down = 0, down + 1
-            if up >= cfg.patience:
-                up = 0
-                cost = cfg.init_cost if cost == 0 else cost * cfg.cost_multiplier
-                went_up = True
-            elif down >= cfg.patience:
-                down = 0
-                cost = cost / down_multiplier
-                went_down = True
-        return best[0], best[1], best_l1
-
-    def repair(self, model: GuardModel, trusted: ImageTensorDataset, scan: NCResult, *,
-               eval_set: torch.utils.data.Dataset, asr: AsrProbe | None = None,
-               generator: torch.Generator | None = None,
-               device: str | torch.device | None = None, progress: bool = False) -> RepairResult:
-        """Unlearning: fine-tune a copy of ``model`` on ``trusted`` where ``unlearn_fraction`` of the images
-        carry the smallest-norm reversed trigger (the flagged label's when one is flagged) with their true
-        labels. The input model is not modified; ``eval_set`` and ``asr`` as in
-        :meth:`guard.repair.PivotalTuning.repair`."""
-        cfg = self.config
-        if not isinstance(model, GuardModel):
-            raise TypeError(f"model must be a guard.models.GuardModel, got {type(model).__name__}")
-        check_dataset(trusted, "trusted")
-        if not isinstance(scan, NCResult):
-            raise TypeError(f"scan must be the NCResult of NeuralCleanse.scan, got {type(scan).__name__}")
-        found = {c: n for c, n in scan.l1_norms.items() if math.isfinite(n)}
-        if not found:
-            raise ValueError("the scan reversed no trigger (no label reached the ASR threshold); nothing to "
-                             "unlearn — raise NeuralCleanseConfig.steps")
-        c = scan.report.flagged_class if scan.report.flagged_class is not None else min(found, key=found.get)
-        if generator is None:
-            generator = torch.Generator()
-            logger.info("no generator given; seeded a fresh one with %d", generator.seed())
-        n = len(trusted)
-        stamped = torch.randperm(n, generator=generator)[:max(1, round(cfg.unlearn_fraction * n))]
-        images = trusted.images.clone()
-        x = images[stamped].float().div(255)
-        x = apply_mask_pattern(x, scan.masks[c], scan.patterns[c])
-        images[stamped] = (x * 255).round().clamp(0, 255).to(torch.uint8)
-        unlearn_set = ImageTensorDataset(images, trusted.labels.clone(), trusted.classes)
-        logger.info("NC unlearning with the reversed trigger of class %d on %d of %d trusted images",
-                    c, stamped.numel(), n)
-        config = TrainConfig(epochs=cfg.unlearn_steps // cfg.eval_every, lr=cfg.unlearn_lr, momentum=0.9,
-                             weight_decay=0.0, batch_size=cfg.unlearn_batch_size, schedule="none",
-                             augment=cfg.augment, mode="finetune", steps_per_epoch=cfg.eval_every)
-        repaired = copy.deepcopy(model)
-        return trusted_finetune(repaired, unlearn_set, config, eval_set=eval_set, eval_every=cfg.eval_every,
-                                max_cda_drop=cfg.max_cda_drop, asr=asr,
-                                generator=generator, device=device, progress=progress)
+    @staticmethod
+    @torch.no_grad()
+    def _heldout_success(model, heldout, triggers, form, device, batch_size: int = 512) -> dict[int, float | None]:
+        """Share of held-out images not of class c that class c's reversed trigger sends to c."""
+        out = {}
+        with frozen(model):
+            for c, values in triggers.items():
+                images = heldout.images[heldout.labels != c]
+                values = {k: v.to(device) for k, v in values.items()}
+                hits = sum(int((model(form.stamp(chunk.to(device).float().div(255), values)).argmax(1) == c).sum())
+                           for chunk in images.split(batch_size))
+                out[c] = hits / images.shape[0] if images.shape[0] else None
+        return out

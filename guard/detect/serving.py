@@ -8,7 +8,7 @@ forward of the repaired model per server batch, with no per-image loop.
 Example (inside a handler)::
 
     scorer = RequestScorer.from_files("repaired.pt", "resnet20", report="report.json")
-    gauges = scorer.class_gauges()                 # {class: anomaly score} for guard_cnc_anomaly_score
+    gauges = scorer.class_gauges()                 # {class: anomaly score} for guard_scan_score
     scores = scorer.score(images, pivot_logits)    # RequestScores with .score, .disagree, .repaired_label
 """
 
@@ -21,7 +21,7 @@ import torch
 
 from .._validation import check_images
 from ..models import GuardModel, create
-from .report import ScanReport
+from .base import ScanReport
 
 __all__ = ["RequestScorer", "RequestScores"]
 

@@ -36,13 +36,16 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")
 
 def build_archive(model: str, weights: str | Path, out: str | Path, guard_config: GuardConfig | None = None, *,
                   num_classes: int = 10, handler: str | Path | None = None, force: bool = False,
-                  scan: str | Path | None = None, repaired: str | Path | None = None) -> Path:
+                  scan: str | Path | None = None, repaired: str | Path | None = None,
+                  repaired_method: str | None = None, weights_method: str | None = None) -> Path:
     """Package ``model`` (a registered name) with ``weights`` into ``out`` (``DIR/NAME.mar``).
 
     The weights are loaded into the architecture first, so a file that does not fit fails here rather
     than in the server. ``NAME`` becomes the endpoint: ``/predictions/NAME``. ``scan``: a scan report of
     these weights; ``repaired``: repaired weights of the same architecture. Both are checked here (the report
-    must parse and score classes of this model, the weights must fit) and stored under fixed names.
+    must parse and score classes of this model, the weights must fit) and stored under fixed names. The
+    manifest names the detector that wrote the report and, when given, the defenses that produced the
+    repaired weights (``repaired_method``) and the served weights (``weights_method``, e.g. ``"moth"``).
 
     Example::
 
@@ -74,14 +77,18 @@ def build_archive(model: str, weights: str | Path, out: str | Path, guard_config
         if outside:
             raise ValueError(f"scan report {scan} scores classes {outside}, but the model has {num_classes} "
                              f"classes; was it made for another model?")
-        extras.update(scan_file=SCAN_NAME, scan_sha256=sha256_file(scan))
+        extras.update(scan_file=SCAN_NAME, scan_sha256=sha256_file(scan), scan_method=report.method)
     if repaired is not None:
         try:
             models.create(model, num_classes=num_classes, weights=repaired)
         except ValueError as exc:
             raise ValueError(f"repaired weights {repaired}: {exc}") from exc
-        extras.update(repaired_file=REPAIRED_STEM + repaired.suffix, repaired_sha256=sha256_file(repaired))
-    manifest = ArchiveManifest(model, num_classes, weights.name, sha256_file(weights), config, **extras)
+        extras.update(repaired_file=REPAIRED_STEM + repaired.suffix, repaired_sha256=sha256_file(repaired),
+                      repaired_method=repaired_method)
+    elif repaired_method is not None:
+        raise ValueError(f"repaired_method={repaired_method!r} given without repaired weights")
+    manifest = ArchiveManifest(model, num_classes, weights.name, sha256_file(weights), config,
+                               weights_method=weights_method, **extras)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="guard-archive-") as tmp:
         extra_files = [manifest.save(Path(tmp) / MANIFEST_NAME)]

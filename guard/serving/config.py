@@ -14,12 +14,16 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..detect import list_detectors
+from ..repair import list_defenses
 from ..rescaler import ReScalerConfig
 
 #: name of the manifest file inside a model archive
 MANIFEST_NAME = "guard-archive.json"
 #: bump when the manifest layout changes; the handler refuses layouts it does not know
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+#: layouts this guard reads: version 1 lacks the method names (they read as ``None``)
+READABLE_VERSIONS = (1, 2)
 #: names the optional scan report and repaired weights get inside an archive (the weights keep their suffix)
 SCAN_NAME = "guard-scan.json"
 REPAIRED_STEM = "guard-repaired"
@@ -133,7 +137,10 @@ class GuardConfig:
 class ArchiveManifest:
     """What a guard model archive holds: architecture, weights (with their SHA-256) and guard config; and,
     when built with ``guard archive --scan/--repaired``, the scan report (``guard scan --out``) and the
-    repaired weights (``guard repair --out``), each with its SHA-256."""
+    repaired weights (``guard repair --out``), each with its SHA-256. The method names — the detector that
+    wrote the scan (``scan_method``), the defense that produced the repaired weights (``repaired_method``)
+    and the served weights (``weights_method``, e.g. ``guard harden``'s ``moth``) — must be registered
+    names (``guard.detect.list_detectors()``, ``guard.repair.list_defenses()``)."""
 
     model: str
     num_classes: int
@@ -145,6 +152,9 @@ class ArchiveManifest:
     scan_sha256: str | None = None
     repaired_file: str | None = None
     repaired_sha256: str | None = None
+    scan_method: str | None = None
+    repaired_method: str | None = None
+    weights_method: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -159,18 +169,31 @@ class ArchiveManifest:
             if file is not None:
                 _check_file_name(f"{part}_file", file)
                 _check_sha256(f"{part}_sha256", sha)
+        if self.scan_method is not None and self.scan_method not in list_detectors():
+            raise ValueError(f"scan_method must be a registered detector ({', '.join(list_detectors())}), "
+                             f"got {self.scan_method!r}")
+        if self.scan_method is not None and self.scan_file is None:
+            raise ValueError(f"scan_method={self.scan_method!r} needs a scan_file")
+        for name, file in (("repaired_method", self.repaired_file), ("weights_method", self.weights_file)):
+            value = getattr(self, name)
+            if value is not None and value not in list_defenses():
+                raise ValueError(f"{name} must be a registered defense ({', '.join(list_defenses())}), got {value!r}")
+            if value is not None and file is None:
+                raise ValueError(f"{name}={value!r} needs the file it describes")
         if not isinstance(self.guard, GuardConfig):
             raise TypeError(f"guard must be a GuardConfig, got {type(self.guard).__name__}")
-        if self.version != MANIFEST_VERSION:
+        if self.version not in READABLE_VERSIONS:
             raise ValueError(f"unsupported archive manifest version {self.version!r}; this guard reads "
-                             f"version {MANIFEST_VERSION} (rebuild the archive with `guard archive`)")
+                             f"versions {READABLE_VERSIONS} (rebuild the archive with `guard archive`)")
         self.guard.names_for(self.num_classes)
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, "model": self.model, "num_classes": self.num_classes,
                 "weights_file": self.weights_file, "weights_sha256": self.weights_sha256,
                 "guard": self.guard.to_dict(), "scan_file": self.scan_file, "scan_sha256": self.scan_sha256,
-                "repaired_file": self.repaired_file, "repaired_sha256": self.repaired_sha256}
+                "repaired_file": self.repaired_file, "repaired_sha256": self.repaired_sha256,
+                "scan_method": self.scan_method, "repaired_method": self.repaired_method,
+                "weights_method": self.weights_method}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = MANIFEST_NAME) -> "ArchiveManifest":

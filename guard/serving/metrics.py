@@ -36,20 +36,17 @@ REVERTED = MetricSpec("guard_reverted_total", "counter", "predictions", ("model_
 ESTIMATED_ASR = MetricSpec("guard_estimated_asr", "gauge", "ratio", ("model_name", "class"))
 BATCH_SIZE = MetricSpec("guard_batch_size", "histogram", "requests", ("model_name",))
 BAD_REQUESTS = MetricSpec("guard_bad_requests_total", "counter", "requests", ("model_name", "status"))
-# from an archive's scan report, set once when the worker loads the model (guard archive --scan)
-CNC_SCORE = MetricSpec("guard_cnc_anomaly_score", "gauge", "score", ("model_name", "class"))
-NC_INDEX = MetricSpec("guard_nc_anomaly_index", "gauge", "index", ("model_name", "class"))
+# from an archive's scan report, set once when the worker loads the model (guard archive --scan); ``method``
+# is the registered detector that wrote the report (guard.detect.list_detectors()), ``class`` a class name
+SCAN_SCORE = MetricSpec("guard_scan_score", "gauge", "score", ("model_name", "method", "class"))
 SCAN_BACKDOORED = MetricSpec("guard_scan_backdoored", "gauge", "verdict", ("model_name", "method", "flagged_class"))
 # per request, against an archive's repaired model (guard archive --repaired)
 BACKDOOR_SCORE = MetricSpec("guard_backdoor_score", "histogram", "score", ("model_name",))
 DISAGREEMENTS = MetricSpec("guard_repair_disagreements_total", "counter", "predictions",
                            ("model_name", "original_class"))
-#: the per-class gauge of each scan method
-SCAN_SCORES = {"cnc": CNC_SCORE, "nc": NC_INDEX}
-
 #: every metric the handler emits
-METRICS = (LATENCY, REQUESTS, REVERTED, ESTIMATED_ASR, BATCH_SIZE, BAD_REQUESTS, CNC_SCORE, NC_INDEX,
-           SCAN_BACKDOORED, BACKDOOR_SCORE, DISAGREEMENTS)
+METRICS = (LATENCY, REQUESTS, REVERTED, ESTIMATED_ASR, BATCH_SIZE, BAD_REQUESTS, SCAN_SCORE, SCAN_BACKDOORED,
+           BACKDOOR_SCORE, DISAGREEMENTS)
 #: values of the ``stage`` label of :data:`LATENCY`: decoding, the ReScaler pass, the repaired model's
 #: forward (archives with a repaired model only), building the answers
 STAGES = ("preprocess", "adapt", "score", "postprocess")

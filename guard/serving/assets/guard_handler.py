@@ -23,7 +23,7 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from guard.serving import (BACKDOOR_SCORE, BAD_REQUESTS, BATCH_SIZE, DISAGREEMENTS, ESTIMATED_ASR, LATENCY,
-                           METRICS, REQUESTS, REVERTED, SCAN_BACKDOORED, SCAN_SCORES, BadRequest,
+                           METRICS, REQUESTS, REVERTED, SCAN_BACKDOORED, SCAN_SCORE, BadRequest,
                            GuardedClassifier, RevertMonitor, decode_request, reject_form_encoding, select_field)
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class GuardHandler(BaseHandler):
             return
         report, names = scorer.report, self.classifier.class_names
         for c, value in scorer.class_gauges().items():
-            self._emit(SCAN_SCORES[report.method], value, names[c])
+            self._emit(SCAN_SCORE, value, report.method, names[c])
         flagged = "none" if report.flagged_class is None else names[report.flagged_class]
         self._emit(SCAN_BACKDOORED, float(report.backdoored), report.method, flagged)
 

@@ -1,0 +1,117 @@
+"""The trusted-data fine-tuning protocol every repair defense shares, and the defender's trusted split.
+
+:func:`trusted_finetune` — ALGORITHMS.md P4, M10: :func:`guard.train.train` in step-counted epochs of
+``eval_every`` steps, (CDA, ASR) recorded after each, stop as soon as CDA ≤ CDA_0 − Δ, and keep the best
+admissible point. Pivotal Tuning, Neural Cleanse unlearning and MOTH run on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .._validation import is_int, is_number
+from ..data import ImageTensorDataset
+from ..models import GuardModel
+from ..train import TrainConfig, evaluate, train
+from .base import AsrProbe, RepairPoint, RepairResult
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["split_trusted", "trusted_finetune"]
+
+
+def split_trusted(dataset: ImageTensorDataset, fraction: float, generator: torch.Generator
+                  ) -> ImageTensorDataset:
+    """A class-stratified random ``fraction`` of ``dataset`` (the defender's trusted set D_trust, r images;
+    ALGORITHMS.md S2). Every class keeps ``round(fraction · n_class)`` images, at least one."""
+    if not isinstance(dataset, ImageTensorDataset):
+        raise TypeError(f"dataset must be a guard.data.ImageTensorDataset, got {type(dataset).__name__}")
+    if not is_number(fraction) or not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    picked = []
+    for c in range(dataset.num_classes):
+        members = torch.nonzero(dataset.labels == c).flatten()
+        if members.numel() == 0:
+            continue
+        n = max(1, round(fraction * members.numel()))
+        picked.append(members[torch.randperm(members.numel(), generator=generator)[:n]])
+    index = torch.cat(picked).sort().values
+    return dataset.subset(index)
+
+
+def trusted_finetune(model: GuardModel, train_set: torch.utils.data.Dataset, config: TrainConfig, *,
+                     eval_set: torch.utils.data.Dataset, eval_every: int, max_cda_drop: float | None = 0.02,
+                     asr: AsrProbe | None = None, keep_last: bool = False,
+                     extra_loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                     transform: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                     generator: torch.Generator | None = None, device: str | torch.device | None = None,
+                     progress: bool = False) -> RepairResult:
+    """Fine-tune ``model`` in place on ``train_set`` with :func:`guard.train.train` (ALGORITHMS.md P4).
+
+    ``config.epochs · eval_every`` steps in epochs of ``eval_every`` steps (``config.steps_per_epoch`` must
+    equal ``eval_every``); after step 0 and every epoch, CDA on ``eval_set`` and (with ``asr``) the attack
+    success rate are recorded; the run stops as soon as CDA ≤ CDA_0 − ``max_cda_drop`` (``None``: no budget).
+    The model is left holding the weights of the chosen point (see :class:`RepairResult`); ``keep_last``
+    chooses the last admissible point even when ASR is measured (a hardening defense keeps its final model;
+    ASR is only recorded). ``extra_loss`` and ``transform`` go to :func:`guard.train.train`.
+    """
+    if not isinstance(model, GuardModel):
+        raise TypeError(f"model must be a guard.models.GuardModel, got {type(model).__name__}")
+    if not is_int(eval_every) or eval_every < 1 or config.steps_per_epoch != eval_every:
+        raise ValueError(f"eval_every must be an int >= 1 equal to config.steps_per_epoch, got eval_every="
+                         f"{eval_every!r}, steps_per_epoch={config.steps_per_epoch!r}")
+    if max_cda_drop is not None and (not is_number(max_cda_drop) or not 0 <= max_cda_drop < 1):
+        raise ValueError(f"max_cda_drop must be None or a number in [0, 1) (a fraction: 0.02 = 2 points), "
+                         f"got {max_cda_drop!r}")
+    if asr is not None and not callable(asr):
+        raise TypeError(f"asr must be a callable model -> attack success rate, got {type(asr).__name__}")
+
+    started = time.perf_counter()
+
+    def measure(step: int) -> RepairPoint:
+        cda = evaluate(model, eval_set, device=device)
+        return RepairPoint(step, cda, None if asr is None else float(asr(model)))
+
+    def better(p: RepairPoint, q: RepairPoint) -> bool:
+        return keep_last or p.asr is None or (p.asr, -p.cda) <= (q.asr, -q.cda)
+
+    first = measure(0)
+    history = [first]
+    chosen, chosen_state = first, _snapshot(model)
+    floor = -math.inf if max_cda_drop is None else first.cda - max_cda_drop
+
+    def on_epoch(stats) -> bool:
+        nonlocal chosen, chosen_state
+        point = measure(stats.epoch * eval_every)
+        history.append(point)
+        logger.info("repair step %d: CDA %.4f, ASR %s", point.step, point.cda,
+                    "n/a" if point.asr is None else f"{point.asr:.4f}")
+        if point.cda <= floor:
+            return True
+        if better(point, chosen):
+            chosen, chosen_state = point, _snapshot(model)
+        return False
+
+    train(model, train_set, config, generator=generator, device=device, progress=progress,
+          callback=on_epoch, extra_loss=extra_loss, transform=transform)
+    model.load_state_dict(chosen_state)
+    model.eval()
+    stopped = history[-1].cda <= floor
+    logger.info("repair chose step %d (CDA %.4f, ASR %s) of %d evaluated points%s", chosen.step, chosen.cda,
+                chosen.asr, len(history), "; stopped by the CDA budget" if stopped else "")
+    return RepairResult(model, tuple(history), chosen, first.cda, max_cda_drop, stopped,
+                        time.perf_counter() - started)
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
