@@ -146,7 +146,7 @@ def test_repair_without_matplotlib_keeps_the_finished_repair(data_root, tmp_path
     caplog.set_level(logging.WARNING, logger="guard.cli.repair")
     assert main(["repair", "--model", "tiny_resnet", "--weights", str(weights), "--dataset", "cifar10",
                  "--data-dir", str(data_root), "--limit", "500", "--trusted-fraction", "0.1", "--eval-split",
-                 "test-lossless", "--eval-limit", "100", "--device", "cpu", "--steps", "4", "--eval-every", "2",
+                 "test-lossless", "--eval-limit", "100", "--device", "cpu", "--opt", "steps=4", "--opt", "eval_every=2",
                  "--out", str(out), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["plot"] is None and "pip install 'guard[bench]'" in caplog.text

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from . import CLIError
-from .train import add_data_arguments, load_data, resolve_device, resolve_split
+from ._common import add_data_arguments, load_data, resolve_device, resolve_split
 
 
 def add_parser(subparsers) -> None:
