@@ -51,6 +51,12 @@ Xiang's pair inversion (D14 step 1)::
     config = InversionConfig(AdditiveTrigger(init_high=0.0, norm="l2"), UntilSuccess(0.95, measure="full"),
                              steps=10_000, batch_size=256, sampling="random", optimizer="sgd", lr=1e-4)
     result = invert(tasks, LogSurrogate(model, weight=1.0), config)
+    r = torch.where(result.found, 1 / result.size, torch.zeros_like(result.size))   # r_st; 0 where ρ never reached π
+
+Removal images count as images of the task's target class (their ``label`` in a batch is the target). With
+``measure="full"`` the success rate after each step is taken over all of a task's images (ρ over D_s).
+``chunk_size`` bounds the images of one forward/backward pass: 90 pair tasks of 256 + 256 images run in
+chunks, accumulated before each update, with the same result.
 """
 
 from __future__ import annotations
