@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 import guard
-from guard.attacks import attack_from_record, create_attack
+from guard.attacks import create_attack, load_record
 from guard.data import load_dataset
 from guard.detect import ClassDistance, ClassDistanceConfig
 from guard.metrics import evaluate_backdoor
@@ -104,14 +104,10 @@ def strong_victim(root: Path, name: str, train_set, device, quick: bool):
         train(model, poisoned, TrainConfig.finetune(epochs=QUICK["victim_epochs"], lr=0.01, weight_decay=5e-4),
               generator=torch.Generator().manual_seed(SEED), device=device, progress=False)
         return model, attack
-    try:
-        from victims import victim  # benchmarks/victims.py: the shared cache of strong victims
-    except ImportError as exc:
-        raise SystemExit("the full moth part needs benchmarks/victims.py (victim(attack, **options) -> "
-                         "(weights_path, record_path)); run with --quick without it") from exc
-    weights, record = victim(name, target=0, **ATTACKS[name])
-    attack = attack_from_record(json.loads(Path(record).read_text()))
-    return create(MODEL, weights=weights).to(device), attack
+    from victims import victim  # benchmarks/victims.py: the shared cache of strong victims
+
+    v = victim(name, target=0, **ATTACKS[name])
+    return create(MODEL, weights=v.weights).to(device), load_record(v.record)
 
 
 def moth_part(root: Path, train_set, heldout, device, quick: bool, results: dict, save) -> None:
