@@ -1,0 +1,20 @@
+"""Training-set cleansing: find and remove the poisoned images of a training set, through a model trained on
+it (ALGORITHMS.md D11–D14), behind one interface addressed by name.
+
+Example::
+
+    import torch
+    from guard.cleanse import create_cleanser
+    result = create_cleanser("ac").cleanse(model, suspect_set, generator=torch.Generator().manual_seed(0))
+    result.detected, result.target_class, result.removed, result.statistic
+    clean_set = result.cleansed(suspect_set)          # retrain on this with guard.train.train
+    result.save("report.json")                        # guard archive --scan report.json serves the verdict
+"""
+
+from .base import (CleanseConfig, CleanseResult, Cleanser, FeatureSet, check_training_set, cleanser_from_dict,
+                   create_cleanser, describe_cleansers, extract_features, get_cleanser, list_cleansers,
+                   register_cleanser, suspect_from_record)
+
+__all__ = ["CleanseConfig", "CleanseResult", "Cleanser", "FeatureSet", "check_training_set", "cleanser_from_dict",
+           "create_cleanser", "describe_cleansers", "extract_features", "get_cleanser", "list_cleansers",
+           "register_cleanser", "suspect_from_record"]
