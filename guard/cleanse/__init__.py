@@ -9,12 +9,18 @@ Example::
     result.detected, result.target_class, result.removed, result.statistic
     clean_set = result.cleansed(suspect_set)          # retrain on this with guard.train.train
     result.save("report.json")                        # guard archive --scan report.json serves the verdict
+
+Registered: ``ss`` Spectral Signatures, ``ac`` Activation Clustering, ``ci`` Cluster Impurity.
 """
 
 from .base import (CleanseConfig, CleanseResult, Cleanser, FeatureSet, check_training_set, cleanser_from_dict,
                    create_cleanser, describe_cleansers, extract_features, get_cleanser, list_cleansers,
                    register_cleanser, suspect_from_record)
+from .clustering import (ActivationClustering, ActivationClusteringConfig, ClusterImpurity, ClusterImpurityConfig,
+                         box_blur)
+from .spectral import SpectralSignatures, SpectralSignaturesConfig
 
-__all__ = ["CleanseConfig", "CleanseResult", "Cleanser", "FeatureSet", "check_training_set", "cleanser_from_dict",
-           "create_cleanser", "describe_cleansers", "extract_features", "get_cleanser", "list_cleansers",
-           "register_cleanser", "suspect_from_record"]
+__all__ = ["ActivationClustering", "ActivationClusteringConfig", "CleanseConfig", "CleanseResult", "Cleanser",
+           "ClusterImpurity", "ClusterImpurityConfig", "FeatureSet", "SpectralSignatures", "SpectralSignaturesConfig",
+           "box_blur", "check_training_set", "cleanser_from_dict", "create_cleanser", "describe_cleansers",
+           "extract_features", "get_cleanser", "list_cleansers", "register_cleanser", "suspect_from_record"]

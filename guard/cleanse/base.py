@@ -63,21 +63,23 @@ def check_optional_class(name: str, value: object) -> None:
 class CleanseResult:
     """What a cleanser found (JSON-ready through :meth:`to_dict`).
 
-    ``detected`` / ``target_class``: the verdict and the inferred target (``None`` without detection).
+    ``detected`` / ``target_class``: the verdict and the inferred target (``None`` without detection);
+    ``detected`` is ``None`` for a method that makes no verdict (SS removes its quota from every class).
     ``statistic``: the number behind the verdict and its threshold (``name``, ``value``, ``threshold``,
     ``alarm`` = ``"below"`` or ``"above"``): RE's order-statistic p-value, AC's silhouette, CI's cluster
-    impurity, SS's spectral anomaly index. ``class_scores``: one number per class, larger = more suspicious,
-    compared with ``score_threshold`` (what a served archive exports per class). ``class_statistics``: the
-    method's per-class numbers. ``removed``: sorted indices of the images to drop. ``pattern``: the estimated
-    additive backdoor pattern ``(C, H, W)`` (RE only). ``details``: method-specific extras (JSON-ready).
+    impurity; SS's largest spectral score, with no threshold. ``class_scores``: one number per class, larger =
+    more suspicious, compared with ``score_threshold`` (what a served archive exports per class; empty for SS).
+    ``class_statistics``: the method's per-class numbers. ``removed``: sorted indices of the images to drop.
+    ``pattern``: the estimated additive backdoor pattern ``(C, H, W)`` (RE only). ``details``: method-specific
+    extras (JSON-ready).
     """
 
     method: str
-    detected: bool
+    detected: bool | None
     target_class: int | None
     statistic: dict[str, Any]
     class_scores: dict[int, float]
-    score_threshold: float
+    score_threshold: float | None
     class_statistics: dict[int, dict[str, Any]]
     removed: torch.Tensor
     num_images: int
@@ -87,9 +89,9 @@ class CleanseResult:
     seconds: float = 0.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.detected, bool):
-            raise TypeError(f"detected must be a bool, got {type(self.detected).__name__}")
-        if self.detected != (self.target_class is not None):
+        if self.detected is not None and not isinstance(self.detected, bool):
+            raise TypeError(f"detected must be a bool or None, got {type(self.detected).__name__}")
+        if bool(self.detected) != (self.target_class is not None):
             raise ValueError(f"detected={self.detected} contradicts target_class={self.target_class}")
         if not isinstance(self.removed, torch.Tensor) or self.removed.dtype != torch.int64 or self.removed.dim() != 1:
             raise TypeError("removed must be a 1-D int64 tensor of training-set indices")
@@ -114,8 +116,14 @@ class CleanseResult:
         return train_set.subset(self.kept)
 
     def scan_report(self):
-        """The verdict as a :class:`guard.detect.ScanReport` (what a served archive exports as gauges)."""
+        """The verdict as a :class:`guard.detect.ScanReport` (what a served archive exports as gauges).
+
+        Raises ``ValueError`` for a method that makes no verdict (SS)."""
         from ..detect import ScanReport
+
+        if self.detected is None:
+            raise ValueError(f"{self.method} makes no verdict (it removes a quota of every class); there is no "
+                             f"detection for an endpoint to export — use re, ac or ci")
 
         return ScanReport(self.method, self.detected, self.target_class, dict(self.class_scores),
                           self.score_threshold, {"source": REPORT_KIND, "statistic": dict(self.statistic),
@@ -125,7 +133,7 @@ class CleanseResult:
         return {"kind": REPORT_KIND, "method": self.method, "detected": self.detected,
                 "target_class": self.target_class, "statistic": _json_ready(self.statistic),
                 "class_scores": {str(c): _finite(s) for c, s in sorted(self.class_scores.items())},
-                "score_threshold": _finite(self.score_threshold),
+                "score_threshold": None if self.score_threshold is None else _finite(self.score_threshold),
                 "class_statistics": {str(c): _json_ready(s) for c, s in sorted(self.class_statistics.items())},
                 "num_images": self.num_images, "num_removed": int(self.removed.numel()),
                 "removed": self.removed.tolist(), "config": _json_ready(self.config),
@@ -162,9 +170,12 @@ class CleanseResult:
             raise ValueError("cleansing report class_scores must be finite numbers")
         target = data["target_class"]
         pattern = data.get("pattern")
-        return cls(method=data["method"], detected=bool(data["detected"]),
+        detected = data["detected"]
+        threshold = data["score_threshold"]
+        return cls(method=data["method"], detected=None if detected is None else bool(detected),
                    target_class=None if target is None else int(target), statistic=dict(data["statistic"]),
-                   class_scores=scores, score_threshold=float(data["score_threshold"]), class_statistics=stats,
+                   class_scores=scores, score_threshold=None if threshold is None else float(threshold),
+                   class_statistics=stats,
                    removed=removed, num_images=int(data["num_images"]), config=dict(data["config"]),
                    pattern=None if pattern is None else torch.tensor(pattern, dtype=torch.float32),
                    details=dict(data.get("details", {})), seconds=float(data.get("seconds", 0.0)))

@@ -14,7 +14,8 @@ from PIL import Image
 
 __all__ = ["ScanReport", "save_trigger_png"]
 
-_METHODS = ("cnc", "nc")
+#: model scans (guard.detect), then training-set cleansing verdicts (guard.cleanse: CleanseResult.scan_report)
+_METHODS = ("cnc", "nc", "re", "ac", "ci")
 
 
 @dataclass(frozen=True)
@@ -23,8 +24,9 @@ class ScanReport:
 
     ``scores[c]``: CNC — the calibrated anomaly score S_c (higher ⇒ more suspicious); NC — the MAD anomaly
     index of class c's reversed-trigger L1 norm, signed so that a *small* norm is positive (higher ⇒ more
-    suspicious in both). ``backdoored`` is ``max(scores) > threshold``; ``flagged_class`` the arg-max when
-    backdoored, else ``None``. ``details`` holds method-specific per-class numbers (JSON-ready).
+    suspicious in both); a cleansing verdict (``re``, ``ac``, ``ci``) carries the cleanser's per-class scores
+    (see :class:`guard.cleanse.CleanseResult`). ``backdoored`` is ``max(scores) > threshold``; ``flagged_class``
+    the arg-max when backdoored, else ``None``. ``details`` holds method-specific per-class numbers (JSON-ready).
     """
 
     method: str
