@@ -13,14 +13,15 @@ Example::
 Registered: ``ss`` Spectral Signatures, ``ac`` Activation Clustering, ``ci`` Cluster Impurity.
 """
 
-from .base import (CleanseConfig, CleanseResult, Cleanser, FeatureSet, check_training_set, cleanser_from_dict,
-                   create_cleanser, describe_cleansers, extract_features, get_cleanser, list_cleansers,
-                   register_cleanser, suspect_from_record)
+from .base import (REPORT_KIND, CleanseConfig, CleanseResult, Cleanser, FeatureSet, check_training_set,
+                   cleanser_from_dict, create_cleanser, describe_cleansers, extract_features, get_cleanser,
+                   list_cleansers, register_cleanser, suspect_from_record)
 from .clustering import (ActivationClustering, ActivationClusteringConfig, ClusterImpurity, ClusterImpurityConfig,
                          box_blur)
 from .spectral import SpectralSignatures, SpectralSignaturesConfig
 
 __all__ = ["ActivationClustering", "ActivationClusteringConfig", "CleanseConfig", "CleanseResult", "Cleanser",
-           "ClusterImpurity", "ClusterImpurityConfig", "FeatureSet", "SpectralSignatures", "SpectralSignaturesConfig",
-           "box_blur", "check_training_set", "cleanser_from_dict", "create_cleanser", "describe_cleansers",
-           "extract_features", "get_cleanser", "list_cleansers", "register_cleanser", "suspect_from_record"]
+           "ClusterImpurity", "ClusterImpurityConfig", "FeatureSet", "REPORT_KIND", "SpectralSignatures",
+           "SpectralSignaturesConfig", "box_blur", "check_training_set", "cleanser_from_dict", "create_cleanser",
+           "describe_cleansers", "extract_features", "get_cleanser", "list_cleansers", "register_cleanser",
+           "suspect_from_record"]

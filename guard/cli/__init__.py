@@ -22,6 +22,7 @@ COMMANDS = {
     "poison": "poison",
     "scan": "scan",
     "repair": "repair",
+    "cleanse": "cleanse",
 }
 
 

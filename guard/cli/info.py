@@ -10,6 +10,7 @@ from importlib.metadata import version
 import torch
 
 from guard.attacks import describe_attacks
+from guard.cleanse import describe_cleansers
 from guard.metrics import METRICS
 from guard.models import get_spec, list_models
 from guard.rescaler import registered_blocks
@@ -34,6 +35,7 @@ def collect() -> dict:
         "models": models,
         "rescaler_blocks": [f"{c.__module__}.{c.__qualname__}" for c in registered_blocks()],
         "attacks": describe_attacks(),
+        "cleansers": describe_cleansers(),
         "metrics": dict(METRICS),
     }
 
@@ -55,4 +57,7 @@ def run(args: argparse.Namespace) -> int:
     for name, a in info["attacks"].items():
         label = "clean-label" if a["clean_label"] else "poison-label"
         print(f"  {name:<16} {a['kind']:<9} {label:<13} {a['description']}")
+    print("training-set cleansing (guard cleanse --method):")
+    for name, c in info["cleansers"].items():
+        print(f"  {name:<16} {c['description']}")
     return 0

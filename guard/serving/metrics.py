@@ -39,17 +39,20 @@ BAD_REQUESTS = MetricSpec("guard_bad_requests_total", "counter", "requests", ("m
 # from an archive's scan report, set once when the worker loads the model (guard archive --scan)
 CNC_SCORE = MetricSpec("guard_cnc_anomaly_score", "gauge", "score", ("model_name", "class"))
 NC_INDEX = MetricSpec("guard_nc_anomaly_index", "gauge", "index", ("model_name", "class"))
+# from an archive's cleansing report (guard archive --scan with a guard cleanse report): the cleanser's per-class
+# score, larger = more suspicious (RE: −log10 of the class's order-statistic p-value; AC: silhouette; CI: impurity)
+CLEANSE_SCORE = MetricSpec("guard_cleanse_score", "gauge", "score", ("model_name", "class"))
 SCAN_BACKDOORED = MetricSpec("guard_scan_backdoored", "gauge", "verdict", ("model_name", "method", "flagged_class"))
 # per request, against an archive's repaired model (guard archive --repaired)
 BACKDOOR_SCORE = MetricSpec("guard_backdoor_score", "histogram", "score", ("model_name",))
 DISAGREEMENTS = MetricSpec("guard_repair_disagreements_total", "counter", "predictions",
                            ("model_name", "original_class"))
 #: the per-class gauge of each scan method
-SCAN_SCORES = {"cnc": CNC_SCORE, "nc": NC_INDEX}
+SCAN_SCORES = {"cnc": CNC_SCORE, "nc": NC_INDEX, "re": CLEANSE_SCORE, "ac": CLEANSE_SCORE, "ci": CLEANSE_SCORE}
 
 #: every metric the handler emits
 METRICS = (LATENCY, REQUESTS, REVERTED, ESTIMATED_ASR, BATCH_SIZE, BAD_REQUESTS, CNC_SCORE, NC_INDEX,
-           SCAN_BACKDOORED, BACKDOOR_SCORE, DISAGREEMENTS)
+           CLEANSE_SCORE, SCAN_BACKDOORED, BACKDOOR_SCORE, DISAGREEMENTS)
 #: values of the ``stage`` label of :data:`LATENCY`: decoding, the ReScaler pass, the repaired model's
 #: forward (archives with a repaired model only), building the answers
 STAGES = ("preprocess", "adapt", "score", "postprocess")
