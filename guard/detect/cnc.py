@@ -37,11 +37,14 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .._validation import is_int, is_number
 from ..models import GuardModel
 from ..repair import PivotalTuning, PivotalTuningConfig, RepairResult
-from ._sampling import TrustedSampler, check_dataset, check_scan_inputs
+from ._checks import check_dataset, check_scan_inputs
+from .inversion import (AdditiveTrigger, FixedSteps, InversionConfig, Objective, TriggeredBatch, class_tasks,
+                        frozen, invert)
 from .report import ScanReport
 
 logger = logging.getLogger(__name__)
@@ -130,6 +133,24 @@ def calibrate_threshold(clean_scores: list[float] | torch.Tensor, false_positive
     return torch.quantile(scores, 1 - false_positive_rate).item()
 
 
+class CalibratedObjective(Objective):
+    """CNC's inversion loss (ALGORITHMS.md D3 step 2b): ``CE(pivot(x ⊕ T), c) + w·CE(repaired(x ⊕ T), y)``;
+    success: the pivot says c."""
+
+    def __init__(self, pivot: nn.Module, repaired: nn.Module, repaired_weight: float) -> None:
+        self.models = (pivot, repaired)
+        self.repaired_weight = repaired_weight
+
+    def __call__(self, batch: TriggeredBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        pivot, repaired = self.models
+        logits = pivot(batch.triggered)
+        loss = F.cross_entropy(logits, batch.target, reduction="none")
+        if self.repaired_weight:
+            loss = loss + self.repaired_weight * F.cross_entropy(repaired(batch.triggered), batch.label,
+                                                                 reduction="none")
+        return loss, logits.argmax(1) == batch.target
+
+
 class CalibratedTriggerInversion:
     """Model-level backdoor detector of pick_your_poison.txt Algorithm 4; one verb: :meth:`scan`."""
 
@@ -168,33 +189,29 @@ class CalibratedTriggerInversion:
             raise TypeError(f"repaired must be a GuardModel with {k} classes, got {type(repaired).__name__}")
         pivot = model.to(device).eval()
         repaired = repaired.to(device).eval()
-        sampler = TrustedSampler(trusted, device)
         test_x = test_set.images.to(device)
         test_y = test_set.labels.to(device)
-        shape = tuple(trusted.images.shape[1:])
 
+        # every class's trigger in one batched inversion (ALGORITHMS.md D3 step 2a-b)
+        tasks = class_tasks(trusted.images, trusted.labels, classes, generator=generator)
+        inversion = invert(tasks, CalibratedObjective(pivot, repaired, cfg.repaired_weight),
+                           self.inversion_config(), device=device, progress=progress)
         scores: dict[int, float] = {}
         details: dict[str, dict] = {"pivot_success": {}, "repaired_accuracy": {}, "repaired_success": {}}
         triggers: dict[int, torch.Tensor] = {}
-        frozen = [p for m in (pivot, repaired) for p in m.parameters() if p.requires_grad]
-        try:
-            for p in frozen:
-                p.requires_grad_(False)
-            for c in classes:
-                trigger = self._invert(pivot, repaired, sampler, c, shape, generator, device)
-                pivot_success, repaired_acc, repaired_success = self._rates(pivot, repaired, trigger,
+        with frozen(pivot, repaired):
+            for c, trigger in zip(classes, inversion.triggers):
+                delta = trigger["delta"].to(device)
+                pivot_success, repaired_acc, repaired_success = self._rates(pivot, repaired, delta,
                                                                             test_x, test_y, c)
                 second = repaired_acc if cfg.score_variant == "paper" else repaired_success
                 scores[c] = pivot_success - second
                 details["pivot_success"][str(c)] = pivot_success
                 details["repaired_accuracy"][str(c)] = repaired_acc
                 details["repaired_success"][str(c)] = repaired_success
-                triggers[c] = trigger.cpu()
+                triggers[c] = trigger["delta"]
                 logger.info("CNC class %d: score %.4f (pivot success %.3f, repaired accuracy %.3f)",
                             c, scores[c], pivot_success, repaired_acc)
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
         top = max(scores, key=scores.get)
         backdoored = scores[top] > cfg.threshold
         details.update({"score_variant": cfg.score_variant, "steps_per_class": cfg.steps_per_class,
@@ -204,22 +221,13 @@ class CalibratedTriggerInversion:
         report = ScanReport("cnc", backdoored, top if backdoored else None, scores, cfg.threshold, details)
         return CNCResult(report, triggers, repaired, repair_result, time.perf_counter() - started)
 
-    def _invert(self, pivot, repaired, sampler: TrustedSampler, c: int, shape, generator, device) -> torch.Tensor:
+    def inversion_config(self) -> InversionConfig:
+        """The engine settings of step 2b: an additive trigger from U[0, init_scale), N Adam steps of one
+        random (flipped) trusted batch each, no size term."""
         cfg = self.config
-        trigger = (torch.rand(shape, generator=generator) * cfg.init_scale).to(device).requires_grad_(True)
-        optimizer = torch.optim.Adam([trigger], lr=cfg.lr, betas=cfg.betas)
-        pool = sampler.pool(exclude=c)
-        for _ in range(cfg.steps_per_class):
-            x, y = sampler.batch(pool, cfg.batch_size, generator, flip=cfg.flip)
-            triggered = (x + trigger).clamp(0, 1)
-            target = torch.full_like(y, c)
-            loss = F.cross_entropy(pivot(triggered), target)
-            if cfg.repaired_weight:
-                loss = loss + cfg.repaired_weight * F.cross_entropy(repaired(triggered), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        return trigger.detach()
+        return InversionConfig(AdditiveTrigger(0.0, cfg.init_scale), FixedSteps(), steps=cfg.steps_per_class,
+                               batch_size=cfg.batch_size, sampling="random", flip=cfg.flip, lr=cfg.lr,
+                               betas=cfg.betas)
 
     @torch.no_grad()
     def _rates(self, pivot, repaired, trigger, test_x, test_y, c: int, batch_size: int = 512):

@@ -25,40 +25,23 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .._validation import is_int, is_number
 from ..data import ImageTensorDataset
 from ..models import GuardModel
 from ..repair import AsrProbe, RepairResult, trusted_finetune
 from ..train import TrainConfig
-from ._sampling import TrustedSampler, check_dataset, check_scan_inputs
+from ._checks import check_dataset, check_scan_inputs
+from .inversion import (CostSchedule, InversionConfig, MaskPatternTrigger, TargetCrossEntropy, apply_mask_pattern,
+                        class_tasks, invert)
 from .report import ScanReport
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MADResult", "NCResult", "NeuralCleanse", "NeuralCleanseConfig", "apply_mask_pattern",
-           "mad_anomaly_index", "tanh_bounded"]
+__all__ = ["MADResult", "NCResult", "NeuralCleanse", "NeuralCleanseConfig", "mad_anomaly_index"]
 
-#: ε_t of the tanh re-parameterisation (Keras ``K.epsilon()`` in the NC code; ALGORITHMS.md P2)
-TANH_EPSILON = 1e-7
 #: consistency constant of the MAD for a normal population
 MAD_CONSTANT = 1.4826
-
-
-def tanh_bounded(raw: torch.Tensor) -> torch.Tensor:
-    """``tanh(raw)/(2 − ε_t) + 0.5`` ∈ (0, 1) (ALGORITHMS.md P2); clamped to [0, 1] because in float32
-    ``2 − ε_t`` rounds to 2 and a saturated tanh would land a rounding error outside."""
-    return (torch.tanh(raw) / (2 - TANH_EPSILON) + 0.5).clamp(0, 1)
-
-
-def _tanh_inverse(value: torch.Tensor) -> torch.Tensor:
-    return torch.atanh((value - 0.5) * (2 - TANH_EPSILON))
-
-
-def apply_mask_pattern(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
-    """``(1 − m)⊙x + m⊙Δ`` with an ``(H, W)`` mask shared by all channels (ALGORITHMS.md P1.2)."""
-    return (1 - mask) * x + mask * pattern
 
 
 @dataclass(frozen=True)
@@ -208,20 +191,17 @@ class NeuralCleanse:
             raise ValueError(f"classes must be at least 3 labels in [0, {k - 1}] (the MAD test compares "
                              f"them), got {classes}")
         device = torch.device(device) if device is not None else next(model.parameters()).device
-        model = model.to(device).eval()
-        sampler = TrustedSampler(trusted, device)
+        model = model.to(device)
         started = time.perf_counter()
+        # every label's mask and pattern in one batched inversion
+        tasks = class_tasks(trusted.images, trusted.labels, classes, generator=generator, exclude_target=False)
+        inversion = invert(tasks, TargetCrossEntropy(model), self.inversion_config(len(trusted)), device=device)
         masks, patterns, norms = {}, {}, {}
-        params = [p for p in model.parameters() if p.requires_grad]
-        try:
-            for p in params:
-                p.requires_grad_(False)
-            for c in classes:
-                masks[c], patterns[c], norms[c] = self._reverse(model, sampler, c, generator, device)
-                logger.info("NC class %d: best mask L1 %.2f", c, norms[c])
-        finally:
-            for p in params:
-                p.requires_grad_(True)
+        for c, trigger, size in zip(classes, inversion.triggers, inversion.size.tolist()):
+            masks[c] = None if trigger is None else trigger["mask"]
+            patterns[c] = None if trigger is None else trigger["pattern"]
+            norms[c] = size
+            logger.info("NC class %d: best mask L1 %.2f", c, norms[c])
         finite = [n for n in norms.values() if math.isfinite(n)]
         cap = 2 * max(finite) if finite else 1.0  # a label with no successful mask is the least suspicious
         values = [norms[c] if math.isfinite(norms[c]) else cap for c in classes]
@@ -235,63 +215,17 @@ class NeuralCleanse:
         report = ScanReport("nc", top is not None, top, scores, cfg.anomaly_threshold, details)
         return NCResult(report, masks, patterns, norms, mad, time.perf_counter() - started)
 
-    def _reverse(self, model, sampler: TrustedSampler, c: int, generator, device):
-        """Mask/pattern search for label ``c`` with the NC cost schedule (ALGORITHMS.md P3)."""
+    def inversion_config(self, trusted_images: int) -> InversionConfig:
+        """The engine settings of the reverse engineering: mask and pattern from U[0.01, 0.99], Adam, one step
+        = ``samples_per_step`` random trusted images in batches, the NC cost schedule (P3) with early stop."""
         cfg = self.config
-        _, channels, h, w = sampler.images.shape
-        mask_raw = _tanh_inverse(torch.rand(h, w, generator=generator).clamp(0.01, 0.99)).to(device)
-        pattern_raw = _tanh_inverse(torch.rand(channels, h, w, generator=generator).clamp(0.01, 0.99)).to(device)
-        mask_raw.requires_grad_(True)
-        pattern_raw.requires_grad_(True)
-        optimizer = torch.optim.Adam([mask_raw, pattern_raw], lr=cfg.lr, betas=cfg.betas)
-        pool = sampler.pool(exclude=None)
-        per_step = min(cfg.samples_per_step, pool.numel())
-        batches = max(1, math.ceil(per_step / cfg.batch_size))
-        cost, up, down = 0.0, 0, 0
-        went_up = went_down = False
-        best_l1, best = math.inf, (None, None)
-        stale, early_best = 0, math.inf
-        early_patience = cfg.early_stop_patience or 5 * cfg.patience
-        down_multiplier = cfg.cost_multiplier ** 1.5
-        for step in range(cfg.steps):
-            hits, seen, l1_sum = 0.0, 0, 0.0
-            for _ in range(batches):
-                x, _y = sampler.batch(pool, cfg.batch_size, generator, flip=False)
-                mask = tanh_bounded(mask_raw)
-                pattern = tanh_bounded(pattern_raw)
-                logits = model(apply_mask_pattern(x, mask, pattern))
-                l1 = mask.sum()
-                loss = F.cross_entropy(logits, torch.full((x.shape[0],), c, device=device)) + cost * l1
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                hits += (logits.detach().argmax(1) == c).sum().item()
-                seen += x.shape[0]
-                l1_sum += l1.item() * x.shape[0]
-            asr, mean_l1 = hits / seen, l1_sum / seen
-            if asr >= cfg.attack_threshold and mean_l1 < best_l1:
-                best_l1 = mean_l1
-                best = (tanh_bounded(mask_raw).detach().cpu(), tanh_bounded(pattern_raw).detach().cpu())
-            # early stop: no smaller best mask for early_patience steps, after the cost went both ways
-            if best_l1 < math.inf:
-                stale = stale + 1 if best_l1 >= early_best else 0
-                early_best = min(early_best, best_l1)
-                if went_up and went_down and stale >= early_patience:
-                    logger.debug("NC class %d: early stop at step %d", c, step)
-                    break
-            if asr >= cfg.attack_threshold:
-                up, down = up + 1, 0
-            else:
-                up, down = 0, down + 1
-            if up >= cfg.patience:
-                up = 0
-                cost = cfg.init_cost if cost == 0 else cost * cfg.cost_multiplier
-                went_up = True
-            elif down >= cfg.patience:
-                down = 0
-                cost = cost / down_multiplier
-                went_down = True
-        return best[0], best[1], best_l1
+        per_step = min(cfg.samples_per_step, trusted_images)
+        schedule = CostSchedule(cfg.attack_threshold, cfg.init_cost, cfg.patience, cfg.cost_multiplier,
+                                start_at_zero=True,
+                                early_stop_patience=cfg.early_stop_patience or 5 * cfg.patience)
+        return InversionConfig(MaskPatternTrigger(), schedule, steps=cfg.steps, batch_size=cfg.batch_size,
+                               sampling="random", batches_per_step=max(1, math.ceil(per_step / cfg.batch_size)),
+                               lr=cfg.lr, betas=cfg.betas)
 
     def repair(self, model: GuardModel, trusted: ImageTensorDataset, scan: NCResult, *,
                eval_set: torch.utils.data.Dataset, asr: AsrProbe | None = None,
