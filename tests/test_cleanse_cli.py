@@ -145,3 +145,40 @@ def test_info_lists_the_cleansers(capsys):
     assert info["cleansers"]["ac"]["options"]["silhouette_threshold"] == 0.29
     assert main(["info"]) == 0
     assert "training-set cleansing (guard cleanse --method):" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def xiang_run(tmp_path_factory):
+    """Xiang's pattern C planted by ``guard poison`` in an ImageFolder of six template classes."""
+    tmp = tmp_path_factory.mktemp("cleanse_re")
+    data = templates(1200, 0, 6)
+    for i, (image, label) in enumerate(zip(data.images, data.labels)):
+        folder = tmp / "data" / data.classes[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:05d}.png")
+    weights = tmp / "xiang.pt"
+    assert main(["poison", "--attack", "xiang", "--attack-opt", "pattern=C", "--attack-opt", f"target={TARGET}",
+                 "--attack-opt", "sources=(1,)", "--attack-opt", "per_source=80", "--model", "tiny_resnet",
+                 "--dataset", "imagefolder", "--data-dir", str(tmp / "data"), "--eval-split", "train",
+                 "--epochs", "8", "--lr", "0.05", "--batch-size", "64", "--no-augment", "--out", str(weights),
+                 "--no-progress"]) == 0
+    return {"tmp": tmp, "data": tmp / "data", "weights": weights, "record": tmp / "xiang.pt.json"}
+
+
+def test_re_command_writes_the_pattern_beside_the_true_one(xiang_run, capsys):
+    run = xiang_run
+    out = run["tmp"] / "re.json"
+    assert main(["cleanse", "--method", "re", "--model", "tiny_resnet", "--weights", str(run["weights"]),
+                 "--dataset", "imagefolder", "--data-dir", str(run["data"]), "--attack-record", str(run["record"]),
+                 "--threshold", "0.001", "--step-size", "0.1", "--pair-batch-size", "16", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert "POISONED, target class 0" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["attack"]["target_detected"] and report["attack"]["tpr"] >= 0.9  # 0.96 (seeds 0–4: ≥ 0.95)
+    assert report["details"]["source_class"] == 1 and len(report["pattern"]) == 3
+    png = Image.open(report["pattern_png"])
+    assert png.size == (4 * (16 + 2 + 16), 4 * 16)  # estimated | gap | true, 4× enlarged
+    assert main(["cleanse", "--method", "ac", "--pair-batch-size", "8", "--model", "tiny_resnet", "--weights",
+                 str(run["weights"]), "--dataset", "imagefolder", "--data-dir", str(run["data"]), "--out",
+                 str(out)]) == 2
+    assert "--pair-batch-size applies to --method re, not ac" in capsys.readouterr().err

@@ -215,15 +215,17 @@ def _json_ready(value: Any) -> Any:
 
 # ------------------------------------------------------------------------------------------- input checks
 
-def check_training_set(model: object, train_set: object, min_per_class: int = 1) -> dict[int, torch.Tensor]:
+def check_training_set(model: object, train_set: object, min_per_class: int = 1, *,
+                       features: bool = True) -> dict[int, torch.Tensor]:
     """Validate the (model, suspect set) pair every cleanser takes; returns each class's indices.
 
     The set must be an :class:`ImageTensorDataset` labelled with the model's classes, at the model's input
-    size, with at least ``min_per_class`` images in every class.
+    size, with at least ``min_per_class`` images in every class; ``features``: the model must also have
+    ``.features()`` (the methods that cluster penultimate features).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module (a guard.models.GuardModel), got {type(model).__name__}")
-    if not callable(getattr(model, "features", None)):
+    if features and not callable(getattr(model, "features", None)):
         raise TypeError(f"model must have a .features(x) method returning penultimate features (a "
                         f"guard.models.GuardModel); got {type(model).__name__}, which has none")
     if not isinstance(train_set, ImageTensorDataset):
@@ -271,11 +273,13 @@ def extract_features(model: nn.Module, train_set: ImageTensorDataset, *, batch_s
     """
     device = _device_of(model, device)
     model.eval()
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     head = getattr(model, "classifier", None)
     feats, preds = [], []
     chunks = train_set.images.split(batch_size)
     for chunk in tqdm(chunks, desc="features", unit="batch", disable=not progress, leave=False):
-        x = chunk.to(device).float().div_(255)
+        x = chunk.to(device, dtype).div_(255)
         f = model.features(x)
         if not isinstance(f, torch.Tensor) or f.dim() != 2 or f.shape[0] != x.shape[0]:
             got = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
@@ -290,6 +294,19 @@ def extract_features(model: nn.Module, train_set: ImageTensorDataset, *, batch_s
         raise ValueError(f"model.features returned NaN/Inf for {int(bad.sum())} of {len(features)} images "
                          f"(first indices {first}); expected finite features from a trained model")
     return FeatureSet(features, torch.cat(preds))
+
+
+@torch.inference_mode()
+def check_finite_outputs(model: nn.Module, images: torch.Tensor, device) -> None:
+    """Raise ``ValueError`` when the model's logits on (a batch of) ``images`` are NaN or infinite."""
+    model.eval()
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    logits = model(images.to(device, dtype).div_(255))
+    bad = ~torch.isfinite(logits).all(1)
+    if bool(bad.any()):
+        raise ValueError(f"the model returned NaN/Inf logits for {int(bad.sum())} of {len(images)} images; "
+                         f"expected finite outputs from a trained model")
 
 
 def sklearn_seed(generator: torch.Generator) -> int:

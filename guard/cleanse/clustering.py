@@ -193,9 +193,10 @@ def bic_mixture(features: torch.Tensor, config: ClusterImpurityConfig, seed: int
 
 @torch.inference_mode()
 def _blurred_predictions(model, images: torch.Tensor, size: int, batch_size: int, device) -> torch.Tensor:
+    dtype = next(model.parameters()).dtype
     preds = []
     for chunk in images.split(batch_size):
-        preds.append(model(box_blur(chunk.to(device).float().div_(255), size)).argmax(1).cpu())
+        preds.append(model(box_blur(chunk.to(device, dtype).div_(255), size)).argmax(1).cpu())
     return torch.cat(preds)
 
 

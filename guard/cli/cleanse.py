@@ -37,8 +37,10 @@ _OPTION_FLAGS = {
     "reduction": {"ac": "reduction"},
     "max_components": {"ci": "max_components"},
     "pi": {"re": "pi"},
+    "step_size": {"re": "step_size"},
+    "pair_batch_size": {"re": "batch_size_per_class"},
     "max_steps": {"re": "max_steps"},
-    "pairs_per_batch": {"re": "pairs_per_batch"},
+    "chunk_size": {"re": "chunk_size"},
 }
 
 
@@ -66,8 +68,11 @@ def add_parser(subparsers) -> None:
     g.add_argument("--reduction", choices=("pca", "ica"), help="ac: projection to 10 dimensions")
     g.add_argument("--max-components", type=int, help="ci: largest mixture size BIC considers")
     g.add_argument("--pi", type=float, help="re: misclassification fraction that stops a pair's estimation")
+    g.add_argument("--step-size", type=float, help="re: ℓ2 length of a pattern-estimation step (default 0.2)")
+    g.add_argument("--pair-batch-size", type=int, help="re: images of each class of a pair per step (default 32)")
     g.add_argument("--max-steps", type=int, help="re: step cap per class pair")
-    g.add_argument("--pairs-per-batch", type=int, help="re: class pairs optimized in one forward/backward")
+    g.add_argument("--chunk-size", type=int,
+                   help="re: most images in one forward/backward pass, shared by many class pairs (default 4096)")
     f = p.add_argument_group("the defender's model (RE Step 0)")
     f.add_argument("--fit-epochs", type=int, default=None,
                    help="first train --model on the suspect set for N epochs without augmentation (from --weights "
