@@ -41,6 +41,8 @@ CASES = {
             dict(steps=6, batch_size=16, sampling="random", flip=True, lr=0.01), "universal"),
     "xiang": (AdditiveTrigger(0.0, 0.0, norm="l2"), UntilSuccess(0.9, measure="full"),
               dict(steps=10, batch_size=8, sampling="random", optimizer="sgd", lr=0.05), "removal"),
+    "xiang-normalized": (AdditiveTrigger(0.0, 0.0, norm="l2"), UntilSuccess(0.9),
+                         dict(steps=10, batch_size=8, sampling="random", optimizer="normalized", lr=0.2), "removal"),
 }
 
 
@@ -110,6 +112,18 @@ def test_task_optimizer_matches_torch_adam_and_skips_rows_that_sat_out():
     torch.testing.assert_close(x[0].detach(), reference.detach(), rtol=1e-12, atol=1e-12)
     assert x[1].tolist() == [3.0, 0.5]  # row 1 took part in no update
     assert ours.count.tolist() == [5, 0]
+
+
+def test_normalized_steps_have_length_lr_along_the_gradient_of_each_task():
+    config = InversionConfig(steps=1, optimizer="normalized", lr=0.5)
+    a = torch.tensor([[3.0, 0.0], [1.0, 1.0], [7.0, 7.0]], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([[0.0], [2.0], [5.0]], dtype=torch.float64, requires_grad=True)
+    a.grad = torch.tensor([[3.0, 0.0], [0.0, 3.0], [1.0, 1.0]], dtype=torch.float64)
+    b.grad = torch.tensor([[4.0], [4.0], [1.0]], dtype=torch.float64)
+    _TaskOptimizer([a, b], config, tasks=3).step(torch.tensor([0, 1]))
+    # task 0: gradient (3, 0 | 4) has norm 5 -> a step of 0.5 along it; task 2 sat out
+    torch.testing.assert_close(a.detach(), torch.tensor([[2.7, 0.0], [1.0, 0.7], [7.0, 7.0]], dtype=torch.float64))
+    torch.testing.assert_close(b.detach(), torch.tensor([[-0.4], [1.6], [5.0]], dtype=torch.float64))
 
 
 class _Exploding(Objective):

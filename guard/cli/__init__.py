@@ -26,6 +26,7 @@ COMMANDS = {
     "repair": "repair",
     "distance": "distance",
     "harden": "harden",
+    "cleanse": "cleanse",
 }
 
 

@@ -12,6 +12,7 @@ import torch
 
 from guard.attacks import describe_attacks
 from guard.detect import describe_detectors
+from guard.cleanse import describe_cleansers
 from guard.metrics import METRICS
 from guard.models import get_spec, list_models
 from guard.repair import describe_defenses
@@ -39,6 +40,7 @@ def collect() -> dict:
         "attacks": describe_attacks(),
         "detectors": describe_detectors(),
         "defenses": describe_defenses(),
+        "cleansers": describe_cleansers(),
         "metrics": dict(METRICS),
     }
 
@@ -66,4 +68,7 @@ def run(args: argparse.Namespace) -> int:
     print("defenses (guard repair / guard harden --method):")
     for name, d in info["defenses"].items():
         print(f"  {name:<16} {d['kind']:<9} {d['description']}")
+    print("training-set cleansing (guard cleanse --method):")
+    for name, c in info["cleansers"].items():
+        print(f"  {name:<16} {c['description']}")
     return 0

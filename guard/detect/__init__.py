@@ -12,7 +12,8 @@ Example::
 """
 
 from .base import (Detector, MADResult, ScanReport, ScanResult, create_detector, describe_detectors, get_detector,
-                   list_detectors, mad_anomaly_index, register_detector, save_trigger_png, separation_index)
+                   list_detectors, mad_anomaly_index, register_detector, register_report_method, report_methods,
+                   save_trigger_png, separation_index)
 from .cnc import CalibratedTriggerInversion, CNCConfig, calibrate_threshold
 from .distance import ClassDistance, ClassDistanceConfig, DistanceResult
 from .inversion import (AdditiveTrigger, CostSchedule, FixedSteps, InversionConfig, InversionResult, InversionTask,
@@ -27,5 +28,6 @@ __all__ = ["AdditiveTrigger", "CNCConfig", "CalibratedTriggerInversion", "ClassD
            "NeuralCleanse", "NeuralCleanseConfig", "Objective", "RequestScorer", "RequestScores", "ScanReport",
            "ScanResult", "TargetCrossEntropy", "TriggerForm", "TriggeredBatch", "UntilSuccess", "apply_mask_pattern",
            "calibrate_threshold", "class_tasks", "create_detector", "describe_detectors", "frozen", "get_detector",
-           "invert", "list_detectors", "mad_anomaly_index", "pair_tasks", "register_detector", "save_trigger_png",
+           "invert", "list_detectors", "mad_anomaly_index", "pair_tasks", "register_detector", "register_report_method",
+           "report_methods", "save_trigger_png",
            "separation_index", "tanh_bounded"]

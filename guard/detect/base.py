@@ -28,7 +28,8 @@ from ..models import GuardModel
 from .inversion import TriggerForm
 
 __all__ = ["Detector", "MADResult", "ScanReport", "ScanResult", "create_detector", "describe_detectors",
-           "get_detector", "list_detectors", "mad_anomaly_index", "register_detector", "save_trigger_png",
+           "get_detector", "list_detectors", "mad_anomaly_index", "register_detector", "register_report_method",
+           "report_methods", "save_trigger_png",
            "separation_index"]
 
 #: a top class "stands out" when its score's MAD anomaly index among the class scores exceeds this (the
@@ -62,8 +63,8 @@ class ScanReport:
     caveat: str | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in _REGISTRY:
-            raise ValueError(f"method must be a registered detector ({', '.join(list_detectors())}), "
+        if self.method not in report_methods():
+            raise ValueError(f"method must be a registered detector or cleanser ({', '.join(report_methods())}), "
                              f"got {self.method!r}")
         if not self.scores:
             raise ValueError("scores must hold at least one class")
@@ -278,6 +279,22 @@ def register_detector(cls: type[Detector]) -> type[Detector]:
 def list_detectors() -> list[str]:
     """Registered detector names, sorted."""
     return sorted(_REGISTRY)
+
+
+#: methods whose verdicts a ScanReport carries besides the detectors (guard.cleanse registers its cleansers)
+_VERDICT_SOURCES: set[str] = set()
+
+
+def register_report_method(name: str) -> None:
+    """Let :class:`ScanReport` carry the verdicts of ``name`` (a training-set cleanser, say) like a scan's."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a report method must be a non-empty string, got {name!r}")
+    _VERDICT_SOURCES.add(name)
+
+
+def report_methods() -> list[str]:
+    """Every method a :class:`ScanReport` may name: the detectors and the registered verdict sources, sorted."""
+    return sorted(set(_REGISTRY) | _VERDICT_SOURCES)
 
 
 def get_detector(name: str) -> type[Detector]:

@@ -519,7 +519,7 @@ class _CostState:
 
 # ------------------------------------------------------------------------------------------ config
 _SAMPLING = ("epoch", "random")
-_OPTIMIZERS = ("adam", "sgd")
+_OPTIMIZERS = ("adam", "sgd", "normalized")
 
 
 @dataclass(frozen=True)
@@ -530,8 +530,11 @@ class InversionConfig:
     ``batch_size`` (MOTH's ``Trigger``); with ``"random"``, ``batches_per_step`` batches of ``batch_size``
     random images each (drawn with replacement across batches; the trusted-set sampling of NC and CNC), and
     as many removal images per batch. ``flip``: a random horizontal flip per image (CNC code). Every batch
-    is one optimiser update: Adam (``lr``, ``betas``; NC/MOTH/CNC code) or plain gradient descent (``sgd``:
-    Xiang's ascent with step δ). ``chunk_size``: most images per forward/backward pass (whole tasks are
+    is one optimiser update: Adam (``lr``, ``betas``; NC/MOTH/CNC code), plain gradient descent (``sgd``:
+    Xiang's ascent with step δ) or ``normalized`` gradient descent — a step of ℓ2 length ``lr`` along each
+    task's gradient (over all its variables): the same path as ``sgd``'s gradient flow, walked at a speed
+    that does not depend on the gradient's scale, so a stopping rule on the path is met in a bounded number
+    of steps. ``chunk_size``: most images per forward/backward pass (whole tasks are
     never split; tasks of one batch are accumulated before the update).
     """
 
@@ -615,9 +618,9 @@ def frozen(*models: nn.Module) -> Iterator[None]:
 
 
 class _TaskOptimizer:
-    """Adam (torch's update rule) or plain gradient descent on stacked ``(T, ...)`` variables, updating only
-    the rows of the tasks that took part in a batch, each with its own step count — so a task's trajectory
-    is the same whether or not other tasks share its batches."""
+    """Adam (torch's update rule), plain or ℓ2-normalized gradient descent on stacked ``(T, ...)`` variables,
+    updating only the rows of the tasks that took part in a batch, each with its own step count — so a task's
+    trajectory is the same whether or not other tasks share its batches."""
 
     def __init__(self, params: list[torch.Tensor], config: InversionConfig, tasks: int) -> None:
         self.params, self.config = params, config
@@ -631,6 +634,13 @@ class _TaskOptimizer:
         if cfg.optimizer == "sgd":
             for p in self.params:
                 p[rows] -= cfg.lr * p.grad[rows]
+            return
+        if cfg.optimizer == "normalized":
+            grads = [p.grad[rows] for p in self.params]
+            norm = sum(g.flatten(1).square().sum(1) for g in grads).sqrt()
+            scale = cfg.lr / norm.clamp_min(torch.finfo(norm.dtype).tiny)
+            for p, g in zip(self.params, grads):
+                p[rows] -= scale.view((-1,) + (1,) * (p.dim() - 1)) * g
             return
         beta1, beta2 = cfg.betas
         self.count[rows] += 1

@@ -3,9 +3,10 @@
 An archive holds the handler (:data:`~guard.serving.HANDLER_FILE`, package data), the weights file as
 given and :data:`~guard.serving.config.MANIFEST_NAME` (architecture, class count, the weights' SHA-256 and the
 :class:`~guard.serving.config.GuardConfig`); optionally a scan report (``guard scan --out``, served as
-per-class anomaly gauges and a verdict) and a repaired model (``guard repair --out``, which scores every
-request against the served one; pick_your_poison.txt §4, ALGORITHMS.md D2/D3). The handler recomputes
-every SHA-256 at load and refuses a mismatch.
+per-class anomaly gauges and a verdict; a ``guard cleanse --out`` report is stored as its verdict) and a
+repaired model (``guard repair --out``, which scores every request against the served one;
+pick_your_poison.txt §4, ALGORITHMS.md D2/D3). The handler recomputes every SHA-256 at load and refuses a
+mismatch.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from .. import models
 from .._validation import require_extra
+from ..cleanse import REPORT_KIND, CleanseResult
 from ..detect import ScanReport
 from .config import MANIFEST_NAME, REPAIRED_STEM, SCAN_NAME, ArchiveManifest, GuardConfig
 from .predictor import sha256_file
@@ -42,10 +44,12 @@ def build_archive(model: str, weights: str | Path, out: str | Path, guard_config
 
     The weights are loaded into the architecture first, so a file that does not fit fails here rather
     than in the server. ``NAME`` becomes the endpoint: ``/predictions/NAME``. ``scan``: a scan report of
-    these weights; ``repaired``: repaired weights of the same architecture. Both are checked here (the report
-    must parse and score classes of this model, the weights must fit) and stored under fixed names. The
-    manifest names the detector that wrote the report and, when given, the defenses that produced the
-    repaired weights (``repaired_method``) and the served weights (``weights_method``, e.g. ``"moth"``).
+    these weights, or a cleansing report of the set they were trained on (stored as its verdict,
+    :meth:`guard.cleanse.CleanseResult.scan_report`); ``repaired``: repaired weights of the same architecture.
+    Both are checked here (the report must parse and score classes of this model, the weights must fit) and
+    stored under fixed names. The manifest names the method that wrote the report and, when given, the
+    defenses that produced the repaired weights (``repaired_method``) and the served weights
+    (``weights_method``, e.g. ``"moth"``).
 
     Example::
 
@@ -71,13 +75,13 @@ def build_archive(model: str, weights: str | Path, out: str | Path, guard_config
     config = GuardConfig() if guard_config is None else guard_config
     models.create(model, num_classes=num_classes, weights=weights)  # fail early: the weights must fit
     extras: dict[str, object] = {}
-    if scan is not None:
-        report = ScanReport.load(scan)
+    report, converted = (None, False) if scan is None else _load_verdict(scan)
+    if report is not None:
         outside = sorted(c for c in report.scores if c >= num_classes)
         if outside:
             raise ValueError(f"scan report {scan} scores classes {outside}, but the model has {num_classes} "
                              f"classes; was it made for another model?")
-        extras.update(scan_file=SCAN_NAME, scan_sha256=sha256_file(scan), scan_method=report.method)
+        extras.update(scan_file=SCAN_NAME, scan_method=report.method)
     if repaired is not None:
         try:
             models.create(model, num_classes=num_classes, weights=repaired)
@@ -87,14 +91,19 @@ def build_archive(model: str, weights: str | Path, out: str | Path, guard_config
                       repaired_method=repaired_method)
     elif repaired_method is not None:
         raise ValueError(f"repaired_method={repaired_method!r} given without repaired weights")
-    manifest = ArchiveManifest(model, num_classes, weights.name, sha256_file(weights), config,
-                               weights_method=weights_method, **extras)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="guard-archive-") as tmp:
+        if converted:  # a cleansing report travels as its verdict
+            scan = report.save(Path(tmp) / SCAN_NAME)
+        if scan is not None:
+            extras.update(scan_sha256=sha256_file(scan))
+        manifest = ArchiveManifest(model, num_classes, weights.name, sha256_file(weights), config,
+                                   weights_method=weights_method, **extras)
         extra_files = [manifest.save(Path(tmp) / MANIFEST_NAME)]
         for source, name in ((scan, manifest.scan_file), (repaired, manifest.repaired_file)):
             if source is not None:
-                extra_files.append(Path(shutil.copyfile(source, Path(tmp) / name)))
+                target = Path(tmp) / name
+                extra_files.append(target if source == target else Path(shutil.copyfile(source, target)))
         command = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", out.stem,
                    "--version", ARCHIVE_VERSION, "--handler", str(handler), "--serialized-file", str(weights),
                    "--extra-files", ",".join(str(p) for p in extra_files), "--export-path", str(out.parent),
@@ -105,6 +114,17 @@ def build_archive(model: str, weights: str | Path, out: str | Path, guard_config
                            f"{(done.stderr or done.stdout).strip()[-2000:]}")
     log.info("wrote %s (%s, weights sha256 %s)", out, model, manifest.weights_sha256)
     return out
+
+
+def _load_verdict(path: Path) -> tuple[ScanReport, bool]:
+    """The report of ``guard scan`` as it is, or that of ``guard cleanse`` as its verdict (then ``True``)."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    if isinstance(data, dict) and data.get("kind") == REPORT_KIND:
+        return CleanseResult.from_dict(data).scan_report(), True
+    return ScanReport.from_dict(data), False
 
 
 def read_manifest(archive: str | Path) -> ArchiveManifest:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..detect import list_detectors
+from ..detect import report_methods
 from ..repair import list_defenses
 from ..rescaler import ReScalerConfig
 
@@ -140,7 +140,7 @@ class ArchiveManifest:
     repaired weights (``guard repair --out``), each with its SHA-256. The method names — the detector that
     wrote the scan (``scan_method``), the defense that produced the repaired weights (``repaired_method``)
     and the served weights (``weights_method``, e.g. ``guard harden``'s ``moth``) — must be registered
-    names (``guard.detect.list_detectors()``, ``guard.repair.list_defenses()``)."""
+    names (``guard.detect.report_methods()``, ``guard.repair.list_defenses()``)."""
 
     model: str
     num_classes: int
@@ -169,8 +169,9 @@ class ArchiveManifest:
             if file is not None:
                 _check_file_name(f"{part}_file", file)
                 _check_sha256(f"{part}_sha256", sha)
-        if self.scan_method is not None and self.scan_method not in list_detectors():
-            raise ValueError(f"scan_method must be a registered detector ({', '.join(list_detectors())}), "
+        if self.scan_method is not None and self.scan_method not in report_methods():
+            raise ValueError(f"scan_method must be a registered detector or cleanser "
+                             f"({', '.join(report_methods())}), "
                              f"got {self.scan_method!r}")
         if self.scan_method is not None and self.scan_file is None:
             raise ValueError(f"scan_method={self.scan_method!r} needs a scan_file")

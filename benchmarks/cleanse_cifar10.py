@@ -1,0 +1,288 @@
+"""Training-set cleansing on real CIFAR-10: RE, SS, AC and CI beside Xiang et al.'s Tables 2–4.
+
+What:      for each poisoned CIFAR-10 training set — Xiang's imperceptible patterns A (chessboard, 2/255) and C
+           (cross, 70/255) with 1 and 3 source classes, the perceptible pattern D (80/255 square) with 1 source,
+           BadNets and Blend — and for the clean training set: each method's detection outcome (Table 2 symbols:
+           ✓ detected with the right target / nothing on a clean set, ~ wrong target, ✗ missed / false alarm),
+           the removal's TPR/FPR (Table 3; FPR over the clean images labelled with the target), the ASR and
+           accuracy of a model retrained on what is left (Table 4, supp. Tables 10–12), and each method's wall
+           time. The seed's compact-ResNet-18 rows are printed beside ours (ResNet-20's 64-d features are its
+           size class).
+Victims:   ``victims.victim`` — the pretrained ResNet-20 fine-tuned on the FULL poisoned training set (undefended
+           ASR >= 0.9); the clean row is the pretrained ResNet-20 itself (trained on the clean set).
+Defender:  RE's Step 0 — the victim fine-tuned ``FIT_EPOCHS`` epoch on its suspect set without augmentation, so it
+           carries the exact pattern (§5.2.1); SS, AC and CI inspect the same model, as in the seed.
+Methods:   library defaults; SS and AC are given the true target for TPR/FPR (Xiang's comparison; SS removes 1000
+           images of it), AC's detection outcome is its own silhouette test; RE and CI use their own detection.
+Retrain:   the victims' recipe (pretrained ResNet-20, SGD lr 0.01, 3 epochs, augmentation) on the cleansed set —
+           the same training that implants the backdoor on the full set; CDA and ASR on test-lossless (ASR: source
+           classes for Xiang's patterns, M2'; non-target images otherwise). A method that removes nothing keeps the
+           undefended numbers.
+Output:    benchmarks/results/cleanse_cifar10.json and .png (rows, timings, hardware, versions; RE's estimated
+           patterns beside the true ones with their per-pixel MSE, as Xiang reports it).
+Run:       GUARD_DATA_DIR=../shared/data python benchmarks/cleanse_cifar10.py [--rows A1,C3] [--methods re,ac]
+           [--no-retrain] [--threads 2];  --quick: a smoke run on 5000 images with tiny budgets (numbers are not
+           comparable with the tables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from guard.attacks import attack_from_record, create_attack
+from guard.cleanse import create_cleanser, suspect_from_record
+from guard.data import load_dataset
+from guard.metrics import cleansing_rates, evaluate_backdoor
+from guard.models import create, save_weights
+from guard.train import TrainConfig, evaluate, train
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from victims import RECIPE, WEIGHTS, data_root, victim  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FIT_EPOCHS = 1
+FIT_LR = 1e-3
+SEED = 0
+METHODS = ("re", "ss", "ac", "ci")
+#: --quick: RE's code path at a tiny budget (a smoke test, not a measurement)
+RE_QUICK = {"max_steps": 3, "batch_size_per_class": 8, "max_images": 50}
+#: row -> (attack, options); None = the clean training set
+ROWS = {
+    "A1": ("xiang", {"pattern": "A", "num_sources": 1}),
+    "A3": ("xiang", {"pattern": "A", "num_sources": 3}),
+    "C1": ("xiang", {"pattern": "C", "num_sources": 1}),
+    "C3": ("xiang", {"pattern": "C", "num_sources": 3}),
+    "D1": ("xiang", {"pattern": "D", "num_sources": 1}),
+    "badnets": ("badnets", {"target": 0, "budget": 0.01}),
+    "blend": ("blend", {"target": 0, "budget": 0.05}),
+    "clean": None,
+}
+#: Xiang et al., compact ResNet-18 (ALGORITHMS.md T11–T13): detection, TPR/FPR (%), retrained ASR/ACC (%)
+PAPER = {
+    "A1": {"re": ("✓", (93.6, 20.9), (1.9, 90.2)), "ss": (None, (29.6, 17.0), (94.8, 90.3)),
+           "ac": ("✓", (30.6, 45.0), (99.3, 90.3)), "ci": ("✓", (55.8, 7.5), (98.5, 90.6))},
+    "A3": {"re": ("✓", (94.8, 11.3), (1.1, 90.1)), "ss": (None, (39.2, 15.7), (98.3, 90.2)),
+           "ac": ("✓", (61.2, 36.1), (91.1, 90.6)), "ci": ("✓", (89.7, 1.9), (2.2, 90.6))},
+    "C1": {"re": ("✓", (91.0, 10.6), (2.6, 90.4)), "ss": (None, (45.8, 15.4), (97.6, 90.5)),
+           "ac": ("✓", (81.8, 39.4), (80.6, 90.3)), "ci": ("✓", (93.8, 13.1), (3.2, 90.5))},
+    "C3": {"re": ("✓", (99.0, 4.5), (0.1, 90.5)), "ss": (None, (16.5, 18.4), (97.4, 90.8)),
+           "ac": ("✓", (61.8, 43.4), (97.2, 90.0)), "ci": ("✓", (98.7, 0.0), (0.3, 90.2))},
+    "D1": {"re": ("✓", (98.8, 12.2), (0.3, 90.0)), "ss": (None, (75.8, 12.4), (15.0, 90.4)),
+           "ac": ("✓", (92.2, 20.2), (0.4, 90.2)), "ci": ("✗", None, None)},
+    "clean": {"re": ("✓", None, None), "ac": ("✓", None, None), "ci": ("✓", None, None)},
+}
+
+
+def outcome(result, target: int | None) -> str:
+    """Table 2's symbol for a detection result against the truth (``target`` None = clean set)."""
+    if result.detected is None:
+        return "n/a"
+    if target is None:
+        return "✗" if result.detected else "✓"
+    if not result.detected:
+        return "✗"
+    return "✓" if result.target_class == target else "~"
+
+
+def quick_victim(attack_name: str, options: dict, train_set, root: Path, work: Path):
+    """--quick: the victim recipe for one epoch on a subset, written like guard poison (weights + record)."""
+    attack = create_attack(attack_name, **options)
+    poisoned = attack.poison(train_set, torch.Generator().manual_seed(SEED))
+    model = create("resnet20", weights=root / WEIGHTS)
+    train(model, poisoned.dataset, TrainConfig.finetune(epochs=1, lr=RECIPE["lr"], weight_decay=RECIPE["weight_decay"],
+                                                        schedule="cosine"),
+          generator=torch.Generator().manual_seed(SEED), progress=True)
+    weights = save_weights(model, work / f"quick-{attack_name}.pt")
+    record = {**poisoned.record(), "seed": SEED, "train_images": len(train_set), "split": "train"}
+    return weights, record
+
+
+def asr_of(model, attack, test_set) -> dict:
+    scores = evaluate_backdoor(model, attack, test_set)
+    asr = scores.get("asr_source", scores["asr_nontarget"])
+    return {"cda": scores["cda"], "asr": asr}
+
+
+def retrain(kept, root: Path, epochs: int, attack, test_set) -> dict:
+    """The victims' recipe on the cleansed set (see the header)."""
+    model = create("resnet20", weights=root / WEIGHTS)
+    config = TrainConfig.finetune(epochs=epochs, lr=RECIPE["lr"], momentum=RECIPE["momentum"],
+                                  weight_decay=RECIPE["weight_decay"], batch_size=RECIPE["batch_size"],
+                                  schedule=RECIPE["schedule"])
+    started = time.perf_counter()
+    train(model, kept, config, generator=torch.Generator().manual_seed(SEED), progress=True)
+    out = asr_of(model, attack, test_set) if attack is not None else {"cda": evaluate(model, test_set)}
+    return {**out, "train_images": len(kept), "seconds": round(time.perf_counter() - started, 1)}
+
+
+def run_row(name: str, spec, args, train_set, test_set, root: Path, patterns: dict, work: Path) -> dict:
+    row: dict = {"row": name}
+    if spec is None:
+        weights, record, attack = root / WEIGHTS, None, None
+        suspect, poison_indices, target = train_set, None, None
+        undefended = {"cda": evaluate(create("resnet20", weights=weights), test_set)}
+    else:
+        attack_name, options = spec
+        if args.quick:
+            weights, record = quick_victim(attack_name, options, train_set, root, work)
+        else:
+            v = victim(attack_name, **options)
+            weights, record = v.weights, json.loads(Path(v.record).read_text())
+        poisoned = suspect_from_record(record, train_set)
+        attack = attack_from_record(record)
+        suspect, poison_indices, target = poisoned.dataset, poisoned.indices, attack.config.target
+        undefended = asr_of(create("resnet20", weights=weights), attack, test_set)
+        row.update(attack=attack_name, options=options, target=target, num_poisons=int(poison_indices.numel()),
+                   sources=list(getattr(attack.config, "sources", None) or []))
+    row["undefended"] = undefended
+    print(f"[{name}] undefended {undefended}", flush=True)
+
+    defender = create("resnet20", weights=weights)  # Step 0: no augmentation
+    started = time.perf_counter()
+    train(defender, suspect, TrainConfig.finetune(epochs=FIT_EPOCHS, lr=FIT_LR, augment=False),
+          generator=torch.Generator().manual_seed(SEED), progress=True)
+    row["fit_seconds"] = round(time.perf_counter() - started, 1)
+    n_target = int((suspect.labels == target).sum()) if target is not None else None
+    row["methods"] = {}
+    for method in args.methods:
+        options = dict(RE_QUICK if (args.quick and method == "re") else {})
+        if method == "ss" and target is not None:
+            options.update(target=target, eps=min(1.0, 1000 / (1.5 * n_target)))
+        cleanser = create_cleanser(method, **options)
+        started = time.perf_counter()
+        result = cleanser.cleanse(defender, suspect, generator=torch.Generator().manual_seed(SEED), progress=True)
+        seconds = time.perf_counter() - started
+        entry = {"outcome": outcome(result, target), "detected": result.detected, "target_class": result.target_class,
+                 "statistic": result.statistic, "removed": int(result.removed.numel()), "seconds": round(seconds, 1)}
+        removal = result
+        if method == "ac" and target is not None and result.target_class != target:
+            removal = create_cleanser("ac", target=target).cleanse(defender, suspect,
+                                                                   generator=torch.Generator().manual_seed(SEED))
+            entry["removed_known_target"] = int(removal.removed.numel())
+        if poison_indices is not None:
+            tpr, fpr = cleansing_rates(removal.removed, poison_indices, suspect.labels, target)
+            entry.update(tpr=tpr, fpr=fpr)
+        if result.pattern is not None:
+            entry["pattern_norm"] = float(result.pattern.norm())
+            true = true_pattern(attack, suspect)
+            patterns[name] = (result.pattern, true)
+            if true is not None:
+                entry["pattern_mse_per_pixel"] = float((result.pattern - true).square().mean())
+        if args.retrain and removal.removed.numel():
+            entry["retrained"] = retrain(removal.cleansed(suspect), root, args.retrain_epochs, attack, test_set)
+        elif args.retrain:
+            entry["retrained"] = {**undefended, "note": "nothing removed: the undefended model"}
+        row["methods"][method] = entry
+        print(f"[{name}] {method}: {entry}", flush=True)
+    return row
+
+
+def true_pattern(attack, suspect) -> torch.Tensor | None:
+    """Xiang's additive pattern v* of the row (None for the other attacks and the clean set)."""
+    if attack is None or attack.name != "xiang":
+        return None
+    return attack.trigger_params(tuple(suspect.images.shape[1:]))["v"]
+
+
+def plot(results: dict, patterns: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["rows"] if r.get("methods")]
+    methods = [m for m in METHODS if any(m in r["methods"] for r in rows)]
+    bottom = max(1, len(patterns))
+    fig = plt.figure(figsize=(22, 9))
+    grid = fig.add_gridspec(2, max(4, bottom))
+    axes = [fig.add_subplot(grid[0, i]) for i in range(4)]
+    width = 0.8 / (len(methods) + 1)
+    for k, label in enumerate(["undefended", *methods]):
+        xs = [i + k * width for i in range(len(rows))]
+        get = (lambda r, key: r["undefended"].get(key)) if label == "undefended" else \
+            (lambda r, key, m=label: r["methods"].get(m, {}).get(key))
+        if label != "undefended":
+            axes[0].bar(xs, [100 * (get(r, "tpr") or 0) for r in rows], width, label=label)
+            axes[1].bar(xs, [100 * (get(r, "fpr") or 0) for r in rows], width, label=label)
+            axes[3].bar(xs, [get(r, "seconds") or 0 for r in rows], width, label=label)
+            asr = [100 * ((get(r, "retrained") or {}).get("asr") or 0) for r in rows]
+        else:
+            asr = [100 * (get(r, "asr") or 0) for r in rows]
+        axes[2].bar(xs, asr, width, label=label, color="lightgrey" if label == "undefended" else None)
+    titles = ("TPR (%) of the removal", "FPR (%) on the target class", "ASR (%) after retraining", "wall time (s)")
+    for ax, title in zip(axes, titles):
+        ax.set_xticks([i + 0.4 for i in range(len(rows))], [r["row"] for r in rows])
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    for i, (name, (estimated, true)) in enumerate(sorted(patterns.items())):
+        ax = fig.add_subplot(grid[1, i])
+        panels = [estimated] + ([] if true is None else [torch.zeros(estimated.shape[0], estimated.shape[1], 2), true])
+        image = torch.cat(panels, dim=2)
+        image = (image - image.min()) / (image.max() - image.min() + 1e-12)
+        ax.imshow(image.permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_title(f"{name}: RE estimate | true", fontsize=9)
+        ax.axis("off")
+    fig.suptitle(f"Training-set cleansing, CIFAR-10 ResNet-20 ({results['hardware']['device']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"rows to run (default all: {','.join(ROWS)})")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--no-retrain", dest="retrain", action="store_false")
+    parser.add_argument("--retrain-epochs", type=int, default=RECIPE["epochs"])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 5000 images, tiny budgets, rows A1 and clean")
+    args = parser.parse_args()
+    args.methods = [m for m in args.methods.split(",") if m]
+    rows = [r for r in args.rows.split(",") if r]
+    unknown = [r for r in rows if r not in ROWS] + [m for m in args.methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown rows/methods {unknown}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    root = data_root()
+    train_set = load_dataset("cifar10", root, split="train")
+    test_set = load_dataset("cifar10", root, split="test-lossless")
+    if args.quick:
+        rows = ["A1", "clean"]
+        args.retrain_epochs = 1
+        train_set = train_set.subset(range(5000))
+        ROWS["A1"] = ("xiang", {"pattern": "A", "num_sources": 1, "per_source": 100})
+    results = {"benchmark": "cleanse_cifar10", "quick": args.quick, "seed": SEED, "fit_epochs": FIT_EPOCHS,
+               "recipe": RECIPE, "retrain_epochs": args.retrain_epochs, "paper_compact": PAPER,
+               "hardware": {"device": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+                                      f"torch threads", "cpus": os.cpu_count(), "torch": torch.__version__,
+                            "python": platform.python_version()},
+               "rows": []}
+    name = "cleanse_cifar10_quick" if args.quick else "cleanse_cifar10"
+    patterns: dict = {}
+    with tempfile.TemporaryDirectory(prefix="cleanse-bench-") as work:  # --quick's victims
+        for row_name in rows:
+            results["rows"].append(run_row(row_name, ROWS[row_name], args, train_set, test_set, root, patterns,
+                                           Path(work)))
+            (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2, default=str))
+    plot(results, patterns, RESULTS / f"{name}.png")
+    for row in results["rows"]:
+        for method, e in row["methods"].items():
+            paper = PAPER.get(row["row"], {}).get(method)
+            rates = f"{100 * e['tpr']:.1f}/{100 * e['fpr']:.1f}" if "tpr" in e else "–"
+            asr = e.get("retrained", {}).get("asr")
+            print(f"{row['row']:<8} {method:<3} {e['outcome']:<4} TPR/FPR {rates:<12} retrained ASR "
+                  f"{'–' if asr is None else f'{100 * asr:.1f}'}  {e['seconds']:.0f}s   paper: {paper}")
+    print(f"wrote {RESULTS / (name + '.json')} and .png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""Training-set cleansing: find and remove the poisoned images of a training set, through a model trained on
+it (ALGORITHMS.md D11–D14), behind one interface addressed by name.
+
+Example::
+
+    import torch
+    from guard.cleanse import create_cleanser
+    result = create_cleanser("ac").cleanse(model, suspect_set, generator=torch.Generator().manual_seed(0))
+    result.detected, result.target_class, result.removed, result.statistic
+    clean_set = result.cleansed(suspect_set)          # retrain on this with guard.train.train
+    result.save("report.json")                        # guard archive --scan report.json serves the verdict
+
+Registered: ``re`` Xiang et al.'s reverse engineering, ``ss`` Spectral Signatures, ``ac`` Activation
+Clustering, ``ci`` Cluster Impurity.
+"""
+
+from .base import (REPORT_KIND, CleanseConfig, CleanseResult, Cleanser, FeatureSet, check_training_set,
+                   cleanser_from_dict, create_cleanser, describe_cleansers, extract_features, get_cleanser,
+                   list_cleansers, register_cleanser, suspect_from_record)
+from .clustering import (ActivationClustering, ActivationClusteringConfig, ClusterImpurity, ClusterImpurityConfig,
+                         box_blur)
+from .reverse import PairPatterns, ReverseEngineering, ReverseEngineeringConfig, order_statistic_test
+from .spectral import SpectralSignatures, SpectralSignaturesConfig
+
+__all__ = ["ActivationClustering", "ActivationClusteringConfig", "CleanseConfig", "CleanseResult", "Cleanser",
+           "ClusterImpurity", "ClusterImpurityConfig", "FeatureSet", "PairPatterns", "REPORT_KIND",
+           "ReverseEngineering", "ReverseEngineeringConfig", "SpectralSignatures", "SpectralSignaturesConfig",
+           "box_blur", "check_training_set", "cleanser_from_dict", "create_cleanser", "describe_cleansers",
+           "extract_features", "get_cleanser", "list_cleansers", "order_statistic_test", "register_cleanser",
+           "suspect_from_record"]

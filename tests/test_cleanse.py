@@ -1,0 +1,428 @@
+"""Training-set cleansing (guard.cleanse) on tiny models: a planted BadNets backdoor and its clean twin for
+SS/AC/CI, the shared invariants of every registered cleanser, results as JSON, and bad input.
+
+The data are tiny 16×16 "template" images: every class is a fixed smooth colour field plus pixel noise, so
+a clean class is one compact cluster of features and a poison cluster is the only structure to find. The
+planted trigger is a 5×5 one-pixel checkerboard, which a 3×3 blur destroys (Cluster Impurity's premise).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import math
+import pickle
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from guard.attacks import create_attack
+from guard.cleanse import (ActivationClusteringConfig, CleanseResult, Cleanser, ClusterImpurityConfig,
+                           SpectralSignaturesConfig, box_blur, cleanser_from_dict, create_cleanser, describe_cleansers,
+                           extract_features, get_cleanser, list_cleansers, order_statistic_test, register_cleanser,
+                           suspect_from_record)
+from guard.data import ImageTensorDataset
+from guard.metrics import cleansing_rates
+from guard.models import GuardModel, create
+from guard.train import TrainConfig, train
+
+CLASSES = 5
+TARGET = 0
+
+
+def templates(n: int, seed: int, classes: int = CLASSES, noise: float = 0.1, size: int = 16) -> ImageTensorDataset:
+    """Class c = a fixed smooth colour field (the same for every seed) + Gaussian pixel noise. The fields are
+    orthogonal with equal norms around mid-grey, so every pair of classes is equally far apart."""
+    coarse = torch.rand(classes, 3, 4, 4, generator=torch.Generator().manual_seed(1234), dtype=torch.float64)
+    fine = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    basis = torch.linalg.qr((fine.flatten(1) - fine.mean()).T).Q.T              # orthonormal rows
+    fields = 0.5 + 0.6 * size * basis.reshape(classes, 3, size, size).float()  # rms 0.35 / √3 per pixel
+    labels = torch.arange(n) % classes
+    x = fields[labels] + noise * torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    return ImageTensorDataset((x.clamp(0, 1) * 255).round().to(torch.uint8), labels,
+                              tuple(f"c{i}" for i in range(classes)))
+
+
+def trained(data: ImageTensorDataset, seed: int, epochs: int = 5) -> GuardModel:
+    """A tiny ResNet trained without augmentation (RE's Step 0, and what the other methods inspect)."""
+    model = create("tiny_resnet", num_classes=data.num_classes, generator=torch.Generator().manual_seed(seed))
+    train(model, data, TrainConfig.scratch(epochs=epochs, lr=0.05, batch_size=64, augment=False),
+          generator=torch.Generator().manual_seed(seed), progress=False)
+    return model
+
+
+@dataclass(frozen=True)
+class Suspects:
+    poisoned_model: GuardModel
+    poisoned: ImageTensorDataset
+    poison_indices: torch.Tensor
+    record: dict
+    clean_set: ImageTensorDataset
+    clean_model: GuardModel
+
+
+@functools.lru_cache(maxsize=2)
+def badnets_suspects(seed: int = 0) -> Suspects:
+    """8 % of a 1000-image set poisoned with a 5×5 checkerboard → class 0, and the clean twin."""
+    clean_set = templates(1000, seed)
+    attack = create_attack("badnets", target=TARGET, budget=0.08, patch_size=5)
+    result = attack.poison(clean_set, torch.Generator().manual_seed(seed))
+    record = {**result.record(), "seed": seed, "train_images": len(clean_set)}
+    return Suspects(trained(result.dataset, seed), result.dataset, result.indices, record, clean_set,
+                    trained(clean_set, seed))
+
+
+#: settings at tiny scale. AC's silhouette threshold is chosen per architecture (Xiang: 0.29–0.52 for zero
+#: false detections); the tiny model's clean classes reach 0.40 and the poisoned target class 0.68–0.72
+#: (5 seeds), so 0.5 sits between them. SS is given the target (Xiang's comparison) and removes 40 of its
+#: 280 images (80 poisoned). RE runs few steps here: these settings serve the invariant tests.
+TINY = {
+    "ac": {"silhouette_threshold": 0.5},
+    "ci": {"max_components": 3, "n_init": 1},
+    "ss": {"target": TARGET, "eps": 40 / (1.5 * 280)},
+    "re": {"max_steps": 4, "batch_size_per_class": 8},
+}
+
+
+def tiny_cleanser(name: str) -> Cleanser:
+    return create_cleanser(name, **TINY.get(name, {}))
+
+
+# ------------------------------------------------------------------------------------------ registry, configs
+
+def test_registry_lists_every_method_and_refuses_duplicates():
+    assert {"ac", "ci", "re", "ss"} <= set(list_cleansers())
+    described = describe_cleansers()
+    assert set(described) == set(list_cleansers())
+    assert described["ac"]["options"]["dims"] == 10 and described["ci"]["options"]["blur_size"] == 3
+    with pytest.raises(ValueError, match="already registered"):
+        register_cleanser(type("Again", (Cleanser,), {"name": "ac"}))
+    with pytest.raises(ValueError, match="unknown cleanser 'nope'"):
+        get_cleanser("nope")
+
+
+@pytest.mark.parametrize("name", list_cleansers())
+def test_config_pickles_and_the_cleanser_takes_config_or_fields(name):
+    cls = get_cleanser(name)
+    config = tiny_cleanser(name).config
+    assert pickle.loads(pickle.dumps(config)) == config
+    assert cls(config).config == config
+    with pytest.raises(TypeError, match="either a config or keyword options"):
+        cls(config, batch_size=3)
+    with pytest.raises(TypeError, match=f"needs a {cls.config_class.__name__}"):
+        cls(object())
+
+
+BAD_OPTIONS = [
+    ("ss", {"eps": 0.0}, "eps"), ("ss", {"eps": 1.5}, "eps"), ("ss", {"target": -1}, "target"),
+    ("ac", {"dims": 0}, "dims"), ("ac", {"reduction": "tsne"}, "reduction"),
+    ("ac", {"silhouette_threshold": 1.0}, "silhouette_threshold"), ("ac", {"size_threshold": 1.0}, "size_threshold"),
+    ("ac", {"n_init": True}, "n_init"), ("ci", {"impurity_threshold": 0}, "impurity_threshold"),
+    ("ci", {"max_components": 1}, "max_components"), ("ci", {"blur_size": 4}, "blur_size"),
+    ("ci", {"reg_covar": -1.0}, "reg_covar"), ("ac", {"batch_size": 0}, "batch_size"),
+    ("re", {"pi": 0.0}, "pi"), ("re", {"theta": 1.0}, "theta"), ("re", {"weight": 0}, "weight"),
+    ("re", {"step": "adam"}, "step"), ("re", {"step_size": -1.0}, "step_size"), ("re", {"measure": "some"}, "measure"),
+    ("re", {"max_steps": 0}, "max_steps"), ("re", {"max_images": 0}, "max_images"),
+    ("re", {"batch_size_per_class": 2.5}, "batch_size_per_class"),
+]
+
+
+@pytest.mark.parametrize("name, options, match", BAD_OPTIONS, ids=[f"{n}-{next(iter(o))}" for n, o, _ in BAD_OPTIONS])
+def test_bad_options_are_refused_clearly(name, options, match):
+    with pytest.raises(ValueError, match=match):
+        create_cleanser(name, **options)
+
+
+# ------------------------------------------------------------------------------------ outcomes on tiny models
+
+def test_ac_flags_the_target_and_removes_only_poisons():
+    s = badnets_suspects()
+    result = tiny_cleanser("ac").cleanse(s.poisoned_model, s.poisoned, generator=torch.Generator().manual_seed(0))
+    assert result.detected and result.target_class == TARGET
+    assert result.statistic["value"] > 0.6 > 0.5  # 0.64–0.70 over 5 seeds
+    poisons = torch.isin(result.removed, s.poison_indices)
+    assert result.removed.numel() >= 20 and poisons.double().mean() >= 0.9
+    assert result.class_statistics[TARGET]["smaller_cluster_fraction"] < 0.35
+
+
+def test_ci_removes_the_blur_impure_poison_component():
+    s = badnets_suspects()
+    result = tiny_cleanser("ci").cleanse(s.poisoned_model, s.poisoned, generator=torch.Generator().manual_seed(0))
+    assert result.detected and result.target_class == TARGET
+    assert result.class_scores[TARGET] > 0.9   # the poison component changes label under blur (1.0, 5 seeds)
+    tpr, fpr = cleansing_rates(result.removed, s.poison_indices, s.poisoned.labels, TARGET)
+    assert tpr >= 0.4 and fpr <= 0.02
+    assert result.class_statistics[TARGET]["components"] >= 2
+
+
+def test_ss_removes_mostly_poisons_from_the_known_target():
+    s = badnets_suspects()
+    result = tiny_cleanser("ss").cleanse(s.poisoned_model, s.poisoned, generator=torch.Generator().manual_seed(0))
+    assert result.detected is None and result.target_class is None  # SS makes no verdict
+    assert result.removed.numel() == 40
+    assert torch.isin(result.removed, s.poison_indices).double().mean() >= 0.9  # 1.0 over 5 seeds
+    assert (s.poisoned.labels[result.removed] == TARGET).all()
+
+
+@pytest.mark.parametrize("name", ["ac", "ci"])
+def test_nothing_alarming_on_the_clean_twin(name):
+    s = badnets_suspects()
+    result = tiny_cleanser(name).cleanse(s.clean_model, s.clean_set, generator=torch.Generator().manual_seed(0))
+    assert not result.detected and result.target_class is None and result.removed.numel() == 0
+    assert result.statistic["value"] < result.statistic["threshold"] - 0.05
+
+
+def test_ss_removes_its_quota_of_every_class_without_a_target():
+    s = badnets_suspects()
+    result = create_cleanser("ss", eps=0.1).cleanse(s.clean_model, s.clean_set)
+    counts = torch.bincount(s.clean_set.labels[result.removed], minlength=CLASSES)
+    assert counts.tolist() == [30] * CLASSES  # ⌈1.5 · 0.1 · 200⌉ per class
+
+
+# ------------------------------------------------------------------------------------- shared invariants
+
+@pytest.mark.parametrize("name", list_cleansers())
+def test_model_untouched_and_deterministic_under_a_generator(name):
+    s = badnets_suspects()
+    model = s.poisoned_model
+    before = copy.deepcopy(model.state_dict())
+    runs = [tiny_cleanser(name).cleanse(model, s.poisoned, generator=torch.Generator().manual_seed(3))
+            for _ in range(2)]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters()) and not model.training
+    assert torch.equal(runs[0].removed, runs[1].removed)
+    assert runs[0].class_scores == runs[1].class_scores and runs[0].detected == runs[1].detected
+
+
+@pytest.mark.parametrize("name", list_cleansers())
+def test_result_round_trips_as_json_and_cleanses_the_set(name, tmp_path):
+    s = badnets_suspects()
+    result = tiny_cleanser(name).cleanse(s.poisoned_model, s.poisoned, generator=torch.Generator().manual_seed(0))
+    path = result.save(tmp_path / "report.json", model="tiny_resnet")
+    data = json.loads(path.read_text())
+    assert data["kind"] == "cleanse" and data["method"] == name and data["model"] == "tiny_resnet"
+    assert data["num_removed"] == result.removed.numel() == len(data["removed"])
+    loaded = CleanseResult.load(path)
+    assert torch.equal(loaded.removed, result.removed) and loaded.detected == result.detected
+    assert loaded.class_scores == pytest.approx(result.class_scores)
+    kept = result.cleansed(s.poisoned)
+    assert len(kept) == len(s.poisoned) - result.removed.numel()
+    assert cleanser_from_dict(data["config"]).config == tiny_cleanser(name).config
+
+
+def test_scan_report_view_carries_the_verdict_and_ss_has_none():
+    s = badnets_suspects()
+    result = tiny_cleanser("ac").cleanse(s.poisoned_model, s.poisoned, generator=torch.Generator().manual_seed(0))
+    report = result.scan_report()
+    assert report.method == "ac" and report.backdoored and report.flagged_class == TARGET
+    assert report.scores == result.class_scores and report.threshold == 0.5
+    ss = tiny_cleanser("ss").cleanse(s.poisoned_model, s.poisoned)
+    with pytest.raises(ValueError, match="makes no verdict"):
+        ss.scan_report()
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+#: the methods that cluster penultimate features (RE only needs the classifier's outputs)
+FEATURE_METHODS = ("ac", "ci", "ss")
+
+
+class _NoFeatures(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3 * 16 * 16, CLASSES)
+
+    def forward(self, x):
+        return self.linear(x.flatten(1))
+
+
+@pytest.mark.parametrize("name", list_cleansers())
+def test_bad_inputs_fail_clearly(name):
+    s = badnets_suspects()
+    cleanser = tiny_cleanser(name)
+    relabelled = ImageTensorDataset(s.poisoned.images, s.poisoned.labels % 3, ("a", "b", "c"))
+    with pytest.raises(ValueError, match="labelled with 3 classes .* but the model predicts 5"):
+        cleanser.cleanse(s.poisoned_model, relabelled)
+    empty_class = s.poisoned.subset((s.poisoned.labels != 2).nonzero().flatten())
+    with pytest.raises(ValueError, match=r"at least \d+ training image\(s\); got 2 \('c2'\): 0"):
+        cleanser.cleanse(s.poisoned_model, empty_class)
+    if name in FEATURE_METHODS:
+        with pytest.raises(TypeError, match=r"\.features\(x\) method .* _NoFeatures"):
+            cleanser.cleanse(_NoFeatures(), s.poisoned)
+    broken = copy.deepcopy(s.poisoned_model)
+    with torch.no_grad():
+        broken.classifier.weight.zero_()
+        next(broken.net.parameters()).fill_(float("nan"))
+    nan_message = "NaN/Inf for 1000 of 1000 images" if name in FEATURE_METHODS else "NaN/Inf logits for 256 of 256"
+    with pytest.raises(ValueError, match=nan_message):
+        cleanser.cleanse(broken, s.poisoned)
+    with pytest.raises(TypeError, match="ImageTensorDataset"):
+        cleanser.cleanse(s.poisoned_model, [(torch.zeros(3, 16, 16), 0)])
+    with pytest.raises(TypeError, match="CPU torch.Generator"):
+        cleanser.cleanse(s.poisoned_model, s.poisoned, generator=3)
+
+
+def test_known_target_outside_the_classes_is_refused():
+    s = badnets_suspects()
+    for name in ("ss", "ac"):
+        with pytest.raises(ValueError, match="target=7 is not a class"):
+            create_cleanser(name, target=7).cleanse(s.poisoned_model, s.poisoned)
+
+
+def test_suspect_set_is_rebuilt_from_a_poison_record_or_refused():
+    s = badnets_suspects()
+    rebuilt = suspect_from_record(s.record, s.clean_set)
+    assert torch.equal(rebuilt.dataset.images, s.poisoned.images) and torch.equal(rebuilt.indices, s.poison_indices)
+    with pytest.raises(ValueError, match="made on 1000 training images, got a set of 999"):
+        suspect_from_record(s.record, s.clean_set.subset(range(999)))
+    with pytest.raises(ValueError, match="poisons other images than the record"):
+        suspect_from_record({**s.record, "seed": 1}, s.clean_set)
+    with pytest.raises(ValueError, match="outside the 1000 training images"):
+        suspect_from_record({**s.record, "indices": [5, 4000]}, s.clean_set)
+    with pytest.raises(ValueError, match=r"lacks \['seed'\]"):
+        suspect_from_record({k: v for k, v in s.record.items() if k != "seed"}, s.clean_set)
+
+
+def test_features_are_batched_and_blur_is_a_box_filter():
+    s = badnets_suspects()
+    whole = extract_features(s.poisoned_model, s.poisoned, batch_size=1000)
+    pieces = extract_features(s.poisoned_model, s.poisoned, batch_size=7)
+    assert torch.allclose(whole.features, pieces.features, atol=1e-5)
+    assert torch.equal(whole.predictions, s.poisoned_model(s.poisoned.images.float() / 255).argmax(1))
+    x = torch.zeros(1, 1, 5, 5)
+    x[0, 0, 2, 2] = 9.0
+    blurred = box_blur(x)
+    assert blurred[0, 0, 1:4, 1:4].eq(1.0).all() and blurred[0, 0, 0, 0] == 0
+    assert box_blur(torch.ones(1, 3, 4, 4)).eq(1).all()  # borders average only the pixels they cover
+
+
+def test_configs_document_the_seed_settings():
+    assert ActivationClusteringConfig().dims == 10 and ActivationClusteringConfig().size_threshold == 0.35
+    assert ClusterImpurityConfig().max_components == 10 and ClusterImpurityConfig().impurity_threshold == 0.65
+    assert SpectralSignaturesConfig().eps == 0.1
+
+
+# ------------------------------------------------------------------------------------ reverse engineering
+
+RE_SOURCE = 1
+#: a tiny planted additive backdoor: Xiang's pattern C (+70/255 on a 5-pixel cross) on 80 of the 200 images
+#: of class 1, relabelled 0; six classes so the Gamma null has (K−1)² = 25 reciprocals per putative target.
+RE_CLASSES = 6
+#: the clean set's p-value is uniform under RE's null by construction (θ is its false-alarm rate), so the
+#: clean assertion uses θ = 1e-3: over 5 seeds the clean p-values were ≥ 0.026 and the poisoned ones ≤ 2.1e-6.
+RE_OPTIONS = {"step_size": 0.1, "batch_size_per_class": 16, "theta": 1e-3}
+
+
+@functools.lru_cache(maxsize=1)
+def xiang_suspects(seed: int = 0):
+    clean_set = templates(1200, seed, RE_CLASSES)
+    attack = create_attack("xiang", pattern="C", target=TARGET, sources=(RE_SOURCE,), per_source=80, seed=seed)
+    result = attack.poison(clean_set, torch.Generator().manual_seed(seed))
+    v = attack.trigger_params(tuple(clean_set.images.shape[1:]))["v"]
+    return result, v, trained(result.dataset, seed, epochs=8), clean_set, trained(clean_set, seed, epochs=8)
+
+
+@functools.lru_cache(maxsize=1)
+def re_results():
+    result, _, model, clean_set, clean_model = xiang_suspects()
+    re = create_cleanser("re", **RE_OPTIONS)
+    return (re.cleanse(model, result.dataset, generator=torch.Generator().manual_seed(0)),
+            re.cleanse(clean_model, clean_set, generator=torch.Generator().manual_seed(0)))
+
+
+def test_re_detects_the_planted_pattern_its_target_and_source():
+    poisoned, _ = re_results()
+    assert poisoned.detected and poisoned.target_class == TARGET
+    assert poisoned.details["source_class"] == RE_SOURCE
+    assert poisoned.statistic["value"] < 1e-4 < RE_OPTIONS["theta"]  # ≤ 2.1e-6 over 5 seeds
+    norms = torch.tensor([[math.nan if v is None else v for v in row] for row in poisoned.details["norms"]])
+    others = norms[~torch.isnan(norms)]
+    assert norms[RE_SOURCE, TARGET] == others.min() and norms[RE_SOURCE, TARGET] < 0.5 * others.median()
+    assert poisoned.class_scores[TARGET] == max(poisoned.class_scores.values()) > poisoned.score_threshold
+
+
+def test_re_pattern_sits_on_the_planted_cross():
+    poisoned, _ = re_results()
+    _, v, *_ = xiang_suspects()
+    v_hat = poisoned.pattern
+    assert v_hat.shape == v.shape and v_hat.norm() == pytest.approx(poisoned.details["pattern_norm"])
+    cosine = torch.nn.functional.cosine_similarity(v_hat.flatten(), v.flatten(), dim=0)
+    near = torch.nn.functional.max_pool2d((v.abs().sum(0) > 0)[None].float(), 3, 1, 1)[0] > 0
+    energy = v_hat.square().sum(0)
+    assert cosine > 0.15  # 0.25–0.53 over 5 seeds
+    assert energy[near].sum() / energy.sum() > 0.2 > 2 * near.double().mean()  # 0.25–0.61 on 8 % of the pixels
+
+
+def test_re_removes_the_poisons_by_eq_12():
+    poisoned, _ = re_results()
+    result, *_ = xiang_suspects()
+    tpr, fpr = cleansing_rates(poisoned.removed, result.indices, result.dataset.labels, TARGET)
+    assert tpr >= 0.9 and fpr <= 0.05  # TPR 0.975–1.0, FPR 0 over 5 seeds
+    assert (result.dataset.labels[poisoned.removed] == TARGET).all()
+
+
+def test_re_does_not_detect_on_the_clean_twin():
+    _, clean = re_results()
+    assert not clean.detected and clean.target_class is None and clean.removed.numel() == 0
+    assert clean.pattern is None and clean.statistic["value"] > 10 * RE_OPTIONS["theta"]  # ≥ 0.026 over 5 seeds
+
+
+def test_re_pair_estimation_batched_equals_one_pair_at_a_time():
+    result, _, model, *_ = xiang_suspects()
+    double = copy.deepcopy(model).double()
+    options = {**RE_OPTIONS, "max_steps": 4, "batch_size_per_class": 4}
+    batched = get_cleanser("re")(**options).estimate_patterns(double, result.dataset,
+                                                             generator=torch.Generator().manual_seed(4))
+    single = get_cleanser("re")(**options, chunk_size=1).estimate_patterns(double, result.dataset,
+                                                                          generator=torch.Generator().manual_seed(4))
+    assert torch.equal(batched.steps, single.steps) and batched.steps.max() > 1
+    torch.testing.assert_close(batched.norms, single.norms, rtol=1e-9, atol=0, equal_nan=True)
+    for pair, pattern in batched.patterns.items():
+        torch.testing.assert_close(pattern, single.patterns[pair], rtol=1e-6, atol=1e-7)
+    assert len(batched.patterns) == RE_CLASSES * (RE_CLASSES - 1)
+
+
+def test_order_statistic_test_follows_eqs_10_and_11():
+    from scipy import stats
+
+    g = torch.Generator().manual_seed(0)
+    r = (torch.rand(5, 5, generator=g, dtype=torch.float64) + 0.5).fill_diagonal_(0)
+    r[1, 3] = 6.0  # one large reciprocal into class 3
+    out = order_statistic_test(r, theta=0.05)
+    assert out["target"] == 3 and out["source"] == 1 and out["detected"]
+    for c in range(5):
+        keep = ~torch.eye(5, dtype=torch.bool)
+        keep[:, c] = False
+        shape, _, scale = stats.gamma.fit(r[keep].numpy(), floc=0)
+        cdf = stats.gamma.cdf(r[:, c].max().item(), shape, scale=scale)
+        if cdf < 1 - 1e-6:
+            assert out["pv_class"][c] == pytest.approx(1 - cdf ** 4, rel=1e-6)
+        else:  # 1 − G^4 ≈ 4·(1 − G) where 1 − G rounds away in the naive form
+            tail = stats.gamma.sf(r[:, c].max().item(), shape, scale=scale)
+            assert out["pv_class"][c] == pytest.approx(4 * tail, rel=1e-5) and c == 3
+    assert out["pv"] == pytest.approx(1 - (1 - min(out["pv_class"])) ** 5, rel=1e-9)
+    # a far outlier keeps its digits instead of rounding to 0, and an unreachable pair (r = 0) is no evidence
+    r[1, 3] = 20.0
+    r[2, 4] = 0.0
+    tiny = order_statistic_test(r)
+    assert 0 < tiny["pv"] < 1e-100 and tiny["target"] == 3
+    r[1, 3] = 100.0
+    assert order_statistic_test(r)["pv"] == 0.0  # below the smallest double: reported as 0
+    with pytest.raises(ValueError, match="K×K matrix with K >= 3"):
+        order_statistic_test(torch.ones(2, 2))
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        order_statistic_test(-r)
+
+
+def test_re_default_and_paper_settings_map_onto_the_engine():
+    from guard.cleanse import ReverseEngineeringConfig
+
+    default = ReverseEngineeringConfig().inversion()
+    assert (default.optimizer, default.lr, default.batch_size, default.schedule.measure) == \
+        ("normalized", 0.2, 32, "batches")
+    paper = ReverseEngineeringConfig(step="plain", step_size=1e-4, batch_size_per_class=256, measure="full").inversion()
+    assert (paper.optimizer, paper.lr, paper.batch_size, paper.steps) == ("sgd", 1e-4, 256, 10_000)
+    assert paper.schedule.threshold == 0.95 and paper.schedule.measure == "full" and paper.sampling == "random"
+    assert paper.trigger.norm == "l2" and paper.trigger.init_high == 0.0
