@@ -38,7 +38,6 @@ def test_the_planted_backdoor_is_the_shortest_pair():
     check("min other pair / max planted pair", others.min() / planted_pairs.max(), low=1.3)
     check("max planted pair", planted_pairs.max(), high=40)  # near the true trigger's 27, far below 768
     check("clean / backdoored planted mean", clean.matrix[[1, 2, 3], TARGET].mean() / planted_pairs.mean(), low=2)
-    check("clean - backdoored mean distance", clean.mean - backdoored.mean, low=1e-6)
 
 
 def test_distance_result_records_every_pair_and_seed():
