@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: layer of each top-level part of the package; a module may import only its own layer or lower ones
 LAYERS = {
-    "guard._validation": 0, "guard.data": 0,
+    "guard._validation": 0, "guard.data": 0, "guard.registry": 0,
     "guard.models": 1,
     "guard.train": 2, "guard.rescaler": 2, "guard.metrics": 2,
     "guard.attacks": 3, "guard.detect": 3, "guard.repair": 3, "guard.cleanse": 3,

@@ -17,8 +17,10 @@ from guard.repair import (Defense, MothConfig, PivotalTuningConfig, RepairResult
 from outcomes import SEED, check
 from test_repair import TARGET, TINY_REPAIR, attack_success_rate, planted
 
-TINY_UNLEARN = UnlearningConfig(NeuralCleanseConfig(steps=25, samples_per_step=64, batch_size=32), steps=60,
-                                eval_every=20, lr=0.01, batch_size=64, augment=False)
+#: NC unlearning at tiny scale: Table 5's lr 0.001 (a larger one dips the CDA past the 0.02 budget before the
+#: backdoor is gone on some seeds), evaluated every 10 steps
+TINY_UNLEARN = UnlearningConfig(NeuralCleanseConfig(steps=25, samples_per_step=64, batch_size=32), steps=100,
+                                eval_every=10, lr=0.001, batch_size=64, augment=False)
 #: MOTH at tiny scale: a few passes per inversion, lr for a tiny model trained at 0.05
 TINY_MOTH = MothConfig(epochs=3, batch_size=64, lr=0.01, augment=False, eval_every=10, warmup_steps=30,
                        pair_steps=30, quick_steps=10)
@@ -122,7 +124,8 @@ def test_neural_cleanse_unlearning_lowers_the_asr():
     result = create_defense("nc", config=TINY_UNLEARN).defend(p.backdoored, p.trusted, eval_set=p.test_set,
                                                               asr=lambda m: attack_success_rate(m, p.triggered),
                                                               generator=torch.Generator().manual_seed(SEED))
-    assert result.details["scan"]["flagged_class"] == TARGET == result.details["unlearned_class"]
+    # the flagged label, or the smallest reversed trigger when the 4-label MAD test flags none
+    assert result.details["unlearned_class"] == TARGET and result.details["scan"]["flagged_class"] in (TARGET, None)
     check("ASR before unlearning", result.history[0].asr, low=0.6)
     check("ASR after unlearning", result.chosen.asr, high=0.3)
     assert result.chosen.cda > result.cda0 - 0.02

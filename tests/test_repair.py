@@ -57,9 +57,11 @@ class Planted:
 
 @functools.lru_cache(maxsize=1)
 def planted() -> Planted:
-    """A tiny ResNet with a BadNets backdoor (3×3 checkerboard → class 0) and a clean twin (same seed)."""
+    """A tiny ResNet with a BadNets backdoor (3×3 checkerboard → class 0) and a clean twin (same seed).
+
+    20 % poisons: at 10 % the 3×3 patch is not learned in 8 epochs on some seeds (non-target ASR 0.05)."""
     train_set, test_set = stripes(800, SEED), stripes(400, SEED + 1000)
-    attack = create_attack("badnets", target=TARGET, budget=0.1, patch_size=3)
+    attack = create_attack("badnets", target=TARGET, budget=0.2, patch_size=3)
     poisoned = attack.poison(train_set, torch.Generator().manual_seed(SEED)).dataset
     config = TrainConfig.scratch(epochs=8, lr=0.05, batch_size=64, augment=False)
     models = []
@@ -72,8 +74,10 @@ def planted() -> Planted:
 
 
 #: Pivotal Tuning at tiny scale: the tiny model has few parameters, so λ_P of Table 5 would freeze it, and
-#: 16×16 inputs are not augmented (a 4-pixel crop padding is a quarter of the image).
-TINY_REPAIR = PivotalTuningConfig(steps=100, eval_every=20, batch_size=64, lr=0.01, slol_lambda=0.05,
+#: 16×16 inputs are not augmented (a 4-pixel crop padding is a quarter of the image). Batches of 128 of the 200
+#: trusted images keep the CDA within the budget at every evaluation (batches of 64 at lr 0.01 dip it by 0.1–0.2
+#: on some seeds, which stops the repair before the backdoor is gone).
+TINY_REPAIR = PivotalTuningConfig(steps=200, eval_every=20, batch_size=128, lr=0.03, slol_lambda=0.05,
                                   param_lambda=0.0, augment=False)
 
 

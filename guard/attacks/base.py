@@ -21,7 +21,6 @@ from __future__ import annotations
 import abc
 import dataclasses
 import hashlib
-import inspect
 import json
 import logging
 import math
@@ -34,6 +33,7 @@ import torch
 
 from .._validation import check_images, coerce_option, parse_config_options
 from ..data import ImageTensorDataset
+from ..registry import Configured, Registry
 from .primitives import from_uint8, to_uint8
 
 logger = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ def _check_class(name: str, value: int, num_classes: int) -> None:
         raise ValueError(f"{name}={value} is not a class of this dataset: expected 0..{num_classes - 1}")
 
 
-class Attack(abc.ABC):
+class Attack(Configured, abc.ABC):
     """Base of every attack: holds a validated config of type ``config_class``.
 
     Construct with a config or with its fields as keyword arguments: ``BadNets(target=3, budget=0.01)``.
@@ -189,24 +189,15 @@ class Attack(abc.ABC):
     option is silently ignored.
     """
 
-    name: ClassVar[str] = ""
     config_class: ClassVar[type] = AttackConfig
     kind: ClassVar[str] = ""          # "backdoor", "supply-chain" or "targeted"
     clean_label: ClassVar[bool] = False
-    description: ClassVar[str] = ""
     refused_options: ClassVar[dict[str, str]] = {}
 
     def __init__(self, config: Any = None, **options: Any) -> None:
-        if config is None:
-            type(self).refuse_options(options)
-            config = self.config_class(**options)
-        elif options:
-            raise TypeError(f"{type(self).__name__}: pass either a config or keyword options, not both")
-        if type(config) is not self.config_class:
-            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, "
-                            f"got {type(config).__name__}")
-        type(self).refuse_options(dataclasses.asdict(config))
-        self.config = config
+        type(self).refuse_options(options)
+        super().__init__(config, **options)
+        type(self).refuse_options(dataclasses.asdict(self.config))
 
     @classmethod
     def refuse_options(cls, options: dict[str, Any]) -> None:
@@ -409,48 +400,18 @@ class TargetedAttack(Attack):
 
 # ------------------------------------------------------------------------------------------- registry
 
-_REGISTRY: dict[str, type[Attack]] = {}
-
-
-def register_attack(cls: type[Attack]) -> type[Attack]:
-    """Class decorator adding an attack under ``cls.name``; a duplicate name raises ``ValueError``, an attack
-    that leaves an abstract method of its base unimplemented ``TypeError``."""
-    if not (isinstance(cls, type) and issubclass(cls, Attack)):
-        raise TypeError(f"register_attack expects a subclass of guard.attacks.Attack, got {cls!r}")
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} has no name")
-    if inspect.isabstract(cls):
-        raise TypeError(f"attack {cls.name!r} ({cls.__name__}) does not implement "
-                        f"{', '.join(sorted(cls.__abstractmethods__))}")
-    if cls.name in _REGISTRY:
-        raise ValueError(f"attack {cls.name!r} is already registered (by {_REGISTRY[cls.name].__name__})")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def list_attacks(kind: str | None = None) -> list[str]:
-    """Registered attack names (optionally of one kind: ``"backdoor"``, ``"supply-chain"`` or ``"targeted"``),
-    sorted."""
-    return sorted(n for n, c in _REGISTRY.items() if kind is None or c.kind == kind)
-
-
-def get_attack(name: str) -> type[Attack]:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown attack {name!r}; expected one of {', '.join(list_attacks())}")
-    return _REGISTRY[name]
-
-
-def create_attack(name: str, **options: Any) -> Attack:
-    """``create_attack("badnets", target=3, budget=0.01)`` -> a configured attack."""
-    return get_attack(name)(**options)
+ATTACKS: Registry[Attack] = Registry("attack", Attack, kinds=("backdoor", "supply-chain", "targeted"))
+register_attack = ATTACKS.register
+list_attacks = ATTACKS.names  # list_attacks("targeted") -> the targeted poisoning attacks
+get_attack = ATTACKS.get
+create_attack = ATTACKS.create  # create_attack("badnets", target=3, budget=0.01) -> a configured attack
 
 
 def describe_attacks() -> dict[str, dict[str, Any]]:
     """Name -> kind, label policy, description and default options of every registered attack (options it
     refuses left out)."""
     out = {}
-    for name in list_attacks():
-        cls = _REGISTRY[name]
+    for name, cls in ATTACKS.items():
         try:
             defaults = config_to_json(cls.config_class())
         except (TypeError, ValueError):  # a required option (adv's surrogate weights): the declared defaults

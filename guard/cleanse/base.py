@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from .._validation import is_int, is_number
 from ..data import ImageTensorDataset
 from ..detect.base import register_report_method
+from ..registry import Configured, Registry
 
 logger = logging.getLogger(__name__)
 
@@ -317,28 +318,14 @@ def sklearn_seed(generator: torch.Generator) -> int:
 
 # ---------------------------------------------------------------------------------------------- cleanser
 
-class Cleanser:
+class Cleanser(Configured):
     """Base of every training-set defense: a validated config of type ``config_class`` and one verb.
 
     Construct with a config or with its fields: ``ActivationClustering(silhouette_threshold=0.3)``.
     Subclasses implement :meth:`cleanse`.
     """
 
-    name: ClassVar[str] = ""
     config_class: ClassVar[type[CleanseConfig]] = CleanseConfig
-    description: ClassVar[str] = ""
-
-    def __init__(self, config: CleanseConfig | None = None, **options: Any) -> None:
-        if config is None:
-            config = self.config_class(**options)
-        elif options:
-            raise TypeError(f"{type(self).__name__}: pass either a config or keyword options, not both")
-        if type(config) is not self.config_class:
-            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
-        self.config = config
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.config!r})"
 
     def cleanse(self, model: nn.Module, train_set: ImageTensorDataset, *, generator: torch.Generator | None = None,
                 device: str | torch.device | None = None, progress: bool = False) -> CleanseResult:
@@ -361,34 +348,17 @@ class Cleanser:
         return {"name": self.name, **dataclasses.asdict(self.config)}
 
 
-_REGISTRY: dict[str, type[Cleanser]] = {}
+CLEANSERS: Registry[Cleanser] = Registry("cleanser", Cleanser)
+list_cleansers = CLEANSERS.names
+get_cleanser = CLEANSERS.get
+create_cleanser = CLEANSERS.create  # create_cleanser("ac", silhouette_threshold=0.3) -> a configured cleanser
 
 
 def register_cleanser(cls: type[Cleanser]) -> type[Cleanser]:
-    """Class decorator adding a cleanser under ``cls.name``; a duplicate name raises ``ValueError``."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} has no name")
-    if cls.name in _REGISTRY:
-        raise ValueError(f"cleanser {cls.name!r} is already registered (by {_REGISTRY[cls.name].__name__})")
-    _REGISTRY[cls.name] = cls
-    register_report_method(cls.name)  # its verdict travels in archives as a scan report
+    """Class decorator adding a cleanser under ``cls.name``; its verdicts travel in archives as scan reports."""
+    CLEANSERS.register(cls)
+    register_report_method(cls.name)
     return cls
-
-
-def list_cleansers() -> list[str]:
-    """Registered cleanser names, sorted."""
-    return sorted(_REGISTRY)
-
-
-def get_cleanser(name: str) -> type[Cleanser]:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown cleanser {name!r}; expected one of {', '.join(list_cleansers())}")
-    return _REGISTRY[name]
-
-
-def create_cleanser(name: str, **options: Any) -> Cleanser:
-    """``create_cleanser("ac", silhouette_threshold=0.3)`` -> a configured cleanser."""
-    return get_cleanser(name)(**options)
 
 
 def cleanser_from_dict(data: dict[str, Any]) -> Cleanser:
@@ -404,7 +374,7 @@ def describe_cleansers() -> dict[str, dict[str, Any]]:
     """Name -> description and default options of every registered cleanser (for ``guard info``)."""
     return {name: {"description": cls.description, "class": cls.__name__,
                    "options": _json_ready(dataclasses.asdict(cls.config_class()))}
-            for name, cls in sorted(_REGISTRY.items())}
+            for name, cls in CLEANSERS.items()}
 
 
 # ------------------------------------------------------------------------------------ records of attacks

@@ -16,7 +16,7 @@ import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from PIL import Image
 from .._validation import is_number
 from ..data import ImageTensorDataset
 from ..models import GuardModel
+from ..registry import Configured, Registry
 from .inversion import TriggerForm
 
 __all__ = ["Detector", "MADResult", "ScanReport", "ScanResult", "create_detector", "describe_detectors",
@@ -231,25 +232,9 @@ class ScanResult:
         return self.form.stamp(x, {k: v.to(x.device, x.dtype) for k, v in self.triggers[c].items()})
 
 
-class Detector(ABC):
+class Detector(Configured, ABC):
     """Base of every model-level backdoor detector: a validated config of type ``config_class`` and
     :meth:`scan`. Construct with a config or with its fields as keyword options."""
-
-    name: ClassVar[str] = ""
-    config_class: ClassVar[type] = object
-    description: ClassVar[str] = ""
-
-    def __init__(self, config: Any = None, **options: Any) -> None:
-        if config is None:
-            config = self.config_class(**options)
-        elif options:
-            raise TypeError(f"{type(self).__name__}: pass either a config or keyword options, not both")
-        if type(config) is not self.config_class:
-            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
-        self.config = config
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.config!r})"
 
     @abstractmethod
     def scan(self, model: GuardModel, trusted: ImageTensorDataset, heldout: ImageTensorDataset, *,
@@ -261,24 +246,11 @@ class Detector(ABC):
         The input model is not modified."""
 
 
-_REGISTRY: dict[str, type[Detector]] = {}
-
-
-def register_detector(cls: type[Detector]) -> type[Detector]:
-    """Class decorator adding a detector under ``cls.name``; a duplicate name raises ``ValueError``."""
-    if not isinstance(cls, type) or not issubclass(cls, Detector):
-        raise TypeError(f"register_detector takes a Detector subclass, got {cls!r}")
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} has no name")
-    if cls.name in _REGISTRY:
-        raise ValueError(f"detector {cls.name!r} is already registered (by {_REGISTRY[cls.name].__name__})")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def list_detectors() -> list[str]:
-    """Registered detector names, sorted."""
-    return sorted(_REGISTRY)
+DETECTORS: Registry[Detector] = Registry("detector", Detector)
+register_detector = DETECTORS.register
+list_detectors = DETECTORS.names
+get_detector = DETECTORS.get
+create_detector = DETECTORS.create  # create_detector("cnc", steps_per_class=5) -> a configured detector
 
 
 #: methods whose verdicts a ScanReport carries besides the detectors (guard.cleanse registers its cleansers)
@@ -294,22 +266,11 @@ def register_report_method(name: str) -> None:
 
 def report_methods() -> list[str]:
     """Every method a :class:`ScanReport` may name: the detectors and the registered verdict sources, sorted."""
-    return sorted(set(_REGISTRY) | _VERDICT_SOURCES)
-
-
-def get_detector(name: str) -> type[Detector]:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown detector {name!r}; expected one of {', '.join(list_detectors())}")
-    return _REGISTRY[name]
-
-
-def create_detector(name: str, **options: Any) -> Detector:
-    """``create_detector("cnc", steps_per_class=5)`` -> a configured detector."""
-    return get_detector(name)(**options)
+    return sorted(set(DETECTORS) | _VERDICT_SOURCES)
 
 
 def describe_detectors() -> dict[str, dict[str, Any]]:
     """Name -> description and default options of every registered detector (``guard info --json``)."""
-    return {name: {"description": _REGISTRY[name].description,
-                   "options": json.loads(json.dumps(dataclasses.asdict(_REGISTRY[name].config_class())))}
-            for name in list_detectors()}
+    return {name: {"description": cls.description,
+                   "options": json.loads(json.dumps(dataclasses.asdict(cls.config_class())))}
+            for name, cls in DETECTORS.items()}

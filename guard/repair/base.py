@@ -24,6 +24,7 @@ from torch import nn
 
 from ..data import ImageTensorDataset
 from ..models import GuardModel
+from ..registry import Configured, Registry
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class RepairResult:
                 "history": [dataclasses.asdict(p) for p in self.history], "details": self.details}
 
 
-class Defense(ABC):
+class Defense(Configured, ABC):
     """Base of every model defense: a validated config of type ``config_class`` and :meth:`defend`.
 
     Construct with a config or with its fields as keyword options. ``kind``: ``"repair"`` (a suspected
@@ -83,23 +84,8 @@ class Defense(ABC):
     the trusted set must hold every class of the model.
     """
 
-    name: ClassVar[str] = ""
-    config_class: ClassVar[type] = object
     kind: ClassVar[str] = "repair"
-    description: ClassVar[str] = ""
     needs_all_classes: ClassVar[bool] = False
-
-    def __init__(self, config: Any = None, **options: Any) -> None:
-        if config is None:
-            config = self.config_class(**options)
-        elif options:
-            raise TypeError(f"{type(self).__name__}: pass either a config or keyword options, not both")
-        if type(config) is not self.config_class:
-            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
-        self.config = config
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.config!r})"
 
     def defend(self, model: GuardModel, trusted: ImageTensorDataset, *, eval_set: torch.utils.data.Dataset,
                asr: AsrProbe | None = None, generator: torch.Generator | None = None,
@@ -150,43 +136,15 @@ class Defense(ABC):
         """The defense proper, on ``model`` — already a copy on ``device``, free to change in place."""
 
 
-_REGISTRY: dict[str, type[Defense]] = {}
-
-
-def register_defense(cls: type[Defense]) -> type[Defense]:
-    """Class decorator adding a defense under ``cls.name``; a duplicate name raises ``ValueError``."""
-    if not isinstance(cls, type) or not issubclass(cls, Defense):
-        raise TypeError(f"register_defense takes a Defense subclass, got {cls!r}")
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} has no name")
-    if cls.kind not in _KINDS:
-        raise ValueError(f"{cls.__name__}.kind must be one of {_KINDS}, got {cls.kind!r}")
-    if cls.name in _REGISTRY:
-        raise ValueError(f"defense {cls.name!r} is already registered (by {_REGISTRY[cls.name].__name__})")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def list_defenses(kind: str | None = None) -> list[str]:
-    """Registered defense names (optionally only ``"repair"`` or ``"hardening"`` ones), sorted."""
-    if kind is not None and kind not in _KINDS:
-        raise ValueError(f"kind must be None or one of {_KINDS}, got {kind!r}")
-    return sorted(n for n, c in _REGISTRY.items() if kind is None or c.kind == kind)
-
-
-def get_defense(name: str) -> type[Defense]:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown defense {name!r}; expected one of {', '.join(list_defenses())}")
-    return _REGISTRY[name]
-
-
-def create_defense(name: str, **options: Any) -> Defense:
-    """``create_defense("pivotal", steps=2000)`` -> a configured defense."""
-    return get_defense(name)(**options)
+DEFENSES: Registry[Defense] = Registry("defense", Defense, kinds=_KINDS)
+register_defense = DEFENSES.register
+list_defenses = DEFENSES.names  # list_defenses("hardening") -> the hardening defenses
+get_defense = DEFENSES.get
+create_defense = DEFENSES.create  # create_defense("pivotal", steps=2000) -> a configured defense
 
 
 def describe_defenses() -> dict[str, dict[str, Any]]:
     """Name -> kind, description and default options of every registered defense (``guard info --json``)."""
-    return {name: {"kind": _REGISTRY[name].kind, "description": _REGISTRY[name].description,
-                   "options": json.loads(json.dumps(dataclasses.asdict(_REGISTRY[name].config_class())))}
-            for name in list_defenses()}
+    return {name: {"kind": cls.kind, "description": cls.description,
+                   "options": json.loads(json.dumps(dataclasses.asdict(cls.config_class())))}
+            for name, cls in DEFENSES.items()}

@@ -55,9 +55,9 @@ def build_demo_archive(model_store: str | Path, data_root: str | Path | None = N
     except data.DataNotFoundError as exc:
         raise data.DataNotFoundError(f"the demo model needs the pretrained ResNet-20 at {weights} or CIFAR-10 "
                                      f"to train one; {exc}") from exc
-    model = models.create(DEMO_MODEL)
-    train(model, train_set, TrainConfig.scratch(epochs=epochs, lr=0.05),
-          generator=torch.Generator().manual_seed(seed), progress=progress)
+    generator = torch.Generator().manual_seed(seed)
+    model = models.create(DEMO_MODEL, generator=generator)
+    train(model, train_set, TrainConfig.scratch(epochs=epochs, lr=0.05), generator=generator, progress=progress)
     with tempfile.TemporaryDirectory(prefix="guard-demo-") as tmp:
         weights = models.save_weights(model, Path(tmp) / f"{name}-trained.pt")
         return build_archive(DEMO_MODEL, weights, out, demo_config(), force=True)
