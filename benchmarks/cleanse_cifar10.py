@@ -10,8 +10,12 @@ What:      for each poisoned CIFAR-10 training set — Xiang's imperceptible pat
            size class).
 Victims:   ``victims.victim`` — the pretrained ResNet-20 fine-tuned on the FULL poisoned training set (undefended
            ASR >= 0.9); the clean row is the pretrained ResNet-20 itself (trained on the clean set).
-Defender:  RE's Step 0 — the victim fine-tuned ``FIT_EPOCHS`` epoch on its suspect set without augmentation, so it
-           carries the exact pattern (§5.2.1); SS, AC and CI inspect the same model, as in the seed.
+Defender:  RE's Step 0 (§5.2.1: the victim's training, without augmentation, so that the model carries the exact
+           pattern rather than its shifted copies): the victims' recipe on the suspect set from the same pretrained
+           weights with augmentation off; SS, AC and CI inspect the same model, as in the seed. (A first run
+           fine-tuned the augmented victim for one epoch at lr 1e-3 instead: RE still detected A1, A3 and C3 with
+           the right target, but the chessboard A, whose one-pixel shift is its negative, came out nearly orthogonal
+           to the truth, cos −0.01, and eq. 12 removed 2 % of the poisons.)
 Methods:   library defaults; SS and AC are given the true target for TPR/FPR (Xiang's comparison; SS removes 1000
            images of it), AC's detection outcome is its own silhouette test; RE and CI use their own detection.
 Retrain:   the victims' recipe (pretrained ResNet-20, SGD lr 0.01, 3 epochs, augmentation) on the cleansed set —
@@ -21,8 +25,10 @@ Retrain:   the victims' recipe (pretrained ResNet-20, SGD lr 0.01, 3 epochs, aug
 Output:    benchmarks/results/cleanse_cifar10.json and .png (rows, timings, hardware, versions; RE's estimated
            patterns beside the true ones with their per-pixel MSE, as Xiang reports it).
 Run:       GUARD_DATA_DIR=../shared/data python benchmarks/cleanse_cifar10.py [--rows A1,C3] [--methods re,ac]
-           [--no-retrain] [--threads 2];  --quick: a smoke run on 5000 images with tiny budgets (numbers are not
-           comparable with the tables).
+           [--no-retrain | --retrain-methods re] [--threads 2] [--device cuda] [--out NAME];  a rerun with the
+           same --out resumes after the last finished row; --merge A.json B.json ... --out NAME gathers the rows
+           of runs split over processes or machines; --quick: a smoke run on 5000 images with tiny budgets
+           (numbers are not comparable with the tables).
 """
 
 from __future__ import annotations
@@ -49,8 +55,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from victims import RECIPE, WEIGHTS, data_root, victim  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-FIT_EPOCHS = 1
-FIT_LR = 1e-3
 SEED = 0
 METHODS = ("re", "ss", "ac", "ci")
 #: --quick: RE's code path at a tiny budget (a smoke test, not a measurement)
@@ -98,8 +102,7 @@ def quick_victim(attack_name: str, options: dict, train_set, root: Path, work: P
     attack = create_attack(attack_name, **options)
     poisoned = attack.poison(train_set, torch.Generator().manual_seed(SEED))
     model = create("resnet20", weights=root / WEIGHTS)
-    train(model, poisoned.dataset, TrainConfig.finetune(epochs=1, lr=RECIPE["lr"], weight_decay=RECIPE["weight_decay"],
-                                                        schedule="cosine"),
+    train(model, poisoned.dataset, recipe(1),
           generator=torch.Generator().manual_seed(SEED), progress=True)
     weights = save_weights(model, work / f"quick-{attack_name}.pt")
     record = {**poisoned.record(), "seed": SEED, "train_images": len(train_set), "split": "train"}
@@ -112,24 +115,30 @@ def asr_of(model, attack, test_set) -> dict:
     return {"cda": scores["cda"], "asr": asr}
 
 
-def retrain(kept, root: Path, epochs: int, attack, test_set) -> dict:
+def recipe(epochs: int, augment: bool = True) -> TrainConfig:
+    """The victims' training recipe (benchmarks/victims.py)."""
+    return TrainConfig.finetune(epochs=epochs, lr=RECIPE["lr"], momentum=RECIPE["momentum"],
+                                weight_decay=RECIPE["weight_decay"], batch_size=RECIPE["batch_size"],
+                                schedule=RECIPE["schedule"], augment=augment)
+
+
+def retrain(kept, root: Path, epochs: int, attack, test_set, device) -> dict:
     """The victims' recipe on the cleansed set (see the header)."""
-    model = create("resnet20", weights=root / WEIGHTS)
-    config = TrainConfig.finetune(epochs=epochs, lr=RECIPE["lr"], momentum=RECIPE["momentum"],
-                                  weight_decay=RECIPE["weight_decay"], batch_size=RECIPE["batch_size"],
-                                  schedule=RECIPE["schedule"])
+    model = create("resnet20", weights=root / WEIGHTS).to(device)
     started = time.perf_counter()
-    train(model, kept, config, generator=torch.Generator().manual_seed(SEED), progress=True)
+    train(model, kept, recipe(epochs), generator=torch.Generator().manual_seed(SEED), progress=True)
+    sync(device)
     out = asr_of(model, attack, test_set) if attack is not None else {"cda": evaluate(model, test_set)}
     return {**out, "train_images": len(kept), "seconds": round(time.perf_counter() - started, 1)}
 
 
-def run_row(name: str, spec, args, train_set, test_set, root: Path, patterns: dict, work: Path) -> dict:
-    row: dict = {"row": name}
+def run_row(row: dict, spec, args, train_set, test_set, root: Path, work: Path, save) -> None:
+    """Fill ``row`` (its ``row`` name set) method by method, calling ``save`` after each."""
+    name = row["row"]
     if spec is None:
         weights, record, attack = root / WEIGHTS, None, None
         suspect, poison_indices, target = train_set, None, None
-        undefended = {"cda": evaluate(create("resnet20", weights=weights), test_set)}
+        undefended = {"cda": evaluate(create("resnet20", weights=weights).to(args.device), test_set)}
     else:
         attack_name, options = spec
         if args.quick:
@@ -140,16 +149,17 @@ def run_row(name: str, spec, args, train_set, test_set, root: Path, patterns: di
         poisoned = suspect_from_record(record, train_set)
         attack = attack_from_record(record)
         suspect, poison_indices, target = poisoned.dataset, poisoned.indices, attack.config.target
-        undefended = asr_of(create("resnet20", weights=weights), attack, test_set)
+        undefended = asr_of(create("resnet20", weights=weights).to(args.device), attack, test_set)
         row.update(attack=attack_name, options=options, target=target, num_poisons=int(poison_indices.numel()),
                    sources=list(getattr(attack.config, "sources", None) or []))
     row["undefended"] = undefended
     print(f"[{name}] undefended {undefended}", flush=True)
 
-    defender = create("resnet20", weights=weights)  # Step 0: no augmentation
+    defender = create("resnet20", weights=root / WEIGHTS).to(args.device)  # Step 0: no augmentation
     started = time.perf_counter()
-    train(defender, suspect, TrainConfig.finetune(epochs=FIT_EPOCHS, lr=FIT_LR, augment=False),
+    train(defender, suspect, recipe(1 if args.quick else RECIPE["epochs"], augment=False),
           generator=torch.Generator().manual_seed(SEED), progress=True)
+    sync(args.device)
     row["fit_seconds"] = round(time.perf_counter() - started, 1)
     n_target = int((suspect.labels == target).sum()) if target is not None else None
     row["methods"] = {}
@@ -160,6 +170,7 @@ def run_row(name: str, spec, args, train_set, test_set, root: Path, patterns: di
         cleanser = create_cleanser(method, **options)
         started = time.perf_counter()
         result = cleanser.cleanse(defender, suspect, generator=torch.Generator().manual_seed(SEED), progress=True)
+        sync(args.device)
         seconds = time.perf_counter() - started
         entry = {"outcome": outcome(result, target), "detected": result.detected, "target_class": result.target_class,
                  "statistic": result.statistic, "removed": int(result.removed.numel()), "seconds": round(seconds, 1)}
@@ -174,16 +185,29 @@ def run_row(name: str, spec, args, train_set, test_set, root: Path, patterns: di
         if result.pattern is not None:
             entry["pattern_norm"] = float(result.pattern.norm())
             true = true_pattern(attack, suspect)
-            patterns[name] = (result.pattern, true)
+            row["patterns"] = {"estimated": rounded(result.pattern), "true": None if true is None else rounded(true)}
             if true is not None:
                 entry["pattern_mse_per_pixel"] = float((result.pattern - true).square().mean())
-        if args.retrain and removal.removed.numel():
-            entry["retrained"] = retrain(removal.cleansed(suspect), root, args.retrain_epochs, attack, test_set)
-        elif args.retrain:
-            entry["retrained"] = {**undefended, "note": "nothing removed: the undefended model"}
+        if args.retrain and method in args.retrain_methods:
+            entry["retrained"] = (retrain(removal.cleansed(suspect), root, args.retrain_epochs, attack, test_set,
+                                          args.device) if removal.removed.numel() else
+                                  {**undefended, "note": "nothing removed: the undefended model"})
         row["methods"][method] = entry
+        save()
         print(f"[{name}] {method}: {entry}", flush=True)
-    return row
+    row["complete"] = True
+    save()
+
+
+def rounded(pattern: torch.Tensor) -> list:
+    """A pattern as nested lists for the JSON (5 decimals: far below one grey level, 1/255)."""
+    return pattern.mul(1e5).round().div(1e5).tolist()
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work before reading a wall clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def true_pattern(attack, suspect) -> torch.Tensor | None:
@@ -193,13 +217,16 @@ def true_pattern(attack, suspect) -> torch.Tensor | None:
     return attack.trigger_params(tuple(suspect.images.shape[1:]))["v"]
 
 
-def plot(results: dict, patterns: dict, path: Path) -> None:
+def plot(results: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in results["rows"] if r.get("methods")]
+    patterns = {r["row"]: (torch.tensor(r["patterns"]["estimated"]),
+                           None if r["patterns"]["true"] is None else torch.tensor(r["patterns"]["true"]))
+                for r in rows if r.get("patterns")}
     methods = [m for m in METHODS if any(m in r["methods"] for r in rows)]
     bottom = max(1, len(patterns))
     fig = plt.figure(figsize=(22, 9))
@@ -236,22 +263,45 @@ def plot(results: dict, patterns: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default=",".join(ROWS), help=f"rows to run (default all: {','.join(ROWS)})")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--no-retrain", dest="retrain", action="store_false")
     parser.add_argument("--retrain-epochs", type=int, default=RECIPE["epochs"])
+    parser.add_argument("--retrain-methods", default=",".join(METHODS), help="methods whose cleansed set is retrained")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
+    parser.add_argument("--out", default=None, help="results name (default cleanse_cifar10[_quick]; .json/.png)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 5000 images, tiny budgets, rows A1 and clean")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                        help="no run: gather the rows of these results files (e.g. runs on several devices) into "
+                             "--out (default cleanse_cifar10) and plot them")
     args = parser.parse_args()
     args.methods = [m for m in args.methods.split(",") if m]
+    args.retrain_methods = [m for m in args.retrain_methods.split(",") if m]
     rows = [r for r in args.rows.split(",") if r]
     unknown = [r for r in rows if r not in ROWS] + [m for m in args.methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown rows/methods {unknown}")
+    name = args.out or ("cleanse_cifar10_quick" if args.quick else "cleanse_cifar10")
+    out_json = RESULTS / f"{name}.json"
+    if args.merge:
+        results = merge([Path(f) for f in args.merge])
+        out_json.write_text(json.dumps(results, indent=2, default=str))
+        plot(results, RESULTS / f"{name}.png")
+        summarize(results, out_json)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
+                               else args.device)
     root = data_root()
     train_set = load_dataset("cifar10", root, split="train")
     test_set = load_dataset("cifar10", root, split="test-lossless")
@@ -260,28 +310,46 @@ def main() -> None:
         args.retrain_epochs = 1
         train_set = train_set.subset(range(5000))
         ROWS["A1"] = ("xiang", {"pattern": "A", "num_sources": 1, "per_source": 100})
-    results = {"benchmark": "cleanse_cifar10", "quick": args.quick, "seed": SEED, "fit_epochs": FIT_EPOCHS,
+    hardware = {"device": device_name(args.device), "cpus": os.cpu_count(), "torch": torch.__version__,
+                "python": platform.python_version()}
+    results = {"benchmark": "cleanse_cifar10", "quick": args.quick, "seed": SEED, "step0": "victim recipe, no augmentation",
                "recipe": RECIPE, "retrain_epochs": args.retrain_epochs, "paper_compact": PAPER,
-               "hardware": {"device": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
-                                      f"torch threads", "cpus": os.cpu_count(), "torch": torch.__version__,
-                            "python": platform.python_version()},
-               "rows": []}
-    name = "cleanse_cifar10_quick" if args.quick else "cleanse_cifar10"
-    patterns: dict = {}
+               "hardware": hardware, "rows": []}
+    if out_json.is_file() and not args.quick:  # resume: keep the rows already measured
+        results["rows"] = [r for r in json.loads(out_json.read_text())["rows"] if r["row"] in ROWS]
+    results["rows"] = [r for r in results["rows"] if r.get("complete")]
+    done = {r["row"] for r in results["rows"]}
+
+    def save() -> None:
+        out_json.write_text(json.dumps(results, indent=2, default=str))
+
     with tempfile.TemporaryDirectory(prefix="cleanse-bench-") as work:  # --quick's victims
-        for row_name in rows:
-            results["rows"].append(run_row(row_name, ROWS[row_name], args, train_set, test_set, root, patterns,
-                                           Path(work)))
-            (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2, default=str))
-    plot(results, patterns, RESULTS / f"{name}.png")
+        for row_name in (r for r in rows if r not in done):
+            row = {"row": row_name, "hardware": hardware, "retrain_epochs": args.retrain_epochs}
+            results["rows"].append(row)
+            run_row(row, ROWS[row_name], args, train_set, test_set, root, Path(work), save)
+    plot(results, RESULTS / f"{name}.png")
+    summarize(results, out_json)
+
+
+def merge(files: list[Path]) -> dict:
+    """One results dict from several runs' files: each row once (the last file that has it), in ROWS order."""
+    runs = [json.loads(f.read_text()) for f in files]
+    rows = {r["row"]: r for run in runs for r in run["rows"] if r.get("methods")}
+    devices = sorted({r.get("hardware", run["hardware"])["device"] for run in runs for r in run["rows"]})
+    return {**runs[0], "hardware": {**runs[0]["hardware"], "device": " + ".join(devices)},
+            "merged_from": [f.name for f in files], "rows": [rows[n] for n in ROWS if n in rows]}
+
+
+def summarize(results: dict, out_json: Path) -> None:
     for row in results["rows"]:
-        for method, e in row["methods"].items():
+        for method, e in row.get("methods", {}).items():
             paper = PAPER.get(row["row"], {}).get(method)
             rates = f"{100 * e['tpr']:.1f}/{100 * e['fpr']:.1f}" if "tpr" in e else "–"
             asr = e.get("retrained", {}).get("asr")
             print(f"{row['row']:<8} {method:<3} {e['outcome']:<4} TPR/FPR {rates:<12} retrained ASR "
                   f"{'–' if asr is None else f'{100 * asr:.1f}'}  {e['seconds']:.0f}s   paper: {paper}")
-    print(f"wrote {RESULTS / (name + '.json')} and .png")
+    print(f"wrote {out_json} and .png")
 
 
 if __name__ == "__main__":

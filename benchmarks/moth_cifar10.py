@@ -86,6 +86,7 @@ def distance_part(root: Path, heldout, device, quick: bool, reference: bool) -> 
         started = time.perf_counter()
         result = ClassDistance(config).measure(model, heldout, generator=torch.Generator().manual_seed(SEED),
                                                device=device)
+        sync(device)
         out[name] = {**result.to_dict(), "wall_seconds": round(time.perf_counter() - started, 1)}
         print(f"distance ({name}): mean {result.mean:.2f} over {int(result.found.sum())} pairs in "
               f"{out[name]['wall_seconds']:.0f}s (published {PUBLISHED_DISTANCE[0]} ± {PUBLISHED_DISTANCE[1]})",
@@ -110,13 +111,15 @@ def strong_victim(root: Path, name: str, train_set, device, quick: bool):
     return create(MODEL, weights=v.weights).to(device), load_record(v.record)
 
 
-def moth_part(root: Path, train_set, heldout, device, quick: bool, results: dict, save) -> None:
-    trusted = split_trusted(train_set, QUICK["trusted_fraction"] if quick else TRUSTED_FRACTION,
-                            torch.Generator().manual_seed(SEED))
-    config = MothConfig(**QUICK["moth"]) if quick else MothConfig()
+def moth_part(root: Path, train_set, heldout, device, args, results: dict, save) -> None:
+    quick = args.quick
+    fraction = QUICK["trusted_fraction"] if quick else args.trusted_fraction
+    trusted = train_set if fraction == 1 else split_trusted(train_set, fraction, torch.Generator().manual_seed(SEED))
+    config = (MothConfig(**QUICK["moth"]) if quick else
+              MothConfig.reference(epochs=args.epochs) if args.moth == "reference" else MothConfig(epochs=args.epochs))
     distance = (ClassDistanceConfig(**QUICK["distance"], pairs=QUICK["pairs"]) if quick else ClassDistanceConfig())
     rows = results.setdefault("moth", {})
-    for name in (QUICK["attacks"] if quick else ATTACKS):
+    for name in (QUICK["attacks"] if quick else args.attacks):
         if name in rows:
             continue
         model, attack = strong_victim(root, name, train_set, device, quick)
@@ -125,6 +128,7 @@ def moth_part(root: Path, train_set, heldout, device, quick: bool, results: dict
         result = create_defense("moth", config=config).defend(model, trusted, eval_set=heldout,
                                                               generator=torch.Generator().manual_seed(SEED),
                                                               device=device)
+        sync(device)
         seconds = time.perf_counter() - started
         after = evaluate_backdoor(result.model, attack, heldout, device=device)
         measure = ClassDistance(distance)
@@ -139,6 +143,7 @@ def moth_part(root: Path, train_set, heldout, device, quick: bool, results: dict
             "strong_victim": before["asr_nontarget"] >= 0.9,
             "table8": {"model": paper[0], "acc_before": paper[1], "asr_before": paper[2], "acc_after": paper[3],
                        "asr_after": paper[4]},
+            "moth_config": args.moth, "moth_epochs": config.epochs, "device": str(device),
             "moth_seconds": round(seconds, 1), "moth_steps": result.details["hardening_steps"],
             "trusted_images": len(trusted), "history": [dataclasses.asdict(p) for p in result.history],
             "distance_before": d_before.to_dict(), "distance_after": d_after.to_dict(),
@@ -150,6 +155,12 @@ def moth_part(root: Path, train_set, heldout, device, quick: bool, results: dict
               f"{d_before.mean:.1f} -> {d_after.mean:.1f} ({100 * enlargement:+.0f} %); MOTH "
               f"{seconds:.0f}s", flush=True)
         save()
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work before reading a wall clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -192,14 +203,28 @@ def main() -> None:
     parser.add_argument("--part", choices=("distance", "moth"), action="append", help="default: both")
     parser.add_argument("--quick", action="store_true", help="a few pairs, steps and one quick victim")
     parser.add_argument("--reference", action="store_true", help="also measure at the MOTH code's budget (GPU)")
+    parser.add_argument("--attacks", default=",".join(ATTACKS), help=f"moth rows (default: {','.join(ATTACKS)})")
+    parser.add_argument("--moth", choices=("default", "reference"), default="default",
+                        help="MothConfig() (a CPU budget) or MothConfig.reference() (the MOTH code's, a GPU budget)")
+    parser.add_argument("--epochs", type=int, default=MothConfig.epochs, help="MOTH epochs over the trusted set")
+    parser.add_argument("--trusted-fraction", type=float, default=TRUSTED_FRACTION,
+                        help=f"class-stratified share of the training set MOTH trains on (default {TRUSTED_FRACTION}; "
+                             "the MOTH code: 1)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
+    parser.add_argument("--out", default=None, help="results name (default moth_cifar10[_quick]; .json/.png)")
     args = parser.parse_args()
+    args.attacks = [a for a in args.attacks.split(",") if a]
+    unknown = [a for a in args.attacks if a not in ATTACKS]
+    if unknown or not 0 < args.trusted_fraction <= 1:
+        parser.error(f"expected --attacks from {list(ATTACKS)} and 0 < --trusted-fraction <= 1, got {args.attacks} "
+                     f"and {args.trusted_fraction}")
     torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     root = data_root()
     train_set = load_dataset("cifar10", root, split="train")
     heldout = load_dataset("cifar10", root, split="test-lossless").subset(range(HELDOUT_IMAGES))
-    stem = "moth_cifar10_quick" if args.quick else "moth_cifar10"
+    stem = args.out or ("moth_cifar10_quick" if args.quick else "moth_cifar10")
     out_json = OUT / f"{stem}.json"
     results = json.loads(out_json.read_text()) if out_json.is_file() and not args.quick else {}
     results.update({"what": __doc__.splitlines()[0], "device": str(device), "threads": torch.get_num_threads(),
@@ -218,7 +243,7 @@ def main() -> None:
         results["distance"] = distance_part(root, heldout, device, args.quick, args.reference)
         save()
     if "moth" in parts:
-        moth_part(root, train_set, heldout, device, args.quick, results, save)
+        moth_part(root, train_set, heldout, device, args, results, save)
     save()
     plot(results, OUT / f"{stem}.png")
     print(f"wrote {out_json} and {OUT / f'{stem}.png'}")

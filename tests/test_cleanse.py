@@ -23,6 +23,7 @@ from guard.cleanse import (ActivationClusteringConfig, CleanseResult, Cleanser, 
                            SpectralSignaturesConfig, box_blur, cleanser_from_dict, create_cleanser, describe_cleansers,
                            extract_features, get_cleanser, list_cleansers, order_statistic_test, register_cleanser,
                            suspect_from_record)
+from guard.cleanse.clustering import bic_mixture
 from guard.data import ImageTensorDataset
 from guard.metrics import cleansing_rates
 from guard.models import GuardModel, create
@@ -121,11 +122,13 @@ BAD_OPTIONS = [
     ("ac", {"silhouette_threshold": 1.0}, "silhouette_threshold"), ("ac", {"size_threshold": 1.0}, "size_threshold"),
     ("ac", {"n_init": True}, "n_init"), ("ci", {"impurity_threshold": 0}, "impurity_threshold"),
     ("ci", {"max_components": 1}, "max_components"), ("ci", {"blur_size": 4}, "blur_size"),
-    ("ci", {"reg_covar": -1.0}, "reg_covar"), ("ac", {"batch_size": 0}, "batch_size"),
+    ("ci", {"reg_covar": -1.0}, "reg_covar"), ("ci", {"bic_patience": 0}, "bic_patience"),
+    ("ac", {"batch_size": 0}, "batch_size"),
     ("re", {"pi": 0.0}, "pi"), ("re", {"theta": 1.0}, "theta"), ("re", {"weight": 0}, "weight"),
     ("re", {"step": "adam"}, "step"), ("re", {"step_size": -1.0}, "step_size"), ("re", {"measure": "some"}, "measure"),
     ("re", {"max_steps": 0}, "max_steps"), ("re", {"max_images": 0}, "max_images"),
-    ("re", {"batch_size_per_class": 2.5}, "batch_size_per_class"),
+    ("re", {"batch_size_per_class": 2.5}, "batch_size_per_class"), ("re", {"refine_step_size": 0}, "refine_step_size"),
+    ("re", {"refine_batch_size_per_class": 0}, "refine_batch_size_per_class"),
 ]
 
 
@@ -155,6 +158,15 @@ def test_ci_removes_the_blur_impure_poison_component():
     tpr, fpr = cleansing_rates(result.removed, s.poison_indices, s.poisoned.labels, TARGET)
     assert tpr >= 0.4 and fpr <= 0.02
     assert result.class_statistics[TARGET]["components"] >= 2
+
+
+def test_ci_bic_sweep_stops_after_its_patience_and_finds_the_clusters():
+    blobs = torch.cat([torch.randn(150, 4, generator=torch.Generator().manual_seed(s)) + 8.0 * s for s in range(2)])
+    full, bics_full = bic_mixture(blobs, ClusterImpurityConfig(max_components=8, n_init=1, bic_patience=None), 0)
+    early, bics = bic_mixture(blobs, ClusterImpurityConfig(max_components=8, n_init=1, bic_patience=2), 0)
+    assert len(bics_full) == 8 and len(bics) == 4 and bics == bics_full[:4]  # best at 2, then 3 and 4 are worse
+    assert int(torch.tensor(bics).argmin()) == 1
+    assert (early == full).all() and sorted(torch.bincount(torch.from_numpy(early)).tolist()) == [150, 150]
 
 
 def test_ss_removes_mostly_poisons_from_the_known_target():

@@ -170,11 +170,12 @@ def test_re_command_writes_the_pattern_beside_the_true_one(xiang_run, capsys):
     out = run["tmp"] / "re.json"
     assert main(["cleanse", "--method", "re", "--model", "tiny_resnet", "--weights", str(run["weights"]),
                  "--dataset", "imagefolder", "--data-dir", str(run["data"]), "--attack-record", str(run["record"]),
-                 "--threshold", "0.001", "--step-size", "0.1", "--pair-batch-size", "16", "--out", str(out),
+                 "--threshold", "0.001", "--step-size", "0.1", "--refine-step-size", "0.05", "--pair-batch-size", "16",
+                 "--out", str(out),
                  "--no-progress"]) == 0
     assert "POISONED, target class 0" in capsys.readouterr().out
     report = json.loads(out.read_text())
-    assert report["attack"]["target_detected"] and report["attack"]["tpr"] >= 0.9  # 0.96 (seeds 0–4: ≥ 0.95)
+    assert report["attack"]["target_detected"] and report["attack"]["tpr"] >= 0.9, report["attack"]  # 0.96
     assert report["details"]["source_class"] == 1 and len(report["pattern"]) == 3
     png = Image.open(report["pattern_png"])
     assert png.size == (4 * (16 + 2 + 16), 4 * 16)  # estimated | gap | true, 4× enlarged

@@ -252,3 +252,19 @@ def test_configs_pickle():
     for form, schedule, options, _ in CASES.values():
         config = InversionConfig(form, schedule, **options)
         assert pickle.loads(pickle.dumps(config)) == config
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cuda_inversion_matches_cpu(case):
+    """Every trigger form, schedule and optimiser runs with the model on the GPU (task tensors stay on the CPU)
+    and walks the CPU's path."""
+    form, schedule, options, kind = CASES[case]
+    cpu_model = double_model()
+    objective = LogSurrogate if kind == "removal" else TargetCrossEntropy
+    config = InversionConfig(form, schedule, chunk_size=40, **options)
+    cpu = invert(_tasks(kind), objective(cpu_model), config)
+    gpu = invert(_tasks(kind), objective(copy.deepcopy(cpu_model).cuda()), config, device="cuda")
+    assert torch.equal(gpu.found, cpu.found) and torch.equal(gpu.steps, cpu.steps)
+    torch.testing.assert_close(gpu.size, cpu.size, rtol=1e-6, atol=1e-9)

@@ -27,7 +27,10 @@ per CIFAR-10 attack on two GPUs. The default walks the same gradient path in ste
 (``step="normalized"``, ``step_size`` 0.2) with batches of 32 and ρ over each step's batch of D_s, which
 finishes a CIFAR-10 ResNet-20 on two CPU cores (``benchmarks/cleanse_cifar10.py`` measures both the time and
 the detection). A pair that never reaches π within ``max_steps`` gets r = 0 (ALGORITHMS.md D14 default) and
-is left out of the Gamma fits.
+is left out of the Gamma fits. Those coarse steps rank the pairs; the pattern that cleanses (eq. 12) is then
+re-estimated for the detected pair alone in finer steps (``refine_step_size`` 0.02 with
+``refine_batch_size_per_class`` 64; ``None`` keeps the coarse one): on a CIFAR-10 ResNet-20 with pattern A the
+coarse 0.2-steps pattern removed 39 % of the poisons, the refined one 85 % (benchmarks/cleanse_cifar10.py).
 """
 
 from __future__ import annotations
@@ -68,7 +71,8 @@ class ReverseEngineeringConfig(CleanseConfig):
     (``"batches"``) or over all of D_s after the step (``"full"``, the paper). ``max_images``: at most that many
     images of each source class take part (``None``: all). ``max_steps``: cap per pair (ALGORITHMS.md D14:
     10,000; a pair that does not reach π gets r = 0). ``chunk_size``: most images in one forward/backward
-    pass — the images of many pairs share it.
+    pass — the images of many pairs share it. ``refine_step_size``/``refine_batch_size_per_class``: the same
+    step rule, finer, for the detected pair's pattern that eq. 12 subtracts (``None``: the coarse pattern).
     """
 
     pi: float = 0.95
@@ -81,6 +85,8 @@ class ReverseEngineeringConfig(CleanseConfig):
     max_images: int | None = None
     max_steps: int = 10_000
     chunk_size: int = 4096
+    refine_step_size: float | None = 0.02
+    refine_batch_size_per_class: int = 64
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -94,19 +100,24 @@ class ReverseEngineeringConfig(CleanseConfig):
             raise ValueError(f"step_size must be a number > 0, got {self.step_size!r}")
         if self.measure not in ("batches", "full"):
             raise ValueError(f"measure must be 'batches' or 'full', got {self.measure!r}")
-        for name in ("batch_size_per_class", "max_steps", "chunk_size"):
+        if self.refine_step_size is not None and (not is_number(self.refine_step_size) or self.refine_step_size <= 0):
+            raise ValueError(f"refine_step_size must be None or a number > 0, got {self.refine_step_size!r}")
+        for name in ("batch_size_per_class", "max_steps", "chunk_size", "refine_batch_size_per_class"):
             value = getattr(self, name)
             if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if self.max_images is not None and (not is_int(self.max_images) or self.max_images < 1):
             raise ValueError(f"max_images must be None or an int >= 1, got {self.max_images!r}")
 
-    def inversion(self) -> InversionConfig:
-        """The engine configuration of the pair estimation (Algorithm 1 lines 3–8)."""
+    def inversion(self, refine: bool = False) -> InversionConfig:
+        """The engine configuration of the pair estimation (Algorithm 1 lines 3–8); ``refine``: the finer steps
+        that re-estimate the detected pair's pattern."""
+        step_size, batch = ((self.refine_step_size, self.refine_batch_size_per_class) if refine
+                            else (self.step_size, self.batch_size_per_class))
         return InversionConfig(AdditiveTrigger(init_low=0.0, init_high=0.0, norm="l2"),
                                UntilSuccess(self.pi, measure=self.measure), steps=self.max_steps,
-                               batch_size=self.batch_size_per_class, sampling="random",
-                               optimizer=_STEPS[self.step], lr=self.step_size, chunk_size=self.chunk_size)
+                               batch_size=batch, sampling="random",
+                               optimizer=_STEPS[self.step], lr=step_size, chunk_size=self.chunk_size)
 
 
 @dataclass(frozen=True)
@@ -197,8 +208,9 @@ class ReverseEngineering(Cleanser):
     description = "reverse engineering: pair patterns, Gamma order-statistic test, eq.-12 cleansing (Xiang et al.)"
 
     def estimate_patterns(self, model, train_set: ImageTensorDataset, *, generator: torch.Generator | None = None,
-                          device=None, progress: bool = False) -> PairPatterns:
-        """Step 1 (Algorithm 1 lines 3–8) for every ordered class pair, batched on the inversion engine."""
+                          device=None, progress: bool = False, pairs=None, refine: bool = False) -> PairPatterns:
+        """Step 1 (Algorithm 1 lines 3–8) for every ordered class pair (or the given ``pairs``), batched on the
+        inversion engine; ``refine``: at the refinement's finer steps."""
         cfg = self.config
         generator = self._generator(generator)
         check_training_set(model, train_set, min_per_class=1, features=False)
@@ -206,8 +218,8 @@ class ReverseEngineering(Cleanser):
         check_finite_outputs(model, train_set.images[:cfg.batch_size], device)
         k = train_set.num_classes
         tasks = pair_tasks(train_set.images, train_set.labels, num_classes=k, generator=generator,
-                           max_images=cfg.max_images, removal=True)
-        result = invert(tasks, LogSurrogate(model, weight=cfg.weight), cfg.inversion(), device=device,
+                           max_images=cfg.max_images, removal=True, pairs=pairs)
+        result = invert(tasks, LogSurrogate(model, weight=cfg.weight), cfg.inversion(refine), device=device,
                         progress=progress)
         norms = torch.full((k, k), math.nan, dtype=torch.float64)
         steps = torch.zeros(k, k, dtype=torch.int64)
@@ -236,6 +248,12 @@ class ReverseEngineering(Cleanser):
         target, source = test["target"], test["source"]
         detected = bool(test["detected"])
         pattern = pairs.patterns[(source, target)] if detected else None
+        refined = None
+        if detected and cfg.refine_step_size is not None:
+            refined = self.estimate_patterns(model, train_set, generator=generator, device=device,
+                                             pairs=[(source, target)], refine=True)
+            if math.isfinite(float(refined.norms[source, target])):
+                pattern = refined.patterns[(source, target)]
         removed = torch.zeros(0, dtype=torch.int64)
         if detected:
             index = members[target]
@@ -266,7 +284,11 @@ class ReverseEngineering(Cleanser):
             details={"source_class": source if detected else None, "most_suspicious": {"source": source,
                      "target": target}, "pattern_norm": None if pattern is None else float(pattern.norm()),
                      "norms": norms, "steps": pairs.steps.tolist(), "pairs": k * (k - 1),
-                     "pair_seconds": round(pairs.seconds, 3)},
+                     "pair_seconds": round(pairs.seconds, 3),
+                     "coarse_pattern_norm": float(pairs.norms[source, target]) if detected else None,
+                     "refined_steps": None if refined is None else int(refined.steps[source, target]),
+                     "refined_found": None if refined is None else math.isfinite(
+                         float(refined.norms[source, target]))},
             seconds=time.perf_counter() - started)
 
 

@@ -37,6 +37,7 @@ _OPTION_FLAGS = {
     "max_components": {"ci": "max_components"},
     "pi": {"re": "pi"},
     "step_size": {"re": "step_size"},
+    "refine_step_size": {"re": "refine_step_size"},
     "pair_batch_size": {"re": "batch_size_per_class"},
     "max_steps": {"re": "max_steps"},
     "chunk_size": {"re": "chunk_size"},
@@ -68,6 +69,8 @@ def add_parser(subparsers) -> None:
     g.add_argument("--max-components", type=int, help="ci: largest mixture size BIC considers")
     g.add_argument("--pi", type=float, help="re: misclassification fraction that stops a pair's estimation")
     g.add_argument("--step-size", type=float, help="re: ℓ2 length of a pattern-estimation step (default 0.2)")
+    g.add_argument("--refine-step-size", type=float,
+                   help="re: step of the detected pair's re-estimation, the pattern that cleanses (default 0.02)")
     g.add_argument("--pair-batch-size", type=int, help="re: images of each class of a pair per step (default 32)")
     g.add_argument("--max-steps", type=int, help="re: step cap per class pair")
     g.add_argument("--chunk-size", type=int,

@@ -624,7 +624,7 @@ class _TaskOptimizer:
 
     def __init__(self, params: list[torch.Tensor], config: InversionConfig, tasks: int) -> None:
         self.params, self.config = params, config
-        self.count = torch.zeros(tasks, dtype=torch.int64)
+        self.count = torch.zeros(tasks, dtype=torch.int64, device=params[0].device)
         self.m = [torch.zeros_like(p) for p in params]
         self.v = [torch.zeros_like(p) for p in params]
 
