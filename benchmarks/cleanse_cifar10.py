@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -241,7 +242,7 @@ def plot(results: dict, path: Path) -> None:
             axes[0].bar(xs, [100 * (get(r, "tpr") or 0) for r in rows], width, label=label)
             axes[1].bar(xs, [100 * (get(r, "fpr") or 0) for r in rows], width, label=label)
             axes[3].bar(xs, [get(r, "seconds") or 0 for r in rows], width, label=label)
-            asr = [100 * ((get(r, "retrained") or {}).get("asr") or 0) for r in rows]
+            asr = [100 * (get(r, "retrained") or {}).get("asr", math.nan) for r in rows]  # NaN: not retrained, no bar
         else:
             asr = [100 * (get(r, "asr") or 0) for r in rows]
         axes[2].bar(xs, asr, width, label=label, color="lightgrey" if label == "undefended" else None)
