@@ -137,6 +137,14 @@ class TrainConfig:
                       "schedule": "none", "mode": "finetune", **overrides})
 
     @classmethod
+    def trusted_steps(cls, steps: int, eval_every: int, **overrides) -> "TrainConfig":
+        """The repairs' trusted-data loop (ALGORITHMS.md P4): ``steps`` SGD steps (momentum 0.9, no weight decay,
+        constant lr) in rounds of ``eval_every`` steps, each round an "epoch" after which the caller's
+        ``on_epoch_end`` measures the model; the repair passes ``lr``, ``batch_size``, ``augment``, …"""
+        return cls(**{"epochs": math.ceil(steps / eval_every), "momentum": 0.9, "weight_decay": 0.0,
+                      "schedule": "none", "mode": "finetune", "steps_per_epoch": eval_every, **overrides})
+
+    @classmethod
     def last_layer(cls, **overrides) -> "TrainConfig":
         """Last-layer transfer (rescaler_appendix.txt §A): 35 epochs, SGD lr 0.01, BatchNorm frozen."""
         return cls(**{"epochs": 35, "lr": 0.01, "momentum": 0.9, "weight_decay": 2e-4, "batch_size": 128,

@@ -134,9 +134,8 @@ class MothConfig:
                                sampling="epoch", lr=self.inversion_lr)
 
     def train_config(self, total_steps: int) -> TrainConfig:
-        return TrainConfig(epochs=math.ceil(total_steps / self.eval_every), lr=self.lr, momentum=0.9, nesterov=True,
-                           weight_decay=0.0, batch_size=self.batch_size, schedule="none", augment=self.augment,
-                           mode="finetune", steps_per_epoch=self.eval_every)
+        return TrainConfig.trusted_steps(total_steps, self.eval_every, lr=self.lr, nesterov=True,
+                                         batch_size=self.batch_size, augment=self.augment)
 
 
 class _Hardening:

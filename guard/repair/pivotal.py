@@ -156,10 +156,9 @@ class PivotalTuningConfig:
 
     def train_config(self) -> TrainConfig:
         """The :class:`guard.train.TrainConfig` of the fine-tuning run: constant lr, epochs of ``eval_every``."""
-        return TrainConfig(epochs=self.steps // self.eval_every, lr=self.lr, momentum=self.momentum,
-                           nesterov=self.nesterov, weight_decay=self.weight_decay, batch_size=self.batch_size,
-                           schedule="none", augment=self.augment, mode="finetune",
-                           steps_per_epoch=self.eval_every)
+        return TrainConfig.trusted_steps(self.steps, self.eval_every, lr=self.lr, momentum=self.momentum,
+                                         nesterov=self.nesterov, weight_decay=self.weight_decay,
+                                         batch_size=self.batch_size, augment=self.augment)
 
 
 @register_defense

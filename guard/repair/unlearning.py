@@ -71,9 +71,8 @@ class UnlearningConfig:
             raise TypeError(f"augment must be a bool, got {type(self.augment).__name__}")
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(epochs=self.steps // self.eval_every, lr=self.lr, momentum=0.9, weight_decay=0.0,
-                           batch_size=self.batch_size, schedule="none", augment=self.augment, mode="finetune",
-                           steps_per_epoch=self.eval_every)
+        return TrainConfig.trusted_steps(self.steps, self.eval_every, lr=self.lr, batch_size=self.batch_size,
+                                         augment=self.augment)
 
 
 @register_defense
