@@ -191,7 +191,7 @@ def detect(bench: Bench, models: int, results: dict, save) -> None:
 
 def repair_part(bench: Bench, results: dict, save) -> None:
     pivotal = PivotalTuningConfig(steps=REPAIR_STEPS, eval_every=EVAL_EVERY)
-    nc = UnlearningConfig(NeuralCleanseConfig(steps=NC_REPAIR_STEPS, samples_per_step=NC_SAMPLES_PER_STEP),
+    nc = UnlearningConfig(scan=NeuralCleanseConfig(steps=NC_REPAIR_STEPS, samples_per_step=NC_SAMPLES_PER_STEP),
                           steps=NC_UNLEARN_STEPS, eval_every=EVAL_EVERY)
     rows = results.setdefault("repair", {})
     for j, (name, options) in enumerate(REPAIR_ATTACKS.items()):

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from guard.detect import (AdditiveTrigger, CostSchedule, FixedSteps, InversionConfig, InversionTask, LogSurrogate,
-                          MaskPatternTrigger, Objective, TargetCrossEntropy, UntilSuccess, class_tasks, frozen,
-                          invert, pair_tasks)
+                          MaskPatternTrigger, Objective, TargetCrossEntropy, TriggeredBatch, UntilSuccess, class_tasks,
+                          frozen, invert, pair_tasks)
 from guard.detect.inversion import _CostState, _TaskOptimizer
 from test_repair import TARGET, planted
 
@@ -268,3 +268,18 @@ def test_cuda_inversion_matches_cpu(case):
     gpu = invert(_tasks(kind), objective(copy.deepcopy(cpu_model).cuda()), config, device="cuda")
     assert torch.equal(gpu.found, cpu.found) and torch.equal(gpu.steps, cpu.steps)
     torch.testing.assert_close(gpu.size, cpu.size, rtol=1e-6, atol=1e-9)
+
+
+def test_target_cross_entropy_adds_the_l1_of_each_images_change():
+    """Pick your Poison's NC objective (Algorithm 6): CE + λ_N·‖clip(x + T) − x‖₁, per image."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    clean = torch.rand(4, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    triggered = (clean + 0.5).clamp(0, 1)
+    batch = TriggeredBatch(triggered, clean, torch.tensor([0, 1, 2, 0]), torch.full((4,), -1), torch.zeros(4),
+                           torch.zeros(4, dtype=torch.bool))
+    plain, success = TargetCrossEntropy(model)(batch)
+    penalised, same = TargetCrossEntropy(model, l1_weight=0.02)(batch)
+    change = (triggered - clean).abs().sum((1, 2, 3))
+    assert torch.allclose(penalised, plain + 0.02 * change) and torch.equal(success, same)
+    with pytest.raises(ValueError, match="l1_weight must be a finite number >= 0, got -1"):
+        TargetCrossEntropy(model, l1_weight=-1)

@@ -376,18 +376,26 @@ class Objective(ABC):
 
 
 class TargetCrossEntropy(Objective):
-    """``CE(f(A(x)), t)``; success: ``argmax f(A(x)) = t`` (Neural Cleanse, MOTH, class distance)."""
+    """``CE(f(A(x)), t) + l1_weight · ‖A(x) − x‖₁``; success: ``argmax f(A(x)) = t`` (Neural Cleanse, MOTH,
+    class distance: no perturbation term; Pick your Poison's Neural Cleanse, Algorithm 6: the L1 norm of each
+    image's actual change, ``l1_weight`` = λ_N)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, l1_weight: float = 0.0) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not is_number(l1_weight) or l1_weight < 0:
+            raise ValueError(f"l1_weight must be a finite number >= 0, got {l1_weight!r}")
         self.models = (model,)
+        self.l1_weight = l1_weight
 
     def __call__(self, batch):
         if bool(batch.removal.any()):
             raise ValueError("TargetCrossEntropy has no term for removal images; use LogSurrogate")
         logits = self.models[0](batch.triggered)
-        return F.cross_entropy(logits, batch.target, reduction="none"), logits.argmax(1) == batch.target
+        loss = F.cross_entropy(logits, batch.target, reduction="none")
+        if self.l1_weight:
+            loss = loss + self.l1_weight * (batch.triggered - batch.clean).abs().flatten(1).sum(1)
+        return loss, logits.argmax(1) == batch.target
 
 
 class LogSurrogate(Objective):

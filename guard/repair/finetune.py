@@ -1,8 +1,10 @@
-"""The trusted-data fine-tuning protocol every repair defense shares, and the defender's trusted split.
+"""The trusted-data fine-tuning protocol every repair defense shares, its settings, and the defender's
+trusted split.
 
 :func:`trusted_finetune` — ALGORITHMS.md P4, M10: :func:`guard.train.train` in step-counted epochs of
 ``eval_every`` steps, (CDA, ASR) recorded after each, stop as soon as CDA ≤ CDA_0 − Δ, and keep the best
-admissible point. Pivotal Tuning, Neural Cleanse unlearning and MOTH run on it.
+admissible point. Every defense runs on it. :class:`TrustedTuningConfig` holds the settings of that loop
+that the Pick-your-Poison repairs share (Table 5's SGD columns); each of them extends it with its own.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -23,7 +26,62 @@ from .base import AsrProbe, RepairPoint, RepairResult
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["split_trusted", "trusted_finetune"]
+__all__ = ["TrustedTuningConfig", "choose_on_curve", "measure_point", "split_trusted", "trusted_finetune"]
+
+
+@dataclass(frozen=True)
+class TrustedTuningConfig:
+    """The trusted-data loop's settings (ALGORITHMS.md P4; pick_your_poison.txt Table 5, CIFAR-10): ``steps``
+    SGD steps (momentum 0.9, Nesterov, constant ``lr``, coupled L2 ``weight_decay``) on batches of
+    ``batch_size`` trusted images, (CDA, ASR) every ``eval_every`` steps, stop as soon as CDA ≤ CDA_0 −
+    ``max_cda_drop``. ``augment``: random crop + flip on the trusted data (ALGORITHMS.md §7 item 9).
+    Defaults: the plain fine-tuning baseline (D16: 1,000 steps at lr 1e-3); each repair overrides its own.
+    """
+
+    steps: int = 1000
+    lr: float = 1e-3
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    eval_every: int = 50
+    max_cda_drop: float = 0.02
+    augment: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_every"):
+            value = getattr(self, name)
+            if not is_int(value) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.steps % self.eval_every:
+            raise ValueError(f"steps must be a multiple of eval_every, got steps={self.steps}, "
+                             f"eval_every={self.eval_every}")
+        if not is_number(self.lr) or self.lr <= 0:
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if not is_number(self.weight_decay) or self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        if not is_number(self.max_cda_drop) or not 0 <= self.max_cda_drop < 1:
+            raise ValueError(f"max_cda_drop must be a fraction in [0, 1) (0.02 = 2 points), "
+                             f"got {self.max_cda_drop!r}")
+        for name in ("nesterov", "augment"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
+        self.train_config()  # momentum / nesterov consistency is checked by TrainConfig
+
+    def train_config(self) -> TrainConfig:
+        """The :class:`guard.train.TrainConfig` of the run: constant lr, epochs of ``eval_every`` steps."""
+        return TrainConfig.trusted_steps(self.steps, self.eval_every, lr=self.lr, momentum=self.momentum,
+                                         nesterov=self.nesterov, weight_decay=self.weight_decay,
+                                         batch_size=self.batch_size, augment=self.augment)
+
+    def run(self, model: GuardModel, trusted: torch.utils.data.Dataset, *, eval_set: torch.utils.data.Dataset,
+            asr: AsrProbe | None, generator: torch.Generator, device: torch.device, progress: bool,
+            **loss_options) -> RepairResult:
+        """:func:`trusted_finetune` of ``model`` on ``trusted`` with these settings (``extra_loss``, ``transform``
+        and ``keep_last`` pass through)."""
+        return trusted_finetune(model, trusted, self.train_config(), eval_set=eval_set, eval_every=self.eval_every,
+                                max_cda_drop=self.max_cda_drop, asr=asr, generator=generator, device=device,
+                                progress=progress, **loss_options)
 
 
 def split_trusted(dataset: ImageTensorDataset, fraction: float, generator: torch.Generator
@@ -77,8 +135,7 @@ def trusted_finetune(model: GuardModel, train_set: torch.utils.data.Dataset, con
     started = time.perf_counter()
 
     def measure(step: int) -> RepairPoint:
-        cda = evaluate(model, eval_set, device=device)
-        return RepairPoint(step, cda, None if asr is None else float(asr(model)))
+        return measure_point(model, eval_set, asr, step, device)
 
     def better(p: RepairPoint, q: RepairPoint) -> bool:
         return keep_last or p.asr is None or (p.asr, -p.cda) <= (q.asr, -q.cda)
@@ -109,6 +166,26 @@ def trusted_finetune(model: GuardModel, train_set: torch.utils.data.Dataset, con
                 chosen.asr, len(history), "; stopped by the CDA budget" if stopped else "")
     return RepairResult(model, tuple(history), chosen, first.cda, max_cda_drop, stopped,
                         time.perf_counter() - started)
+
+
+def measure_point(model: nn.Module, eval_set: torch.utils.data.Dataset, asr: AsrProbe | None, step: int,
+                  device: str | torch.device | None = None) -> RepairPoint:
+    """The model's CDA on ``eval_set`` and, with ``asr``, its attack success rate, as the point ``step``."""
+    return RepairPoint(step, evaluate(model, eval_set, device=device), None if asr is None else float(asr(model)))
+
+
+def choose_on_curve(first: RepairPoint, curve: list[tuple[Any, RepairPoint]], max_cda_drop: float,
+                    default: Callable[[list[tuple[Any, RepairPoint]]], tuple[Any, RepairPoint]]
+                    ) -> tuple[Any, RepairPoint]:
+    """The point a one-shot defense keeps of its ``curve`` of (setting, point) — ANP's pruning thresholds, MCR's
+    positions on the path: among those with CDA > ``first.cda − max_cda_drop`` (M10) the lowest ASR when ASR was
+    measured, else ``default(admissible)``; ``(None, first)`` (the input model) when none is admissible."""
+    admissible = [(key, p) for key, p in curve if p.cda > first.cda - max_cda_drop]
+    if not admissible:
+        return None, first
+    if first.asr is not None:
+        return min(admissible, key=lambda kp: (kp[1].asr, -kp[1].cda))
+    return default(admissible)
 
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -24,12 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validation import is_int, is_number
+from .._validation import is_number
 from ..data import ImageTensorDataset
 from ..models import GuardModel
-from ..train import TrainConfig
 from .base import AsrProbe, Defense, RepairResult, register_defense
-from .finetune import trusted_finetune
+from .finetune import TrustedTuningConfig
 
 logger = logging.getLogger(__name__)
 
@@ -107,58 +106,28 @@ def parameter_distance(pivot: nn.Module, model: nn.Module) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class PivotalTuningConfig:
+class PivotalTuningConfig(TrustedTuningConfig):
     """Pivotal Tuning hyper-parameters; defaults are Table 5's CIFAR-10 column (r = 1 %) of
     pick_your_poison.txt (ALGORITHMS.md D2, T5): 2,000 steps of SGD (momentum 0.9, Nesterov, lr 0.01,
-    no weight decay), batch 128, λ_S = 0.05, λ_P = 20,000; (CDA, ASR) every 50 steps; Δ = 0.02.
-
-    ``augment``: random crop + flip on the trusted data (ALGORITHMS.md §7 item 9, unspecified by the
-    paper). ``slol_variant``: ``"paper"`` or ``"code"``, see :func:`slol`. ``steps`` must be a multiple of
-    ``eval_every``.
+    no weight decay), batch 128, λ_S = 0.05, λ_P = 20,000; (CDA, ASR) every 50 steps; Δ = 0.02 (the loop's
+    settings: :class:`~guard.repair.TrustedTuningConfig`). ``slol_variant``: ``"paper"`` or ``"code"``, see
+    :func:`slol`.
     """
 
     steps: int = 2000
     lr: float = 0.01
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 0.0
-    batch_size: int = 128
     slol_lambda: float = 0.05
     param_lambda: float = 20_000.0
     slol_variant: str = "paper"
-    eval_every: int = 50
-    max_cda_drop: float = 0.02
-    augment: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "eval_every"):
-            value = getattr(self, name)
-            if not is_int(value) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if self.steps % self.eval_every:
-            raise ValueError(f"steps must be a multiple of eval_every, got steps={self.steps}, "
-                             f"eval_every={self.eval_every}")
-        for name in ("slol_lambda", "param_lambda", "weight_decay"):
+        super().__post_init__()
+        for name in ("slol_lambda", "param_lambda"):
             value = getattr(self, name)
             if not is_number(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if not is_number(self.lr) or self.lr <= 0:
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
-        if not is_number(self.max_cda_drop) or not 0 <= self.max_cda_drop < 1:
-            raise ValueError(f"max_cda_drop must be a fraction in [0, 1) (0.02 = 2 points), "
-                             f"got {self.max_cda_drop!r}")
         if self.slol_variant not in _SLOL_VARIANTS:
             raise ValueError(f"slol_variant must be one of {_SLOL_VARIANTS}, got {self.slol_variant!r}")
-        for name in ("nesterov", "augment"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
-        self.train_config()  # momentum / nesterov consistency is checked by TrainConfig
-
-    def train_config(self) -> TrainConfig:
-        """The :class:`guard.train.TrainConfig` of the fine-tuning run: constant lr, epochs of ``eval_every``."""
-        return TrainConfig.trusted_steps(self.steps, self.eval_every, lr=self.lr, momentum=self.momentum,
-                                         nesterov=self.nesterov, weight_decay=self.weight_decay,
-                                         batch_size=self.batch_size, augment=self.augment)
 
 
 @register_defense
@@ -196,8 +165,7 @@ class PivotalTuning(Defense):
 
         handle = repaired.classifier.register_forward_hook(capture)
         try:
-            return trusted_finetune(repaired, trusted, cfg.train_config(), eval_set=eval_set,
-                                    eval_every=cfg.eval_every, max_cda_drop=cfg.max_cda_drop, asr=asr,
-                                    extra_loss=regulariser, generator=generator, device=device, progress=progress)
+            return cfg.run(repaired, trusted, eval_set=eval_set, asr=asr, generator=generator, device=device,
+                           progress=progress, extra_loss=regulariser)
         finally:
             handle.remove()

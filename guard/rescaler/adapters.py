@@ -103,6 +103,23 @@ def find_blocks(model: nn.Module, resnext_pointwise: bool = False) -> list[Block
     return found
 
 
+def find_stages(model: nn.Module) -> list[str]:
+    """Qualified names of ``model``'s stages — the ``nn.Sequential`` containers of registered residual blocks —
+    in forward order; a stage's output is its last block's (the "residual groups" of NAD, ALGORITHMS.md D6)."""
+    found: list[str] = []
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        for child_name, child in module.named_children():
+            name = f"{prefix}.{child_name}" if prefix else child_name
+            if isinstance(child, nn.Sequential) and any(_adapter_for(b) is not None for b in child):
+                found.append(name)
+            elif _adapter_for(child) is None:
+                visit(child, name)
+
+    visit(model, "")
+    return found
+
+
 # --- adapters for the blocks the project ships ---------------------------------------------------------
 
 @register_block(TVBasicBlock)

@@ -1,0 +1,175 @@
+"""Every repair defense of the registry on strong CIFAR-10 victims: remaining ASR within the CDA budget.
+
+What:     per attack (--attacks) a strong victim from the shared cache (benchmarks/victims.py: the pretrained
+          ResNet-20 fine-tuned on the full poisoned training set, undefended non-target ASR >= 0.9), repaired by
+          every repair defense of guard.repair (--defenses; default list_defenses("repair")) with a
+          class-stratified --trusted-fraction of the clean training set (1 %: v_1% of pick_your_poison.txt
+          Table 3). Each defense runs its registry defaults (Table 5 / the original papers), its step budgets
+          multiplied by --scale; CDA is measured on the first HELDOUT_IMAGES lossless test images, ASR (PyP's
+          M2) on the same images stamped with the trigger. Per defense: the remaining ASR at the chosen point
+          within the 2-point CDA budget (v_r, M10), its CDA, the whole trade-off curve and the wall time; the
+          papers' figures beside them: Table 3 (Ours = Pivotal Tuning, WD, FP, NAD, NC; BadNets row) and MOTH's
+          Table 8 (FP, MCR; Blend row, accuracy / ASR after repair on ResNet-20).
+Hardware: CPU threads = --threads (default 2, the project's machine); CUDA when available.
+Output:   benchmarks/results/defenses_cifar10.json and .png (trade-off curves per attack, v_r bars), or --out.
+Run:      GUARD_DATA_DIR=../shared/data python benchmarks/defenses_cifar10.py [--attacks badnets,blend]
+          [--defenses fine-pruning,nad] [--scale 0.25] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import guard
+from guard.attacks import load_record
+from guard.data import load_dataset
+from guard.metrics import attack_success_rate
+from guard.models import create
+from guard.repair import create_defense, get_defense, list_defenses, split_trusted
+from guard.train import evaluate, predict
+from victims import data_root, victim  # benchmarks/victims.py: the shared cache of strong victims
+
+SEED = 0
+HELDOUT_IMAGES = 1000
+ATTACKS = {"badnets": {"target": 0, "budget": 0.01}, "blend": {"target": 0, "budget": 0.05}}
+#: pick_your_poison.txt Table 3, CIFAR-10, v_1% (ALGORITHMS.md T3); moth_supplementary.txt Table 8, CIFAR-10
+#: ResNet-20 Blend, (accuracy, ASR) after repair (T8)
+PAPER = {"badnets": {"table3_v1": {"pivotal": 0.03, "weight-decay": 0.13, "fine-pruning": 0.69, "nad": 0.98,
+                                   "nc": 0.13}},
+         "blend": {"table8_acc_asr": {"fine-pruning": (0.8775, 0.0363), "mcr": (0.8553, 0.6358),
+                                      "moth": (0.8908, 0.0)}}}
+#: the step budgets of each config that --scale shrinks (eval_every is kept; steps round to a multiple of it)
+STEP_FIELDS = ("steps", "teacher_steps", "endpoint_steps")
+OUT = Path(__file__).parent / "results"
+
+
+def scaled(name: str, scale: float):
+    """The defense's default config with its step budgets times ``scale``."""
+    config = get_defense(name).config_class()
+    if scale == 1:
+        return config
+    changes = {}
+    for field in STEP_FIELDS:
+        if hasattr(config, field):
+            value = max(1, round(getattr(config, field) * scale))
+            if field == "steps":
+                value = max(config.eval_every, round(value / config.eval_every) * config.eval_every)
+            changes[field] = value
+    scan = getattr(config, "scan", None)   # NC unlearning's trigger reverse engineering
+    if scan is not None and hasattr(scan, "steps"):
+        changes["scan"] = dataclasses.replace(scan, steps=max(1, round(scan.steps * scale)))
+    return dataclasses.replace(config, **changes)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attacks = list(results["attacks"])
+    fig, axes = plt.subplots(1, len(attacks) + 1, figsize=(5.5 * (len(attacks) + 1), 4.2))
+    axes = list(axes) if len(attacks) else [axes]
+    for ax, attack in zip(axes, attacks):
+        row = results["attacks"][attack]
+        for name, r in row["defenses"].items():
+            cda = [100 * p["cda"] for p in r["history"]]
+            asr = [100 * p["asr"] for p in r["history"]]
+            ax.plot(cda, asr, marker=".", label=name)
+        ax.axvline(100 * (row["cda"] - 0.02), color="grey", ls="--", lw=0.8)
+        ax.set(title=f"{attack} (victim CDA {row['cda']:.3f}, ASR {row['asr']:.3f})", xlabel="CDA %",
+               ylabel="ASR %")
+        ax.invert_xaxis()
+        ax.legend(fontsize=7)
+    ax = axes[-1]
+    names = sorted({n for row in results["attacks"].values() for n in row["defenses"]})
+    width = 0.8 / max(1, len(attacks))
+    for i, attack in enumerate(attacks):
+        values = [100 * results["attacks"][attack]["defenses"].get(n, {}).get("v", float("nan")) for n in names]
+        ax.bar([j + i * width for j in range(len(names))], values, width, label=attack)
+    ax.set_xticks([j + width * (len(attacks) - 1) / 2 for j in range(len(names))], names, rotation=30, fontsize=8)
+    ax.set(title=f"remaining ASR within 2 points CDA (v_{results['params']['trusted_fraction']:.0%})",
+           ylabel="ASR %")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--attacks", default=",".join(ATTACKS))
+    parser.add_argument("--defenses", default=",".join(list_defenses("repair")))
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every step budget (default 1: Table 5)")
+    parser.add_argument("--trusted-fraction", type=float, default=0.01)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
+    parser.add_argument("--out", default="defenses_cifar10", help="results name in benchmarks/results/")
+    args = parser.parse_args()
+    attacks, defenses = args.attacks.split(","), args.defenses.split(",")
+    unknown = [a for a in attacks if a not in ATTACKS] + [d for d in defenses if d not in list_defenses()]
+    if unknown:
+        raise SystemExit(f"unknown attacks/defenses {unknown}; attacks: {list(ATTACKS)}, defenses: {list_defenses()}")
+    if not 0 < args.scale <= 1:
+        raise SystemExit(f"--scale must be in (0, 1], got {args.scale}")
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    root = data_root()
+    train_set = load_dataset("cifar10", root, split="train")
+    heldout = load_dataset("cifar10", root, split="test-lossless").subset(range(HELDOUT_IMAGES))
+    trusted = split_trusted(train_set, args.trusted_fraction, torch.Generator().manual_seed(SEED))
+    out_json = OUT / f"{args.out}.json"
+    results = json.loads(out_json.read_text()) if out_json.is_file() else {}
+    results.update({
+        "what": __doc__.splitlines()[0], "device": str(device), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "guard": guard.__version__, "platform": platform.platform(),
+        "params": {"trusted_fraction": args.trusted_fraction, "trusted_images": len(trusted),
+                   "heldout_images": HELDOUT_IMAGES, "scale": args.scale, "seed": SEED},
+    })
+    results.setdefault("attacks", {})
+
+    def save() -> None:
+        out_json.write_text(json.dumps(results, indent=1))
+
+    for attack_name in attacks:
+        v = victim(attack_name, **ATTACKS[attack_name])
+        attack = load_record(v.record)
+        model = create("resnet20", weights=v.weights).to(device)
+        triggered = attack.triggered(heldout)
+        target = attack.config.target
+
+        def probe(m, triggered=triggered, target=target) -> float:
+            return attack_success_rate(predict(m, triggered, device=device), triggered.labels, target)
+
+        row = results["attacks"].setdefault(attack_name, {"defenses": {}})
+        row.update({"options": ATTACKS[attack_name], "cda": evaluate(model, heldout, device=device),
+                    "asr": probe(model), "paper": PAPER.get(attack_name, {})})
+        for name in defenses:
+            config = scaled(name, args.scale)
+            started = time.perf_counter()
+            result = create_defense(name, config=config).defend(model, trusted, eval_set=heldout, asr=probe,
+                                                                generator=torch.Generator().manual_seed(SEED),
+                                                                device=device)
+            seconds = time.perf_counter() - started
+            row["defenses"][name] = {**result.to_dict(), "v": result.chosen.asr, "cda_after": result.chosen.cda,
+                                     "config": json.loads(json.dumps(dataclasses.asdict(config), default=str)),
+                                     "wall_seconds": round(seconds, 1)}
+            print(f"{attack_name:8s} {name:13s} ASR {row['asr']:.3f} -> {result.chosen.asr:.3f} "
+                  f"(CDA {row['cda']:.3f} -> {result.chosen.cda:.3f}, step {result.chosen.step}) "
+                  f"{seconds:.0f}s", flush=True)
+            save()
+    plot(results, OUT / f"{args.out}.png")
+    save()
+    print(f"wrote {out_json} and .png")
+
+
+if __name__ == "__main__":
+    main()
