@@ -11,7 +11,9 @@ What:     per attack (--attacks) a strong victim from the shared cache (benchmar
           papers' figures beside them: Table 3 (Ours = Pivotal Tuning, WD, FP, NAD, NC; BadNets row) and MOTH's
           Table 8 (FP, MCR; Blend row, accuracy / ASR after repair on ResNet-20).
 Hardware: CPU threads = --threads (default 2, the project's machine); CUDA when available.
-Output:   benchmarks/results/defenses_cifar10.json and .png (trade-off curves per attack, v_r bars), or --out.
+Output:   benchmarks/results/defenses_cifar10.json and .png (trade-off curves per attack, v_r bars), or --out;
+          the JSON accumulates, so an interrupted run resumes where it stopped (a defense already measured with
+          the same config is not run again).
 Run:      GUARD_DATA_DIR=../shared/data python benchmarks/defenses_cifar10.py [--attacks badnets,blend]
           [--defenses fine-pruning,nad] [--scale 0.25] [--threads 2]
 """
@@ -154,6 +156,9 @@ def main() -> None:
                     "asr": probe(model), "paper": PAPER.get(attack_name, {})})
         for name in defenses:
             config = scaled(name, args.scale)
+            done = row["defenses"].get(name)
+            if done is not None and done["config"] == json.loads(json.dumps(dataclasses.asdict(config), default=str)):
+                continue  # measured with this config by an earlier run (the JSON accumulates; rerun to resume)
             started = time.perf_counter()
             result = create_defense(name, config=config).defend(model, trusted, eval_set=heldout, asr=probe,
                                                                 generator=torch.Generator().manual_seed(SEED),
