@@ -199,7 +199,7 @@ def test_archive_refuses_a_scan_or_repair_that_does_not_fit(tiny_weights, other_
         build_archive("tiny_resnet", tiny_weights, tmp_path / "s.mar", scan=tmp_path / "bad.json")
     with pytest.raises(ValueError, match="repaired_method must be a registered defense"):
         build_archive("tiny_resnet", tiny_weights, tmp_path / "s.mar", repaired=other_weights,
-                      repaired_method="fine-pruning")
+                      repaired_method="no-such-defense")
     with pytest.raises(ValueError, match="given without repaired weights"):
         build_archive("tiny_resnet", tiny_weights, tmp_path / "s.mar", repaired_method="pivotal")
     assert not list(tmp_path.glob("*.mar"))
