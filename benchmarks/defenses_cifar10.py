@@ -26,14 +26,15 @@ import json
 import platform
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 import guard
 from guard.attacks import load_record
-from guard.data import load_dataset
+from guard.data import ImageTensorDataset, load_dataset
 from guard.metrics import attack_success_rate
-from guard.models import create
+from guard.models import GuardModel, create
 from guard.repair import create_defense, get_defense, list_defenses, split_trusted
 from guard.train import evaluate, predict
 from victims import data_root, victim  # benchmarks/victims.py: the shared cache of strong victims
@@ -50,6 +51,34 @@ PAPER = {"badnets": {"table3_v1": {"pivotal": 0.03, "weight-decay": 0.13, "fine-
 #: the step budgets of each config that --scale shrinks (eval_every is kept; steps round to a multiple of it)
 STEP_FIELDS = ("steps", "teacher_steps", "endpoint_steps")
 OUT = Path(__file__).parent / "results"
+
+
+def pick_device(name: str) -> torch.device:
+    """``--device``: ``auto`` is CUDA when available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def defender_data(trusted_fraction: float) -> tuple[ImageTensorDataset, ImageTensorDataset]:
+    """The defender's class-stratified trusted split of the clean training set and the held-out images."""
+    root = data_root()
+    train_set = load_dataset("cifar10", root, split="train")
+    heldout = load_dataset("cifar10", root, split="test-lossless").subset(range(HELDOUT_IMAGES))
+    return split_trusted(train_set, trusted_fraction, torch.Generator().manual_seed(SEED)), heldout
+
+
+def victim_model(attack_name: str, heldout: ImageTensorDataset, device: torch.device
+                 ) -> tuple[GuardModel, Callable[[GuardModel], float]]:
+    """The cached strong victim of ``attack_name`` (ATTACKS) and its ASR probe on the triggered ``heldout``."""
+    v = victim(attack_name, **ATTACKS[attack_name])
+    attack = load_record(v.record)
+    triggered = attack.triggered(heldout)
+
+    def probe(m: GuardModel) -> float:
+        return attack_success_rate(predict(m, triggered, device=device), triggered.labels, attack.config.target)
+
+    return create("resnet20", weights=v.weights).to(device), probe
 
 
 def scaled(name: str, scale: float):
@@ -122,12 +151,8 @@ def main() -> None:
     if not 0 < args.scale <= 1:
         raise SystemExit(f"--scale must be in (0, 1], got {args.scale}")
     torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    root = data_root()
-    train_set = load_dataset("cifar10", root, split="train")
-    heldout = load_dataset("cifar10", root, split="test-lossless").subset(range(HELDOUT_IMAGES))
-    trusted = split_trusted(train_set, args.trusted_fraction, torch.Generator().manual_seed(SEED))
+    device = pick_device(args.device)
+    trusted, heldout = defender_data(args.trusted_fraction)
     out_json = OUT / f"{args.out}.json"
     results = json.loads(out_json.read_text()) if out_json.is_file() else {}
     results.update({
@@ -142,15 +167,7 @@ def main() -> None:
         out_json.write_text(json.dumps(results, indent=1))
 
     for attack_name in attacks:
-        v = victim(attack_name, **ATTACKS[attack_name])
-        attack = load_record(v.record)
-        model = create("resnet20", weights=v.weights).to(device)
-        triggered = attack.triggered(heldout)
-        target = attack.config.target
-
-        def probe(m, triggered=triggered, target=target) -> float:
-            return attack_success_rate(predict(m, triggered, device=device), triggered.labels, target)
-
+        model, probe = victim_model(attack_name, heldout, device)
         row = results["attacks"].setdefault(attack_name, {"defenses": {}})
         row.update({"options": ATTACKS[attack_name], "cda": evaluate(model, heldout, device=device),
                     "asr": probe(model), "paper": PAPER.get(attack_name, {})})

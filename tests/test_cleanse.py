@@ -9,11 +9,11 @@ planted trigger is a 5×5 one-pixel checkerboard, which a 3×3 blur destroys (Cl
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import math
 import pickle
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -23,7 +23,7 @@ from guard.cleanse import (ActivationClusteringConfig, CleanseResult, Cleanser, 
                            SpectralSignaturesConfig, box_blur, cleanser_from_dict, create_cleanser, describe_cleansers,
                            extract_features, get_cleanser, list_cleansers, order_statistic_test, register_cleanser,
                            suspect_from_record)
-from guard.cleanse.clustering import bic_mixture
+from guard.cleanse.clustering import bic_mixture, class_mixtures
 from guard.data import ImageTensorDataset
 from guard.metrics import cleansing_rates
 from guard.models import GuardModel, create
@@ -55,7 +55,7 @@ def trained(data: ImageTensorDataset, seed: int, epochs: int = 5) -> GuardModel:
     return model
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Suspects:
     poisoned_model: GuardModel
     poisoned: ImageTensorDataset
@@ -124,6 +124,7 @@ BAD_OPTIONS = [
     ("ac", {"n_init": True}, "n_init"), ("ci", {"impurity_threshold": 0}, "impurity_threshold"),
     ("ci", {"max_components": 1}, "max_components"), ("ci", {"blur_size": 4}, "blur_size"),
     ("ci", {"reg_covar": -1.0}, "reg_covar"), ("ci", {"bic_patience": 0}, "bic_patience"),
+    ("ci", {"n_jobs": 0}, "n_jobs"),
     ("ac", {"batch_size": 0}, "batch_size"),
     ("re", {"pi": 0.0}, "pi"), ("re", {"theta": 1.0}, "theta"), ("re", {"weight": 0}, "weight"),
     ("re", {"step": "adam"}, "step"), ("re", {"step_size": -1.0}, "step_size"), ("re", {"measure": "some"}, "measure"),
@@ -276,7 +277,9 @@ def test_bad_inputs_fail_clearly(name):
     with torch.no_grad():
         broken.classifier.weight.zero_()
         next(broken.net.parameters()).fill_(float("nan"))
-    nan_message = "NaN/Inf for 1000 of 1000 images" if name in FEATURE_METHODS else "NaN/Inf logits for 256 of 256"
+    checked = cleanser.config.batch_size  # the first batch is checked before the optimization starts
+    nan_message = ("NaN/Inf for 1000 of 1000 images" if name in FEATURE_METHODS
+                   else f"NaN/Inf logits for {checked} of {checked}")
     with pytest.raises(ValueError, match=nan_message):
         cleanser.cleanse(broken, s.poisoned)
     with pytest.raises(TypeError, match="ImageTensorDataset"):
@@ -317,6 +320,27 @@ def test_features_are_batched_and_blur_is_a_box_filter():
     blurred = box_blur(x)
     assert blurred[0, 0, 1:4, 1:4].eq(1.0).all() and blurred[0, 0, 0, 0] == 0
     assert box_blur(torch.ones(1, 3, 4, 4)).eq(1).all()  # borders average only the pixels they cover
+
+
+def test_ci_mixtures_do_not_depend_on_the_number_of_jobs():
+    blobs = [torch.cat([torch.randn(60, 4, generator=torch.Generator().manual_seed(10 * c + j)) + 6.0 * j
+                        for j in range(1 + c % 3)]) for c in range(5)]
+    seeds = list(range(5))
+    config = ClusterImpurityConfig(max_components=4, n_jobs=1)
+    alone = [bic_mixture(f, config, seed) for f, seed in zip(blobs, seeds)]
+    assert [int(components.max()) + 1 for components, _ in alone] == [1, 2, 3, 1, 2]
+    for jobs in (1, 3):
+        fitted = class_mixtures(blobs, dataclasses.replace(config, n_jobs=jobs), seeds)
+        assert all((a == b).all() and bics_a == bics_b for (a, bics_a), (b, bics_b) in zip(fitted, alone))
+
+
+def test_feature_pass_leaves_the_model_as_it_was():
+    s = badnets_suspects(SEED)
+    model = copy.deepcopy(s.poisoned_model).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    extract_features(model, s.poisoned, batch_size=64)
+    assert model.training and all(p.is_contiguous() for p in model.parameters())  # mode and layout kept
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_configs_document_the_seed_settings():

@@ -295,6 +295,7 @@ def test_mcr_evaluates_points_on_the_bezier_curve():
     (AdversarialNeuronPruningConfig, {"eps": -0.1}, "eps"),
     (AdversarialNeuronPruningConfig, {"threshold": 1.0}, "threshold"),
     (ModeConnectivityConfig, {"endpoint_steps": 0}, "endpoint_steps"),
+    (ModeConnectivityConfig, {"bn_passes": 0}, "bn_passes"),
     (PypUnlearningConfig, {"inversion_steps": 0}, "inversion_steps"),
     (PypUnlearningConfig, {"l1_weight": -1.0}, "l1_weight"),
     (PypUnlearningConfig, {"inversion_lr": 0.0}, "inversion_lr"),

@@ -10,6 +10,7 @@ verdict and, for reverse engineering, the estimated backdoor pattern. Results ar
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -32,8 +33,8 @@ from ..registry import Configured, Registry
 logger = logging.getLogger(__name__)
 
 __all__ = ["CleanseConfig", "CleanseResult", "Cleanser", "FeatureSet", "check_training_set", "cleanser_from_dict",
-           "create_cleanser", "describe_cleansers", "extract_features", "get_cleanser", "list_cleansers",
-           "register_cleanser", "suspect_from_record"]
+           "create_cleanser", "describe_cleansers", "extract_features", "get_cleanser", "inference_copy",
+           "list_cleansers", "register_cleanser", "suspect_from_record"]
 
 #: marks a JSON document as a cleansing report (``guard cleanse --out``)
 REPORT_KIND = "cleanse"
@@ -41,9 +42,10 @@ REPORT_KIND = "cleanse"
 
 @dataclass(frozen=True)
 class CleanseConfig:
-    """Options every cleanser shares: ``batch_size`` of the feature / prediction passes."""
+    """Options every cleanser shares: ``batch_size`` of the feature / prediction passes (128: the fastest
+    ResNet-20 pass on a 2-core CPU, benchmarks/cleanse_cifar10.py)."""
 
-    batch_size: int = 256
+    batch_size: int = 128
 
     def __post_init__(self) -> None:
         if not is_int(self.batch_size) or self.batch_size < 1:
@@ -265,23 +267,30 @@ def _device_of(model: nn.Module, device: str | torch.device | None) -> torch.dev
     return param.device if param is not None else torch.device("cpu")
 
 
+def inference_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` in channels-last memory format, for the passes over a whole training set:
+    a CIFAR ResNet-20 runs about 1.5x faster that way on CPU, and the caller's model keeps its own layout."""
+    return copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
+
+
 @torch.inference_mode()
-def extract_features(model: nn.Module, train_set: ImageTensorDataset, *, batch_size: int = 256,
+def extract_features(model: nn.Module, train_set: ImageTensorDataset, *, batch_size: int = 128,
                      device: str | torch.device | None = None, progress: bool = False) -> FeatureSet:
-    """Penultimate features (``model.features``) and predictions of every image, in batches.
+    """Penultimate features (``model.features``) and predictions of every image, in batches, on an
+    :func:`inference_copy` of ``model``.
 
     The predictions come from the model's own classifier head on those features, so one forward serves both.
     Raises ``ValueError`` when a feature is NaN or infinite (a diverged model cannot be cleansed with).
     """
     device = _device_of(model, device)
-    model.eval()
+    model = inference_copy(model)
     param = next(model.parameters(), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     head = getattr(model, "classifier", None)
     feats, preds = [], []
     chunks = train_set.images.split(batch_size)
     for chunk in tqdm(chunks, desc="features", unit="batch", disable=not progress, leave=False):
-        x = chunk.to(device, dtype).div_(255)
+        x = chunk.to(device, dtype).div_(255).contiguous(memory_format=torch.channels_last)
         f = model.features(x)
         if not isinstance(f, torch.Tensor) or f.dim() != 2 or f.shape[0] != x.shape[0]:
             got = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__

@@ -6,7 +6,9 @@ The suspect model ω1 and a copy fine-tuned on the trusted images ω2 are joined
 included; starting at (ω1 + ω2)/2) is trained with cross-entropy on the trusted images at a fresh t ~ U(0, 1)
 per batch, endpoints fixed. Points along the curve keep clean accuracy while the backdoor, which the path
 does not need, fades. Each evaluated point is instantiated, its BatchNorm statistics recomputed on the
-trusted images (``torch.optim.swa_utils.update_bn``), and measured.
+trusted images (``torch.optim.swa_utils.update_bn``) as the model saw them in training — with the crop/flip
+augmentation: statistics of unaugmented images cost the CIFAR ResNet-20 victims 4 points of CDA at t = 0 —
+and measured.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch import nn
 from torch.optim.swa_utils import update_bn
 
 from .._validation import is_int, is_number
-from ..data import ImageTensorDataset
+from ..data import ImageTensorDataset, random_crop_flip
 from ..models import GuardModel
 from ..train import train
 from .base import AsrProbe, Defense, RepairResult, register_defense
@@ -38,7 +40,9 @@ class ModeConnectivityConfig(TrustedTuningConfig):
     steps, the curve's middle point trained ``steps`` 1,000 steps (the code's 100 epochs of a 2.5 % clean set),
     both SGD at lr 0.01 (momentum 0.9, weight decay 1e-4, no Nesterov), batch 128; the curve is evaluated at
     ``points`` t = 0.1, …, 0.9. Without ASR the chosen t is the most accurate point within the CDA budget,
-    ties going to the one farthest from both endpoints (D8's default)."""
+    ties going to the one farthest from both endpoints (D8's default). Each point's BatchNorm statistics are
+    recomputed over ``bn_passes`` passes of the trusted images (augmented when ``augment``; the same images
+    for every point)."""
 
     lr: float = 0.01
     nesterov: bool = False
@@ -46,11 +50,14 @@ class ModeConnectivityConfig(TrustedTuningConfig):
     eval_every: int = 100
     endpoint_steps: int = 1000
     points: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    bn_passes: int = 4
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not is_int(self.endpoint_steps) or self.endpoint_steps < 1:
-            raise ValueError(f"endpoint_steps must be an int >= 1, got {self.endpoint_steps!r}")
+        for name in ("endpoint_steps", "bn_passes"):
+            value = getattr(self, name)
+            if not is_int(value) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if (not isinstance(self.points, tuple) or not self.points
                 or not all(is_number(t) and 0 <= t <= 1 for t in self.points)):
             raise ValueError(f"points must be a non-empty tuple of curve positions t in [0, 1], got {self.points!r}")
@@ -116,7 +123,8 @@ class ModeConnectivityRepair(Defense):
                   transform=draw)
         finally:
             model.requires_grad_(True)
-        images = [(chunk.to(device).float().div_(255),) for chunk in trusted.images.split(cfg.batch_size)]
+        images = [(random_crop_flip(x, generator) if cfg.augment else x,) for _ in range(cfg.bn_passes)
+                  for x in (chunk.to(device).float().div_(255) for chunk in trusted.images.split(cfg.batch_size))]
 
         def instantiate(t: float | None) -> None:
             """The curve's point t with BatchNorm statistics recomputed; ``None``: the input model."""

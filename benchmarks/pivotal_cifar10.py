@@ -1,0 +1,166 @@
+"""Pivotal Tuning's hyper-parameter search on a CIFAR ResNet-20: trade-off curves over Table 5's search ranges.
+
+What:     pick_your_poison.txt chose Table 5's CIFAR-10 values (lr 0.01, λ_S 0.05, λ_R 20,000) by a grid search
+          on a self-poisoned BadNets ResNet-18 (11M parameters; ALGORITHMS.md S2, T5). This script repeats that
+          search on the shared strong BadNets victim (benchmarks/victims.py, ResNet-20, 0.27M parameters): every
+          point of --grid (a product over lr, slol_lambda, param_lambda and any other PivotalTuningConfig field)
+          runs --steps steps on the 1 % trusted split of defenses_cifar10.py, WITHOUT the CDA stop, so the whole
+          (CDA, ASR) curve is recorded every eval_every steps. From each curve: v_1% as the P4 loop reports it
+          (the curve cut at the first point below CDA_0 − 2; M10), the lowest ASR anywhere within the budget
+          (what a later evaluation would have found), and the CDA dip. Table 5's own point is always included.
+Hardware: CPU threads = --threads (default 2, the project's machine); CUDA when available.
+Output:   benchmarks/results/pivotal_cifar10.json and .png (curves per lr; v_1% over λ_S × λ_R); the JSON
+          accumulates: a configuration already measured is not run again.
+Run:      GUARD_DATA_DIR=../shared/data python benchmarks/pivotal_cifar10.py
+          [--grid "lr=0.01,0.001;slol_lambda=0.05,0;param_lambda=20000"] [--steps 500] [--attack badnets]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import guard
+from defenses_cifar10 import (ATTACKS, HELDOUT_IMAGES, SEED,  # the same victims, split and held-out set
+                              defender_data, pick_device, victim_model)
+from guard.repair import PivotalTuningConfig, create_defense
+from guard.train import evaluate
+
+OUT = Path(__file__).parent / "results"
+DEFAULT_GRID = "lr=0.01,0.001;slol_lambda=0.1,0.01,0.001,0;param_lambda=20000,1000000"
+BUDGET = 0.02
+
+
+def parse_grid(spec: str) -> list[dict]:
+    """``"a=1,2;b=3"`` -> every combination as ``[{"a": 1.0, "b": 3.0}, {"a": 2.0, "b": 3.0}]``."""
+    fields = {f.name: f for f in dataclasses.fields(PivotalTuningConfig)}
+    axes = {}
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        name, _, values = part.partition("=")
+        if name not in fields or not values:
+            raise SystemExit(f"--grid: expected FIELD=v1,v2;... with FIELD one of {sorted(fields)}, got {part!r}")
+        cast = type(getattr(PivotalTuningConfig(), name))
+        axes[name] = [cast(float(v)) if cast in (int, float) else cast(v) for v in values.split(",")]
+    return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+
+
+def summarize(history: list[dict], cda0: float) -> dict:
+    """v_1% the P4 loop reports (curve cut at the first CDA breach), the best point anywhere in the budget."""
+    floor = cda0 - BUDGET
+    cut = next((i for i, p in enumerate(history) if p["cda"] <= floor), len(history))
+    admissible = [p for p in history if p["cda"] > floor]
+    p4 = min(history[:cut], key=lambda p: (p["asr"], -p["cda"]))
+    best = min(admissible, key=lambda p: (p["asr"], -p["cda"]))
+    return {"v_p4": p4["asr"], "cda_p4": p4["cda"], "step_p4": p4["step"], "stopped_at": history[cut]["step"]
+            if cut < len(history) else None, "v_best": best["asr"], "cda_best": best["cda"], "step_best": best["step"],
+            "min_cda": min(p["cda"] for p in history), "final": history[-1]}
+
+
+def key(options: dict) -> str:
+    return ",".join(f"{k}={options[k]:g}" if isinstance(options[k], float) else f"{k}={options[k]}"
+                    for k in sorted(options))
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    lrs = sorted({r["options"].get("lr", PivotalTuningConfig.lr) for r in runs.values()}, reverse=True)
+    fig, axes = plt.subplots(1, len(lrs) + 1, figsize=(5.2 * (len(lrs) + 1), 4.2))
+    cda0, asr0 = results["victim"]["cda"], results["victim"]["asr"]
+    for ax, lr in zip(axes, lrs):
+        for name, r in sorted(runs.items()):
+            if r["options"].get("lr", PivotalTuningConfig.lr) != lr:
+                continue
+            label = ", ".join(f"{k.removesuffix('_lambda')} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                              for k, v in sorted(r["options"].items()) if k != "lr")
+            ax.plot([100 * p["cda"] for p in r["history"]], [100 * p["asr"] for p in r["history"]], marker=".",
+                    label=label, lw=0.9)
+        ax.axvline(100 * (cda0 - BUDGET), color="grey", ls="--", lw=0.8)
+        ax.scatter([100 * cda0], [100 * asr0], color="k", zorder=5, s=20)
+        ax.set(title=f"lr {lr:g}", xlabel="CDA % (1,000 held-out)", ylabel="ASR %")
+        ax.invert_xaxis()
+        ax.legend(fontsize=6)
+    ax = axes[-1]
+    names = sorted(runs, key=lambda n: runs[n]["summary"]["v_best"])
+    ax.barh(range(len(names)), [100 * runs[n]["summary"]["v_best"] for n in names], color="tab:green",
+            label="best point within 2 points CDA")
+    ax.barh(range(len(names)), [100 * runs[n]["summary"]["v_p4"] for n in names], color="tab:red", alpha=0.4,
+            label="P4 (stop at the first breach)")
+    ax.set_yticks(range(len(names)), names, fontsize=5)
+    ax.set(xlabel="remaining ASR % (v_1%)", title="v_1% per configuration")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--attack", default="badnets", choices=sorted(ATTACKS))
+    parser.add_argument("--grid", default=DEFAULT_GRID, help=f"FIELD=v1,v2;... (default {DEFAULT_GRID!r})")
+    parser.add_argument("--steps", type=int, default=500, help="steps per configuration (Table 5: 2,000)")
+    parser.add_argument("--trusted-fraction", type=float, default=0.01)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
+    parser.add_argument("--out", default="pivotal_cifar10", help="results name in benchmarks/results/")
+    args = parser.parse_args()
+    grid = parse_grid(args.grid)
+    table5 = {"lr": PivotalTuningConfig.lr, "slol_lambda": PivotalTuningConfig.slol_lambda,
+              "param_lambda": PivotalTuningConfig.param_lambda}
+    if not any(all(g.get(k, v) == v for k, v in table5.items()) for g in grid):
+        grid.insert(0, dict(table5))
+    torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    trusted, heldout = defender_data(args.trusted_fraction)
+    model, probe = victim_model(args.attack, heldout, device)
+
+    out_json = OUT / f"{args.out}.json"
+    results = json.loads(out_json.read_text()) if out_json.is_file() else {}
+    if results.get("attack", args.attack) != args.attack:
+        raise SystemExit(f"{out_json} holds the {results['attack']} victim; pass --out for another attack")
+    results.update({
+        "what": __doc__.splitlines()[0], "device": str(device), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "guard": guard.__version__, "platform": platform.platform(),
+        "attack": args.attack, "victim": {"cda": evaluate(model, heldout, device=device), "asr": probe(model),
+                                          "options": ATTACKS[args.attack]},
+        "params": {"trusted_fraction": args.trusted_fraction, "trusted_images": len(trusted),
+                   "heldout_images": HELDOUT_IMAGES, "seed": SEED, "budget": BUDGET,
+                   "model_parameters": sum(p.numel() for p in model.parameters())},
+        "table5": table5,
+    })
+    runs = results.setdefault("runs", {})
+    for options in grid:
+        config = PivotalTuningConfig(**{**options, "steps": args.steps, "max_cda_drop": 0.5})
+        name = key({**options, "steps": args.steps})
+        if name in runs:
+            continue  # measured by an earlier run (the JSON accumulates; rerun to resume)
+        started = time.perf_counter()
+        result = create_defense("pivotal", config=config).defend(
+            model, trusted, eval_set=heldout, asr=probe, generator=torch.Generator().manual_seed(SEED), device=device)
+        history = [dataclasses.asdict(p) for p in result.history]
+        runs[name] = {"options": options, "steps": args.steps, "history": history,
+                      "summary": summarize(history, history[0]["cda"]),
+                      "wall_seconds": round(time.perf_counter() - started, 1)}
+        s = runs[name]["summary"]
+        print(f"{name:60s} v_p4 {s['v_p4']:.3f} (stop {s['stopped_at']}) best {s['v_best']:.3f} "
+              f"@{s['step_best']} (CDA {s['cda_best']:.3f}) min CDA {s['min_cda']:.3f} "
+              f"{runs[name]['wall_seconds']:.0f}s", flush=True)
+        out_json.write_text(json.dumps(results, indent=1))
+    plot(results, OUT / f"{args.out}.png")
+    out_json.write_text(json.dumps(results, indent=1))
+    print(f"wrote {out_json} and .png")
+
+
+if __name__ == "__main__":
+    main()
