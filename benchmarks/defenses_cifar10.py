@@ -15,7 +15,7 @@ Output:   benchmarks/results/defenses_cifar10.json and .png (trade-off curves pe
           the JSON accumulates, so an interrupted run resumes where it stopped (a defense already measured with
           the same config is not run again).
 Run:      GUARD_DATA_DIR=../shared/data python benchmarks/defenses_cifar10.py [--attacks badnets,blend]
-          [--defenses fine-pruning,nad] [--scale 0.25] [--threads 2]
+          [--defenses fine-pruning,nad] [--scale 0.25] [--opt anp.eps=0.1] [--threads 2]
 """
 
 from __future__ import annotations
@@ -139,6 +139,8 @@ def main() -> None:
     parser.add_argument("--attacks", default=",".join(ATTACKS))
     parser.add_argument("--defenses", default=",".join(list_defenses("repair")))
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every step budget (default 1: Table 5)")
+    parser.add_argument("--opt", action="append", default=[], metavar="DEFENSE.FIELD=VALUE",
+                        help="override one config field of one defense, e.g. anp.eps=0.1 (repeatable)")
     parser.add_argument("--trusted-fraction", type=float, default=0.01)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
@@ -148,6 +150,15 @@ def main() -> None:
     unknown = [a for a in attacks if a not in ATTACKS] + [d for d in defenses if d not in list_defenses()]
     if unknown:
         raise SystemExit(f"unknown attacks/defenses {unknown}; attacks: {list(ATTACKS)}, defenses: {list_defenses()}")
+    overrides: dict[str, dict] = {}
+    for opt in args.opt:
+        target, _, value = opt.partition("=")
+        name, _, field = target.partition(".")
+        default = getattr(get_defense(name).config_class(), field, None) if name in defenses else None
+        if not value or default is None:
+            raise SystemExit(f"--opt {opt!r}: expected DEFENSE.FIELD=VALUE for a field of one of {defenses}")
+        overrides.setdefault(name, {})[field] = (value.lower() in ("1", "true") if isinstance(default, bool)
+                                                 else type(default)(value))
     if not 0 < args.scale <= 1:
         raise SystemExit(f"--scale must be in (0, 1], got {args.scale}")
     torch.set_num_threads(args.threads)
@@ -172,7 +183,7 @@ def main() -> None:
         row.update({"options": ATTACKS[attack_name], "cda": evaluate(model, heldout, device=device),
                     "asr": probe(model), "paper": PAPER.get(attack_name, {})})
         for name in defenses:
-            config = scaled(name, args.scale)
+            config = dataclasses.replace(scaled(name, args.scale), **overrides.get(name, {}))
             done = row["defenses"].get(name)
             if done is not None and done["config"] == json.loads(json.dumps(dataclasses.asdict(config), default=str)):
                 continue  # measured with this config by an earlier run (the JSON accumulates; rerun to resume)
