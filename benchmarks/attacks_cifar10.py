@@ -1,17 +1,14 @@
-"""Attack suite on real CIFAR-10 at CPU scale: CDA/ASR of every backdoor, success of the transfer attacks.
+"""Attack suite on real CIFAR-10 at CPU scale: CDA/ASR of every backdoor.
 
-What:     (1) every data-poisoning backdoor of guard.attacks (and PCB) implanted by fine-tuning the pretrained
+What:     every data-poisoning backdoor of guard.attacks (and PCB) implanted by fine-tuning the pretrained
           CIFAR ResNet-20 (all weights) on a poisoned subset of the CIFAR-10 training set; CDA and ASR (PyP form
           and non-target form; Xiang's source-class form for the A-F patterns) on the 1000 lossless test images,
           beside the undefended numbers of pick_your_poison.txt Table 2 and reverse_engineering_cleansing.txt
           Table 1 (ALGORITHMS.md T2, T9).
-          (2) FC / CP / BP / CLBD / HTBD in the transfer setting (ALGORITHMS.md S1): the pretrained ResNet-20 is
-          the known feature extractor; per goal, the victim re-initialises and trains only the last layer
-          (BatchNorm frozen, poisons not augmented) on a fine-tuning set holding the goal's poisons (1 %);
-          success = the (triggered) target image predicted as the poison class. Counts beside ReScaler Table 1
-          "SA" (out of 100 goals) and JHT's white-box rates, and seconds of crafting per goal.
+          The clean-label transfer attacks (FC / CP / BP / CLBD / HTBD) are measured over attack goals by
+          rescaler_cifar10.py (its SA column), with ReScaler's defense beside them.
 Scale:    reduced for 2 CPU cores, see the parameters below: the numbers are not the papers' protocol (120-epoch
-          training from scratch; 100 goals with 35-epoch fine-tuning) and are not expected to match them.
+          training from scratch) and are not expected to match them.
 Hardware: CPU threads = --threads (default 2, the project's machine); CUDA is used when available.
 Output:   benchmarks/results/attacks_cifar10.json and attacks_cifar10.png (example poisoned images per attack)
 Run:      GUARD_DATA_DIR=../shared/data python benchmarks/attacks_cifar10.py [--quick]
@@ -23,17 +20,16 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
 import guard
-from guard.attacks import SupplyChainAttack, create_attack, list_attacks, make_goals
+from guard.attacks import SupplyChainAttack, create_attack, list_attacks
 from guard.data import load_dataset
-from guard.metrics import evaluate_backdoor, goal_success
-from guard.models import create, init_defaults
+from guard.metrics import evaluate_backdoor
+from guard.models import create
 from guard.train import TrainConfig, train
 
 # ----------------------------------------------------------------------------------------- parameters
@@ -59,20 +55,6 @@ PAPER = {  # undefended (CDA, ASR) from pick_your_poison.txt Table 2 and Xiang T
     "badnets": (0.952, 1.00), "adaptive-blend": (0.952, 0.94), "adaptive-patch": (0.951, 1.00),
     "refool": (0.954, 0.38), "wanet": (0.954, 0.29), "adv": (0.947, 0.98), "xiang-A": (0.916, 0.995), "xiang-C": (0.918, 0.993),
 }
-# (2) transfer attacks
-GOALS = 20
-FINETUNE_IMAGES = 500     # fine-tuning set incl. the goal's poisons
-POISONS_PER_GOAL = 5      # 1 % of the fine-tuning set
-FINETUNE_EPOCHS = 35       # the protocol's (rescaler_appendix.txt §A)
-# JHT fine-tunes on 2,500 images at batch 128 for 40 epochs (~800 SGD steps); on the 5x smaller set, batch 16
-# keeps the head's optimisation budget comparable (1,120 steps). At batch 128 (140 steps) the fresh head never
-# fits the 5 poisons and no attack succeeded in 20 goals.
-FINETUNE_BATCH = 16
-# JHT budgets (each attack's defaults); HTBD's loss_stop of 10 is met at iteration 0 by the 64-d ResNet-20
-# features, so it runs a fixed 500 iterations instead
-CRAFT = {"fc": {}, "cp": {}, "bp": {}, "clbd": {}, "htbd": {"iterations": 500, "lr": 0.01, "loss_stop": 0.0}}
-RESCALER_SA = {"fc": 93, "bp": 78, "cp": 13, "clbd": 4, "htbd": 10}  # ResNet-34 row of Table 1, out of 100
-JHT_WHITE_BOX = {"fc": 22.0, "cp": 33.0, "bp": 85.0, "clbd": 5.0, "htbd": 10.0}  # % (ALGORITHMS.md S5)
 OUT = Path(__file__).parent / "results"
 
 
@@ -134,51 +116,6 @@ def backdoor_runs(root: Path, train_full, test, device, quick: bool, only: list[
     return rows, examples
 
 
-def transfer_runs(root: Path, train_full, test, device, quick: bool) -> list[dict]:
-    g = torch.Generator().manual_seed(SEED + 1)
-    goals_n = 1 if quick else GOALS
-    goals = make_goals(train_full, test, goals_n, POISONS_PER_GOAL, g)
-    surrogate = pretrained(root, device)
-    config = TrainConfig.last_layer(epochs=2 if quick else FINETUNE_EPOCHS, batch_size=FINETUNE_BATCH)
-    rows = []
-    for name, options in CRAFT.items():
-        attack = create_attack(name, **options)
-        hits, seconds = [], []
-        for i, goal in enumerate(goals):
-            # fine-tuning set: the goal's bases plus random other training images (1 % poisons)
-            rest = torch.randperm(len(train_full), generator=torch.Generator().manual_seed(100 + i))
-            rest = rest[~torch.isin(rest, torch.tensor(goal.base_indices))][:FINETUNE_IMAGES - POISONS_PER_GOAL]
-            index = torch.cat([torch.tensor(goal.base_indices), rest])
-            finetune = train_full.subset(index)
-            local = type(goal)(goal.target_index, goal.target_class, goal.poison_class,
-                               tuple(range(POISONS_PER_GOAL)))
-            target = test.images[goal.target_index].float() / 255
-            started = time.perf_counter()
-            result = attack.poison(finetune, local, target, surrogate, torch.Generator().manual_seed(i))
-            seconds.append(time.perf_counter() - started)
-            victim = pretrained(root, device)
-            # a fresh head (torch's default initialisation): transfer learning, not a re-fit
-            init_defaults(victim.classifier, torch.Generator().manual_seed(i))
-            augment = torch.ones(len(finetune), dtype=torch.bool)
-            augment[result.indices] = False  # poisons excluded from augmentation (rescaler_appendix.txt §A)
-            train(victim, result.dataset, config, generator=torch.Generator().manual_seed(i), device=device,
-                  progress=False, augment_mask=augment)
-            query = attack.target_input(target)[None]
-            with torch.no_grad():
-                pred = victim(query.to(device)).argmax(1).cpu()
-            hits.append(bool(goal_success(pred, torch.tensor([goal.poison_class]))[0]))
-            print(f"  {name} goal {i + 1}/{len(goals)}: {'success' if hits[-1] else 'failure'} "
-                  f"({seconds[-1]:.1f} s crafting)", flush=True)
-        row = {"attack": name, "goals": len(goals), "successes": sum(hits),
-               "success_rate": sum(hits) / len(goals), "seconds_per_goal_median": round(statistics.median(seconds), 2),
-               "rescaler_table1_sa_of_100": RESCALER_SA[name], "jht_white_box_percent": JHT_WHITE_BOX[name],
-               "config": dict(vars(attack.config))}
-        rows.append(row)
-        print(f"{name:<5} success {sum(hits)}/{len(goals)}  crafting {row['seconds_per_goal_median']} s/goal "
-              f"(ReScaler Table 1 SA {RESCALER_SA[name]}/100)")
-    return rows
-
-
 def plot(examples: dict, path: Path) -> None:
     import matplotlib
 
@@ -204,9 +141,7 @@ def plot(examples: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a few attacks, one epoch, one goal (smoke run)")
-    parser.add_argument("--skip-transfer", action="store_true")
-    parser.add_argument("--skip-backdoors", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="a few attacks, one epoch (smoke run)")
     parser.add_argument("--only", action="append", metavar="NAME",
                         help="run only these backdoors (repeatable); the other rows keep their previous results")
     parser.add_argument("--threads", type=int, default=TORCH_THREADS)
@@ -223,24 +158,15 @@ def main() -> None:
               "device": str(device), "threads": args.threads, "quick": args.quick,
               "parameters": {"backdoor_train_images": BACKDOOR_TRAIN_IMAGES, "backdoor_epochs": BACKDOOR_EPOCHS,
                              "backdoor_config": BACKDOOR_CONFIG, "poison_rate": POISON_RATE,
-                             "clean_label_rate": CLEAN_LABEL_RATE, "goals": GOALS,
-                             "finetune_images": FINETUNE_IMAGES, "poisons_per_goal": POISONS_PER_GOAL,
-                             "finetune_epochs": FINETUNE_EPOCHS, "finetune_batch": FINETUNE_BATCH, "craft": CRAFT},
+                             "clean_label_rate": CLEAN_LABEL_RATE},
               "test_set": "CIFAR-10 first 1000 test images (lossless)"}
-    if not args.skip_backdoors:
-        rows, examples = backdoor_runs(root, train_full, test, device, args.quick, args.only)
-        if args.only:  # merge: the rows run now replace their previous results, the plot keeps its panels
-            fresh = {row["attack"] for row in rows}
-            rows = [row for row in previous.get("backdoors", []) if row["attack"] not in fresh] + rows
-        report["backdoors"] = rows
-        if not args.only:
-            plot(examples, OUT / "attacks_cifar10.png")
-    elif "backdoors" in previous:  # a part that is skipped keeps its previous results
-        report["backdoors"] = previous["backdoors"]
-    if not args.skip_transfer:
-        report["transfer"] = transfer_runs(root, train_full, test, device, args.quick)
-    elif "transfer" in previous:
-        report["transfer"] = previous["transfer"]
+    rows, examples = backdoor_runs(root, train_full, test, device, args.quick, args.only)
+    if args.only:  # merge: the rows run now replace their previous results, the plot keeps its panels
+        fresh = {row["attack"] for row in rows}
+        rows = [row for row in previous.get("backdoors", []) if row["attack"] not in fresh] + rows
+    report["backdoors"] = rows
+    if not args.only:
+        plot(examples, OUT / "attacks_cifar10.png")
     out_json.write_text(json.dumps(report, indent=2, default=str))
     print(f"wrote {out_json}")
 

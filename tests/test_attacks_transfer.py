@@ -182,8 +182,37 @@ def test_simplex_projection_and_coefficients():
     assert torch.allclose(p[0], torch.tensor([0.0, 1.0, 0.0]))
     feats = torch.eye(3) + 0.1
     target = 0.3 * feats[0] + 0.7 * feats[2]
-    c = _polytope_coefficients(feats, target, torch.full((3,), 1 / 3))
-    assert torch.allclose(c, torch.tensor([0.3, 0.0, 0.7]), atol=1e-3)
+    c = _polytope_coefficients(feats[None], target[None], torch.full((1, 3), 1 / 3))
+    assert torch.allclose(c, torch.tensor([[0.3, 0.0, 0.7]]), atol=1e-3)
+
+
+def test_accelerated_coefficients_reach_the_projected_gradient_minimum_goal_by_goal():
+    """FISTA stops at JHT's minimiser on ill-conditioned features, and goals solved together get the
+    coefficients they get alone."""
+    g = torch.Generator().manual_seed(SEED)
+    common = torch.randn(3, 1, 512, generator=g, dtype=torch.float64)
+    feats = common + 0.3 * torch.randn(3, 5, 512, generator=g, dtype=torch.float64)
+    target = common[:, 0] + 0.2 * torch.randn(3, 512, generator=g, dtype=torch.float64)
+    start = torch.full((3, 5), 0.2, dtype=torch.float64)
+    together = _polytope_coefficients(feats, target, start)
+
+    def objective(c, i):
+        return 0.5 * ((target[i] - c @ feats[i]) ** 2).sum()
+
+    for i in range(3):
+        alone = _polytope_coefficients(feats[i:i + 1], target[i:i + 1], start[i:i + 1])[0]
+        assert torch.allclose(together[i], alone, atol=1e-12)
+        c = start[i]  # plain projected gradient with step 1/L, run to convergence
+        gram, b = feats[i] @ feats[i].T, feats[i] @ target[i]
+        step = 1 / torch.linalg.eigvalsh(gram)[-1]
+        for _ in range(100000):
+            new = _simplex_projection(c - step * (gram @ c - b))
+            if (new - c).abs().max() < 1e-12:
+                break
+            c = new
+        assert objective(alone, i) <= objective(c, i) * (1 + 1e-6)
+        assert torch.allclose(alone, c, atol=1e-3)
+        assert alone.sum().item() == pytest.approx(1.0) and bool((alone >= 0).all())
 
 
 def test_greedy_match_takes_global_minima_first():
@@ -191,3 +220,46 @@ def test_greedy_match_takes_global_minima_first():
     assert _greedy_match(dist).tolist() == [0, 1, 2]
     swapped = torch.tensor([[4.0, 0.5], [0.1, 3.0]])
     assert _greedy_match(swapped).tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("name", ["fc", "cp", "bp", "clbd", "htbd"])
+def test_goals_crafted_together_equal_goals_crafted_one_by_one(name, data, surrogate):
+    """craft_goals batches many goals into one pass; each goal gets the poisons it gets alone (same generator
+    draws in the same order)."""
+    train, test = data
+    goals = make_goals(train, test, 3, 5, torch.Generator().manual_seed(SEED + 7))
+    targets = torch.stack([test.images[g.target_index].float() / 255 for g in goals])
+    attack = create_attack(name, **FAST[name])
+    double = surrogate.double()
+    try:
+        together = attack.craft_goals(train, goals, targets.double(), double, torch.Generator().manual_seed(1))
+        gen = torch.Generator().manual_seed(1)
+        alone = torch.cat([attack.craft_goals(train, [g], t[None].double(), double, gen) for g, t in zip(goals, targets)])
+        own = attack.craft_goals(train, goals, targets.double(), double, [torch.Generator().manual_seed(9 + i)
+                                                                          for i in range(3)])
+        own_alone = torch.cat([attack.craft_goals(train, [g], t[None].double(), double, torch.Generator().manual_seed(9 + i))
+                               for i, (g, t) in enumerate(zip(goals, targets))])
+    finally:
+        surrogate.float()
+    assert together.shape == (3, 5, 3, SIZE, SIZE)
+    assert torch.allclose(together, alone, atol=1e-9)
+    assert torch.allclose(own, own_alone, atol=1e-9)  # one generator per goal: chunking does not matter
+    single = attack.poison(train, goals[0], targets[0], surrogate, torch.Generator().manual_seed(1))
+    assert torch.equal(single.dataset.images[list(goals[0].base_indices)],
+                       (attack.craft_goals(train, goals[:1], targets[:1], surrogate, torch.Generator().manual_seed(1))[0]
+                        * 255).round().to(torch.uint8))
+
+
+def test_goals_crafted_together_must_match(data, surrogate):
+    train, test = data
+    a, b = make_goals(train, test, 2, 5, torch.Generator().manual_seed(SEED))
+    short = AttackGoal(b.target_index, b.target_class, b.poison_class, b.base_indices[:3])
+    targets = torch.zeros(2, 3, SIZE, SIZE)
+    with pytest.raises(ValueError, match=r"the same number of bases, got \[3, 5\]"):
+        create_attack("fc").craft_goals(train, [a, short], targets, surrogate, torch.Generator())
+    with pytest.raises(ValueError, match=r"target_images: expected a float tensor of shape \(2, 3, 16, 16\)"):
+        create_attack("fc").craft_goals(train, [a, b], targets[:1], surrogate, torch.Generator())
+    with pytest.raises(ValueError, match=r"one generator or one per goal \(2\), got 3"):
+        create_attack("fc").craft_goals(train, [a, b], targets, surrogate, [torch.Generator()] * 3)
+    with pytest.raises(TypeError, match="non-empty sequence of AttackGoal"):
+        create_attack("fc").craft_goals(train, [], targets, surrogate, torch.Generator())

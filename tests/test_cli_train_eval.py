@@ -13,7 +13,7 @@ from PIL import Image
 from guard.cli import CLIError, main
 from guard.cli.evaluate import parse_rescaler
 from guard.data import load_dataset
-from guard.models import create
+from guard.models import create, save_weights
 from guard.train import evaluate, train_state_path
 
 
@@ -127,6 +127,9 @@ def test_pretrained_resnet20_through_guard_eval(data_root, resnet20_weights, cap
     (["train", "--model", "nope", "--out", "x.pt"], "unknown model 'nope'"),
     (["eval", "--model", "tiny_resnet", "--weights", "w.pt", "--rescaler", "eps=2"], "--rescaler: eps must be"),
     (["eval", "--model", "tiny_resnet", "--weights", "w.pt", "--device", "tpu9"], "--device"),
+    (["eval", "--model", "tiny_resnet", "--weights", "w.pt", "--attack", "fc"], "give the goal with --attack-goal"),
+    (["eval", "--model", "tiny_resnet", "--weights", "w.pt", "--attack", "badnets", "--attack-goal", "target=1"],
+     "--attack-goal needs a transfer attack"),
 ])
 def test_cli_errors_are_one_line(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -157,3 +160,30 @@ def test_parse_rescaler():
 def test_parse_rescaler_rejects(spec, message):
     with pytest.raises(CLIError, match=message.replace("(", r"\(")):
         parse_rescaler(spec)
+
+
+def test_one_attack_goal_through_guard_eval(cifar_subset, tmp_path, capsys):
+    """``guard eval --attack-goal``: one row of ReScaler's Table 1 for one goal, consistent with itself."""
+    weights = tmp_path / "tiny.pt"
+    save_weights(create("tiny_resnet", generator=torch.Generator().manual_seed(0)), weights)
+    test = load_dataset("cifar10", cifar_subset, split="test-lossless")
+    poison_class = (int(test.labels[5]) + 1) % 10
+    base = ["eval", "--model", "tiny_resnet", "--weights", str(weights), "--data-dir", str(cifar_subset),
+            "--split", "test-lossless", "--attack", "fc", "--attack-opt", "iterations=3"]
+    result = run_json(capsys, *base, "--attack-goal", f"target=5,poison_class={poison_class},poisons=3,"
+                      "finetune_images=40,epochs=2", "--rescaler", "eps=0.1", "--json")
+    goal = result["attack_goal"]
+    assert goal["goal"]["target_class"] == int(test.labels[5]) and goal["goal"]["poison_class"] == poison_class
+    train_labels = load_dataset("cifar10", cifar_subset, split="train").labels
+    assert len(goal["goal"]["base_indices"]) == 3
+    assert set(train_labels[goal["goal"]["base_indices"]].tolist()) == {poison_class}
+    assert goal["success"] == (goal["undefended_label"] == poison_class)
+    assert goal["put_back"] == (goal["defended_label"] == goal["goal"]["target_class"])
+    assert goal["rescaler"]["eps"] == 0.1 and goal["protocol"]["finetune_images"] == 40
+    assert 0 <= goal["defended_val_acc"] <= 1 and 0 <= goal["undefended_val_acc"] <= 1
+    for spec, message in (("poison_class=1", "target required"), ("target=5,poison_class=" + str(int(test.labels[5])),
+                          "other than the target's class"), ("target=999,poison_class=1", "target=999 is not an image"),
+                          ("target=5,poison_class=1,epochs=0", "epochs must be an int >= 1"),
+                          ("target=5,colour=3", "expected key=value items with keys")):
+        err = run_error(capsys, *base, "--attack-goal", spec)
+        assert message in err and err.count("\n") == 1, err

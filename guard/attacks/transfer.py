@@ -6,7 +6,9 @@ images (training images of the poison class) within an ℓ∞ ball of radius ε,
 fine-tuning only its last layer on the poisoned set (:meth:`~guard.train.TrainConfig.last_layer`) classifies the
 target image — with the trigger for CLBD/HTBD — as the poison class (success, M3).
 
-Every crafting loop optimises all poisons of a goal as one batch on the surrogate's device.
+Every crafting loop optimises all poisons of one goal — or of many goals, :meth:`TransferAttack.craft_goals` — as
+one batch on the surrogate's device. The goals do not interact (eval-mode surrogate, per-goal losses summed,
+element-wise optimisers), so a batch of goals gives each goal the poisons it gets alone.
 
 * ``fc`` — Feature Collision / Poison Frogs (Shafahi et al. 2018), JHT ℓ∞ variant with watermarking (A9).
 * ``cp`` — Convex Polytope (Zhu et al. 2019): target in the convex hull of the poisons' features (A10).
@@ -139,9 +141,11 @@ class TransferAttack(TargetedAttack):
     needs_sources = False  # HTBD collides with patched target-class training images
 
     @abc.abstractmethod
-    def craft(self, bases: torch.Tensor, target: torch.Tensor, surrogate, generator: torch.Generator,
-              goal: AttackGoal, sources: torch.Tensor | None = None) -> torch.Tensor:
-        """Poisons (P, C, H, W) from ``bases`` for ``target``; ``sources``: target-class images (HTBD only)."""
+    def craft(self, bases: torch.Tensor, targets: torch.Tensor, surrogate, generators: Sequence[torch.Generator],
+              goals: Sequence[AttackGoal], sources: torch.Tensor | None = None) -> torch.Tensor:
+        """Poisons (G, P, C, H, W) from ``bases`` (G, P, C, H, W) for ``targets`` (G, C, H, W), one row per goal;
+        ``generators``: goal g's random draws come from ``generators[g]``; ``sources``: (G, P, C, H, W)
+        target-class images (HTBD only)."""
 
     def trigger_patch(self, shape: tuple[int, int, int]) -> tuple[torch.Tensor, int, int] | None:
         """The backdoor variants' trigger (patch, row, col) for images of ``shape``; ``None``: triggerless."""
@@ -160,58 +164,96 @@ class TransferAttack(TargetedAttack):
         eps = self.config.eps
         return torch.max(torch.min(x, bases + eps), bases - eps).clamp(0, 1)
 
-    def poison(self, train_set: ImageTensorDataset, goal: AttackGoal, target_image: torch.Tensor, surrogate,
-               generator: torch.Generator) -> PoisonResult:
-        """Perturb the goal's base images in ``train_set`` (labels unchanged) against ``surrogate``.
+    def craft_goals(self, train_set: ImageTensorDataset, goals: Sequence[AttackGoal], target_images: torch.Tensor,
+                    surrogate, generator: torch.Generator | Sequence[torch.Generator]) -> torch.Tensor:
+        """Poisons for several goals at once: float (G, P, C, H, W) in [0, 1], row g perturbing the base images
+        of ``goals[g]`` in ``train_set`` for ``target_images[g]`` (float (G, C, H, W) in [0, 1]).
 
-        ``target_image``: float (C, H, W) in [0, 1], the goal's target test image. Crafting runs on the
-        surrogate's device; the surrogate is used in eval mode and its parameters are left as they were.
+        All goals need the same number of bases. Random draws (CLBD's start, HTBD's sources) are taken goal by
+        goal, in order, from ``generator`` — or from ``generator[g]`` for goal g when it is a sequence of one
+        generator per goal — so crafting goals together or one after another gives the same poisons. Crafting
+        runs on the surrogate's device; the surrogate is used in eval mode and its parameters are left as they
+        were.
         """
         _check_dataset(train_set)
-        _check_generator(generator)
-        if not isinstance(goal, AttackGoal):
-            raise TypeError(f"goal must be an AttackGoal, got {type(goal).__name__}")
+        goals = list(goals)
+        generators = list(generator) if isinstance(generator, (list, tuple)) else [generator] * len(goals)
+        if len(generators) != len(goals):
+            raise ValueError(f"generator: expected one generator or one per goal ({len(goals)}), "
+                             f"got {len(generators)}")
+        for gen in generators:
+            _check_generator(gen)
+        if not goals or not all(isinstance(g, AttackGoal) for g in goals):
+            raise TypeError(f"goals must be a non-empty sequence of AttackGoal, got "
+                            f"{[type(g).__name__ for g in goals] if goals else 'nothing'}")
+        sizes = {len(g.base_indices) for g in goals}
+        if len(sizes) > 1:
+            raise ValueError(f"goals crafted together need the same number of bases, got {sorted(sizes)}")
+        shape = tuple(train_set.images.shape[1:])
+        if (not isinstance(target_images, torch.Tensor) or tuple(target_images.shape) != (len(goals), *shape)
+                or not target_images.is_floating_point()):
+            raise ValueError(f"target_images: expected a float tensor of shape {(len(goals), *shape)} in [0, 1], "
+                             f"got {getattr(target_images, 'shape', type(target_images).__name__)}")
         k, n = train_set.num_classes, len(train_set)
-        for name in ("target_class", "poison_class"):
-            if getattr(goal, name) >= k:
-                raise ValueError(f"goal.{name}={getattr(goal, name)} is not a class of this dataset: "
-                                 f"expected 0..{k - 1}")
-        index = torch.tensor(goal.base_indices)
-        if int(index.max()) >= n:
-            raise ValueError(f"goal.base_indices reach {int(index.max())}, beyond the {n} training images")
-        wrong = (train_set.labels[index] != goal.poison_class).nonzero().flatten()
-        if wrong.numel():
-            raise ValueError(f"base images must belong to the poison class {goal.poison_class}; indices "
-                             f"{index[wrong].tolist()[:5]} do not")
-        if (not isinstance(target_image, torch.Tensor) or target_image.shape != train_set.images.shape[1:]
-                or not target_image.is_floating_point()):
-            raise ValueError(f"target_image: expected a float tensor of shape {tuple(train_set.images.shape[1:])} "
-                             f"in [0, 1], got {getattr(target_image, 'shape', type(target_image).__name__)}")
-        device = next(surrogate.parameters()).device
+        for goal in goals:
+            for name in ("target_class", "poison_class"):
+                if getattr(goal, name) >= k:
+                    raise ValueError(f"goal.{name}={getattr(goal, name)} is not a class of this dataset: "
+                                     f"expected 0..{k - 1}")
+            index = torch.tensor(goal.base_indices)
+            if int(index.max()) >= n:
+                raise ValueError(f"goal.base_indices reach {int(index.max())}, beyond the {n} training images")
+            wrong = (train_set.labels[index] != goal.poison_class).nonzero().flatten()
+            if wrong.numel():
+                raise ValueError(f"base images must belong to the poison class {goal.poison_class}; indices "
+                                 f"{index[wrong].tolist()[:5]} do not")
+        param = next(surrogate.parameters())
+        device, dtype = param.device, param.dtype
+        index = torch.tensor([g.base_indices for g in goals])
         sources = None
         if self.needs_sources:
-            pool = (train_set.labels == goal.target_class).nonzero().flatten()
-            if pool.numel() < index.numel():
-                raise ValueError(f"HTBD needs {index.numel()} target-class training images, class "
-                                 f"{goal.target_class} has {pool.numel()}")
-            chosen = pool[torch.randperm(pool.numel(), generator=generator)[:index.numel()]]
-            sources = from_uint8(train_set.images[chosen]).to(device)
+            chosen = []
+            for goal, gen in zip(goals, generators):
+                pool = (train_set.labels == goal.target_class).nonzero().flatten()
+                if pool.numel() < index.shape[1]:
+                    raise ValueError(f"HTBD needs {index.shape[1]} target-class training images, class "
+                                     f"{goal.target_class} has {pool.numel()}")
+                chosen.append(pool[torch.randperm(pool.numel(), generator=gen)[:index.shape[1]]])
+            sources = from_uint8(train_set.images[torch.stack(chosen)]).to(device, dtype)
         was_training = surrogate.training
         frozen = [p for p in surrogate.parameters() if p.requires_grad]
         try:
             surrogate.eval()
             for p in frozen:
                 p.requires_grad_(False)
-            bases = from_uint8(train_set.images[index]).to(device)
-            poisons = self.craft(bases, target_image.to(device), surrogate, generator, goal, sources)
+            bases = from_uint8(train_set.images[index]).to(device, dtype)
+            poisons = self.craft(bases, target_images.to(device, dtype), surrogate, generators, goals, sources)
         finally:
             for p in frozen:
                 p.requires_grad_(True)
             surrogate.train(was_training)
-        logger.info("%s: crafted %d poisons for goal (target %d: class %d -> %d)", self.name, index.numel(),
-                    goal.target_index, goal.target_class, goal.poison_class)
+        for goal in goals:
+            logger.info("%s: crafted %d poisons for goal (target %d: class %d -> %d)", self.name,
+                        len(goal.base_indices), goal.target_index, goal.target_class, goal.poison_class)
+        return poisons.detach()
+
+    def poison(self, train_set: ImageTensorDataset, goal: AttackGoal, target_image: torch.Tensor, surrogate,
+               generator: torch.Generator) -> PoisonResult:
+        """Perturb the goal's base images in ``train_set`` (labels unchanged) against ``surrogate``.
+
+        ``target_image``: float (C, H, W) in [0, 1], the goal's target test image. See :meth:`craft_goals`.
+        """
+        if not isinstance(goal, AttackGoal):
+            raise TypeError(f"goal must be an AttackGoal, got {type(goal).__name__}")
+        shape = tuple(getattr(getattr(train_set, "images", None), "shape", (0,))[1:])
+        if (not isinstance(target_image, torch.Tensor) or tuple(target_image.shape) != shape
+                or not target_image.is_floating_point()):
+            raise ValueError(f"target_image: expected a float tensor of shape {shape} "
+                             f"in [0, 1], got {getattr(target_image, 'shape', type(target_image).__name__)}")
+        poisons = self.craft_goals(train_set, [goal], target_image[None], surrogate, generator)[0]
+        index = torch.tensor(goal.base_indices)
         images = train_set.images.clone()
-        images[index] = to_uint8(poisons.detach().cpu())
+        images[index] = to_uint8(poisons.cpu())
         result = ImageTensorDataset(images, train_set.labels.clone(), train_set.classes)
         return self._result(result, index, train_set.labels[index].clone(), goal=asdict(goal))
 
@@ -227,29 +269,32 @@ class FC(TransferAttack):
     refused_options = {"seed": _NO_SEED.format("fc")}
     watermark = 0.3
 
-    def craft(self, bases, target, surrogate, generator, goal, sources=None):
+    def craft(self, bases, targets, surrogate, generators, goals, sources=None):
         layers = self.config.layers
-        with torch.no_grad():
-            goal = [f.detach() for f in _feature_list(surrogate, target[None], layers)]
+        g, p = bases.shape[:2]
+        flat = bases.flatten(0, 1)
+        with torch.no_grad():  # each poison collides with its own goal's target
+            aims = [f.detach().repeat_interleave(p, 0) for f in _feature_list(surrogate, targets, layers)]
 
         def objective(x):
             feats = _feature_list(surrogate, x, layers)
-            return sum(((f - g) ** 2).sum(1) for f, g in zip(feats, goal))
+            return sum(((f - a) ** 2).sum(1) for f, a in zip(feats, aims))
 
-        x = self._project(self.watermark * target + (1 - self.watermark) * bases, bases)
+        start = self.watermark * targets.repeat_interleave(p, 0) + (1 - self.watermark) * flat
+        x = self._project(start, flat)
         lr = torch.full((x.shape[0], 1, 1, 1), self.config.lr, device=x.device)
         x.requires_grad_(True)
         loss = objective(x)
         for _ in range(self.config.iterations):
             grad, = torch.autograd.grad(loss.sum(), x)
             with torch.no_grad():
-                candidate = self._project(x - lr * grad, bases)
+                candidate = self._project(x - lr * grad, flat)
                 new_loss = objective(candidate)
                 better = (new_loss <= loss)[:, None, None, None]
                 lr = torch.where(better, lr, lr * 0.2)
                 x = torch.where(better, candidate, x).requires_grad_(True)
             loss = objective(x)
-        return x.detach()
+        return x.detach().view_as(bases)
 
 
 def _simplex_projection(v: torch.Tensor) -> torch.Tensor:
@@ -264,16 +309,29 @@ def _simplex_projection(v: torch.Tensor) -> torch.Tensor:
 
 def _polytope_coefficients(feats: torch.Tensor, target: torch.Tensor, c: torch.Tensor,
                            max_iter: int = 1000, tol: float = 1e-6) -> torch.Tensor:
-    """argmin_{c ∈ simplex} ½‖target − cᵀ·feats‖² by projected gradient with step 1/L (L = largest
-    eigenvalue of feats·featsᵀ), warm-started at ``c``."""
-    gram = feats @ feats.T
-    b = feats @ target
-    step = 1.0 / torch.linalg.eigvalsh(gram)[-1].clamp_min(1e-12)
+    """argmin_{c ∈ simplex} ½‖target − cᵀ·feats‖² per goal, warm-started at ``c``: ``feats`` (G, P, D),
+    ``target`` (G, D), ``c`` (G, P). Projected gradient with step 1/L (L = largest eigenvalue of feats·featsᵀ),
+    accelerated (FISTA) with a restart whenever the momentum points uphill; a goal stops once its step moves
+    no coefficient by ``tol`` or more. Same minimiser and stopping rule as JHT's plain projected gradient, in
+    about five times fewer iterations on the ill-conditioned early-layer features of the multi-layer variant."""
+    gram = feats @ feats.transpose(1, 2)
+    b = (feats @ target[:, :, None])[:, :, 0]
+    step = 1.0 / torch.linalg.eigvalsh(gram)[:, -1:].clamp_min(1e-12)
+    y, t = c, torch.ones_like(c[:, :1])
+    active = torch.ones_like(c[:, 0], dtype=torch.bool)
     for _ in range(max_iter):
-        new = _simplex_projection(c - step * (gram @ c - b))
-        if (new - c).abs().max() < tol:
-            return new
+        new = _simplex_projection(y - step * ((gram @ y[:, :, None])[:, :, 0] - b))
+        moved = (new - c).abs().amax(1) >= tol
+        keep = (active & moved)[:, None]
+        new = torch.where(active[:, None], new, c)
+        t_next = (1 + torch.sqrt(1 + 4 * t * t)) / 2
+        uphill = ((y - new) * (new - c)).sum(1, keepdim=True) > 0
+        y = torch.where(uphill, new, new + ((t - 1) / t_next) * (new - c))
+        t = torch.where(uphill, torch.ones_like(t), t_next)
         c = new
+        active = keep[:, 0]
+        if not bool(active.any()):
+            break
     return c
 
 
@@ -292,32 +350,34 @@ class _Polytope(TransferAttack):
 
     @abc.abstractmethod
     def coefficients(self, feats: torch.Tensor, target: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """The convex-combination weights of the poisons' features for the target's."""
+        """The convex-combination weights (G, P) of each goal's poison features (G, P, D) for its target's (G, D)."""
 
     @staticmethod
     @abc.abstractmethod
     def layer_loss(feats: torch.Tensor, target: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """The reconstruction loss of one feature layer."""
+        """The reconstruction loss (G,) of one feature layer, one value per goal."""
 
-    def craft(self, bases, target, surrogate, generator, goal, sources=None):
+    def craft(self, bases, targets, surrogate, generators, goals, sources=None):
         layers = self.config.layers
+        g, p = bases.shape[:2]
         with torch.no_grad():
-            goal = [f[0].detach() for f in _feature_list(surrogate, target[None], layers)]
-        p = bases.shape[0]
-        coeffs = [torch.full((p,), 1.0 / p, device=bases.device) for _ in goal]
-        x = bases.clone().requires_grad_(True)
+            aims = [f.detach() for f in _feature_list(surrogate, targets, layers)]
+        coeffs = [torch.full((g, p), 1.0 / p, device=bases.device, dtype=bases.dtype) for _ in aims]
+        flat = bases.flatten(0, 1)
+        x = flat.clone().requires_grad_(True)
         opt = torch.optim.Adam([x], lr=self.config.lr, betas=(0.9, 0.999))
         for _ in range(self.config.iterations):
-            feats = _feature_list(surrogate, x, layers)
+            feats = [f.view(g, p, -1) for f in _feature_list(surrogate, x, layers)]
             with torch.no_grad():
-                coeffs = [self.coefficients(f.detach(), g, c) for f, g, c in zip(feats, goal, coeffs)]
-            loss = sum(self.layer_loss(f, g, c) for f, g, c in zip(feats, goal, coeffs)) / len(goal)
+                coeffs = [self.coefficients(f.detach(), a, c) for f, a, c in zip(feats, aims, coeffs)]
+            # goals are independent: their losses add, and Adam's update is element-wise
+            loss = sum(self.layer_loss(f, a, c) for f, a, c in zip(feats, aims, coeffs)).sum() / len(aims)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             with torch.no_grad():
-                x.copy_(self._project(x, bases))
-        return x.detach()
+                x.copy_(self._project(x, flat))
+        return x.detach().view_as(bases)
 
 
 @register_attack
@@ -334,7 +394,7 @@ class CP(_Polytope):
 
     @staticmethod
     def layer_loss(feats, target, c):
-        return 0.5 * ((target - c @ feats) ** 2).sum() / (target ** 2).sum()
+        return 0.5 * ((target - (c[:, None, :] @ feats)[:, 0]) ** 2).sum(1) / (target ** 2).sum(1)
 
 
 @register_attack
@@ -351,7 +411,7 @@ class BP(_Polytope):
 
     @staticmethod
     def layer_loss(feats, target, c):
-        return (feats.mean(0) - target).norm() / target.norm()
+        return (feats.mean(1) - target).norm(dim=1) / target.norm(dim=1)
 
 
 @dataclass(frozen=True)
@@ -388,22 +448,25 @@ class CLBD(TransferAttack):
         r, q = patch_box((h, w), (s, s), "bottom-right")
         return random_pattern((c, s, s), torch.Generator().manual_seed(self.config.seed)), r, q
 
-    def craft(self, bases, target, surrogate, generator, goal, sources=None):
+    def craft(self, bases, targets, surrogate, generators, goals, sources=None):
         eps = self.config.eps
-        own = torch.full((bases.shape[0],), goal.poison_class, dtype=torch.int64, device=bases.device)
-        start = (torch.rand(bases.shape, generator=generator) * 2 - 1).to(bases.device) * eps
-        x = self._project(bases + start, bases)
+        g, p = bases.shape[:2]
+        flat = bases.flatten(0, 1)
+        own = torch.tensor([goal.poison_class for goal in goals], device=bases.device).repeat_interleave(p)
+        start = torch.stack([torch.rand(bases.shape[1:], generator=gen) for gen in generators])
+        x = self._project(flat + (start.flatten(0, 1).to(bases.device) * 2 - 1) * eps, flat)
         for _ in range(self.config.iterations):
             x.requires_grad_(True)
-            loss = F.cross_entropy(surrogate(x), own)
+            # per-poison losses summed: each poison's signed step is the one it takes alone
+            loss = F.cross_entropy(surrogate(x), own, reduction="sum")
             grad, = torch.autograd.grad(loss, x)
             with torch.no_grad():
-                x = self._project(x + self.config.lr * grad.sign(), bases)
-        patch, r, q = self.trigger_patch(tuple(bases.shape[1:]))
+                x = self._project(x + self.config.lr * grad.sign(), flat)
+        patch, r, q = self.trigger_patch(tuple(bases.shape[2:]))
         s = self.config.patch_size
-        delta = (x - bases).clamp(-eps, eps)
+        delta = (x - flat).clamp(-eps, eps)
         delta[:, :, r:r + s, q:q + s] = 0
-        return stamp((bases + delta).clamp(0, 1), patch.to(bases), r, q)
+        return stamp((flat + delta).clamp(0, 1), patch.to(bases), r, q).view_as(bases)
 
 
 @dataclass(frozen=True)
@@ -454,21 +517,27 @@ class HTBD(TransferAttack):
         r, q = patch_box((h, w), (s, s), (max(0, h - s - 5), max(0, w - s - 5)))
         return random_pattern((c, s, s), torch.Generator().manual_seed(self.config.seed)), r, q
 
-    def craft(self, bases, target, surrogate, generator, goal, sources=None):
-        patch, r, q = self.trigger_patch(tuple(bases.shape[1:]))
+    def craft(self, bases, targets, surrogate, generators, goals, sources=None):
+        g, p = bases.shape[:2]
+        patch, r, q = self.trigger_patch(tuple(bases.shape[2:]))
         with torch.no_grad():
-            source_feats = surrogate.features(stamp(sources, patch.to(sources), r, q))
-        x = bases.clone()
+            aims = surrogate.features(stamp(sources.flatten(0, 1), patch.to(sources), r, q)).view(g, p, -1)
+        flat = bases.flatten(0, 1)
+        x = flat.clone()
+        active = torch.ones(g, dtype=torch.bool, device=bases.device)  # goals still above loss_stop
         for i in range(self.config.iterations):
             lr = self.config.lr * 0.95 ** (i // 2000)
             x.requires_grad_(True)
-            feats = surrogate.features(x)
+            feats = surrogate.features(x).view(g, p, -1)
             with torch.no_grad():
-                match = _greedy_match(torch.cdist(source_feats, feats.detach()))
-            loss = ((source_feats[match] - feats) ** 2).sum()
-            if loss.item() < self.config.loss_stop:
+                dist = torch.cdist(aims, feats.detach())
+                match = torch.stack([_greedy_match(d) for d in dist])
+            matched = torch.gather(aims, 1, match[:, :, None].expand(-1, -1, aims.shape[2]))
+            loss = ((matched - feats) ** 2).sum((1, 2))
+            active = active & (loss.detach() >= self.config.loss_stop)
+            if not bool(active.any()):
                 break
-            grad, = torch.autograd.grad(loss, x)
+            grad, = torch.autograd.grad((loss * active).sum(), x)
             with torch.no_grad():
-                x = self._project(x - lr * grad, bases)
-        return x.detach()
+                x = self._project(x - lr * grad, flat)
+        return x.detach().view_as(bases)

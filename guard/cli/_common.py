@@ -124,15 +124,17 @@ def training_config(args: argparse.Namespace):
 
 
 def add_attack_arguments(parser: argparse.ArgumentParser, required: bool = False,
-                         from_record: bool | None = None) -> None:
+                         from_record: bool | None = None, targeted: bool = False) -> None:
     """``--attack NAME``, repeated ``--attack-opt key=value`` and (``from_record``, default: when the attack
-    is optional) ``--attack-record FILE``."""
+    is optional) ``--attack-record FILE``; ``targeted`` also offers the transfer attacks (``guard eval
+    --attack-goal``)."""
     from ..attacks import list_attacks
 
-    names = list_attacks("backdoor") + list_attacks("supply-chain")
+    names = list_attacks("backdoor") + list_attacks("supply-chain") + (list_attacks("targeted") if targeted else [])
     g = parser.add_argument_group("attack")
     g.add_argument("--attack", required=required, choices=names, metavar="NAME",
-                   help=f"backdoor or supply-chain attack: {', '.join(names)}")
+                   help=f"{'backdoor, supply-chain or transfer' if targeted else 'backdoor or supply-chain'} "
+                        f"attack: {', '.join(names)}")
     g.add_argument("--attack-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="attack option (repeatable), e.g. target=0, budget=0.01, location=top-left")
     if (not required) if from_record is None else from_record:
