@@ -138,7 +138,7 @@ def run_goals(setting: Setting, attack_name: str, indices: list[int], train_set,
                       "crafted_together": len(indices), "undefended_val_acc": undefended_val,
                       **outcome.summary(goal)}
             if outcome.success:
-                record.update(defended_measurements(setting, victim, rescaler, query, goal, poisons, keep, i))
+                record.update(defended_measurements(setting, victim, rescaler, query, goal, poisons, keep))
         finally:
             rescaler.detach()
         path = CACHE / setting.name / attack_name / f"{i:03d}.json"
@@ -147,7 +147,7 @@ def run_goals(setting: Setting, attack_name: str, indices: list[int], train_set,
         path.write_text(json.dumps(record, indent=1))
 
 
-def defended_measurements(setting, victim, rescaler, query, goal, poisons, keep, i) -> dict:
+def defended_measurements(setting, victim, rescaler, query, goal, poisons, keep) -> dict:
     """Everything measured on a successful goal: defended validation accuracy, the target's label over the ε
     sweep, the label-targeted weights of appendix C.1, and (C.2) what those weights do to the goal's poisons
     and to clean fine-tuning images."""
