@@ -37,7 +37,7 @@ from guard.metrics import attack_success_rate
 from guard.models import GuardModel, create
 from guard.repair import create_defense, get_defense, list_defenses, split_trusted
 from guard.train import evaluate, predict
-from victims import data_root, victim  # benchmarks/victims.py: the shared cache of strong victims
+from victims import data_root, pick_device, victim  # benchmarks/victims.py: the shared cache of strong victims
 
 SEED = 0
 HELDOUT_IMAGES = 1000
@@ -51,13 +51,6 @@ PAPER = {"badnets": {"table3_v1": {"pivotal": 0.03, "weight-decay": 0.13, "fine-
 #: the step budgets of each config that --scale shrinks (eval_every is kept; steps round to a multiple of it)
 STEP_FIELDS = ("steps", "teacher_steps", "endpoint_steps")
 OUT = Path(__file__).parent / "results"
-
-
-def pick_device(name: str) -> torch.device:
-    """``--device``: ``auto`` is CUDA when available, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def defender_data(trusted_fraction: float) -> tuple[ImageTensorDataset, ImageTensorDataset]:

@@ -29,9 +29,10 @@ import torch
 
 import guard
 from defenses_cifar10 import (ATTACKS, HELDOUT_IMAGES, SEED,  # the same victims, split and held-out set
-                              defender_data, pick_device, victim_model)
+                              defender_data, victim_model)
 from guard.repair import PivotalTuningConfig, create_defense
 from guard.train import evaluate
+from victims import pick_device
 
 OUT = Path(__file__).parent / "results"
 DEFAULT_GRID = "lr=0.01,0.001;slol_lambda=0.1,0.01,0.001,0;param_lambda=20000,1000000"

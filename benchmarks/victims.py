@@ -22,6 +22,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from guard.attacks import parse_options
 from guard.cli import main as guard_main
 
@@ -38,6 +40,13 @@ class Victim:
     cda: float
     asr: float
     asr_nontarget: float
+
+
+def pick_device(name: str) -> torch.device:
+    """A benchmark's ``--device``: ``auto`` is CUDA when available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def data_root() -> Path:

@@ -1,5 +1,5 @@
 """``guard info``: what this installation provides (models, block types ReScaler adapts, attacks, detectors,
-defenses, versions)."""
+per-input detectors, defenses, versions)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from importlib.metadata import version
 import torch
 
 from guard.attacks import describe_attacks
-from guard.detect import describe_detectors
+from guard.detect import describe_detectors, describe_input_detectors
 from guard.cleanse import describe_cleansers
 from guard.metrics import METRICS
 from guard.models import get_spec, list_models
@@ -39,6 +39,7 @@ def collect() -> dict:
         "rescaler_blocks": [f"{c.__module__}.{c.__qualname__}" for c in registered_blocks()],
         "attacks": describe_attacks(),
         "detectors": describe_detectors(),
+        "input_detectors": describe_input_detectors(),
         "defenses": describe_defenses(),
         "cleansers": describe_cleansers(),
         "metrics": dict(METRICS),
@@ -65,6 +66,9 @@ def run(args: argparse.Namespace) -> int:
     print("detectors (guard scan --method):")
     for name, d in info["detectors"].items():
         print(f"  {name:<16} {d['description']}")
+    print("per-input detectors (score every request):")
+    for name, d in info["input_detectors"].items():
+        print(f"  {name:<16} {d['forward_passes']:>3} passes  {d['description']}")
     print("defenses (guard repair / guard harden --method):")
     for name, d in info["defenses"].items():
         print(f"  {name:<16} {d['kind']:<9} {d['description']}")

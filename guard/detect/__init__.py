@@ -2,7 +2,9 @@
 ``scan(model, trusted, heldout)``), addressed by name: ``cnc`` — Calibrated Trigger Inversion (ALGORITHMS.md
 D3), ``nc`` — Neural Cleanse (D4). Also the batched trigger inversion engine they share
 (:mod:`guard.detect.inversion`), MOTH's class distance of every ordered class pair (:class:`ClassDistance`,
-M12), the scan report, and the per-request scorer the serving handler uses.
+M12), the scan report, and the per-request scorer the serving handler uses. Per-input detection behind its own
+interface (:class:`InputDetector`: ``fit(model, clean)``, ``score(images)``): ``strip``, ``scale-up``, ``teco``,
+``ibd-psc`` and guard's ``rescaler`` score (:mod:`guard.detect.inputs`).
 
 Example::
 
@@ -14,15 +16,23 @@ Example::
 from .base import (Detector, MADResult, ScanReport, ScanResult, create_detector, describe_detectors, get_detector,
                    list_detectors, mad_anomaly_index, register_detector, register_report_method, report_methods,
                    save_trigger_png, separation_index)
+from .corruptions import CORRUPTIONS, Corruptions
 from .cnc import CalibratedTriggerInversion, CNCConfig, calibrate_threshold
 from .distance import ClassDistance, ClassDistanceConfig, DistanceResult
 from .inversion import (AdditiveTrigger, CostSchedule, FixedSteps, InversionConfig, InversionResult, InversionTask,
                         LogSurrogate, MaskPatternTrigger, Objective, TargetCrossEntropy, TriggerForm, TriggeredBatch,
                         UntilSuccess, apply_mask_pattern, class_tasks, frozen, invert, pair_tasks, tanh_bounded)
+from .inputs import (IBDPSC, STRIP, IBDPSCConfig, InputDetector, ReScalerScore, ReScalerScoreConfig, ScaleUp,
+                     ScaleUpConfig, STRIPConfig, TeCo, TeCoConfig, create_input_detector, describe_input_detectors,
+                     false_positive_threshold, get_input_detector, list_input_detectors, register_input_detector)
 from .neural_cleanse import NeuralCleanse, NeuralCleanseConfig
 from .serving import RequestScorer, RequestScores
 
-__all__ = ["AdditiveTrigger", "CNCConfig", "CalibratedTriggerInversion", "ClassDistance", "ClassDistanceConfig",
+__all__ = ["CORRUPTIONS", "Corruptions", "IBDPSC", "IBDPSCConfig", "InputDetector", "ReScalerScore",
+           "ReScalerScoreConfig", "STRIP", "STRIPConfig", "ScaleUp", "ScaleUpConfig", "TeCo", "TeCoConfig",
+           "create_input_detector", "describe_input_detectors", "false_positive_threshold", "get_input_detector",
+           "list_input_detectors", "register_input_detector",
+           "AdditiveTrigger", "CNCConfig", "CalibratedTriggerInversion", "ClassDistance", "ClassDistanceConfig",
            "CostSchedule", "Detector", "DistanceResult", "FixedSteps",
            "InversionConfig", "InversionResult", "InversionTask", "LogSurrogate", "MADResult", "MaskPatternTrigger",
            "NeuralCleanse", "NeuralCleanseConfig", "Objective", "RequestScorer", "RequestScores", "ScanReport",

@@ -1,0 +1,203 @@
+"""Per-request backdoor detection on strong CIFAR-10 victims: every input detector and guard's own score.
+
+What:     per attack (--attacks) the strong victim from the shared cache (benchmarks/victims.py: the pretrained
+          ResNet-20 fine-tuned on the full poisoned training set) and every input detector of
+          guard.detect.list_input_detectors() (--detectors) at its defaults, plus guard's ``rescaler`` score in
+          both feature forms. The 1000 lossless test images (exact pixels; the victims saw every training image)
+          are split three ways: the first FIT_IMAGES, which each detector fits on; the next CALIBRATION_IMAGES,
+          which set the threshold at 5 % false positives; and the rest, the clean evaluation images. The
+          triggered evaluation images are the non-fit images (non-target labels; Xiang's source classes)
+          stamped with the trigger, where the attack succeeds on them, as in the reference code of SCALE-UP
+          and IBD-PSC. Per detector: ROC AUC, TPR and the realized FPR at the calibrated threshold, forward
+          passes per input and images per second of ``score``.
+Hardware: CPU threads = --threads (default 2, the project's machine); CUDA when available.
+Output:   benchmarks/results/detect_cifar10.json and .png (ROC curves per attack, AUC bars); the JSON accumulates,
+          so an interrupted run resumes (a detector already measured on an attack with the same config is kept).
+Run:      GUARD_DATA_DIR=../shared/data python benchmarks/detect_cifar10.py [--attacks badnets,blend]
+          [--detectors strip,scale-up] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score, roc_curve
+
+import guard
+from guard.attacks import load_record
+from guard.data import load_dataset
+from guard.detect import create_input_detector, false_positive_threshold, get_input_detector, list_input_detectors
+from guard.models import create
+from guard.train import predict
+from victims import data_root, pick_device, victim  # benchmarks/victims.py: the shared cache of strong victims
+
+#: the victims, with the options the other defense benchmarks build them with (one cache entry each)
+ATTACKS = {"badnets": {"target": 0, "budget": 0.01}, "blend": {"target": 0, "budget": 0.05},
+           "wanet": {"target": 0}, "sig": {"target": 0, "delta": 20.0, "frequency": 6.0},
+           "adaptive-blend": {"target": 0}, "adaptive-patch": {"target": 0}, "refool": {"target": 0},
+           "xiang": {"pattern": "A", "num_sources": 1}}
+#: detectors measured beyond the registry defaults: name -> (registered detector, options)
+VARIANTS = {"rescaler-drop": ("rescaler", {"feature": "drop"})}
+FIT_IMAGES, CALIBRATION_IMAGES, FPR, SEED = 400, 300, 0.05, 0
+OUT = Path(__file__).parent / "results"
+
+
+def variants(names: list[str]) -> dict[str, tuple[str, dict]]:
+    """Benchmark row name -> (registered detector, options)."""
+    rows = {n: (n, {}) for n in names if n in list_input_detectors()}
+    rows.update({n: v for n, v in VARIANTS.items() if v[0] in names})
+    return rows
+
+
+def evaluation_images(attack_name: str, model, test, device) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(clean evaluation images, triggered images on which the attack succeeds, counts) from the lossless test
+    images ``test``."""
+    v = victim(attack_name, **ATTACKS[attack_name])
+    attack = load_record(v.record)
+    sources = getattr(attack.config, "sources", None)
+    pool = test.labels != attack.config.target if sources is None else torch.isin(test.labels, torch.tensor(sources))
+    pool[:FIT_IMAGES] = False
+    triggered = attack.triggered(test.subset(torch.nonzero(pool)[:, 0]))
+    hit = predict(model, triggered, device=device) == attack.config.target
+    clean = test.images[FIT_IMAGES + CALIBRATION_IMAGES:].float() / 255
+    stamped = triggered.images[hit].float() / 255
+    return clean, stamped, {"clean": len(clean), "triggered": int(pool.sum()), "successful": int(hit.sum()),
+                            "asr": round(hit.double().mean().item(), 4), "cda": v.cda, "victim_asr": v.asr}
+
+
+def measure(name: str, options: dict, model, fit: torch.Tensor, calibration: torch.Tensor, clean: torch.Tensor,
+            stamped: torch.Tensor) -> dict:
+    detector = create_input_detector(name, **options)
+    started = time.perf_counter()
+    detector.fit(model, fit, generator=torch.Generator().manual_seed(SEED))
+    fit_seconds = time.perf_counter() - started
+    threshold = detector.threshold(detector.score(calibration), FPR)
+    started = time.perf_counter()
+    s_clean, s_trig = detector.score(clean), detector.score(stamped)
+    seconds = time.perf_counter() - started
+    y = np.r_[np.zeros(len(s_clean)), np.ones(len(s_trig))]
+    s = np.r_[s_clean.numpy(), s_trig.numpy()]
+    fpr, tpr, _ = roc_curve(y, s)
+    keep = np.linspace(0, len(fpr) - 1, min(len(fpr), 200)).round().astype(int)  # a plot's worth of points
+    return {"config": json.loads(json.dumps(dataclasses.asdict(detector.config))),
+            "auc": round(float(roc_auc_score(y, s)), 4), "threshold": threshold,
+            "tpr": round(float((s_trig > threshold).double().mean()), 4),
+            "fpr": round(float((s_clean > threshold).double().mean()), 4),
+            "forward_passes": detector.forward_passes, "images_per_second": round(len(s) / seconds, 1),
+            "fit_seconds": round(fit_seconds, 1), "roc": {"fpr": fpr[keep].round(4).tolist(),
+                                                          "tpr": tpr[keep].round(4).tolist()}}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attacks = list(results["attacks"])
+    cols = min(4, len(attacks)) + 1
+    rows = -(-(len(attacks) + 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), squeeze=False)
+    axes = axes.flatten()
+    names = sorted({d for a in attacks for d in results["attacks"][a]["detectors"]})
+    colours = {n: plt.cm.tab10(i) for i, n in enumerate(names)}
+    for ax, attack_name in zip(axes, attacks):
+        row = results["attacks"][attack_name]
+        for n, d in row["detectors"].items():
+            ax.plot(d["roc"]["fpr"], d["roc"]["tpr"], color=colours[n], label=f"{n} {d['auc']:.2f}")
+        ax.plot([0, 1], [0, 1], ":", color="grey")
+        ax.set_title(f"{attack_name} (ASR {row['counts']['asr']:.2f})")
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+        ax.legend(fontsize=7, loc="lower right")
+    ax = axes[len(attacks)]
+    width = 0.8 / max(1, len(names))
+    for i, n in enumerate(names):
+        aucs = [results["attacks"][a]["detectors"].get(n, {}).get("auc", np.nan) for a in attacks]
+        ax.bar(np.arange(len(attacks)) + i * width, aucs, width, color=colours[n], label=n)
+    ax.set_xticks(np.arange(len(attacks)) + 0.4 - width / 2, attacks, rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("ROC AUC")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    for ax in axes[len(attacks) + 1:]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def summarize(results: dict) -> dict:
+    """Mean AUC and TPR of every detector over the attacks that took hold (ASR >= 0.5 on the evaluation images)."""
+    rows = [r for r in results["attacks"].values() if r["counts"]["asr"] >= 0.5]
+    names = sorted({d for r in rows for d in r["detectors"]})
+    return {n: {"attacks": sum(n in r["detectors"] for r in rows),
+                "mean_auc": round(float(np.mean([r["detectors"][n]["auc"] for r in rows if n in r["detectors"]])), 4),
+                "mean_tpr": round(float(np.mean([r["detectors"][n]["tpr"] for r in rows if n in r["detectors"]])), 4),
+                "forward_passes": next(r["detectors"][n]["forward_passes"] for r in rows if n in r["detectors"])}
+            for n in names}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--attacks", default=",".join(ATTACKS))
+    parser.add_argument("--detectors", default=",".join(list_input_detectors()))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
+    parser.add_argument("--out", default="detect_cifar10", help="results name in benchmarks/results/")
+    args = parser.parse_args()
+    attacks, names = args.attacks.split(","), args.detectors.split(",")
+    unknown = [a for a in attacks if a not in ATTACKS] + [d for d in names if d not in list_input_detectors()]
+    if unknown:
+        raise SystemExit(f"unknown attacks/detectors {unknown}; attacks: {list(ATTACKS)}, "
+                         f"detectors: {list_input_detectors()}")
+    torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    test = load_dataset("cifar10", data_root(), split="test-lossless")
+    fit = test.images[:FIT_IMAGES].float() / 255
+    calibration = test.images[FIT_IMAGES:FIT_IMAGES + CALIBRATION_IMAGES].float() / 255
+    out_json = OUT / f"{args.out}.json"
+    results = json.loads(out_json.read_text()) if out_json.is_file() else {}
+    results.update({"what": __doc__.splitlines()[0], "device": str(device), "threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "guard": guard.__version__, "platform": platform.platform(),
+                    "params": {"fit_images": FIT_IMAGES, "calibration_images": CALIBRATION_IMAGES,
+                               "clean_evaluation_images": len(test) - FIT_IMAGES - CALIBRATION_IMAGES,
+                               "false_positive_rate": FPR, "seed": SEED}})
+    results.setdefault("attacks", {})
+
+    def save() -> None:
+        results["summary"] = summarize(results)
+        out_json.write_text(json.dumps(results, indent=1))
+
+    for attack_name in attacks:
+        v = victim(attack_name, **ATTACKS[attack_name])
+        model = create("resnet20", weights=v.weights).to(device).eval()
+        clean, stamped, counts = evaluation_images(attack_name, model, test, device)
+        row = results["attacks"].setdefault(attack_name, {"detectors": {}})
+        row.update({"options": ATTACKS[attack_name], "counts": counts})
+        if counts["successful"] < 10:
+            print(f"{attack_name}: the trigger succeeds on {counts['successful']} images; skipped", flush=True)
+            continue
+        for label, (name, options) in variants(names).items():
+            config = json.loads(json.dumps(dataclasses.asdict(get_input_detector(name).config_class(**options))))
+            if row["detectors"].get(label, {}).get("config") == config:
+                continue  # measured with this config by an earlier run
+            d = measure(name, options, model, fit.to(device), calibration.to(device), clean.to(device),
+                        stamped.to(device))
+            row["detectors"][label] = d
+            print(f"{attack_name:15s} {label:14s} AUC {d['auc']:.3f} TPR@5% {d['tpr']:.3f} (FPR {d['fpr']:.3f}) "
+                  f"{d['forward_passes']:3d} passes {d['images_per_second']:7.1f} img/s", flush=True)
+            save()
+    save()
+    plot(results, OUT / f"{args.out}.png")
+    print(json.dumps(results["summary"], indent=1))
+    print(f"wrote {out_json} and .png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,447 @@
+"""Per-input backdoor detection behind one interface (:class:`InputDetector`), addressed by name.
+
+A model-level detector (:class:`guard.detect.Detector`) asks whether a *model* carries a backdoor; an input
+detector asks, for every *request*, whether it carries a trigger. Each is a frozen, validated config and two
+verbs: :meth:`InputDetector.fit` takes the served model and clean reference images, :meth:`InputDetector.score`
+returns one number per input, higher ⇒ more likely triggered. Scores are batch-size independent (every random
+draw happens in ``fit``) and the model is never modified. ``forward_passes`` says what a score costs.
+
+Registered: ``strip`` (Gao et al. 2019, ALGORITHMS.md D10), ``scale-up`` (Guo et al., ICLR 2023), ``teco``
+(Liu et al., CVPR 2023), ``ibd-psc`` (Hou et al., ICML 2024) and ``rescaler``, guard's own score from the one
+ReScaler pass the endpoint already makes (rescaler_main.txt §3).
+
+Example::
+
+    from guard.detect import create_input_detector
+    detector = create_input_detector("strip").fit(model, clean_images, generator=torch.Generator().manual_seed(0))
+    scores = detector.score(images)                                 # (B,) float64
+    threshold = detector.threshold(detector.score(more_clean), false_positive_rate=0.05)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .._validation import check_images, is_number
+from ..models import GuardModel
+from ..registry import Configured, Registry
+from ..rescaler import ReScaler, ReScalerConfig
+from ._checks import check_scan_inputs
+from .corruptions import CORRUPTIONS, Corruptions
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["IBDPSC", "IBDPSCConfig", "InputDetector", "ReScalerScore", "ReScalerScoreConfig", "STRIP", "STRIPConfig",
+           "ScaleUp", "ScaleUpConfig", "TeCo", "TeCoConfig", "create_input_detector", "describe_input_detectors",
+           "false_positive_threshold", "get_input_detector", "list_input_detectors", "register_input_detector"]
+
+
+def _positive_int(value: object, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def _fraction(value: object, name: str, *, closed: bool = False) -> None:
+    ok = is_number(value) and (0 <= value <= 1 if closed else 0 < value < 1)
+    if not ok:
+        raise ValueError(f"{name} must be a number in {'[0, 1]' if closed else '(0, 1)'}, got {value!r}")
+
+
+def false_positive_threshold(clean_scores: torch.Tensor | Sequence[float], false_positive_rate: float = 0.05) -> float:
+    """The score above which at most ``false_positive_rate`` of the given clean inputs fall (their
+    ``(1 − fpr)`` quantile): flag an input iff its score exceeds it."""
+    scores = torch.as_tensor(clean_scores, dtype=torch.float64).flatten()
+    if scores.numel() == 0:
+        raise ValueError("clean_scores is empty; expected the scores of clean inputs")
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError("clean_scores must be finite")
+    if not is_number(false_positive_rate) or not 0 <= false_positive_rate < 1:
+        raise ValueError(f"false_positive_rate must be in [0, 1), got {false_positive_rate!r}")
+    return torch.quantile(scores, 1 - false_positive_rate).item()
+
+
+class InputDetector(Configured, ABC):
+    """Base of every per-input detector: a validated config of type ``config_class``, :meth:`fit` and
+    :meth:`score`. Subclasses implement :meth:`_fit` (draws and statistics from the clean reference images)
+    and :meth:`_score` (one chunk of at most ``config.batch_size`` inputs)."""
+
+    def __init__(self, config: Any = None, **options: Any) -> None:
+        super().__init__(config, **options)
+        self.model: GuardModel | None = None
+
+    def fit(self, model: GuardModel, clean: torch.Tensor, *, generator: torch.Generator | None = None
+            ) -> "InputDetector":
+        """Attach the served ``model`` and learn what clean inputs look like from ``clean`` ``(N, C, H, W)`` in
+        [0, 1] (the defender's held-out clean images). Returns ``self``; the model is put in eval mode and not
+        otherwise modified."""
+        generator = check_scan_inputs(model, generator)
+        clean = check_images(clean, model.spec.input_size, name="clean")
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        with torch.no_grad():
+            self._fit(clean.to(self.device), generator)
+        return self
+
+    def score(self, images: torch.Tensor) -> torch.Tensor:
+        """One score per input, ``(B,)`` float64 on the CPU; higher ⇒ more likely triggered."""
+        if self.model is None:
+            raise RuntimeError(f"{type(self).__name__} is not fitted; call fit(model, clean_images) first")
+        images = check_images(images, self.model.spec.input_size)
+        chunks = images.split(self.config.batch_size)
+        return torch.cat([self._score(c.to(self.device)).double().cpu() for c in chunks])
+
+    @property
+    def forward_passes(self) -> int:
+        """What a score costs: forward passes of the model per input (a backward pass counts as two)."""
+        return 1
+
+    def threshold(self, clean_scores: torch.Tensor, false_positive_rate: float = 0.05) -> float:
+        """:func:`false_positive_threshold` of scores this detector gave clean inputs."""
+        return false_positive_threshold(clean_scores, false_positive_rate)
+
+    @abstractmethod
+    def _fit(self, clean: torch.Tensor, generator: torch.Generator) -> None: ...
+
+    @abstractmethod
+    def _score(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    def _predict(self, x: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+        """Softmax probabilities of ``model`` (the fitted one by default) on ``x``, in chunks of the configured
+        number of images per forward pass."""
+        model = self.model if model is None else model
+        with torch.no_grad():
+            return torch.cat([model(c).float().softmax(1) for c in x.split(self.config.batch_size)])
+
+
+INPUT_DETECTORS: Registry[InputDetector] = Registry("input detector", InputDetector)
+register_input_detector = INPUT_DETECTORS.register
+list_input_detectors = INPUT_DETECTORS.names
+get_input_detector = INPUT_DETECTORS.get
+create_input_detector = INPUT_DETECTORS.create
+
+
+def describe_input_detectors() -> dict[str, dict[str, Any]]:
+    """Name -> description, default options and forward passes per input (``guard info --json``)."""
+    return {name: {"description": cls.description, "forward_passes": cls().forward_passes,
+                   "options": json.loads(json.dumps(dataclasses.asdict(cls.config_class())))}
+            for name, cls in INPUT_DETECTORS.items()}
+
+
+# -- STRIP ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class STRIPConfig:
+    """STRIP (ALGORITHMS.md D10): ``overlays`` (N) clean images superimposed on every input as
+    ``x + alpha·x_n``, not clipped, as the original release adds the two images (backdoor-toolbox clips to
+    [0, 1], which washes a saturated patch out); ``batch_size``: images per forward pass."""
+
+    overlays: int = 100
+    alpha: float = 1.0
+    batch_size: int = 512
+
+    def __post_init__(self) -> None:
+        _positive_int(self.overlays, "overlays")
+        _fraction(self.alpha, "alpha", closed=True)
+        if self.alpha == 0:
+            raise ValueError("alpha must be > 0: at 0 nothing is superimposed")
+        _positive_int(self.batch_size, "batch_size")
+
+
+@register_input_detector
+class STRIP(InputDetector):
+    """A trojaned input keeps its (target) prediction under superimposed clean images, so its predictions
+    have low entropy (Gao et al. 2019; ALGORITHMS.md D10). Score: minus the mean entropy (bits) over the
+    overlays. The overlays are drawn once, in :meth:`fit`, and shared by every input."""
+
+    name = "strip"
+    config_class = STRIPConfig
+    description = "STRIP: low prediction entropy under superimposed clean images (Gao et al. 2019)"
+
+    @property
+    def forward_passes(self) -> int:
+        return self.config.overlays
+
+    def _fit(self, clean: torch.Tensor, generator: torch.Generator) -> None:
+        n = self.config.overlays
+        index = torch.randint(len(clean), (n,), generator=generator) if n > len(clean) else \
+            torch.randperm(len(clean), generator=generator)[:n]
+        self.overlays = clean[index.to(clean.device)]
+
+    def _score(self, images: torch.Tensor) -> torch.Tensor:
+        mixed = (images[:, None] + self.config.alpha * self.overlays[None]).flatten(0, 1)
+        p = self._predict(mixed).double()
+        entropy = -(p * p.clamp_min(1e-12).log2()).sum(1).view(len(images), -1)
+        return -entropy.mean(1)
+
+
+# -- SCALE-UP ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ScaleUpConfig:
+    """SCALE-UP (Guo et al., ICLR 2023; BackdoorBox ``SCALE_UP.py``): pixel values times each of ``scales``,
+    clipped to [0, 1]. ``standardize``: the data-limited variant — the scaled prediction consistency minus
+    the mean of clean inputs of the same predicted class, over their standard deviation (the paper's eqs.
+    3–4); ``False``: the data-free SPC."""
+
+    scales: tuple[float, ...] = (3, 5, 7, 9, 11)
+    standardize: bool = True
+    batch_size: int = 512
+
+    def __post_init__(self) -> None:
+        scales = tuple(self.scales) if isinstance(self.scales, (list, tuple)) else self.scales
+        if not isinstance(scales, tuple) or not scales or not all(is_number(s) and s > 1 for s in scales):
+            raise ValueError(f"scales must be a non-empty sequence of numbers > 1, got {self.scales!r}")
+        object.__setattr__(self, "scales", scales)
+        if not isinstance(self.standardize, bool):
+            raise ValueError(f"standardize must be a bool, got {self.standardize!r}")
+        _positive_int(self.batch_size, "batch_size")
+
+
+@register_input_detector
+class ScaleUp(InputDetector):
+    """A triggered input keeps its prediction when its pixel values are amplified (the trigger dominates the
+    saturated image); a clean one does not. Score: the fraction of amplified copies predicted as the
+    original label (SPC), standardized per predicted class with the clean images' statistics."""
+
+    name = "scale-up"
+    config_class = ScaleUpConfig
+    description = "SCALE-UP: prediction consistency under amplified pixel values (Guo et al., ICLR 2023)"
+
+    @property
+    def forward_passes(self) -> int:
+        return len(self.config.scales) + 1
+
+    def _spc(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scales = torch.tensor(self.config.scales, dtype=images.dtype, device=images.device)
+        amplified = (images[:, None] * scales.view(1, -1, 1, 1, 1)).clamp(0, 1).flatten(0, 1)
+        label = self._predict(images).argmax(1)
+        same = self._predict(amplified).argmax(1).view(len(images), -1) == label[:, None]
+        return same.double().mean(1), label
+
+    def _fit(self, clean: torch.Tensor, generator: torch.Generator) -> None:
+        if not self.config.standardize:
+            return
+        pairs = [self._spc(c) for c in clean.split(self.config.batch_size)]
+        spc, labels = torch.cat([s for s, _ in pairs]), torch.cat([y for _, y in pairs])
+        k = self.model.num_classes
+        # a class no clean image is predicted as falls back to the statistics of all clean images
+        self.mean = torch.full((k,), spc.mean().item(), dtype=torch.float64, device=spc.device)
+        self.std = torch.full((k,), spc.std(unbiased=False).item(), dtype=torch.float64, device=spc.device)
+        for c in labels.unique().tolist():
+            self.mean[c] = spc[labels == c].mean()
+            self.std[c] = spc[labels == c].std(unbiased=False)
+        self.std.clamp_(min=1.0 / (10 * len(self.config.scales)))  # a class whose clean SPC never varies
+
+    def _score(self, images: torch.Tensor) -> torch.Tensor:
+        spc, label = self._spc(images)
+        return (spc - self.mean[label]) / self.std[label] if self.config.standardize else spc
+
+
+# -- TeCo ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TeCoConfig:
+    """TeCo (Liu et al., CVPR 2023; CGCL-codes/TeCo): ``corruptions`` (default all 14 of
+    :data:`guard.detect.corruptions.CORRUPTIONS`) at severities 1 … ``severities``."""
+
+    corruptions: tuple[str, ...] = CORRUPTIONS
+    severities: int = 5
+    batch_size: int = 512
+
+    def __post_init__(self) -> None:
+        names = tuple(self.corruptions) if isinstance(self.corruptions, (list, tuple)) else self.corruptions
+        if not isinstance(names, tuple) or len(names) < 2 or len(set(names)) != len(names) \
+                or not set(names) <= set(CORRUPTIONS):
+            raise ValueError(f"corruptions must be at least two distinct names of {CORRUPTIONS}, "
+                             f"got {self.corruptions!r}")
+        object.__setattr__(self, "corruptions", names)
+        if isinstance(self.severities, bool) or not isinstance(self.severities, int) or not 1 <= self.severities <= 5:
+            raise ValueError(f"severities must be an int in 1 … 5, got {self.severities!r}")
+        _positive_int(self.batch_size, "batch_size")
+
+
+@register_input_detector
+class TeCo(InputDetector):
+    """Clean inputs lose their prediction at about the same severity under every corruption; triggered inputs
+    keep the target under some corruptions and lose the trigger early under others. Per corruption, the first
+    severity whose prediction differs from the uncorrupted one (``severities + 1`` when none does); score: the
+    standard deviation of those over the corruptions (the reference code's ``np.std``)."""
+
+    name = "teco"
+    config_class = TeCoConfig
+    description = "TeCo: spread of the corruption severity that flips the prediction (Liu et al., CVPR 2023)"
+
+    @property
+    def forward_passes(self) -> int:
+        return len(self.config.corruptions) * self.config.severities + 1
+
+    def _fit(self, clean: torch.Tensor, generator: torch.Generator) -> None:
+        self.corrupt = Corruptions(tuple(clean.shape[1:]), generator)
+
+    def _score(self, images: torch.Tensor) -> torch.Tensor:
+        label = self._predict(images).argmax(1)
+        n = self.config.severities
+        first = []
+        for name in self.config.corruptions:
+            corrupted = torch.cat([self.corrupt.apply(name, images, s) for s in range(1, n + 1)])
+            moved = self._predict(corrupted).argmax(1).view(n, -1) != label
+            # the first severity that moves the prediction, n + 1 when none does
+            first.append(torch.where(moved.any(0), moved.double().argmax(0) + 1, torch.full_like(label, n + 1)))
+        return torch.stack(first).double().std(0, unbiased=False)
+
+
+# -- IBD-PSC -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class IBDPSCConfig:
+    """IBD-PSC (Hou et al., ICML 2024; BackdoorBox ``IBD_PSC.py``): BatchNorm weight and bias of the deepest
+    layers times ``factor`` (ω); the first depth k whose amplification moves more than ``error`` (ξ) of the
+    clean predictions is found in :meth:`~InputDetector.fit`, and the score averages ``models`` (n) amplified
+    copies, of the k+1 … k+n deepest BatchNorm layers."""
+
+    models: int = 5
+    error: float = 0.6
+    factor: float = 1.5
+    batch_size: int = 512
+
+    def __post_init__(self) -> None:
+        _positive_int(self.models, "models")
+        _fraction(self.error, "error")
+        if not is_number(self.factor) or self.factor <= 1:
+            raise ValueError(f"factor must be a number > 1, got {self.factor!r}")
+        _positive_int(self.batch_size, "batch_size")
+
+
+@register_input_detector
+class IBDPSC(InputDetector):
+    """Amplifying the BatchNorm parameters of the deeper layers wrecks clean predictions but leaves
+    triggered inputs on the target (the backdoor's features are amplified along). Score: the mean
+    probability, over the amplified copies, of the label the unamplified model predicts (PSC).
+
+    The depth is chosen against the unamplified model's own predictions on the clean images (the reference
+    code uses their ground-truth labels; on a well-trained model the two agree)."""
+
+    name = "ibd-psc"
+    config_class = IBDPSCConfig
+    description = "IBD-PSC: prediction consistency under amplified BatchNorm parameters (Hou et al., ICML 2024)"
+
+    @property
+    def forward_passes(self) -> int:
+        return self.config.models + 1
+
+    def _amplified(self, depth: int) -> nn.Module:
+        """A copy of the model with the ``depth`` deepest BatchNorm layers' weight and bias times ω."""
+        copy_ = copy.deepcopy(self.model)
+        layers = [m for m in copy_.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)][::-1]
+        for layer in layers[:depth]:
+            if layer.affine:
+                layer.weight.mul_(self.config.factor)
+                layer.bias.mul_(self.config.factor)
+        return copy_.eval()
+
+    def _fit(self, clean: torch.Tensor, generator: torch.Generator) -> None:
+        count = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+        if count < 2:
+            raise ValueError(f"IBD-PSC amplifies BatchNorm layers; {type(self.model.net).__name__} has {count}")
+        label = self._predict(clean).argmax(1)
+        moved = []
+        for depth in range(1, count):
+            moved.append((self._predict(clean, self._amplified(depth)).argmax(1) != label).double().mean().item())
+            if moved[-1] > self.config.error:
+                break
+        start = len(moved) if moved[-1] > self.config.error else 1 + max(range(len(moved)), key=moved.__getitem__)
+        if moved[-1] <= self.config.error:
+            logger.warning("IBD-PSC: amplifying up to %d of %d BatchNorm layers by %g moves at most %.2f of the "
+                           "clean predictions (error=%g); using the depth that moves the most, %d",
+                           count - 1, count, self.config.factor, max(moved), self.config.error, start)
+        self.moved = moved
+        self.depth = start
+        self.amplified = [self._amplified(min(start + i, count)) for i in range(1, self.config.models + 1)]
+
+    def _score(self, images: torch.Tensor) -> torch.Tensor:
+        label = self._predict(images).argmax(1)[:, None]
+        return torch.stack([self._predict(images, m).gather(1, label)[:, 0] for m in self.amplified]).mean(0)
+
+
+# -- guard's own score: ReScaler's pass ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReScalerScoreConfig:
+    """guard's per-request score from one ReScaler pass (``eps``, ``alpha``: the served ReScaler's).
+    ``feature``: ``"features"`` — Mahalanobis distance of the penultimate features the pass computes from
+    the clean images of the same predicted class; ``"drop"`` — the probability the undefended label loses
+    under adaptation (the endpoint's ``anomaly_score``). ``batch_size``: inputs per pass."""
+
+    eps: float = 0.15
+    alpha: float = 1.0
+    feature: str = "features"
+    batch_size: int = 256
+
+    FEATURES: ClassVar[tuple[str, ...]] = ("features", "drop")
+
+    def __post_init__(self) -> None:
+        ReScalerConfig(self.eps, self.alpha, 1)
+        if self.feature not in self.FEATURES:
+            raise ValueError(f"feature must be one of {self.FEATURES}, got {self.feature!r}")
+        _positive_int(self.batch_size, "batch_size")
+
+
+@register_input_detector
+class ReScalerScore(InputDetector):
+    """guard's score from the ReScaler pass the endpoint makes anyway (rescaler_main.txt §3, eq. 3), with no
+    extra pass. ``features``: the pass's first forward computes the penultimate features of every input; a
+    triggered input's sit far from those of clean inputs of its predicted (target) class — the
+    class-conditional Mahalanobis distance with one shared Ledoit–Wolf covariance (Lee et al., NeurIPS 2018),
+    fitted on the clean images. ``drop``: ReScaler's own signal, ``p(y₀|x) − p_w(y₀|x)``."""
+
+    name = "rescaler"
+    config_class = ReScalerScoreConfig
+    description = "guard: from ReScaler's own pass (feature Mahalanobis distance, or the probability drop)"
+
+    @property
+    def forward_passes(self) -> int:
+        """One forward and one backward pass, plus the defended forward."""
+        return 4
+
+    def _adapt(self, images: torch.Tensor):
+        """ReScaler's pass over ``images``: (the adaptation, the penultimate features of its first forward)."""
+        captured: list[torch.Tensor] = []
+        handle = self.model.classifier.register_forward_hook(lambda m, i, o: captured.append(i[0].detach()))
+        rescaler = ReScaler(self.model, self.config.eps, self.config.alpha, 1)
+        try:
+            return rescaler.adapt(images), captured[0].flatten(1).double()
+        finally:
+            rescaler.detach()
+            handle.remove()
+
+    def _fit(self, clean: torch.Tensor, generator: torch.Generator) -> None:
+        if self.config.feature == "drop":
+            return
+        from sklearn.covariance import LedoitWolf
+
+        pairs = [self._adapt(c) for c in clean.split(self.config.batch_size)]
+        features = torch.cat([f for _, f in pairs]).cpu()
+        labels = torch.cat([out.original_labels for out, _ in pairs]).cpu()
+        k = self.model.num_classes
+        missing = sorted(set(range(k)) - set(labels.tolist()))
+        if missing:
+            raise ValueError(f"the clean images must include inputs the model assigns to every class; "
+                             f"none is predicted as {missing} among {len(clean)} images")
+        means = torch.stack([features[labels == c].mean(0) for c in range(k)])
+        self.means = means.to(self.device)
+        self.precision = torch.as_tensor(LedoitWolf().fit((features - means[labels]).numpy()).precision_,
+                                         device=self.device)
+
+    def _score(self, images: torch.Tensor) -> torch.Tensor:
+        out, features = self._adapt(images)
+        y0 = out.original_labels
+        if self.config.feature == "drop":
+            rows = torch.arange(len(images), device=images.device)
+            return out.original_logits.softmax(1)[rows, y0] - out.logits.softmax(1)[rows, y0]
+        d = features - self.means[y0]
+        return ((d @ self.precision) * d).sum(1)
