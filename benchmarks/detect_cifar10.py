@@ -8,7 +8,8 @@ What:     per attack (--attacks) the strong victim from the shared cache (benchm
           which set the threshold at 5 % false positives; and the rest, the clean evaluation images. The
           triggered evaluation images are the non-fit images (non-target labels; Xiang's source classes)
           stamped with the trigger, where the attack succeeds on them, as in the reference code of SCALE-UP
-          and IBD-PSC. Per detector: ROC AUC, TPR and the realized FPR at the calibrated threshold, forward
+          and IBD-PSC. Per detector: ROC AUC, TPR at 5 % FPR on the ROC curve, TPR and the realized FPR at the
+          calibrated threshold (discrete scores such as SCALE-UP's tie at it, so it may flag less), forward
           passes per input and images per second of ``score``.
 Hardware: CPU threads = --threads (default 2, the project's machine); CUDA when available.
 Output:   benchmarks/results/detect_cifar10.json and .png (ROC curves per attack, AUC bars); the JSON accumulates,
@@ -72,6 +73,11 @@ def evaluation_images(attack_name: str, model, test, device) -> tuple[torch.Tens
                             "asr": round(hit.double().mean().item(), 4), "cda": v.cda, "victim_asr": v.asr}
 
 
+def tpr_at(fpr, tpr, rate: float = FPR) -> float:
+    """The ROC curve's true positive rate at false positive rate ``rate`` (linear between its points)."""
+    return float(np.interp(rate, fpr, tpr))
+
+
 def measure(name: str, options: dict, model, fit: torch.Tensor, calibration: torch.Tensor, clean: torch.Tensor,
             stamped: torch.Tensor) -> dict:
     detector = create_input_detector(name, **options)
@@ -87,7 +93,8 @@ def measure(name: str, options: dict, model, fit: torch.Tensor, calibration: tor
     fpr, tpr, _ = roc_curve(y, s)
     keep = np.linspace(0, len(fpr) - 1, min(len(fpr), 200)).round().astype(int)  # a plot's worth of points
     return {"config": json.loads(json.dumps(dataclasses.asdict(detector.config))),
-            "auc": round(float(roc_auc_score(y, s)), 4), "threshold": threshold,
+            "auc": round(float(roc_auc_score(y, s)), 4), "tpr_at_fpr": round(tpr_at(fpr, tpr), 4),
+            "threshold": threshold,
             "tpr": round(float((s_trig > threshold).double().mean()), 4),
             "fpr": round(float((s_clean > threshold).double().mean()), 4),
             "forward_passes": detector.forward_passes, "images_per_second": round(len(s) / seconds, 1),
@@ -133,12 +140,17 @@ def plot(results: dict, path: Path) -> None:
 
 
 def summarize(results: dict) -> dict:
-    """Mean AUC and TPR of every detector over the attacks that took hold (ASR >= 0.5 on the evaluation images)."""
+    """Mean AUC, TPR at 5 % FPR (ROC) and TPR at the calibrated threshold of every detector over the attacks
+    that took hold (ASR >= 0.5 on the evaluation images)."""
     rows = [r for r in results["attacks"].values() if r["counts"]["asr"] >= 0.5]
     names = sorted({d for r in rows for d in r["detectors"]})
-    return {n: {"attacks": sum(n in r["detectors"] for r in rows),
-                "mean_auc": round(float(np.mean([r["detectors"][n]["auc"] for r in rows if n in r["detectors"]])), 4),
-                "mean_tpr": round(float(np.mean([r["detectors"][n]["tpr"] for r in rows if n in r["detectors"]])), 4),
+
+    def mean(n: str, f) -> float:
+        return round(float(np.mean([f(r["detectors"][n]) for r in rows if n in r["detectors"]])), 4)
+
+    return {n: {"attacks": sum(n in r["detectors"] for r in rows), "mean_auc": mean(n, lambda d: d["auc"]),
+                "mean_tpr_at_fpr": mean(n, lambda d: tpr_at(d["roc"]["fpr"], d["roc"]["tpr"])),
+                "mean_tpr": mean(n, lambda d: d["tpr"]),
                 "forward_passes": next(r["detectors"][n]["forward_passes"] for r in rows if n in r["detectors"])}
             for n in names}
 
@@ -190,7 +202,8 @@ def main() -> None:
             d = measure(name, options, model, fit.to(device), calibration.to(device), clean.to(device),
                         stamped.to(device))
             row["detectors"][label] = d
-            print(f"{attack_name:15s} {label:14s} AUC {d['auc']:.3f} TPR@5% {d['tpr']:.3f} (FPR {d['fpr']:.3f}) "
+            print(f"{attack_name:15s} {label:14s} AUC {d['auc']:.3f} TPR@5% {d['tpr_at_fpr']:.3f}, calibrated "
+                  f"{d['tpr']:.3f} (FPR {d['fpr']:.3f}) "
                   f"{d['forward_passes']:3d} passes {d['images_per_second']:7.1f} img/s", flush=True)
             save()
     save()
