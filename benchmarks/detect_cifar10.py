@@ -34,7 +34,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 import guard
 from guard.attacks import load_record
 from guard.data import load_dataset
-from guard.detect import create_input_detector, false_positive_threshold, get_input_detector, list_input_detectors
+from guard.detect import create_input_detector, get_input_detector, list_input_detectors
 from guard.models import create
 from guard.train import predict
 from victims import data_root, pick_device, victim  # benchmarks/victims.py: the shared cache of strong victims

@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 
 from guard.detect import (CORRUPTIONS, Corruptions, IBDPSCConfig, InputDetector, ReScalerScoreConfig, ScaleUpConfig,
                           STRIPConfig, TeCoConfig, create_input_detector, describe_input_detectors,
-                          false_positive_threshold, get_input_detector, list_input_detectors)
+                          calibrate_threshold, get_input_detector, list_input_detectors)
 from outcomes import SEED, check
 from test_repair import TARGET, planted
 
@@ -140,15 +140,15 @@ def test_the_rescaler_score_needs_clean_images_of_every_predicted_class():
         create_input_detector("rescaler").fit(p.backdoored, one_class)
 
 
-def test_false_positive_threshold_is_the_clean_quantile():
+def test_the_threshold_is_the_clean_quantile():
     clean = torch.arange(100, dtype=torch.float64)
-    threshold = false_positive_threshold(clean, 0.05)
+    threshold = calibrate_threshold(clean, 0.05)
     assert (clean > threshold).double().mean().item() == pytest.approx(0.05)
-    assert false_positive_threshold([1.0, 2.0, 3.0], 0.0) == 3.0
+    assert calibrate_threshold([1.0, 2.0, 3.0], 0.0) == 3.0
     with pytest.raises(ValueError, match="clean_scores is empty"):
-        false_positive_threshold([], 0.05)
+        calibrate_threshold([], 0.05)
     with pytest.raises(ValueError, match=r"false_positive_rate must be in \[0, 1\), got 1"):
-        false_positive_threshold([1.0], 1)
+        calibrate_threshold([1.0], 1)
 
 
 # ------------------------------------------------------------------------------------------- corruptions

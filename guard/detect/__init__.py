@@ -13,24 +13,24 @@ Example::
     scan.report.save("report.json"); scan.report.summary; scan.trigger_image(c)
 """
 
-from .base import (Detector, MADResult, ScanReport, ScanResult, create_detector, describe_detectors, get_detector,
+from .base import (Detector, MADResult, ScanReport, ScanResult, calibrate_threshold, create_detector, describe_detectors, get_detector,
                    list_detectors, mad_anomaly_index, register_detector, register_report_method, report_methods,
                    save_trigger_png, separation_index)
 from .corruptions import CORRUPTIONS, Corruptions
-from .cnc import CalibratedTriggerInversion, CNCConfig, calibrate_threshold
+from .cnc import CalibratedTriggerInversion, CNCConfig
 from .distance import ClassDistance, ClassDistanceConfig, DistanceResult
 from .inversion import (AdditiveTrigger, CostSchedule, FixedSteps, InversionConfig, InversionResult, InversionTask,
                         LogSurrogate, MaskPatternTrigger, Objective, TargetCrossEntropy, TriggerForm, TriggeredBatch,
                         UntilSuccess, apply_mask_pattern, class_tasks, frozen, invert, pair_tasks, tanh_bounded)
 from .inputs import (IBDPSC, STRIP, IBDPSCConfig, InputDetector, ReScalerScore, ReScalerScoreConfig, ScaleUp,
                      ScaleUpConfig, STRIPConfig, TeCo, TeCoConfig, create_input_detector, describe_input_detectors,
-                     false_positive_threshold, get_input_detector, list_input_detectors, register_input_detector)
+                     get_input_detector, list_input_detectors, register_input_detector)
 from .neural_cleanse import NeuralCleanse, NeuralCleanseConfig
 from .serving import RequestScorer, RequestScores
 
 __all__ = ["CORRUPTIONS", "Corruptions", "IBDPSC", "IBDPSCConfig", "InputDetector", "ReScalerScore",
            "ReScalerScoreConfig", "STRIP", "STRIPConfig", "ScaleUp", "ScaleUpConfig", "TeCo", "TeCoConfig",
-           "create_input_detector", "describe_input_detectors", "false_positive_threshold", "get_input_detector",
+           "create_input_detector", "describe_input_detectors", "get_input_detector",
            "list_input_detectors", "register_input_detector",
            "AdditiveTrigger", "CNCConfig", "CalibratedTriggerInversion", "ClassDistance", "ClassDistanceConfig",
            "CostSchedule", "Detector", "DistanceResult", "FixedSteps",

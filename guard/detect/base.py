@@ -28,7 +28,7 @@ from ..models import GuardModel
 from ..registry import Configured, Registry
 from .inversion import TriggerForm
 
-__all__ = ["Detector", "MADResult", "ScanReport", "ScanResult", "create_detector", "describe_detectors",
+__all__ = ["Detector", "MADResult", "ScanReport", "ScanResult", "calibrate_threshold", "create_detector", "describe_detectors",
            "get_detector", "list_detectors", "mad_anomaly_index", "register_detector", "register_report_method",
            "report_methods", "save_trigger_png",
            "separation_index"]
@@ -145,6 +145,20 @@ class ScanReport:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path} is not valid JSON: {exc}") from exc
         return cls.from_dict(data)
+
+
+def calibrate_threshold(clean_scores: list[float] | torch.Tensor, false_positive_rate: float = 0.05) -> float:
+    """The threshold that flags at most ``false_positive_rate`` of the given clean scores (their ``(1 − fpr)``
+    quantile; flag iff a score exceeds it): the max scores of clean models for a model-level detector, the
+    scores of clean inputs for an input detector."""
+    scores = torch.as_tensor(clean_scores, dtype=torch.float64).flatten()
+    if scores.numel() == 0:
+        raise ValueError("clean_scores is empty; expected the scores of clean models or clean inputs")
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError("clean_scores must be finite")
+    if not is_number(false_positive_rate) or not 0 <= false_positive_rate < 1:
+        raise ValueError(f"false_positive_rate must be in [0, 1), got {false_positive_rate!r}")
+    return torch.quantile(scores, 1 - false_positive_rate).item()
 
 
 def save_trigger_png(trigger: torch.Tensor, path: str | os.PathLike, *, scale: int = 4) -> Path:

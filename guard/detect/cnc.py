@@ -56,7 +56,7 @@ from .inversion import (AdditiveTrigger, FixedSteps, InversionConfig, Objective,
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CNCConfig", "CalibratedTriggerInversion", "calibrate_threshold"]
+__all__ = ["CNCConfig", "CalibratedTriggerInversion"]
 
 _SCORE_VARIANTS = ("paper", "code")
 #: the default verdict threshold and where it comes from (see the module docstring)
@@ -128,17 +128,6 @@ class CNCConfig:
         object.__setattr__(self, "classes", check_classes(self.classes))
         if not isinstance(self.repair, PivotalTuningConfig):
             raise TypeError(f"repair must be a PivotalTuningConfig, got {type(self.repair).__name__}")
-
-
-def calibrate_threshold(clean_scores: list[float] | torch.Tensor, false_positive_rate: float = 0.05) -> float:
-    """The model-level threshold that flags at most ``false_positive_rate`` of the given clean-model scores
-    (their ``(1 − fpr)`` quantile)."""
-    scores = torch.as_tensor(clean_scores, dtype=torch.float64).flatten()
-    if scores.numel() == 0:
-        raise ValueError("clean_scores is empty; expected the max scores of clean models")
-    if not is_number(false_positive_rate) or not 0 <= false_positive_rate < 1:
-        raise ValueError(f"false_positive_rate must be in [0, 1), got {false_positive_rate!r}")
-    return torch.quantile(scores, 1 - false_positive_rate).item()
 
 
 class CalibratedObjective(Objective):

@@ -25,7 +25,6 @@ import dataclasses
 import json
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -37,13 +36,14 @@ from ..models import GuardModel
 from ..registry import Configured, Registry
 from ..rescaler import ReScaler, ReScalerConfig
 from ._checks import check_scan_inputs
+from .base import calibrate_threshold
 from .corruptions import CORRUPTIONS, Corruptions
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["IBDPSC", "IBDPSCConfig", "InputDetector", "ReScalerScore", "ReScalerScoreConfig", "STRIP", "STRIPConfig",
            "ScaleUp", "ScaleUpConfig", "TeCo", "TeCoConfig", "create_input_detector", "describe_input_detectors",
-           "false_positive_threshold", "get_input_detector", "list_input_detectors", "register_input_detector"]
+           "get_input_detector", "list_input_detectors", "register_input_detector"]
 
 
 def _positive_int(value: object, name: str) -> None:
@@ -55,19 +55,6 @@ def _fraction(value: object, name: str, *, closed: bool = False) -> None:
     ok = is_number(value) and (0 <= value <= 1 if closed else 0 < value < 1)
     if not ok:
         raise ValueError(f"{name} must be a number in {'[0, 1]' if closed else '(0, 1)'}, got {value!r}")
-
-
-def false_positive_threshold(clean_scores: torch.Tensor | Sequence[float], false_positive_rate: float = 0.05) -> float:
-    """The score above which at most ``false_positive_rate`` of the given clean inputs fall (their
-    ``(1 − fpr)`` quantile): flag an input iff its score exceeds it."""
-    scores = torch.as_tensor(clean_scores, dtype=torch.float64).flatten()
-    if scores.numel() == 0:
-        raise ValueError("clean_scores is empty; expected the scores of clean inputs")
-    if not bool(torch.isfinite(scores).all()):
-        raise ValueError("clean_scores must be finite")
-    if not is_number(false_positive_rate) or not 0 <= false_positive_rate < 1:
-        raise ValueError(f"false_positive_rate must be in [0, 1), got {false_positive_rate!r}")
-    return torch.quantile(scores, 1 - false_positive_rate).item()
 
 
 class InputDetector(Configured, ABC):
@@ -106,8 +93,8 @@ class InputDetector(Configured, ABC):
         return 1
 
     def threshold(self, clean_scores: torch.Tensor, false_positive_rate: float = 0.05) -> float:
-        """:func:`false_positive_threshold` of scores this detector gave clean inputs."""
-        return false_positive_threshold(clean_scores, false_positive_rate)
+        """:func:`~guard.detect.calibrate_threshold` of scores this detector gave clean inputs."""
+        return calibrate_threshold(clean_scores, false_positive_rate)
 
     @abstractmethod
     def _fit(self, clean: torch.Tensor, generator: torch.Generator) -> None: ...
