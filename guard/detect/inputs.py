@@ -164,6 +164,11 @@ class STRIP(InputDetector):
         self.overlays = clean[index.to(clean.device)]
 
     def _score(self, images: torch.Tensor) -> torch.Tensor:
+        # a few inputs at a time, so the superimposed images of one forward pass stay within batch_size
+        per_pass = max(1, self.config.batch_size // self.config.overlays)
+        return torch.cat([self._entropy(x) for x in images.split(per_pass)])
+
+    def _entropy(self, images: torch.Tensor) -> torch.Tensor:
         mixed = (images[:, None] + self.config.alpha * self.overlays[None]).flatten(0, 1)
         p = self._predict(mixed).double()
         entropy = -(p * p.clamp_min(1e-12).log2()).sum(1).view(len(images), -1)
