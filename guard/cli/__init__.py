@@ -20,6 +20,7 @@ COMMANDS = {
     "train": "train",
     "eval": "evaluate",
     "archive": "archive",
+    "calibrate": "calibrate",
     "serve": "serve",
     "poison": "poison",
     "scan": "scan",

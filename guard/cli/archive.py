@@ -9,10 +9,13 @@ Example::
 ``{"rescaler": {"eps": 0.15, "alpha": 1.0, "steps": 1}, "top_k": 3, "class_names": [...]}``.
 
 ``--scan report.json`` (``guard scan --out``) exports the scan's per-class anomaly scores and verdict as
-gauges; ``--repaired ckpt`` (``guard repair --out``) adds a per-request backdoor score to every answer::
+gauges; ``--repaired ckpt`` (``guard repair --out``) adds a per-request backdoor score to every answer;
+``--detector`` (``guard calibrate --out``) a per-request trigger score and flag, which the guard config's
+endpoint policy acts on (``{"on_trigger": "refuse"}`` refuses flagged requests with a 422;
+``{"answer": "repaired"}`` answers the repaired model's label)::
 
     guard archive --model resnet20 --weights suspect.pt --scan report.json --repaired repaired.pt \
-        --out model_store/suspect.mar
+        --detector detector.safetensors --out model_store/suspect.mar
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--num-classes", type=int, default=10, help="output classes of the model (default 10)")
     p.add_argument("--scan", default=None, help="scan report JSON of these weights (guard scan --out)")
     p.add_argument("--repaired", default=None, help="repaired weights of the same model (guard repair --out)")
+    p.add_argument("--detector", default=None,
+                   help="trigger detector calibrated on these weights (guard calibrate --out)")
     p.add_argument("--repaired-method", default=None, choices=list_defenses(),
                    help="defense that produced --repaired (default: the method in REPAIRED.json when present)")
     p.add_argument("--weights-method", default=None, choices=list_defenses(),
@@ -70,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         out = build_archive(args.model, args.weights, args.out, config, num_classes=args.num_classes,
                             handler=args.handler, force=args.force, scan=args.scan, repaired=args.repaired,
                             repaired_method=args.repaired_method or recorded_method(args.repaired),
-                            weights_method=args.weights_method or recorded_method(args.weights))
+                            weights_method=args.weights_method or recorded_method(args.weights),
+                            detector=args.detector)
     except FileExistsError as exc:
         raise CLIError(str(exc)) from exc
     manifest = read_manifest(out)
@@ -82,5 +88,7 @@ def run(args: argparse.Namespace) -> int:
               f"(eps={manifest.guard.rescaler.eps}, alpha={manifest.guard.rescaler.alpha}, "
               f"steps={manifest.guard.rescaler.steps}), weights sha256 {manifest.weights_sha256}"
               + (", with scan report" if manifest.scan_file else "")
-              + (", with repaired model" if manifest.repaired_file else ""))
+              + (", with repaired model" if manifest.repaired_file else "")
+              + (", with trigger detector" if manifest.detector_file else "")
+              + f", policy answer={manifest.guard.answer} on_trigger={manifest.guard.on_trigger}")
     return 0

@@ -4,7 +4,8 @@ D3), ``nc`` — Neural Cleanse (D4). Also the batched trigger inversion engine t
 (:mod:`guard.detect.inversion`), MOTH's class distance of every ordered class pair (:class:`ClassDistance`,
 M12), the scan report, and the per-request scorer the serving handler uses. Per-input detection behind its own
 interface (:class:`InputDetector`: ``fit(model, clean)``, ``score(images)``): ``strip``, ``scale-up``, ``teco``,
-``ibd-psc`` and guard's ``rescaler`` score (:mod:`guard.detect.inputs`).
+``ibd-psc`` and guard's ``rescaler`` score (:mod:`guard.detect.inputs`), which the endpoint serves calibrated as
+:class:`TriggerDetector`.
 
 Example::
 
@@ -22,16 +23,17 @@ from .distance import ClassDistance, ClassDistanceConfig, DistanceResult
 from .inversion import (AdditiveTrigger, CostSchedule, FixedSteps, InversionConfig, InversionResult, InversionTask,
                         LogSurrogate, MaskPatternTrigger, Objective, TargetCrossEntropy, TriggerForm, TriggeredBatch,
                         UntilSuccess, apply_mask_pattern, class_tasks, frozen, invert, pair_tasks, tanh_bounded)
-from .inputs import (IBDPSC, STRIP, IBDPSCConfig, InputDetector, ReScalerScore, ReScalerScoreConfig, ScaleUp,
+from .inputs import (IBDPSC, STRIP, class_gaussians, mahalanobis, penultimate_features, IBDPSCConfig, InputDetector, ReScalerScore, ReScalerScoreConfig, ScaleUp,
                      ScaleUpConfig, STRIPConfig, TeCo, TeCoConfig, create_input_detector, describe_input_detectors,
                      get_input_detector, list_input_detectors, register_input_detector)
 from .neural_cleanse import NeuralCleanse, NeuralCleanseConfig
-from .serving import RequestScorer, RequestScores
+from .serving import RequestScorer, RequestScores, TriggerDetector, TriggerScores
 
 __all__ = ["CORRUPTIONS", "Corruptions", "IBDPSC", "IBDPSCConfig", "InputDetector", "ReScalerScore",
            "ReScalerScoreConfig", "STRIP", "STRIPConfig", "ScaleUp", "ScaleUpConfig", "TeCo", "TeCoConfig",
            "create_input_detector", "describe_input_detectors", "get_input_detector",
-           "list_input_detectors", "register_input_detector",
+           "list_input_detectors", "register_input_detector", "class_gaussians", "mahalanobis", "penultimate_features",
+           "TriggerDetector", "TriggerScores",
            "AdditiveTrigger", "CNCConfig", "CalibratedTriggerInversion", "ClassDistance", "ClassDistanceConfig",
            "CostSchedule", "Detector", "DistanceResult", "FixedSteps",
            "InversionConfig", "InversionResult", "InversionTask", "LogSurrogate", "MADResult", "MaskPatternTrigger",

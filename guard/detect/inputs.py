@@ -25,6 +25,8 @@ import dataclasses
 import json
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -41,7 +43,7 @@ from .corruptions import CORRUPTIONS, Corruptions
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IBDPSC", "IBDPSCConfig", "InputDetector", "ReScalerScore", "ReScalerScoreConfig", "STRIP", "STRIPConfig",
+__all__ = ["class_gaussians", "mahalanobis", "penultimate_features", "IBDPSC", "IBDPSCConfig", "InputDetector", "ReScalerScore", "ReScalerScoreConfig", "STRIP", "STRIPConfig",
            "ScaleUp", "ScaleUpConfig", "TeCo", "TeCoConfig", "create_input_detector", "describe_input_detectors",
            "get_input_detector", "list_input_detectors", "register_input_detector"]
 
@@ -362,6 +364,50 @@ class IBDPSC(InputDetector):
 
 
 # -- guard's own score: ReScaler's pass ---------------------------------------------------------------------
+@contextmanager
+def penultimate_features(model: GuardModel) -> Iterator[list[torch.Tensor]]:
+    """Within the block, every forward pass of ``model`` appends the input of its final linear layer (the
+    penultimate features, ``(B, D)`` float64, detached) to the yielded list; the hook goes on exit, even after an
+    error. ReScaler's first forward is the undefended one, so ``captured[0]`` of its pass are the plain model's
+    features at no extra cost."""
+    captured: list[torch.Tensor] = []
+    handle = model.classifier.register_forward_hook(
+        lambda module, inputs, output: captured.append(inputs[0].detach().flatten(1).double()))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def class_gaussians(features: torch.Tensor, labels: torch.Tensor, num_classes: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class means ``(K, D)`` and the precision ``(D, D)`` of one tied covariance, Ledoit–Wolf shrunk, of
+    ``features`` ``(N, D)`` grouped by ``labels`` ``(N,)`` (Lee et al., NeurIPS 2018, eq. 1, with shrinkage so
+    that fewer images than dimensions still give a proper inverse). Every class needs at least one image."""
+    from sklearn.covariance import LedoitWolf
+
+    if features.dim() != 2 or labels.shape != (features.shape[0],):
+        raise ValueError(f"expected features (N, D) and labels (N,), got {tuple(features.shape)} and "
+                         f"{tuple(labels.shape)}")
+    missing = sorted(set(range(num_classes)) - set(labels.tolist()))
+    if missing:
+        raise ValueError(f"the clean images must include inputs the model assigns to every class; "
+                         f"none is predicted as {missing} among {len(labels)} images")
+    features = features.double().cpu()
+    labels = labels.cpu()
+    means = torch.stack([features[labels == c].mean(0) for c in range(num_classes)])
+    precision = torch.as_tensor(LedoitWolf().fit((features - means[labels]).numpy()).precision_)
+    return means, precision
+
+
+def mahalanobis(features: torch.Tensor, labels: torch.Tensor, means: torch.Tensor, precision: torch.Tensor
+                ) -> torch.Tensor:
+    """Squared Mahalanobis distance ``(B,)`` of each feature row to the mean of its class ``labels[i]``."""
+    means, precision = means.to(features.device), precision.to(features.device)
+    d = features.double() - means[labels.to(features.device)]
+    return ((d @ precision) * d).sum(1)
+
+
 @dataclass(frozen=True)
 class ReScalerScoreConfig:
     """guard's per-request score from one ReScaler pass (``eps``, ``alpha``: the served ReScaler's).
@@ -402,32 +448,20 @@ class ReScalerScore(InputDetector):
 
     def _adapt(self, images: torch.Tensor):
         """ReScaler's pass over ``images``: (the adaptation, the penultimate features of its first forward)."""
-        captured: list[torch.Tensor] = []
-        handle = self.model.classifier.register_forward_hook(lambda m, i, o: captured.append(i[0].detach()))
         rescaler = ReScaler(self.model, self.config.eps, self.config.alpha, 1)
         try:
-            return rescaler.adapt(images), captured[0].flatten(1).double()
+            with penultimate_features(self.model) as captured:
+                return rescaler.adapt(images), captured[0]
         finally:
             rescaler.detach()
-            handle.remove()
 
     def _fit(self, clean: torch.Tensor, generator: torch.Generator) -> None:
         if self.config.feature == "drop":
             return
-        from sklearn.covariance import LedoitWolf
-
         pairs = [self._adapt(c) for c in clean.split(self.config.batch_size)]
-        features = torch.cat([f for _, f in pairs]).cpu()
-        labels = torch.cat([out.original_labels for out, _ in pairs]).cpu()
-        k = self.model.num_classes
-        missing = sorted(set(range(k)) - set(labels.tolist()))
-        if missing:
-            raise ValueError(f"the clean images must include inputs the model assigns to every class; "
-                             f"none is predicted as {missing} among {len(clean)} images")
-        means = torch.stack([features[labels == c].mean(0) for c in range(k)])
-        self.means = means.to(self.device)
-        self.precision = torch.as_tensor(LedoitWolf().fit((features - means[labels]).numpy()).precision_,
-                                         device=self.device)
+        features = torch.cat([f for _, f in pairs])
+        labels = torch.cat([out.original_labels for out, _ in pairs])
+        self.means, self.precision = class_gaussians(features, labels, self.model.num_classes)
 
     def _score(self, images: torch.Tensor) -> torch.Tensor:
         out, features = self._adapt(images)
@@ -435,5 +469,4 @@ class ReScalerScore(InputDetector):
         if self.config.feature == "drop":
             rows = torch.arange(len(images), device=images.device)
             return out.original_logits.softmax(1)[rows, y0] - out.logits.softmax(1)[rows, y0]
-        d = features - self.means[y0]
-        return ((d @ self.precision) * d).sum(1)
+        return mahalanobis(features, y0, self.means, self.precision)

@@ -3,9 +3,10 @@
 An archive holds the handler (:data:`~guard.serving.HANDLER_FILE`, package data), the weights file as
 given and :data:`~guard.serving.config.MANIFEST_NAME` (architecture, class count, the weights' SHA-256 and the
 :class:`~guard.serving.config.GuardConfig`); optionally a scan report (``guard scan --out``, served as
-per-class anomaly gauges and a verdict; a ``guard cleanse --out`` report is stored as its verdict) and a
+per-class anomaly gauges and a verdict; a ``guard cleanse --out`` report is stored as its verdict), a
 repaired model (``guard repair --out``, which scores every request against the served one;
-pick_your_poison.txt §4, ALGORITHMS.md D2/D3). The handler recomputes every SHA-256 at load and refuses a
+pick_your_poison.txt §4, ALGORITHMS.md D2/D3) and a calibrated trigger detector (``guard calibrate --out``,
+which scores every request and drives the endpoint policy of the guard config). The handler recomputes every SHA-256 at load and refuses a
 mismatch.
 """
 
@@ -24,8 +25,8 @@ from pathlib import Path
 from .. import models
 from .._validation import require_extra
 from ..cleanse import REPORT_KIND, CleanseResult
-from ..detect import ScanReport
-from .config import MANIFEST_NAME, REPAIRED_STEM, SCAN_NAME, ArchiveManifest, GuardConfig
+from ..detect import ScanReport, TriggerDetector
+from .config import DETECTOR_NAME, MANIFEST_NAME, REPAIRED_STEM, SCAN_NAME, ArchiveManifest, GuardConfig
 from .predictor import sha256_file
 from .resources import HANDLER_FILE
 
@@ -39,7 +40,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")
 def build_archive(model: str, weights: str | Path, out: str | Path, guard_config: GuardConfig | None = None, *,
                   num_classes: int = 10, handler: str | Path | None = None, force: bool = False,
                   scan: str | Path | None = None, repaired: str | Path | None = None,
-                  repaired_method: str | None = None, weights_method: str | None = None) -> Path:
+                  repaired_method: str | None = None, weights_method: str | None = None,
+                  detector: str | Path | None = None) -> Path:
     """Package ``model`` (a registered name) with ``weights`` into ``out`` (``DIR/NAME.mar``).
 
     The weights are loaded into the architecture first, so a file that does not fit fails here rather
@@ -49,7 +51,8 @@ def build_archive(model: str, weights: str | Path, out: str | Path, guard_config
     Both are checked here (the report must parse and score classes of this model, the weights must fit) and
     stored under fixed names. The manifest names the method that wrote the report and, when given, the
     defenses that produced the repaired weights (``repaired_method``) and the served weights
-    (``weights_method``, e.g. ``"moth"``).
+    (``weights_method``, e.g. ``"moth"``). ``detector``: a trigger detector calibrated on these weights
+    (``guard calibrate``); the config's ``on_trigger="refuse"`` needs one, ``answer="repaired"`` needs ``repaired``.
 
     Example::
 
@@ -65,15 +68,16 @@ def build_archive(model: str, weights: str | Path, out: str | Path, guard_config
         raise FileExistsError(f"{out} exists; pass force=True (--force) to replace it")
     scan = None if scan is None else Path(scan)
     repaired = None if repaired is None else Path(repaired)
+    detector = None if detector is None else Path(detector)
     for path, what in ((weights, "weights"), (handler, "handler"), (scan, "scan report"),
-                       (repaired, "repaired weights")):
+                       (repaired, "repaired weights"), (detector, "trigger detector")):
         if path is not None and not path.is_file():
             raise FileNotFoundError(f"{what} file not found: {path}")
-    if weights.name == MANIFEST_NAME or weights.name == SCAN_NAME or weights.stem == REPAIRED_STEM:
-        raise ValueError(f"the weights file may not be called {MANIFEST_NAME}, {SCAN_NAME} or "
+    if weights.name in (MANIFEST_NAME, SCAN_NAME, DETECTOR_NAME) or weights.stem == REPAIRED_STEM:
+        raise ValueError(f"the weights file may not be called {MANIFEST_NAME}, {SCAN_NAME}, {DETECTOR_NAME} or "
                          f"{REPAIRED_STEM}.*; got {weights.name}")
     config = GuardConfig() if guard_config is None else guard_config
-    models.create(model, num_classes=num_classes, weights=weights)  # fail early: the weights must fit
+    served = models.create(model, num_classes=num_classes, weights=weights)  # fail early: the weights must fit
     extras: dict[str, object] = {}
     report, converted = (None, False) if scan is None else _load_verdict(scan)
     if report is not None:
@@ -91,6 +95,12 @@ def build_archive(model: str, weights: str | Path, out: str | Path, guard_config
                       repaired_method=repaired_method)
     elif repaired_method is not None:
         raise ValueError(f"repaired_method={repaired_method!r} given without repaired weights")
+    if detector is not None:
+        try:
+            TriggerDetector.load(detector).check_model(served)
+        except ValueError as exc:
+            raise ValueError(f"trigger detector {detector}: {exc}") from exc
+        extras.update(detector_file=DETECTOR_NAME, detector_sha256=sha256_file(detector))
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="guard-archive-") as tmp:
         if converted:  # a cleansing report travels as its verdict
@@ -100,7 +110,8 @@ def build_archive(model: str, weights: str | Path, out: str | Path, guard_config
         manifest = ArchiveManifest(model, num_classes, weights.name, sha256_file(weights), config,
                                    weights_method=weights_method, **extras)
         extra_files = [manifest.save(Path(tmp) / MANIFEST_NAME)]
-        for source, name in ((scan, manifest.scan_file), (repaired, manifest.repaired_file)):
+        for source, name in ((scan, manifest.scan_file), (repaired, manifest.repaired_file),
+                             (detector, manifest.detector_file)):
             if source is not None:
                 target = Path(tmp) / name
                 extra_files.append(target if source == target else Path(shutil.copyfile(source, target)))

@@ -3,8 +3,8 @@
 Two frozen dataclasses travel inside every archive as one JSON file (:data:`MANIFEST_NAME`):
 :class:`GuardConfig` (how requests are decoded and how ReScaler defends them — the file a user passes to
 ``guard archive --guard-config``) and :class:`ArchiveManifest` (which registered architecture, which
-weights and their SHA-256, plus the :class:`GuardConfig`, and optionally a scan report and a repaired
-model, each with its SHA-256).
+weights and their SHA-256, plus the :class:`GuardConfig`, and optionally a scan report, a repaired model and a
+calibrated trigger detector, each with its SHA-256).
 """
 
 from __future__ import annotations
@@ -21,14 +21,20 @@ from ..rescaler import ReScalerConfig
 #: name of the manifest file inside a model archive
 MANIFEST_NAME = "guard-archive.json"
 #: bump when the manifest layout changes; the handler refuses layouts it does not know
-MANIFEST_VERSION = 2
-#: layouts this guard reads: version 1 lacks the method names (they read as ``None``)
-READABLE_VERSIONS = (1, 2)
+MANIFEST_VERSION = 3
+#: layouts this guard reads: version 1 lacks the method names, versions 1–2 the trigger detector (``None``)
+READABLE_VERSIONS = (1, 2, 3)
 #: names the optional scan report and repaired weights get inside an archive (the weights keep their suffix)
 SCAN_NAME = "guard-scan.json"
 REPAIRED_STEM = "guard-repaired"
+DETECTOR_NAME = "guard-detector.safetensors"
 #: how a request image is brought to the model's input size
 RESIZE_MODES = ("center-crop", "stretch", "exact")
+#: which model's prediction the endpoint answers, and what it does with a request its trigger detector flags
+ANSWERS = ("rescaler", "repaired")
+ON_TRIGGER = ("flag", "refuse")
+#: the HTTP status of a refused request (the request is well-formed; the guard will not answer it)
+REFUSED_STATUS = 422
 
 
 def _reject_unknown(cls: type, data: dict[str, Any], where: str) -> None:
@@ -67,6 +73,13 @@ class GuardConfig:
     ``convert_color``: convert grayscale, palette, RGBA (alpha dropped), CMYK and 16-bit images to 8-bit
     RGB; ``False`` answers them with a 415 instead.
     ``asr_window``: how many recent predictions the estimated attack-success-rate gauge looks back over.
+
+    The endpoint policy (README, "Endpoint policy"): ``answer`` — ``"rescaler"`` answers ReScaler's defended
+    label (the plain model's when ``enabled`` is false), ``"repaired"`` the label of the archive's repaired model
+    (``guard archive --repaired``); ``on_trigger`` — what happens to a request the archive's trigger detector
+    (``guard calibrate``, ``guard archive --detector``) scores above its threshold: ``"flag"`` answers it with
+    ``"flagged": true``, ``"refuse"`` answers :data:`REFUSED_STATUS` with the score and the threshold instead of
+    a label. Without a detector, answers carry no trigger score and nothing is refused.
     """
 
     rescaler: ReScalerConfig = field(default_factory=ReScalerConfig)
@@ -77,6 +90,8 @@ class GuardConfig:
     max_image_pixels: int = 16_000_000
     convert_color: bool = True
     asr_window: int = 1000
+    answer: str = "rescaler"
+    on_trigger: str = "flag"
 
     def __post_init__(self) -> None:
         if not isinstance(self.rescaler, ReScalerConfig):
@@ -87,8 +102,9 @@ class GuardConfig:
         _positive_int("top_k", self.top_k)
         _positive_int("max_image_pixels", self.max_image_pixels)
         _positive_int("asr_window", self.asr_window)
-        if self.resize not in RESIZE_MODES:
-            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
+        for name, allowed in (("resize", RESIZE_MODES), ("answer", ANSWERS), ("on_trigger", ON_TRIGGER)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.class_names is not None:
             names = self.class_names
             if isinstance(names, (str, bytes)) or not all(isinstance(n, str) and n for n in names):
@@ -136,8 +152,9 @@ class GuardConfig:
 @dataclass(frozen=True)
 class ArchiveManifest:
     """What a guard model archive holds: architecture, weights (with their SHA-256) and guard config; and,
-    when built with ``guard archive --scan/--repaired``, the scan report (``guard scan --out``) and the
-    repaired weights (``guard repair --out``), each with its SHA-256. The method names — the detector that
+    when built with ``guard archive --scan/--repaired/--detector``, the scan report (``guard scan --out``), the
+    repaired weights (``guard repair --out``) and the trigger detector (``guard calibrate --out``), each with its
+    SHA-256. The method names — the detector that
     wrote the scan (``scan_method``), the defense that produced the repaired weights (``repaired_method``)
     and the served weights (``weights_method``, e.g. ``guard harden``'s ``moth``) — must be registered
     names (``guard.detect.report_methods()``, ``guard.repair.list_defenses()``)."""
@@ -155,6 +172,8 @@ class ArchiveManifest:
     scan_method: str | None = None
     repaired_method: str | None = None
     weights_method: str | None = None
+    detector_file: str | None = None
+    detector_sha256: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -162,7 +181,7 @@ class ArchiveManifest:
         _positive_int("num_classes", self.num_classes)
         _check_file_name("weights_file", self.weights_file)
         _check_sha256("weights_sha256", self.weights_sha256)
-        for part in ("scan", "repaired"):
+        for part in ("scan", "repaired", "detector"):
             file, sha = getattr(self, f"{part}_file"), getattr(self, f"{part}_sha256")
             if (file is None) != (sha is None):
                 raise ValueError(f"{part}_file and {part}_sha256 go together, got {file!r} and {sha!r}")
@@ -187,6 +206,12 @@ class ArchiveManifest:
             raise ValueError(f"unsupported archive manifest version {self.version!r}; this guard reads "
                              f"versions {READABLE_VERSIONS} (rebuild the archive with `guard archive`)")
         self.guard.names_for(self.num_classes)
+        if self.guard.answer == "repaired" and self.repaired_file is None:
+            raise ValueError("the guard config answers the repaired model's label (answer='repaired'), but the "
+                             "archive has no repaired model; add one with --repaired")
+        if self.guard.on_trigger == "refuse" and self.detector_file is None:
+            raise ValueError("the guard config refuses flagged requests (on_trigger='refuse'), but the archive has "
+                             "no trigger detector; calibrate one with `guard calibrate` and add it with --detector")
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, "model": self.model, "num_classes": self.num_classes,
@@ -194,7 +219,8 @@ class ArchiveManifest:
                 "guard": self.guard.to_dict(), "scan_file": self.scan_file, "scan_sha256": self.scan_sha256,
                 "repaired_file": self.repaired_file, "repaired_sha256": self.repaired_sha256,
                 "scan_method": self.scan_method, "repaired_method": self.repaired_method,
-                "weights_method": self.weights_method}
+                "weights_method": self.weights_method, "detector_file": self.detector_file,
+                "detector_sha256": self.detector_sha256}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = MANIFEST_NAME) -> "ArchiveManifest":

@@ -40,15 +40,19 @@ _MODE_NAMES = {"L": "8-bit grayscale", "LA": "grayscale with alpha", "P": "palet
 class BadRequest(ValueError):
     """One request the server cannot answer with a prediction; ``status`` is the HTTP code it gets."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, kind: str = "BadRequest",
+                 details: dict[str, object] | None = None) -> None:
         if not 400 <= status < 500:
             raise ValueError(f"a bad request maps to a 4xx status, got {status}")
         super().__init__(message)
         self.status = status
         self.message = message
+        self.kind = kind
+        self.details = dict(details or {})
 
     def to_dict(self) -> dict[str, object]:
-        return {"code": self.status, "type": "BadRequest", "message": self.message}
+        """The response body: ``{"code", "type", "message"}`` and any details (a refusal's score and threshold)."""
+        return {"code": self.status, "type": self.kind, "message": self.message, **self.details}
 
 
 def select_field(request: Mapping[str, object]) -> str:

@@ -44,9 +44,16 @@ SCAN_BACKDOORED = MetricSpec("guard_scan_backdoored", "gauge", "verdict", ("mode
 BACKDOOR_SCORE = MetricSpec("guard_backdoor_score", "histogram", "score", ("model_name",))
 DISAGREEMENTS = MetricSpec("guard_repair_disagreements_total", "counter", "predictions",
                            ("model_name", "original_class"))
+# per request, from the archive's trigger detector (guard archive --detector): the score in units of the
+# threshold (1 = at it, so the default buckets resolve it), the flagged requests by undefended class, and the
+# calibrated threshold with its false-positive rate and the policy acting on it (set once at load)
+TRIGGER_SCORE = MetricSpec("guard_trigger_score", "histogram", "threshold", ("model_name",))
+FLAGGED = MetricSpec("guard_flagged_total", "counter", "requests", ("model_name", "original_class"))
+TRIGGER_THRESHOLD = MetricSpec("guard_trigger_threshold", "gauge", "score",
+                               ("model_name", "false_positive_rate", "on_trigger"))
 #: every metric the handler emits
 METRICS = (LATENCY, REQUESTS, REVERTED, ESTIMATED_ASR, BATCH_SIZE, BAD_REQUESTS, SCAN_SCORE, SCAN_BACKDOORED,
-           BACKDOOR_SCORE, DISAGREEMENTS)
+           BACKDOOR_SCORE, DISAGREEMENTS, TRIGGER_SCORE, FLAGGED, TRIGGER_THRESHOLD)
 #: values of the ``stage`` label of :data:`LATENCY`: decoding, the ReScaler pass, the repaired model's
-#: forward (archives with a repaired model only), building the answers
-STAGES = ("preprocess", "adapt", "score", "postprocess")
+#: forward (archives with a repaired model only), the trigger detector (archives with one only), building the answers
+STAGES = ("preprocess", "adapt", "score", "detect", "postprocess")

@@ -1,10 +1,11 @@
 """The guarded classifier a server worker runs: load an archive's model, adapt a batch, describe it.
 
-``classify`` is the one call per server batch: ReScaler adapts the whole batch with one forward and one
-backward pass (rescaler_main.txt §3, eq. 3) and returns defended and undefended logits together;
-``score`` adds, when the archive carries a repaired model, one batched forward of it for the per-request
-backdoor score (:class:`guard.detect.RequestScorer`); ``describe`` turns both into the per-request JSON
-answer.
+``observe`` (``classify``) is the one call per server batch: ReScaler adapts the whole batch with one forward and
+one backward pass (rescaler_main.txt §3, eq. 3) and returns defended and undefended logits together, plus the
+penultimate features its first forward computed; ``score`` adds, when the archive carries a repaired model, one
+batched forward of it for the per-request backdoor score (:class:`guard.detect.RequestScorer`); ``detect`` scores
+the features with the archive's trigger detector (:class:`guard.detect.TriggerDetector`, no extra pass);
+``describe`` applies the endpoint policy of the guard config and turns all of it into the per-request answers.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from pathlib import Path
 import torch
 
 from .. import models
-from ..detect import RequestScorer, RequestScores
+from ..detect import RequestScorer, RequestScores, TriggerDetector, TriggerScores, penultimate_features
 from ..rescaler import Adaptation, ReScaler
-from .config import MANIFEST_NAME, ArchiveManifest, GuardConfig
+from .config import MANIFEST_NAME, REFUSED_STATUS, ArchiveManifest, GuardConfig
+from .decode import BadRequest
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +52,23 @@ def _verified(model_dir: Path, name: str, expected: str, what: str) -> Path:
 
 class GuardedClassifier:
     """A registered model behind ReScaler (or bare, when ``config.enabled`` is false), with class names;
-    ``scorer`` carries the archive's scan report and repaired model, when it has them."""
+    ``scorer`` carries the archive's scan report and repaired model, ``detector`` its trigger detector, when it
+    has them."""
 
-    def __init__(self, model: models.GuardModel, config: GuardConfig, scorer: RequestScorer | None = None) -> None:
+    def __init__(self, model: models.GuardModel, config: GuardConfig, scorer: RequestScorer | None = None,
+                 detector: TriggerDetector | None = None) -> None:
         if not isinstance(model, models.GuardModel):
             raise TypeError(f"expected a guard.models.GuardModel, got {type(model).__name__}")
         if scorer is not None and not isinstance(scorer, RequestScorer):
             raise TypeError(f"scorer must be a guard.detect.RequestScorer or None, got {type(scorer).__name__}")
+        if detector is not None and not isinstance(detector, TriggerDetector):
+            raise TypeError(f"detector must be a guard.detect.TriggerDetector or None, got {type(detector).__name__}")
+        if detector is not None:
+            detector.check_model(model)
+        if config.answer == "repaired" and (scorer is None or scorer.repaired is None):
+            raise ValueError("answer='repaired' needs a repaired model (a RequestScorer with one)")
+        if config.on_trigger == "refuse" and detector is None:
+            raise ValueError("on_trigger='refuse' needs a trigger detector")
         if model.spec.input_size[0] != 3:
             raise ValueError(f"serving decodes RGB images; model {model.spec.name!r} expects "
                              f"{model.spec.input_size[0]} channels")
@@ -66,13 +78,14 @@ class GuardedClassifier:
         self.rescaler = (ReScaler(model, config.rescaler.eps, config.rescaler.alpha, config.rescaler.steps)
                          if config.enabled else None)
         self.scorer = scorer
+        self.detector = detector
 
     @classmethod
     def from_archive_dir(cls, model_dir: str | Path, device: torch.device | str = "cpu") -> "GuardedClassifier":
         """Load what ``guard archive`` packed, after checking the weights' SHA-256 against the manifest.
 
-        Raises :class:`WeightsMismatchError` when the weights (or the scan report or repaired weights) were
-        changed after archiving.
+        Raises :class:`WeightsMismatchError` when the weights (or the scan report, repaired weights or trigger
+        detector) were changed after archiving.
         """
         model_dir = Path(model_dir)
         manifest = ArchiveManifest.load(model_dir / MANIFEST_NAME)
@@ -86,10 +99,16 @@ class GuardedClassifier:
                         _verified(model_dir, manifest.repaired_file, manifest.repaired_sha256, "repaired weights"))
             scorer = RequestScorer.from_files(repaired, manifest.model, report=scan,
                                               num_classes=manifest.num_classes, device=device)
-        log.info("loaded %s (%d classes, weights sha256 %s…) guard=%s scan=%s repaired=%s", manifest.model,
-                 manifest.num_classes, manifest.weights_sha256[:12], "on" if manifest.guard.enabled else "off",
-                 manifest.scan_file is not None, manifest.repaired_file is not None)
-        return cls(model.to(device), manifest.guard, scorer)
+        detector = None
+        if manifest.detector_file is not None:
+            detector = TriggerDetector.load(_verified(model_dir, manifest.detector_file, manifest.detector_sha256,
+                                                      "trigger detector"))
+        log.info("loaded %s (%d classes, weights sha256 %s…) guard=%s scan=%s repaired=%s detector=%s policy=%s/%s",
+                 manifest.model, manifest.num_classes, manifest.weights_sha256[:12],
+                 "on" if manifest.guard.enabled else "off", manifest.scan_file is not None,
+                 manifest.repaired_file is not None, detector is not None, manifest.guard.answer,
+                 manifest.guard.on_trigger)
+        return cls(model.to(device), manifest.guard, scorer, detector)
 
     @property
     def input_hw(self) -> tuple[int, int]:
@@ -103,13 +122,26 @@ class GuardedClassifier:
 
     def classify(self, images: torch.Tensor) -> Adaptation:
         """Defended and undefended logits for a batch ``(B, 3, H, W)`` in [0, 1] — one ReScaler pass."""
+        return self.observe(images)[0]
+
+    def observe(self, images: torch.Tensor) -> tuple[Adaptation, torch.Tensor]:
+        """:meth:`classify`, and the penultimate features ``(B, D)`` of the undefended forward, captured in the
+        same pass (what :meth:`detect` scores)."""
         images = images.to(self.device)
-        if self.rescaler is not None:
-            return self.rescaler.adapt(images)
-        with torch.inference_mode():
-            logits = self.model(images).float()
+        with penultimate_features(self.model) as captured:
+            if self.rescaler is not None:
+                return self.rescaler.adapt(images), captured[0]
+            with torch.inference_mode():
+                logits = self.model(images).float()
         return Adaptation(logits=logits, original_logits=logits,
-                          scalars=logits.new_zeros(logits.shape[0], 0))
+                          scalars=logits.new_zeros(logits.shape[0], 0)), captured[0]
+
+    def detect(self, result: Adaptation, features: torch.Tensor) -> TriggerScores | None:
+        """The archive's trigger detector on :meth:`observe`'s features (classes: the undefended labels), or
+        ``None`` when the archive has none."""
+        if self.detector is None:
+            return None
+        return self.detector.score(features, result.original_labels)
 
     def score(self, images: torch.Tensor, result: Adaptation) -> RequestScores | None:
         """Per-request backdoor scores of a classified batch against the archive's repaired model (one
@@ -118,26 +150,34 @@ class GuardedClassifier:
             return None
         return self.scorer.score(images.to(self.device), result.original_logits)
 
-    def describe(self, result: Adaptation, scores: RequestScores | None = None) -> list[dict[str, object]]:
-        """One answer per input: defended label and class, top-k probabilities, the undefended label,
-        whether the guard changed the prediction, and the anomaly score; with ``scores`` (:meth:`score`)
-        also ``backdoor_score``, ``repaired_label`` and ``disagree``.
+    def describe(self, result: Adaptation, scores: RequestScores | None = None,
+                 trigger: TriggerScores | None = None) -> list[dict[str, object] | BadRequest]:
+        """One answer per input under the endpoint policy (:class:`GuardConfig` ``answer`` and ``on_trigger``):
+        the answered label and class with its top-k probabilities, the undefended label, whether the answer
+        differs from it, and the anomaly score; with ``scores`` (:meth:`score`) also ``backdoor_score``,
+        ``repaired_label`` and ``disagree``; with ``trigger`` (:meth:`detect`) also ``trigger_score`` and
+        ``flagged`` — or, for a flagged input under ``on_trigger="refuse"``, a :class:`BadRequest` with status
+        :data:`~guard.serving.config.REFUSED_STATUS`, the score and the threshold, in place of the answer.
 
         ``anomaly_score`` is how much probability the undefended prediction lost under adaptation,
         ``p(y₀ | x) − p_w(y₀ | x)`` with y₀ the undefended label: near 0 for inputs ReScaler leaves alone,
-        large for inputs whose prediction rests on the residual units it damps (triggered inputs).
-        ``backdoor_score`` is the total-variation distance between the served and the repaired model's
-        probabilities (:class:`guard.detect.RequestScores`).
+        large for inputs whose prediction rests on the residual units it damps. ``backdoor_score`` is the
+        total-variation distance between the served and the repaired model's probabilities
+        (:class:`guard.detect.RequestScores`); ``trigger_score`` the squared Mahalanobis distance of the
+        input's features to clean inputs of its class (:class:`guard.detect.TriggerDetector`).
         """
+        if self.config.answer == "repaired" and scores is None:
+            raise ValueError("answer='repaired' needs the repaired model's scores (GuardedClassifier.score)")
         probs = result.logits.float().softmax(1).cpu()
         original_probs = result.original_logits.float().softmax(1).cpu()
-        labels = probs.argmax(1)
         original = original_probs.argmax(1)
-        k = min(self.config.top_k, probs.shape[1])
-        top_p, top_i = probs.topk(k, dim=1)
         rows = torch.arange(probs.shape[0])
         anomaly = (original_probs[rows, original] - probs[rows, original]).tolist()
-        answers = []
+        answered = scores.probabilities.float() if self.config.answer == "repaired" else probs
+        labels = answered.argmax(1)
+        k = min(self.config.top_k, answered.shape[1])
+        top_p, top_i = answered.topk(k, dim=1)
+        answers: list[dict[str, object] | BadRequest] = []
         for i in range(probs.shape[0]):
             label = int(labels[i])
             answers.append({
@@ -151,4 +191,14 @@ class GuardedClassifier:
         if scores is not None:
             for answer, extra in zip(answers, scores.to_list()):
                 answer.update(extra)
+        if trigger is not None:
+            for i, extra in enumerate(trigger.to_list()):
+                answers[i].update(extra)
+                if extra["flagged"] and self.config.on_trigger == "refuse":
+                    answers[i] = BadRequest(
+                        REFUSED_STATUS, f"refused: the guard's trigger detector scores this input "
+                                        f"{extra['trigger_score']:.4g}, above its threshold {trigger.threshold:.4g} "
+                                        f"(calibrated to flag {self.detector.false_positive_rate:.2%} of clean inputs)",
+                        kind="TriggerDetected",
+                        details={"trigger_score": extra["trigger_score"], "threshold": trigger.threshold})
         return answers

@@ -7,8 +7,10 @@ Thin by design: ``initialize`` loads the archive once through :class:`guard.serv
 (which checks the weights' SHA-256 and refuses a mismatch); ``preprocess`` decodes each request on its
 own, turning bad input into a per-request 4xx; ``inference`` runs one ReScaler pass over the decodable
 part of the server batch — plus, when the archive carries a repaired model, one forward of it for the
-per-request backdoor score; ``postprocess`` answers every request and updates the guard metrics. An
-archive's scan report is exported once at load as per-class anomaly gauges and a verdict.
+per-request backdoor score, and, when it carries a trigger detector, the score of the features that pass
+computed; ``postprocess`` answers every request under the endpoint policy (a refused request gets its own
+4xx, its batch-mates their answers) and updates the guard metrics. An archive's scan report is exported once
+at load as per-class anomaly gauges and a verdict, its trigger detector's threshold as a gauge.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from ts.metrics.metric_cache_errors import MetricsCacheKeyError
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
-from guard.serving import (BACKDOOR_SCORE, BAD_REQUESTS, BATCH_SIZE, DISAGREEMENTS, ESTIMATED_ASR, LATENCY,
-                           METRICS, REQUESTS, REVERTED, SCAN_BACKDOORED, SCAN_SCORE, BadRequest,
-                           GuardedClassifier, RevertMonitor, decode_request, reject_form_encoding, select_field)
+from guard.serving import (BACKDOOR_SCORE, BAD_REQUESTS, BATCH_SIZE, DISAGREEMENTS, ESTIMATED_ASR, FLAGGED, LATENCY,
+                           METRICS, REQUESTS, REVERTED, SCAN_BACKDOORED, SCAN_SCORE, TRIGGER_SCORE, TRIGGER_THRESHOLD,
+                           BadRequest, GuardedClassifier, RevertMonitor, decode_request, reject_form_encoding,
+                           select_field)
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +36,9 @@ _TYPES = {"counter": MetricTypes.COUNTER, "gauge": MetricTypes.GAUGE, "histogram
 
 class GuardHandler(BaseHandler):
     """Answers ``{"label", "class", "probabilities", "original_label", "reverted", "anomaly_score"}``, plus
-    ``{"backdoor_score", "repaired_label", "disagree"}`` when the archive carries a repaired model."""
+    ``{"backdoor_score", "repaired_label", "disagree"}`` when the archive carries a repaired model and
+    ``{"trigger_score", "flagged"}`` when it carries a trigger detector (or a 422 for a flagged request, when the
+    guard config refuses them)."""
 
     def initialize(self, context) -> None:
         properties = context.system_properties
@@ -46,11 +51,16 @@ class GuardHandler(BaseHandler):
             raise
         self.device = device
         self.model_name = context.model_name
-        self.monitor = RevertMonitor(len(self.classifier.class_names), self.classifier.config.asr_window)
+        detector = self.classifier.detector
+        self.monitor = RevertMonitor(len(self.classifier.class_names), self.classifier.config.asr_window,
+                                     0.0 if detector is None else detector.false_positive_rate)
         self._asr_sent: list[float | None] = [None] * len(self.classifier.class_names)
         self._metrics = {spec.name: self._declare(context.metrics, spec) for spec in METRICS}
         self.context = context
         self._export_scan()
+        if detector is not None:
+            self._emit(TRIGGER_THRESHOLD, detector.threshold, f"{detector.false_positive_rate:g}",
+                       self.classifier.config.on_trigger)
         self.initialized = True
         log.info("guard: model %s ready on %s", self.model_name, device)
 
@@ -104,14 +114,15 @@ class GuardHandler(BaseHandler):
         return part.get("content-type") if isinstance(part, dict) else None
 
     def inference(self, items, *args, **kwargs):
-        """One ReScaler pass (one forward + one backward) over all decodable requests of the batch, and one
-        forward of the repaired model when the archive has one."""
+        """One ReScaler pass (one forward + one backward) over all decodable requests of the batch, one
+        forward of the repaired model when the archive has one, and the trigger detector on the features of
+        the first forward when it has one."""
         good = [item for item in items if isinstance(item, torch.Tensor)]
         if not good:
-            return items, None, None
+            return items, None, None, None
         start = time.perf_counter()
         images = torch.stack(good).to(self.classifier.device)  # one host-to-device copy for both passes
-        result = self.classifier.classify(images)
+        result, features = self.classifier.observe(images)
         if result.logits.is_cuda:
             torch.cuda.synchronize(result.logits.device)
         self._emit(LATENCY, time.perf_counter() - start, "adapt")
@@ -119,40 +130,57 @@ class GuardHandler(BaseHandler):
         scores = self.classifier.score(images, result)
         if scores is not None:
             self._emit(LATENCY, time.perf_counter() - start, "score")
-        return items, result, scores
+        start = time.perf_counter()
+        trigger = self.classifier.detect(result, features)
+        if trigger is not None:
+            self._emit(LATENCY, time.perf_counter() - start, "detect")
+        return items, result, scores, trigger
 
     def postprocess(self, data):
-        """Answer each request (4xx for bad ones, set on that request only) and update the metrics."""
+        """Answer each request (4xx for bad or refused ones, set on that request only) and update the metrics."""
         start = time.perf_counter()
-        items, result, scores = data
-        answers = iter(self.classifier.describe(result, scores) if result is not None else ())
+        items, result, scores, trigger = data
+        answers = iter(self.classifier.describe(result, scores, trigger) if result is not None else ())
         responses = []
         for idx, item in enumerate(items):
             self.context.set_response_content_type(idx, "application/json")
-            if isinstance(item, BadRequest):
-                self.context.set_response_status(item.status, http.HTTPStatus(item.status).phrase, idx)
-                self._emit(BAD_REQUESTS, 1, str(item.status))
-                responses.append(item.to_dict())
-            else:
-                responses.append(next(answers))
+            answer = item if isinstance(item, BadRequest) else next(answers)
+            if isinstance(answer, BadRequest):
+                self.context.set_response_status(answer.status, http.HTTPStatus(answer.status).phrase, idx)
+                self._emit(BAD_REQUESTS, 1, str(answer.status))
+                answer = answer.to_dict()
+            responses.append(answer)
         if result is not None:
-            self._update_guard_metrics(result.original_labels.cpu(), result.reverted.cpu())
+            reverted = result.reverted.cpu()
+            self._update_guard_metrics(result.original_labels.cpu(), reverted,
+                                       reverted if trigger is None else trigger.flagged)
         if scores is not None:
             self._update_scan_metrics(result.original_labels.cpu(), scores)
+        if trigger is not None:
+            self._update_trigger_metrics(result.original_labels.cpu(), trigger)
         self._emit(REQUESTS, len(items))
         self._emit(BATCH_SIZE, len(items))
         self._emit(LATENCY, time.perf_counter() - start, "postprocess")
         return responses
 
-    def _update_guard_metrics(self, original: torch.Tensor, reverted: torch.Tensor) -> None:
+    def _update_guard_metrics(self, original: torch.Tensor, reverted: torch.Tensor, attacked: torch.Tensor) -> None:
+        """Reverts by class, and the estimated ASR from ``attacked``: the flagged requests with a trigger
+        detector, else the reverted ones."""
         names = self.classifier.class_names
         for label in original[reverted].tolist():
             self._emit(REVERTED, 1, names[label])
-        self.monitor.update(original, reverted)
+        self.monitor.update(original, attacked)
         for c, value in enumerate(self.monitor.estimated_asr()):
             if value != self._asr_sent[c]:
                 self._emit(ESTIMATED_ASR, value, names[c])
                 self._asr_sent[c] = value
+
+    def _update_trigger_metrics(self, original: torch.Tensor, trigger) -> None:
+        names = self.classifier.class_names
+        for value in (trigger.score / max(trigger.threshold, 1e-12)).tolist():
+            self._emit(TRIGGER_SCORE, value)
+        for label in original[trigger.flagged].tolist():
+            self._emit(FLAGGED, 1, names[label])
 
     def _update_scan_metrics(self, original: torch.Tensor, scores) -> None:
         names = self.classifier.class_names

@@ -1,0 +1,228 @@
+"""What clients actually receive from a guarded endpoint: attack success and clean accuracy, per victim and policy.
+
+What:     per attack (--attacks) the strong victim of the shared cache (benchmarks/victims.py, the options of
+          detect_cifar10.py), archived once per endpoint POLICY and served by one real TorchServe (batch 8, 20 ms
+          delay; every policy a model of the same server). The trigger detector (guard calibrate:
+          guard.detect.TriggerDetector, out-of-fold threshold at --fpr) is calibrated on the lossless test images
+          0–699; the clean traffic is images 700–999, the triggered traffic the same images of non-target classes
+          stamped with the trigger (Xiang: its source classes), all sent as PNG over HTTP by CLIENTS threads,
+          clean first, then triggered.
+Policies: plain            guard off, no detector: the undefended model
+          rescaler         ReScaler's label, no detector (the endpoint before the policy)
+          detect-refuse    guard off (one forward) with the detector: flagged requests get a 422
+          rescaler-refuse  ReScaler's label with the detector: flagged requests get a 422
+Reports:  per victim and policy: the clean accuracy clients receive (a refused clean request is a wrong answer)
+          and its loss against plain, the attack success clients receive (the target label answered to a
+          triggered request; a refusal is a failure), refusal rates, images/s through the endpoint, and the
+          target class's guard_estimated_asr after each phase beside its truth (the share of the window's
+          requests the undefended model sent to the target that carry a successful trigger). The goal:
+          at most 5 % attack success at at most 2 points of clean accuracy, on every attack that took hold
+          (undefended attack success >= 0.5).
+Hardware: CPU (the project's 2 cores: the server and the clients share them); TorchServe uses a GPU when one is
+          visible.
+Output:   benchmarks/results/guard_end_to_end.json and .png; the JSON accumulates over runs (a victim already
+          measured with the same policies and false-positive rate is kept).
+Run:      GUARD_DATA_DIR=../shared/data python benchmarks/guard_end_to_end.py [--attacks badnets,blend] [--fpr 0.01]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import platform
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import requests
+import torch
+from PIL import Image
+
+import guard
+from guard.attacks import load_record
+from guard.data import load_dataset
+from guard.detect import TriggerDetector
+from guard.models import create
+from guard.serving import GuardConfig, ServerSettings, TorchServe, build_archive, free_ports
+from victims import data_root, victim  # benchmarks/victims.py: the shared cache of strong victims
+
+#: the victims, with the options the other defense benchmarks build them with (one cache entry each)
+ATTACKS = {"badnets": {"target": 0, "budget": 0.01}, "blend": {"target": 0, "budget": 0.05},
+           "wanet": {"target": 0}, "sig": {"target": 0, "delta": 20.0, "frequency": 6.0},
+           "adaptive-blend": {"target": 0}, "adaptive-patch": {"target": 0}, "refool": {"target": 0},
+           "xiang": {"pattern": "A", "num_sources": 1}}
+#: policy -> (guard config, archive carries the detector)
+POLICIES = {"plain": (GuardConfig(enabled=False), False), "rescaler": (GuardConfig(), False),
+            "detect-refuse": (GuardConfig(enabled=False, on_trigger="refuse"), True),
+            "rescaler-refuse": (GuardConfig(on_trigger="refuse"), True)}
+CALIBRATION_IMAGES, CLIENTS, SEED = 700, 8, 0
+GOAL_ASR, GOAL_CLEAN_LOSS, TOOK_HOLD = 0.05, 0.02, 0.5
+OUT = Path(__file__).parent / "results"
+RUNS = Path(__file__).resolve().parents[1] / "runs" / "end_to_end"
+
+
+def png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def send(server: TorchServe, name: str, images: torch.Tensor) -> tuple[list[tuple[int, dict]], float]:
+    """(status, body) per image, sent by CLIENTS threads; and the wall-clock seconds it took."""
+    bodies = [png(im) for im in images.permute(0, 2, 3, 1).numpy()]
+
+    def post(body: bytes) -> tuple[int, dict]:
+        reply = requests.post(server.inference_url(name), data=body, headers={"Content-Type": "image/png"},
+                              timeout=120)
+        if reply.status_code not in (200, 422):
+            raise RuntimeError(f"{name}: unexpected {reply.status_code}: {reply.text[:300]}")
+        return reply.status_code, reply.json()
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        answers = list(pool.map(post, bodies))
+    return answers, time.perf_counter() - started
+
+
+def target_gauge(server: TorchServe, name: str, target: int) -> float:
+    time.sleep(0.5)
+    text = requests.get(server.metrics_url, timeout=10).text
+    match = re.search(rf'^guard_estimated_asr{{(?=[^}}]*model_name="{name}")(?=[^}}]*class="{target}")[^}}]*}} (\S+)$',
+                      text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def traffic(attack_name: str, test) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(clean images, their labels, triggered images of the non-target/source classes, target)."""
+    v = victim(attack_name, **ATTACKS[attack_name])
+    attack = load_record(v.record)
+    evaluation = test.subset(range(CALIBRATION_IMAGES, len(test)))
+    sources = getattr(attack.config, "sources", None)
+    keep = (evaluation.labels != attack.config.target if sources is None
+            else torch.isin(evaluation.labels, torch.tensor(sources)))
+    triggered = attack.triggered(evaluation.subset(torch.nonzero(keep)[:, 0]))
+    return evaluation.images, evaluation.labels, triggered.images, attack.config.target
+
+
+def measure(attack_name: str, test, fpr: float) -> dict:
+    v = victim(attack_name, **ATTACKS[attack_name])
+    clean, labels, triggered, target = traffic(attack_name, test)
+    model = create("resnet20", weights=v.weights).eval()
+    started = time.perf_counter()
+    detector = TriggerDetector.calibrate(model, test.images[:CALIBRATION_IMAGES].float() / 255,
+                                         false_positive_rate=fpr, generator=torch.Generator().manual_seed(SEED))
+    calibrate_seconds = time.perf_counter() - started
+    run = RUNS / attack_name
+    detector_file = detector.save(run / "detector.safetensors")
+    store = run / "store"
+    for policy, (config, with_detector) in POLICIES.items():
+        build_archive("resnet20", v.weights, store / f"{policy}.mar", config, force=True,
+                      detector=detector_file if with_detector else None)
+    settings = ServerSettings(*free_ports(5), token_auth=False, batch_size=8, max_batch_delay_ms=20, threads=2)
+    rows = {}
+    with TorchServe(run / "server", store, {p: f"{p}.mar" for p in POLICIES}, settings) as server:
+        for policy in POLICIES:
+            clean_answers, clean_seconds = send(server, policy, clean)
+            gauge_clean = target_gauge(server, policy, target)
+            trig_answers, trig_seconds = send(server, policy, triggered)
+            gauge_after = target_gauge(server, policy, target)
+            rows[policy] = summarize(clean_answers, labels, trig_answers, target)
+            rows[policy].update({
+                "images_per_second": round((len(clean) + len(triggered)) / (clean_seconds + trig_seconds), 1),
+                "estimated_asr_target_after_clean": round(gauge_clean, 4),
+                "estimated_asr_target_after_triggered": round(gauge_after, 4)})
+            print(f"{attack_name:15s} {policy:16s} clean acc {rows[policy]['clean_accuracy']:.3f} "
+                  f"ASR {rows[policy]['attack_success']:.3f} refused clean {rows[policy]['clean_refused']:.3f} "
+                  f"triggered {rows[policy]['triggered_refused']:.3f} gauge {gauge_clean:.3f}->{gauge_after:.3f} "
+                  f"{rows[policy]['images_per_second']:.0f} img/s", flush=True)
+    # the truth the gauge estimates: of the window's requests the undefended model sent to the target, the share
+    # that are triggered requests it sent there (the window, asr_window=1000, holds all of them)
+    plain_clean = [a["original_label"] for _, a in rows["plain"]["answers"]["clean"]]
+    plain_trig = [a["original_label"] for _, a in rows["plain"]["answers"]["triggered"]]
+    to_target = sum(y == target for y in plain_clean) + sum(y == target for y in plain_trig)
+    truth = sum(y == target for y in plain_trig) / max(to_target, 1)
+    plain = rows["plain"]
+    took_hold = plain["attack_success"] >= TOOK_HOLD
+    for row in rows.values():
+        row["clean_accuracy_loss"] = round(plain["clean_accuracy"] - row["clean_accuracy"], 4)
+        row["meets_goal"] = bool(row["attack_success"] <= GOAL_ASR and row["clean_accuracy_loss"] <= GOAL_CLEAN_LOSS)
+        row.pop("answers")
+    return {"options": ATTACKS[attack_name], "target": target, "victim": {"cda": v.cda, "asr": v.asr},
+            "requests": {"clean": len(clean), "triggered": len(triggered)}, "took_hold": took_hold,
+            "detector": {**detector.metadata(), "calibrate_seconds": round(calibrate_seconds, 2)},
+            "estimated_asr_truth": round(truth, 4), "policies": rows}
+
+
+def summarize(clean_answers, labels, trig_answers, target) -> dict:
+    def answered(status, body, want) -> bool:
+        return status == 200 and body["label"] == want
+
+    return {"clean_accuracy": round(float(np.mean([answered(s, b, int(y)) for (s, b), y in zip(clean_answers, labels)])), 4),
+            "clean_refused": round(float(np.mean([s == 422 for s, _ in clean_answers])), 4),
+            "attack_success": round(float(np.mean([answered(s, b, target) for s, b in trig_answers])), 4),
+            "triggered_refused": round(float(np.mean([s == 422 for s, _ in trig_answers])), 4),
+            "answers": {"clean": clean_answers, "triggered": trig_answers}}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attacks = list(results["attacks"])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    width = 0.8 / len(POLICIES)
+    for k, policy in enumerate(POLICIES):
+        xs = [i + k * width for i in range(len(attacks))]
+        rows = [results["attacks"][a]["policies"].get(policy, {}) for a in attacks]
+        axes[0].bar(xs, [r.get("attack_success", np.nan) for r in rows], width, label=policy)
+        axes[1].bar(xs, [100 * r.get("clean_accuracy_loss", np.nan) for r in rows], width, label=policy)
+    axes[0].axhline(GOAL_ASR, color="k", ls="--", lw=1, label="goal")
+    axes[1].axhline(100 * GOAL_CLEAN_LOSS, color="k", ls="--", lw=1, label="goal")
+    for ax, title in zip(axes, ("attack success received by clients", "clean accuracy loss vs plain (points)")):
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(attacks))], attacks, rotation=20)
+        ax.set_title(title)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"guard end to end through TorchServe (trigger detector at {results['params']['fpr']:.0%} FPR)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--attacks", default="badnets,blend,adaptive-blend,wanet")
+    parser.add_argument("--fpr", type=float, default=0.01, help="the detector's calibrated false-positive rate")
+    parser.add_argument("--out", default="guard_end_to_end", help="results name in benchmarks/results/")
+    args = parser.parse_args()
+    attacks = args.attacks.split(",")
+    unknown = [a for a in attacks if a not in ATTACKS]
+    if unknown:
+        raise SystemExit(f"unknown attacks {unknown}; choose from {list(ATTACKS)}")
+    test = load_dataset("cifar10", data_root(), split="test-lossless")
+    out_json = OUT / f"{args.out}.json"
+    results = json.loads(out_json.read_text()) if out_json.is_file() else {}
+    if results.get("params", {}).get("fpr") != args.fpr or results.get("params", {}).get("policies") != list(POLICIES):
+        results = {}
+    results.update({"what": __doc__.splitlines()[0], "torch": torch.__version__, "guard": guard.__version__,
+                    "platform": platform.platform(), "cuda": torch.cuda.is_available(),
+                    "params": {"fpr": args.fpr, "calibration_images": CALIBRATION_IMAGES, "clients": CLIENTS,
+                               "policies": list(POLICIES), "goal": {"attack_success": GOAL_ASR,
+                                                                    "clean_accuracy_loss": GOAL_CLEAN_LOSS,
+                                                                    "took_hold": TOOK_HOLD}}})
+    results.setdefault("attacks", {})
+    for attack_name in attacks:
+        if attack_name in results["attacks"]:
+            continue
+        results["attacks"][attack_name] = measure(attack_name, test, args.fpr)
+        out_json.write_text(json.dumps(results, indent=1))
+    out_json.write_text(json.dumps(results, indent=1))
+    plot(results, OUT / f"{args.out}.png")
+    print(f"wrote {out_json} and .png")
+
+
+if __name__ == "__main__":
+    main()
