@@ -12,7 +12,7 @@ Example::
         print(server.inference_url("resnet20"))
 """
 
-from .archive import build_archive, read_manifest
+from .archive import build_archive, checksum_path, read_manifest, verify_archive
 from .config import (ANSWERS, DETECTOR_NAME, MANIFEST_NAME, ON_TRIGGER, REFUSED_STATUS, REPAIRED_STEM, RESIZE_MODES,
                      SCAN_NAME, ArchiveManifest, GuardConfig)
 from .decode import BadRequest, decode_request, reject_form_encoding, select_field
@@ -30,4 +30,5 @@ __all__ = ["ANSWERS", "DETECTOR_NAME", "FLAGGED", "ON_TRIGGER", "REFUSED_STATUS"
            "MANIFEST_NAME", "METRICS", "METRICS_FILE", "MetricSpec", "PORT_NAMES", "REPAIRED_STEM", "REQUESTS",
            "RESIZE_MODES", "REVERTED", "RevertMonitor", "SCAN_BACKDOORED", "SCAN_NAME", "SCAN_SCORE", "STAGES",
            "ServerError", "ServerSettings", "TS_CONFIG_FILE", "TorchServe", "WeightsMismatchError", "build_archive",
+           "checksum_path", "verify_archive",
            "decode_request", "read_manifest", "reject_form_encoding", "select_field", "sha256_file"]

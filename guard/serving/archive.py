@@ -6,12 +6,14 @@ given and :data:`~guard.serving.config.MANIFEST_NAME` (architecture, class count
 per-class anomaly gauges and a verdict; a ``guard cleanse --out`` report is stored as its verdict), a
 repaired model (``guard repair --out``, which scores every request against the served one;
 pick_your_poison.txt §4, ALGORITHMS.md D2/D3) and a calibrated trigger detector (``guard calibrate --out``,
-which scores every request and drives the endpoint policy of the guard config). The handler recomputes every SHA-256 at load and refuses a
-mismatch.
+which scores every request and drives the endpoint policy of the guard config). The handler recomputes every
+SHA-256 at load, the manifest's own included, and refuses a mismatch. Beside the archive goes
+``NAME.mar.sha256``, which :class:`~guard.serving.TorchServe` checks before serving it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -27,7 +29,7 @@ from .._validation import require_extra
 from ..cleanse import REPORT_KIND, CleanseResult
 from ..detect import ScanReport, TriggerDetector
 from .config import DETECTOR_NAME, MANIFEST_NAME, REPAIRED_STEM, SCAN_NAME, ArchiveManifest, GuardConfig
-from .predictor import sha256_file
+from .predictor import WeightsMismatchError, sha256_file
 from .resources import HANDLER_FILE
 
 log = logging.getLogger(__name__)
@@ -109,6 +111,7 @@ def build_archive(model: str, weights: str | Path, out: str | Path, guard_config
             extras.update(scan_sha256=sha256_file(scan))
         manifest = ArchiveManifest(model, num_classes, weights.name, sha256_file(weights), config,
                                    weights_method=weights_method, **extras)
+        manifest = dataclasses.replace(manifest, manifest_sha256=manifest.digest())
         extra_files = [manifest.save(Path(tmp) / MANIFEST_NAME)]
         for source, name in ((scan, manifest.scan_file), (repaired, manifest.repaired_file),
                              (detector, manifest.detector_file)):
@@ -123,8 +126,31 @@ def build_archive(model: str, weights: str | Path, out: str | Path, guard_config
     if done.returncode != 0 or not out.is_file():
         raise RuntimeError(f"torch-model-archiver failed (exit {done.returncode}): "
                            f"{(done.stderr or done.stdout).strip()[-2000:]}")
+    checksum_path(out).write_text(f"{sha256_file(out)}  {out.name}\n", encoding="utf-8")
     log.info("wrote %s (%s, weights sha256 %s)", out, model, manifest.weights_sha256)
     return out
+
+
+def checksum_path(archive: str | Path) -> Path:
+    """Where ``build_archive`` writes an archive's SHA-256 (``NAME.mar.sha256``, the ``sha256sum`` format)."""
+    archive = Path(archive)
+    return archive.with_name(archive.name + ".sha256")
+
+
+def verify_archive(archive: str | Path) -> bool:
+    """Check ``archive`` against its checksum file: ``True`` when it matches, ``False`` when there is no checksum
+    file (an archive not built by ``guard archive``); raises :class:`WeightsMismatchError` naming the file when the
+    archive was changed after it was written."""
+    archive = Path(archive)
+    recorded = checksum_path(archive)
+    if not recorded.is_file():
+        return False
+    expected = (recorded.read_text(encoding="utf-8").split() or [""])[0]
+    actual = sha256_file(archive)
+    if actual != expected:
+        raise WeightsMismatchError(f"archive {archive} has SHA-256 {actual}, but {recorded.name} records "
+                                   f"{expected or '(nothing)'}; refusing to serve it (rebuild it with `guard archive`)")
+    return True
 
 
 def _load_verdict(path: Path) -> tuple[ScanReport, bool]:

@@ -9,6 +9,7 @@ calibrated trigger detector, each with its SHA-256).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -174,6 +175,7 @@ class ArchiveManifest:
     weights_method: str | None = None
     detector_file: str | None = None
     detector_sha256: str | None = None
+    manifest_sha256: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -202,6 +204,8 @@ class ArchiveManifest:
                 raise ValueError(f"{name}={value!r} needs the file it describes")
         if not isinstance(self.guard, GuardConfig):
             raise TypeError(f"guard must be a GuardConfig, got {type(self.guard).__name__}")
+        if self.manifest_sha256 is not None:
+            _check_sha256("manifest_sha256", self.manifest_sha256)
         if self.version not in READABLE_VERSIONS:
             raise ValueError(f"unsupported archive manifest version {self.version!r}; this guard reads "
                              f"versions {READABLE_VERSIONS} (rebuild the archive with `guard archive`)")
@@ -220,7 +224,16 @@ class ArchiveManifest:
                 "repaired_file": self.repaired_file, "repaired_sha256": self.repaired_sha256,
                 "scan_method": self.scan_method, "repaired_method": self.repaired_method,
                 "weights_method": self.weights_method, "detector_file": self.detector_file,
-                "detector_sha256": self.detector_sha256}
+                "detector_sha256": self.detector_sha256, "manifest_sha256": self.manifest_sha256}
+
+    def digest(self) -> str:
+        """SHA-256 of the manifest's canonical JSON without ``manifest_sha256``: ``guard archive`` records it
+        there, and the server refuses a manifest (a guard config, a file name or checksum) edited after
+        archiving. It catches edits that do not recompute it; the archive's own checksum file
+        (``NAME.mar.sha256``, checked by :class:`~guard.serving.TorchServe` before it serves) catches the rest."""
+        data = self.to_dict()
+        data.pop("manifest_sha256")
+        return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = MANIFEST_NAME) -> "ArchiveManifest":

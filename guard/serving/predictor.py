@@ -84,11 +84,15 @@ class GuardedClassifier:
     def from_archive_dir(cls, model_dir: str | Path, device: torch.device | str = "cpu") -> "GuardedClassifier":
         """Load what ``guard archive`` packed, after checking the weights' SHA-256 against the manifest.
 
-        Raises :class:`WeightsMismatchError` when the weights (or the scan report, repaired weights or trigger
-        detector) were changed after archiving.
+        Raises :class:`WeightsMismatchError` when the manifest (its guard config), the weights, the scan report,
+        the repaired weights or the trigger detector were changed after archiving.
         """
         model_dir = Path(model_dir)
         manifest = ArchiveManifest.load(model_dir / MANIFEST_NAME)
+        if manifest.version >= 3 and manifest.manifest_sha256 != manifest.digest():
+            raise WeightsMismatchError(f"{MANIFEST_NAME} was changed after archiving: its content has SHA-256 "
+                                       f"{manifest.digest()}, but it records {manifest.manifest_sha256}; refusing "
+                                       f"to load (rebuild the archive with `guard archive`)")
         weights = _verified(model_dir, manifest.weights_file, manifest.weights_sha256, "weights")
         model = models.create(manifest.model, num_classes=manifest.num_classes, weights=weights)
         scorer = None

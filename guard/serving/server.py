@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -26,7 +27,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .._validation import require_extra
-from .archive import ARCHIVE_VERSION
+from .archive import ARCHIVE_VERSION, verify_archive
+from .predictor import WeightsMismatchError
 from .resources import METRICS_FILE, TS_CONFIG_FILE
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,7 @@ STATE_FILE = "server.json"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 #: the handler logs this when it refuses an archive; start-up stops waiting when it appears
 REFUSAL_MARK = "guard: refusing to load"
+_REFUSAL = re.compile(re.escape(REFUSAL_MARK) + r" model (\S+): (.*)$")
 _ADDRESSES = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address"}
 # TorchServe 0.12 always starts its gRPC APIs too (host and port in separate keys)
 _GRPC = {"grpc_inference": ("grpc_inference_address", "grpc_inference_port", 7070),
@@ -119,6 +122,8 @@ class TorchServe:
         self.config = TS_CONFIG_FILE if config is None else Path(config).resolve()
         self.pid: int | None = None
         self.addresses: dict[str, str] = {}
+        #: model -> the handler's reason, for the models a start with ``allow_refused`` left out
+        self.refused: dict[str, str] = {}
 
     # -- locations -------------------------------------------------------------------------------------
     @property
@@ -216,8 +221,16 @@ class TorchServe:
         return env
 
     # -- life cycle ------------------------------------------------------------------------------------
-    def start(self, timeout: float = 180.0) -> "TorchServe":
-        """Start TorchServe and wait until every model has a READY worker (raises :class:`ServerError`)."""
+    def start(self, timeout: float = 180.0, *, allow_refused: bool = False) -> "TorchServe":
+        """Start TorchServe and wait until every model has a READY worker (raises :class:`ServerError`).
+
+        Every archive is first checked against its checksum file (``NAME.mar.sha256`` from ``guard archive``;
+        an archive without one is served with a warning): a changed archive is not served. A model whose
+        archive the handler refuses at load (a file changed after archiving, weights that are not a state dict,
+        a manifest naming a file outside the archive) raises, or, with ``allow_refused``, is left out: its
+        reason goes to :attr:`refused`, its workers are stopped (:meth:`stop_workers`) and its endpoint answers
+        503.
+        """
         require_extra("ts", "serve", "serving with TorchServe")
         if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
             raise ServerError("TorchServe needs a Java runtime (17 or newer): install one (e.g. openjdk-17-jre) "
@@ -225,6 +238,11 @@ class TorchServe:
         for name, mar in self.models.items():
             if not (self.model_store / mar).is_file():
                 raise FileNotFoundError(f"model {name}: archive {self.model_store / mar} not found")
+            try:
+                if not verify_archive(self.model_store / mar):
+                    log.warning("model %s: %s has no checksum file; serving it unverified", name, mar)
+            except WeightsMismatchError as exc:
+                raise ServerError(f"model {name}: {exc}") from exc
         if (self.run_dir / STATE_FILE).is_file() and TorchServe.attach(self.run_dir).is_running():
             raise ServerError(f"a server from {self.run_dir} is already running; stop it first (guard serve --stop)")
         config = self.write_config()
@@ -248,7 +266,7 @@ class TorchServe:
                  "settings": asdict(self.settings)}
         (self.run_dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
         try:
-            self.wait_ready(timeout)
+            self.refused = self.wait_ready(timeout, allow_refused=allow_refused)
         except BaseException:
             self.stop()
             raise
@@ -270,8 +288,8 @@ class TorchServe:
     def is_running(self) -> bool:
         return self.pid is not None and _is_alive(self.pid)
 
-    def _get(self, url: str, api: str, timeout: float = 5.0) -> tuple[int, bytes]:
-        request = urllib.request.Request(url, headers=self.auth_headers(api))
+    def _get(self, url: str, api: str, timeout: float = 5.0, method: str = "GET") -> tuple[int, bytes]:
+        request = urllib.request.Request(url, headers=self.auth_headers(api), method=method)
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 return response.status, response.read()
@@ -285,19 +303,33 @@ class TorchServe:
             raise ServerError(f"GET models/{model} answered {code}: {body[:300]!r}")
         return json.loads(body)
 
+    def stop_workers(self, model: str) -> None:
+        """Scale ``model`` to no workers: TorchServe stops restarting a worker that cannot load it, and answers
+        its endpoint at once with a 503 instead of queueing requests for a worker that never comes."""
+        url = self.management_url(f"models/{model}?min_worker=0&max_worker=0&synchronous=true")
+        code, body = self._get(url, "management", timeout=60.0, method="PUT")
+        if code != 200:
+            raise ServerError(f"PUT models/{model} (no workers) answered {code}: {body[:300]!r}")
+
     def worker_pids(self, model: str) -> list[int]:
         return [int(w["pid"]) for desc in self.model_status(model) for w in desc["workers"] if w.get("pid")]
 
-    def wait_ready(self, timeout: float = 180.0) -> None:
-        """Block until every model has a READY worker; fail fast if the server exits or refuses a model."""
+    def wait_ready(self, timeout: float = 180.0, *, allow_refused: bool = False) -> dict[str, str]:
+        """Block until every model has a READY worker; fail fast if the server exits or refuses a model — or,
+        with ``allow_refused``, wait for the others and return ``{model: reason}`` of the refused ones."""
         deadline = time.monotonic() + timeout
         pending = set(self.models)
+        refused: dict[str, str] = {}
         while pending:
             if not self.is_running():
                 raise ServerError(f"TorchServe exited during start-up:\n{self._tail()}")
-            refusal = self._refusal()
-            if refusal:
-                raise ServerError(f"a model archive was refused: {refusal}")
+            for model, reason in self._refusals().items():
+                if model in pending:
+                    if not allow_refused:
+                        raise ServerError(f"a model archive was refused: {REFUSAL_MARK} model {model}: {reason}")
+                    refused[model] = reason
+                    pending.discard(model)
+                    self.stop_workers(model)
             for model in sorted(pending):
                 try:
                     workers = [w for d in self.model_status(model) for w in d["workers"]]
@@ -309,16 +341,22 @@ class TorchServe:
                 raise ServerError(f"models {sorted(pending)} not READY after {timeout:.0f} s:\n{self._tail()}")
             if pending:
                 time.sleep(0.25)
-        log.info("TorchServe ready: %s", ", ".join(self.inference_url(m) for m in self.models))
+        log.info("TorchServe ready: %s", ", ".join(self.inference_url(m) for m in self.models if m not in refused))
+        for model, reason in refused.items():
+            log.error("TorchServe is not serving %s: %s", model, reason)
+        return refused
 
-    def _refusal(self) -> str | None:
+    def _refusals(self) -> dict[str, str]:
+        """``{model: reason}`` for every model whose archive the handler refused (from the model log)."""
         model_log = self.log_dir / "model_log.log"
         if not model_log.is_file():
-            return None
+            return {}
+        found = {}
         for line in model_log.read_text(errors="replace").splitlines():
-            if REFUSAL_MARK in line:
-                return line[line.index(REFUSAL_MARK):]
-        return None
+            match = _REFUSAL.search(line)
+            if match:
+                found.setdefault(match.group(1), match.group(2))
+        return found
 
     def _tail(self, lines: int = 30) -> str:
         parts = []
