@@ -45,7 +45,7 @@ ATTACKS = {"badnets": {"target": 0, "budget": 0.01}, "blend": {"target": 0, "bud
            "adaptive-blend": {"target": 0}, "adaptive-patch": {"target": 0}, "refool": {"target": 0},
            "xiang": {"pattern": "A", "num_sources": 1}}
 #: detectors measured beyond the registry defaults: name -> (registered detector, options)
-VARIANTS = {"rescaler-drop": ("rescaler", {"feature": "drop"})}
+VARIANTS = {"rescaler-penultimate": ("rescaler", {"feature": "penultimate"}), "rescaler-drop": ("rescaler", {"feature": "drop"})}
 FIT_IMAGES, CALIBRATION_IMAGES, FPR, SEED = 400, 300, 0.05, 0
 OUT = Path(__file__).parent / "results"
 

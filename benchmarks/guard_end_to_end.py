@@ -194,7 +194,7 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--attacks", default="badnets,blend,adaptive-blend,wanet")
+    parser.add_argument("--attacks", default="badnets,blend,adaptive-blend,wanet,sig,refool,xiang")
     parser.add_argument("--fpr", type=float, default=0.01, help="the detector's calibrated false-positive rate")
     parser.add_argument("--out", default="guard_end_to_end", help="results name in benchmarks/results/")
     args = parser.parse_args()

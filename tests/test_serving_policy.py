@@ -14,7 +14,8 @@ import torch
 
 from guard import models
 from guard.cli import main
-from guard.detect import RequestScorer, TriggerDetector, create_input_detector, penultimate_features
+from guard.detect import (PENULTIMATE, RequestScorer, TriggerDetector, create_input_detector, feature_layers,
+                          layer_features)
 from guard.serving import (DETECTOR_NAME, REFUSED_STATUS, ArchiveManifest, BadRequest, GuardConfig, GuardedClassifier,
                            RevertMonitor, WeightsMismatchError, build_archive, read_manifest, sha256_file)
 from outcomes import SEED, check
@@ -58,27 +59,32 @@ def _unpack(archive, into):
 
 # -- the detector ------------------------------------------------------------------------------------------
 def test_the_served_detector_is_the_rescaler_input_detector(detector):
-    """Same Gaussians as the ``rescaler`` input detector fitted on the same images, same scores from the served
-    pass's features; one forward of the plain model gives the features ReScaler's first forward computes."""
+    """Same Gaussians as the ``rescaler`` input detector fitted on the same images with the same folds, same scores
+    from the served pass's features; one forward of the plain model gives the features ReScaler's first forward
+    computes."""
     p = planted()
     clean = images(p.test_set)[:200]
-    reference = create_input_detector("rescaler").fit(p.backdoored, clean)
-    assert torch.allclose(detector.means, reference.means, atol=1e-6)
-    assert torch.allclose(detector.precision, reference.precision, rtol=1e-4, atol=1e-6)
+    reference = create_input_detector("rescaler").fit(p.backdoored, clean, generator=torch.Generator().manual_seed(SEED))
+    assert detector.layers == feature_layers(p.backdoored) == ("net.layer1", "net.layer2", PENULTIMATE)
+    for name, g in zip(detector.layers, detector.gaussians):
+        ref = reference.gaussians[name]
+        assert torch.allclose(g.means, ref.means, atol=1e-6)
+        assert torch.allclose(g.precision, ref.precision, rtol=1e-4, atol=1e-6)
+        assert g.log_mean == pytest.approx(ref.log_mean, abs=1e-6) and g.log_std == pytest.approx(ref.log_std, abs=1e-6)
     classifier = GuardedClassifier(suspect(), GuardConfig(), detector=detector)
     x = torch.cat([images(p.test_set)[200:210], images(p.triggered)[:10]])
     result, features = classifier.observe(x)
-    with torch.no_grad(), penultimate_features(p.backdoored) as plain:
+    with torch.no_grad(), layer_features(p.backdoored, detector.layers) as plain:
         p.backdoored(x)
-    assert not p.backdoored.classifier._forward_hooks, "a feature hook was left behind"
-    assert torch.allclose(features, plain[0], atol=1e-5)
+    assert not any(m._forward_hooks for m in p.backdoored.modules()), "a feature hook was left behind"
+    assert set(features) == set(detector.layers)
+    assert all(torch.allclose(features[n], plain[n][0], atol=1e-5) for n in detector.layers)
     trigger = classifier.detect(result, features)
-    assert torch.allclose(trigger.score, reference.score(x), rtol=1e-5)
+    assert torch.allclose(trigger.score, reference.score(x), rtol=1e-5, atol=1e-6)
     assert torch.equal(trigger.flagged, trigger.score > detector.threshold)
     # batched == one by one
     single = torch.cat([classifier.detect(*classifier.observe(x[i:i + 1])).score for i in range(len(x))])
-    assert torch.allclose(single, trigger.score, rtol=1e-5)
-    assert not classifier.model.classifier._forward_hooks, "a feature hook was left behind"
+    assert torch.allclose(single, trigger.score, rtol=1e-5, atol=1e-6)
 
 
 def test_calibration_is_deterministic_and_the_threshold_falls_with_the_rate(detector):
@@ -93,17 +99,28 @@ def test_calibration_is_deterministic_and_the_threshold_falls_with_the_rate(dete
                                       generator=torch.Generator().manual_seed(SEED))
     assert loose.threshold < detector.threshold < strict.threshold
     assert not any(m._forward_hooks for m in p.backdoored.modules()), "calibration left a hook behind"
-    assert torch.equal(strict.means, detector.means)  # the served Gaussians use every image, whatever the rate
+    # the served Gaussians use every image, whatever the rate
+    assert all(torch.equal(a.means, b.means) for a, b in zip(strict.gaussians, detector.gaussians))
+    alone = TriggerDetector.calibrate(p.backdoored, clean, feature="penultimate")
+    assert alone.layers == (PENULTIMATE,) and alone.feature_dims == {PENULTIMATE: p.backdoored.classifier.in_features}
 
 
-def test_the_feature_hook_goes_after_an_injected_failure():
+def test_the_feature_hooks_go_after_an_injected_failure():
     model = suspect()
+    layers = feature_layers(model)
     with pytest.raises(RuntimeError, match="injected"):
-        with penultimate_features(model) as captured:
+        with layer_features(model, layers) as captured:
             model(torch.rand(2, 3, 16, 16))
             raise RuntimeError("injected")
-    assert captured[0].shape == (2, model.classifier.in_features) and captured[0].dtype == torch.float64
-    assert not model.classifier._forward_hooks
+    assert captured[PENULTIMATE][0].shape == (2, model.classifier.in_features)
+    assert all(captured[n][0].dtype == torch.float64 and captured[n][0].shape[0] == 2 for n in layers)
+    # a stage contributes the mean and the standard deviation of each of its channels
+    assert captured["net.layer1"][0].shape[1] == 2 * model.get_submodule("net.layer1")[-1].conv2.out_channels
+    assert not any(m._forward_hooks for m in model.modules())
+    with pytest.raises(AttributeError):
+        with layer_features(model, ("net.layer1", "net.nowhere")):
+            pass
+    assert not any(m._forward_hooks for m in model.modules()), "a hook stayed after a failed registration"
 
 
 def test_calibration_refuses_too_few_images_of_a_class_and_bad_input():
@@ -121,7 +138,8 @@ def test_calibration_refuses_too_few_images_of_a_class_and_bad_input():
 
 def test_detector_file_round_trips_and_foreign_files_are_refused(detector, tmp_path):
     loaded = TriggerDetector.load(detector.save(tmp_path / "d.safetensors"))
-    assert torch.equal(loaded.means, detector.means) and torch.equal(loaded.precision, detector.precision)
+    assert all(torch.equal(a.means, b.means) and torch.equal(a.precision, b.precision)
+               for a, b in zip(loaded.gaussians, detector.gaussians))
     assert loaded.metadata() == detector.metadata()
     weights = models.save_weights(models.create("tiny_resnet", num_classes=4), tmp_path / "w.safetensors")
     with pytest.raises(ValueError, match="is not a guard trigger detector"):
@@ -131,12 +149,16 @@ def test_detector_file_round_trips_and_foreign_files_are_refused(detector, tmp_p
         TriggerDetector.load(tmp_path / "junk.safetensors")
     with pytest.raises(FileNotFoundError, match="trigger detector file not found"):
         TriggerDetector.load(tmp_path / "missing.safetensors")
-    with pytest.raises(ValueError, match="calibrated for 4 classes of"):
+    with pytest.raises(ValueError, match="calibrated for 4 classes"):
         detector.check_model(models.create("tiny_resnet", num_classes=10))
-    with pytest.raises(ValueError, match=r"features must be \(B, "):
-        detector.score(torch.zeros(3, detector.feature_dim + 1), torch.zeros(3, dtype=torch.long))
+    labels = torch.zeros(3, dtype=torch.long)
+    wrong = {n: torch.zeros(3, d + (n == PENULTIMATE)) for n, d in detector.feature_dims.items()}
+    with pytest.raises(ValueError, match=r"features\['penultimate'\] must be \(3, "):
+        detector.score(wrong, labels)
+    with pytest.raises(ValueError, match="features must be a dict of layers"):
+        detector.score({PENULTIMATE: wrong[PENULTIMATE]}, labels)
     with pytest.raises(ValueError, match="false_positive_rate must be in"):
-        TriggerDetector(detector.means, detector.precision, 1.0, 1.5, 10)
+        TriggerDetector(detector.layers, detector.gaussians, 1.0, 1.5, 10)
 
 
 # -- the policy --------------------------------------------------------------------------------------------
@@ -245,7 +267,8 @@ def test_guard_calibrate_writes_a_detector_the_archive_takes(data_root, resnet20
     summary = json.loads(capsys.readouterr().out)
     loaded = TriggerDetector.load(out)
     assert summary["threshold"] == loaded.threshold and summary["calibration_images"] == 300
-    assert (loaded.num_classes, loaded.feature_dim, loaded.false_positive_rate) == (10, 64, 0.1)
+    assert (loaded.num_classes, loaded.feature_dims["penultimate"], loaded.false_positive_rate) == (10, 64, 0.1)
+    assert summary["layers"] == ["net.layer1", "net.layer2", "net.layer3", "penultimate"]
     assert main(["calibrate", "--model", "resnet20", "--weights", str(resnet20_weights), "--data-dir",
                  str(data_root), "--out", str(tmp_path / "d.pt")]) == 2
     assert "--out must end in .safetensors" in capsys.readouterr().err

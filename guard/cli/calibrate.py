@@ -8,9 +8,10 @@ Example::
 
 The clean images are ``--split`` (default: test-lossless, the exact first 1000 test images; ``--limit N``
 keeps the first N): images held out from training, as the served model will see clean requests. The detector
-(``guard.detect.TriggerDetector``) models the served model's penultimate features per predicted class; its
-threshold flags ``--false-positive-rate`` of clean inputs, from out-of-fold scores (``--folds``). The endpoint
-scores every request with it at no extra pass and acts on a flag as the guard config's ``on_trigger`` says.
+(``guard.detect.TriggerDetector``) models the served model's features per predicted class at every residual
+stage and the penultimate layer (``--feature stages``; ``penultimate``: that layer alone); its threshold flags
+``--false-positive-rate`` of clean inputs, from out-of-fold scores (``--folds``). The endpoint scores every
+request with it at no extra pass and acts on a flag as the guard config's ``on_trigger`` says.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 
 import torch
 
+from ..detect.inputs import FEATURE_LAYERS
 from . import CLIError
 from ._common import add_data_arguments, load_data, resolve_device, resolve_split
 
@@ -33,6 +35,8 @@ def add_parser(subparsers) -> None:
     add_data_arguments(p, default_split="test-lossless")
     p.add_argument("--false-positive-rate", type=float, default=0.01,
                    help="share of clean requests the threshold flags (default 0.01)")
+    p.add_argument("--feature", choices=FEATURE_LAYERS, default="stages",
+                   help="the layers scored: every residual stage and the penultimate layer (default), or the latter")
     p.add_argument("--folds", type=int, default=5, help="out-of-fold calibration folds (default 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fold assignment (default 0)")
     p.add_argument("--out", required=True, help="detector file to write (.safetensors)")
@@ -50,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     model = create(args.model, weights=args.weights).to(device)
     clean = load_data(args, args.model, resolve_split(args))
     images = clean.images.float() / 255
-    detector = TriggerDetector.calibrate(model, images, false_positive_rate=args.false_positive_rate,
+    detector = TriggerDetector.calibrate(model, images, feature=args.feature,
+                                         false_positive_rate=args.false_positive_rate,
                                          folds=args.folds, generator=torch.Generator().manual_seed(args.seed))
     path = detector.save(args.out)
     summary = {"out": str(path), "model": args.model, "weights": str(args.weights), **detector.metadata()}
@@ -58,5 +63,6 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
     else:
         print(f"wrote {path}: threshold {detector.threshold:.4g} flags {detector.false_positive_rate:.1%} of "
-              f"{detector.calibration_images} clean images (out-of-fold, {args.folds} folds)")
+              f"{detector.calibration_images} clean images (out-of-fold, {args.folds} folds; layers "
+              f"{', '.join(detector.layers)})")
     return 0

@@ -23,7 +23,8 @@ from .distance import ClassDistance, ClassDistanceConfig, DistanceResult
 from .inversion import (AdditiveTrigger, CostSchedule, FixedSteps, InversionConfig, InversionResult, InversionTask,
                         LogSurrogate, MaskPatternTrigger, Objective, TargetCrossEntropy, TriggerForm, TriggeredBatch,
                         UntilSuccess, apply_mask_pattern, class_tasks, frozen, invert, pair_tasks, tanh_bounded)
-from .inputs import (IBDPSC, STRIP, class_gaussians, mahalanobis, penultimate_features, IBDPSCConfig, InputDetector, ReScalerScore, ReScalerScoreConfig, ScaleUp,
+from .inputs import (FEATURE_LAYERS, IBDPSC, PENULTIMATE, STRIP, LayerGaussian, class_gaussians, feature_layers,
+                     fit_layer_gaussians, layer_features, layered_score, mahalanobis, IBDPSCConfig, InputDetector, ReScalerScore, ReScalerScoreConfig, ScaleUp,
                      ScaleUpConfig, STRIPConfig, TeCo, TeCoConfig, create_input_detector, describe_input_detectors,
                      get_input_detector, list_input_detectors, register_input_detector)
 from .neural_cleanse import NeuralCleanse, NeuralCleanseConfig
@@ -32,7 +33,8 @@ from .serving import RequestScorer, RequestScores, TriggerDetector, TriggerScore
 __all__ = ["CORRUPTIONS", "Corruptions", "IBDPSC", "IBDPSCConfig", "InputDetector", "ReScalerScore",
            "ReScalerScoreConfig", "STRIP", "STRIPConfig", "ScaleUp", "ScaleUpConfig", "TeCo", "TeCoConfig",
            "create_input_detector", "describe_input_detectors", "get_input_detector",
-           "list_input_detectors", "register_input_detector", "class_gaussians", "mahalanobis", "penultimate_features",
+           "list_input_detectors", "register_input_detector", "FEATURE_LAYERS", "PENULTIMATE", "LayerGaussian", "class_gaussians", "feature_layers",
+           "fit_layer_gaussians", "layer_features", "layered_score", "mahalanobis",
            "TriggerDetector", "TriggerScores",
            "AdditiveTrigger", "CNCConfig", "CalibratedTriggerInversion", "ClassDistance", "ClassDistanceConfig",
            "CostSchedule", "Detector", "DistanceResult", "FixedSteps",

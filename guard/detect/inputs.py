@@ -37,13 +37,15 @@ from .._validation import check_images, is_number
 from ..models import GuardModel
 from ..registry import Configured, Registry
 from ..rescaler import ReScaler, ReScalerConfig
+from ..rescaler.adapters import find_stages
 from ._checks import check_scan_inputs
 from .base import calibrate_threshold
 from .corruptions import CORRUPTIONS, Corruptions
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["class_gaussians", "mahalanobis", "penultimate_features", "IBDPSC", "IBDPSCConfig", "InputDetector", "ReScalerScore", "ReScalerScoreConfig", "STRIP", "STRIPConfig",
+__all__ = ["FEATURE_LAYERS", "LayerGaussian", "PENULTIMATE", "class_gaussians", "feature_layers", "fit_layer_gaussians",
+           "layer_features", "layered_score", "mahalanobis", "IBDPSC", "IBDPSCConfig", "InputDetector", "ReScalerScore", "ReScalerScoreConfig", "STRIP", "STRIPConfig",
            "ScaleUp", "ScaleUpConfig", "TeCo", "TeCoConfig", "create_input_detector", "describe_input_detectors",
            "get_input_detector", "list_input_detectors", "register_input_detector"]
 
@@ -364,19 +366,47 @@ class IBDPSC(InputDetector):
 
 
 # -- guard's own score: ReScaler's pass ---------------------------------------------------------------------
+#: the layer name of the penultimate features (the input of the model's final linear layer)
+PENULTIMATE = "penultimate"
+#: the layer sets guard's feature score reads: every residual stage and the penultimate features, or the latter
+FEATURE_LAYERS = ("stages", "penultimate")
+
+
+def feature_layers(model: GuardModel, which: str = "stages") -> tuple[str, ...]:
+    """The layers of ``model`` guard's feature score reads: ``"stages"`` — every residual stage
+    (:func:`guard.rescaler.adapters.find_stages`) and the penultimate features; ``"penultimate"`` — the latter."""
+    if which not in FEATURE_LAYERS:
+        raise ValueError(f"expected one of {FEATURE_LAYERS}, got {which!r}")
+    return (*(find_stages(model) if which == "stages" else ()), PENULTIMATE)
+
+
+def _channel_statistics(output: torch.Tensor) -> torch.Tensor:
+    """``(B, 2C)``: the per-channel mean and standard deviation over the positions of a ``(B, C, H, W)`` output."""
+    out = output.detach().double()
+    return torch.cat([out.mean((2, 3)), out.std((2, 3))], 1)
+
+
 @contextmanager
-def penultimate_features(model: GuardModel) -> Iterator[list[torch.Tensor]]:
-    """Within the block, every forward pass of ``model`` appends the input of its final linear layer (the
-    penultimate features, ``(B, D)`` float64, detached) to the yielded list; the hook goes on exit, even after an
-    error. ReScaler's first forward is the undefended one, so ``captured[0]`` of its pass are the plain model's
-    features at no extra cost."""
-    captured: list[torch.Tensor] = []
-    handle = model.classifier.register_forward_hook(
-        lambda module, inputs, output: captured.append(inputs[0].detach().flatten(1).double()))
+def layer_features(model: GuardModel, layers: tuple[str, ...]) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Within the block, every forward pass of ``model`` appends each layer's features (float64, detached) to the
+    yielded ``{layer: [...]}``: :data:`PENULTIMATE` — the input of the final linear layer ``(B, D)``; a module name
+    (a residual stage) — the per-channel mean and standard deviation of its output ``(B, 2C)``. The hooks go on
+    exit, even after an error. ReScaler's first forward is the undefended one, so the first entry of each list
+    holds the plain model's features at no extra cost."""
+    captured: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    handles = []
     try:
+        for name in layers:
+            if name == PENULTIMATE:
+                handles.append(model.classifier.register_forward_hook(
+                    lambda module, inputs, output: captured[PENULTIMATE].append(inputs[0].detach().flatten(1).double())))
+            else:
+                handles.append(model.get_submodule(name).register_forward_hook(
+                    lambda module, inputs, output, name=name: captured[name].append(_channel_statistics(output))))
         yield captured
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def class_gaussians(features: torch.Tensor, labels: torch.Tensor, num_classes: int
@@ -409,37 +439,100 @@ def mahalanobis(features: torch.Tensor, labels: torch.Tensor, means: torch.Tenso
 
 
 @dataclass(frozen=True)
+class LayerGaussian:
+    """One layer of guard's feature score: class means ``(K, D)``, the tied precision ``(D, D)``, and the mean and
+    standard deviation of the log distances of held-out clean inputs, which put every layer on one scale."""
+
+    means: torch.Tensor
+    precision: torch.Tensor
+    log_mean: float
+    log_std: float
+
+    def standardized(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``(log d − log_mean) / log_std`` with ``d`` the squared Mahalanobis distance to the class of ``labels``."""
+        distance = mahalanobis(features, labels, self.means, self.precision).clamp_min(1e-12)
+        return (distance.log() - self.log_mean) / self.log_std
+
+
+def fit_layer_gaussians(features: dict[str, torch.Tensor], labels: torch.Tensor, num_classes: int, *, folds: int,
+                        generator: torch.Generator) -> tuple[dict[str, LayerGaussian], torch.Tensor]:
+    """Fit one :class:`LayerGaussian` per layer on clean ``features`` ``{layer: (N, D)}`` with predicted ``labels``.
+
+    Each image's distance is first measured out of fold (``folds`` folds stratified by class: by the Gaussians
+    fitted without it, as an unseen request's would be); those distances standardize the layer, and the layers'
+    standardized log distances add up to the score (the unsupervised form of the feature ensemble of Lee et al.,
+    NeurIPS 2018, §2.2). Returns the Gaussians fitted on every image, and the out-of-fold scores ``(N,)``.
+    """
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise ValueError(f"folds must be an int >= 2, got {folds!r}")
+    labels = labels.cpu()
+    counts = torch.bincount(labels, minlength=num_classes)
+    short = [c for c in range(num_classes) if counts[c] < folds]
+    if short:
+        raise ValueError(f"need at least {folds} clean images predicted as each class; classes {short} have "
+                         f"{counts[short].tolist()} among {len(labels)} images (give more images)")
+    fold = torch.empty(len(labels), dtype=torch.long)
+    for c in range(num_classes):
+        members = torch.nonzero(labels == c)[:, 0]
+        fold[members[torch.randperm(len(members), generator=generator)]] = torch.arange(len(members)) % folds
+    gaussians, total = {}, torch.zeros(len(labels), dtype=torch.float64)
+    for name, x in features.items():
+        x = x.cpu()
+        held_out = torch.empty(len(labels), dtype=torch.float64)
+        for f in range(folds):
+            held = fold == f
+            means, precision = class_gaussians(x[~held], labels[~held], num_classes)
+            held_out[held] = mahalanobis(x[held], labels[held], means, precision)
+        log = held_out.clamp_min(1e-12).log()
+        gaussians[name] = LayerGaussian(*class_gaussians(x, labels, num_classes), log.mean().item(),
+                                        max(log.std().item(), 1e-12))
+        total += (log - gaussians[name].log_mean) / gaussians[name].log_std
+    return gaussians, total
+
+
+def layered_score(gaussians: dict[str, LayerGaussian], features: dict[str, torch.Tensor], labels: torch.Tensor
+                  ) -> torch.Tensor:
+    """guard's feature score ``(B,)``: the sum over layers of the standardized log Mahalanobis distances."""
+    return sum(g.standardized(features[name], labels) for name, g in gaussians.items())
+
+
+@dataclass(frozen=True)
 class ReScalerScoreConfig:
     """guard's per-request score from one ReScaler pass (``eps``, ``alpha``: the served ReScaler's).
-    ``feature``: ``"features"`` — Mahalanobis distance of the penultimate features the pass computes from
-    the clean images of the same predicted class; ``"drop"`` — the probability the undefended label loses
-    under adaptation (the endpoint's ``anomaly_score``). ``batch_size``: inputs per pass."""
+    ``feature``: ``"stages"`` — the features the pass computes at every residual stage (channel means and standard
+    deviations) and at the penultimate layer, each scored by its Mahalanobis distance from the clean images of the
+    same predicted class, standardized and summed over layers; ``"penultimate"`` — the penultimate layer alone;
+    ``"drop"`` — the probability the undefended label loses under adaptation (the endpoint's ``anomaly_score``).
+    ``folds``: the out-of-fold folds that standardize the layers. ``batch_size``: inputs per pass."""
 
     eps: float = 0.15
     alpha: float = 1.0
-    feature: str = "features"
+    feature: str = "stages"
+    folds: int = 5
     batch_size: int = 256
 
-    FEATURES: ClassVar[tuple[str, ...]] = ("features", "drop")
+    FEATURES: ClassVar[tuple[str, ...]] = (*FEATURE_LAYERS, "drop")
 
     def __post_init__(self) -> None:
         ReScalerConfig(self.eps, self.alpha, 1)
         if self.feature not in self.FEATURES:
             raise ValueError(f"feature must be one of {self.FEATURES}, got {self.feature!r}")
+        _positive_int(self.folds, "folds")
         _positive_int(self.batch_size, "batch_size")
 
 
 @register_input_detector
 class ReScalerScore(InputDetector):
     """guard's score from the ReScaler pass the endpoint makes anyway (rescaler_main.txt §3, eq. 3), with no
-    extra pass. ``features``: the pass's first forward computes the penultimate features of every input; a
-    triggered input's sit far from those of clean inputs of its predicted (target) class — the
+    extra pass. ``stages`` / ``penultimate``: the pass's first forward computes every layer's features; a
+    triggered input's sit far from those of clean inputs of its predicted (target) class — per layer the
     class-conditional Mahalanobis distance with one shared Ledoit–Wolf covariance (Lee et al., NeurIPS 2018),
-    fitted on the clean images. ``drop``: ReScaler's own signal, ``p(y₀|x) − p_w(y₀|x)``."""
+    fitted on the clean images (:func:`fit_layer_gaussians`). ``drop``: ReScaler's own signal,
+    ``p(y₀|x) − p_w(y₀|x)``. The endpoint serves the feature score calibrated (:class:`guard.detect.TriggerDetector`)."""
 
     name = "rescaler"
     config_class = ReScalerScoreConfig
-    description = "guard: from ReScaler's own pass (feature Mahalanobis distance, or the probability drop)"
+    description = "guard: from ReScaler's own pass (Mahalanobis distance of its features, or the probability drop)"
 
     @property
     def forward_passes(self) -> int:
@@ -447,21 +540,24 @@ class ReScalerScore(InputDetector):
         return 4
 
     def _adapt(self, images: torch.Tensor):
-        """ReScaler's pass over ``images``: (the adaptation, the penultimate features of its first forward)."""
+        """ReScaler's pass over ``images``: (the adaptation, ``{layer: features}`` of its first forward)."""
         rescaler = ReScaler(self.model, self.config.eps, self.config.alpha, 1)
         try:
-            with penultimate_features(self.model) as captured:
-                return rescaler.adapt(images), captured[0]
+            with layer_features(self.model, self.layers) as captured:
+                out = rescaler.adapt(images)
+            return out, {name: values[0] for name, values in captured.items()}
         finally:
             rescaler.detach()
 
     def _fit(self, clean: torch.Tensor, generator: torch.Generator) -> None:
+        self.layers = () if self.config.feature == "drop" else feature_layers(self.model, self.config.feature)
         if self.config.feature == "drop":
             return
         pairs = [self._adapt(c) for c in clean.split(self.config.batch_size)]
-        features = torch.cat([f for _, f in pairs])
+        features = {name: torch.cat([f[name] for _, f in pairs]) for name in self.layers}
         labels = torch.cat([out.original_labels for out, _ in pairs])
-        self.means, self.precision = class_gaussians(features, labels, self.model.num_classes)
+        self.gaussians, _ = fit_layer_gaussians(features, labels, self.model.num_classes, folds=self.config.folds,
+                                                generator=generator)
 
     def _score(self, images: torch.Tensor) -> torch.Tensor:
         out, features = self._adapt(images)
@@ -469,4 +565,4 @@ class ReScalerScore(InputDetector):
         if self.config.feature == "drop":
             rows = torch.arange(len(images), device=images.device)
             return out.original_logits.softmax(1)[rows, y0] - out.logits.softmax(1)[rows, y0]
-        return mahalanobis(features, y0, self.means, self.precision)
+        return layered_score(self.gaussians, features, y0)

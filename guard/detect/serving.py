@@ -12,12 +12,14 @@ Example (inside a handler)::
     gauges = scorer.class_gauges()                 # {class: anomaly score} for guard_scan_score
     scores = scorer.score(images, pivot_logits)    # RequestScores with .score, .disagree, .repaired_label
 
-The trigger detector (:class:`TriggerDetector`, written by ``guard calibrate``) scores the penultimate features
-the served pass computes anyway (:func:`guard.detect.penultimate_features`), so it costs no extra pass::
+The trigger detector (:class:`TriggerDetector`, written by ``guard calibrate``) scores the features the served
+pass computes anyway (:func:`guard.detect.layer_features`), so it costs no extra pass::
 
     detector = TriggerDetector.calibrate(model, clean_images, false_positive_rate=0.01)
     detector.save("detector.safetensors")
-    trigger = detector.score(features, labels)     # TriggerScores with .score, .flagged
+    with layer_features(model, detector.layers) as captured:
+        logits = model(images)
+    trigger = detector.score({k: v[0] for k, v in captured.items()}, logits.argmax(1))   # .score, .flagged
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch
 from .._validation import check_images, is_number
 from ..models import GuardModel, create
 from .base import ScanReport, calibrate_threshold
-from .inputs import class_gaussians, mahalanobis, penultimate_features
+from .inputs import LayerGaussian, feature_layers, fit_layer_gaussians, layer_features, layered_score
 
 __all__ = ["RequestScorer", "RequestScores", "TriggerDetector", "TriggerScores"]
 
@@ -110,9 +112,9 @@ class RequestScorer:
 
 @dataclass(frozen=True)
 class TriggerScores:
-    """Per-image results of :meth:`TriggerDetector.score`, each ``(B,)``: ``score`` — the squared Mahalanobis
-    distance of the input's features to the clean inputs of its predicted class; ``flagged`` — above the
-    calibrated threshold. ``threshold``: that threshold."""
+    """Per-image results of :meth:`TriggerDetector.score`, each ``(B,)``: ``score`` — guard's feature score (the
+    sum over layers of the standardized log Mahalanobis distances to clean inputs of the predicted class);
+    ``flagged`` — above the calibrated threshold. ``threshold``: that threshold."""
 
     score: torch.Tensor
     flagged: torch.Tensor
@@ -129,30 +131,43 @@ DETECTOR_FORMAT, DETECTOR_VERSION = "guard-trigger-detector", 1
 
 @dataclass(frozen=True)
 class TriggerDetector:
-    """guard's per-request trigger detector as the endpoint serves it: the ``rescaler`` input detector's feature
-    score (:class:`guard.detect.ReScalerScore`) — class means ``(K, D)`` and a tied Ledoit–Wolf precision ``(D, D)``
-    of the served model's penultimate features on clean images — with the threshold that flags
-    ``false_positive_rate`` of clean inputs, calibrated out-of-fold on ``calibration_images`` clean images.
-    Backdoored inputs cluster away from the clean inputs of the target class (Lee et al., NeurIPS 2018;
-    ``benchmarks/detect_cifar10.py`` measures it against STRIP, SCALE-UP, TeCo and IBD-PSC)."""
+    """guard's per-request trigger detector as the endpoint serves it: the feature score of the ``rescaler`` input
+    detector (:class:`guard.detect.ReScalerScore`) — per layer (``layers``: residual stages and the penultimate
+    features, :func:`guard.detect.feature_layers`) a :class:`~guard.detect.LayerGaussian` of the served model's
+    features on clean images — with the threshold that flags ``false_positive_rate`` of clean inputs, calibrated
+    out-of-fold on ``calibration_images`` clean images. Backdoored inputs sit away from the clean inputs of the
+    target class (Lee et al., NeurIPS 2018); ``benchmarks/detect_cifar10.py`` measures it against STRIP, SCALE-UP,
+    TeCo and IBD-PSC."""
 
-    means: torch.Tensor
-    precision: torch.Tensor
+    layers: tuple[str, ...]
+    gaussians: tuple[LayerGaussian, ...]
     threshold: float
     false_positive_rate: float
     calibration_images: int
 
     def __post_init__(self) -> None:
-        for name in ("means", "precision"):
-            value = getattr(self, name)
-            if not isinstance(value, torch.Tensor) or value.dim() != 2 or not value.is_floating_point():
-                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                raise ValueError(f"{name} must be a 2-D floating-point tensor, got {got}")
-            if not bool(torch.isfinite(value).all()):
-                raise ValueError(f"{name} must be finite")
-        d = self.means.shape[1]
-        if self.precision.shape != (d, d):
-            raise ValueError(f"precision must be ({d}, {d}) for {d}-dimensional means, got {tuple(self.precision.shape)}")
+        object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "gaussians", tuple(self.gaussians))
+        if not self.layers or len(self.layers) != len(self.gaussians) or not all(
+                isinstance(n, str) and n for n in self.layers):
+            raise ValueError(f"expected one LayerGaussian per named layer, got layers {self.layers!r} and "
+                             f"{len(self.gaussians)} Gaussians")
+        classes = {g.means.shape[0] for g in self.gaussians}
+        for name, g in zip(self.layers, self.gaussians):
+            if not isinstance(g, LayerGaussian):
+                raise TypeError(f"layer {name}: expected a LayerGaussian, got {type(g).__name__}")
+            for what in ("means", "precision"):
+                value = getattr(g, what)
+                if not isinstance(value, torch.Tensor) or value.dim() != 2 or not value.is_floating_point() \
+                        or not bool(torch.isfinite(value).all()):
+                    raise ValueError(f"layer {name}: {what} must be a finite 2-D floating-point tensor")
+            d = g.means.shape[1]
+            if g.precision.shape != (d, d):
+                raise ValueError(f"layer {name}: precision must be ({d}, {d}), got {tuple(g.precision.shape)}")
+            if not (math.isfinite(g.log_mean) and math.isfinite(g.log_std) and g.log_std > 0):
+                raise ValueError(f"layer {name}: log_mean and log_std must be finite with log_std > 0")
+        if len(classes) != 1:
+            raise ValueError(f"every layer must model the same classes, got {sorted(classes)}")
         if not is_number(self.threshold) or not math.isfinite(self.threshold):
             raise ValueError(f"threshold must be a finite number, got {self.threshold!r}")
         if not is_number(self.false_positive_rate) or not 0 <= self.false_positive_rate < 1:
@@ -163,91 +178,89 @@ class TriggerDetector:
 
     @property
     def num_classes(self) -> int:
-        return self.means.shape[0]
+        return self.gaussians[0].means.shape[0]
 
     @property
-    def feature_dim(self) -> int:
-        return self.means.shape[1]
+    def feature_dims(self) -> dict[str, int]:
+        return {name: g.means.shape[1] for name, g in zip(self.layers, self.gaussians)}
 
     @classmethod
-    def calibrate(cls, model: GuardModel, clean: torch.Tensor, *, false_positive_rate: float = 0.01,
-                  folds: int = 5, batch_size: int = 256, generator: torch.Generator | None = None
-                  ) -> "TriggerDetector":
+    def calibrate(cls, model: GuardModel, clean: torch.Tensor, *, feature: str = "stages",
+                  false_positive_rate: float = 0.01, folds: int = 5, batch_size: int = 256,
+                  generator: torch.Generator | None = None) -> "TriggerDetector":
         """Fit on ``clean`` ``(N, C, H, W)`` images in [0, 1] (held out from training) and calibrate the threshold.
 
-        One forward pass of ``model`` gives every image's features and predicted label. The threshold is the
-        ``(1 − false_positive_rate)`` quantile of out-of-fold scores (``folds`` folds stratified by predicted
-        class: each image is scored by the Gaussians fitted without it, as an unseen clean request would be);
-        the served means and precision are then fitted on all the images. Every class needs at least
-        ``folds`` of the images predicted as it.
+        One forward pass of ``model`` gives every image's features (``feature``: ``"stages"`` or
+        ``"penultimate"``, :func:`guard.detect.feature_layers`) and predicted label; :func:`fit_layer_gaussians`
+        fits the layers and scores every image out of fold (``folds`` folds stratified by class), and the threshold
+        is the ``(1 − false_positive_rate)`` quantile of those scores. Every class needs at least ``folds`` of the
+        images predicted as it.
         """
         if not isinstance(model, GuardModel):
             raise TypeError(f"model must be a guard.models.GuardModel, got {type(model).__name__}")
-        if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
-            raise ValueError(f"folds must be an int >= 2, got {folds!r}")
         clean = check_images(clean, model.spec.input_size, name="clean")
         generator = torch.Generator().manual_seed(0) if generator is None else generator
+        layers = feature_layers(model, feature)
         model = model.eval()
         device = next(model.parameters()).device
-        with torch.no_grad(), penultimate_features(model) as captured:
+        with torch.no_grad(), layer_features(model, layers) as captured:
             labels = torch.cat([model(c.to(device)).argmax(1).cpu() for c in clean.split(batch_size)])
-        features = torch.cat(captured).cpu()
-        k = model.num_classes
-        counts = torch.bincount(labels, minlength=k)
-        short = [c for c in range(k) if counts[c] < folds]
-        if short:
-            raise ValueError(f"calibration needs at least {folds} clean images predicted as each class; classes "
-                             f"{short} have {counts[short].tolist()} among {len(clean)} images (give more images)")
-        fold = torch.empty(len(labels), dtype=torch.long)
-        for c in range(k):
-            members = torch.nonzero(labels == c)[:, 0]
-            members = members[torch.randperm(len(members), generator=generator)]
-            fold[members] = torch.arange(len(members)) % folds
-        scores = torch.empty(len(labels), dtype=torch.float64)
-        for f in range(folds):
-            held = fold == f
-            means, precision = class_gaussians(features[~held], labels[~held], k)
-            scores[held] = mahalanobis(features[held], labels[held], means, precision)
-        means, precision = class_gaussians(features, labels, k)
-        return cls(means, precision, calibrate_threshold(scores, false_positive_rate), false_positive_rate,
-                   len(labels))
+        features = {name: torch.cat(values).cpu() for name, values in captured.items()}
+        gaussians, scores = fit_layer_gaussians(features, labels, model.num_classes, folds=folds, generator=generator)
+        return cls(layers, tuple(gaussians[n] for n in layers), calibrate_threshold(scores, false_positive_rate),
+                   false_positive_rate, len(labels))
 
     def check_model(self, model: GuardModel) -> None:
-        """Raise ``ValueError`` unless ``model``'s classes and penultimate width are the ones calibrated on."""
-        classifier = model.classifier
-        if (model.num_classes, classifier.in_features) != (self.num_classes, self.feature_dim):
-            raise ValueError(f"the trigger detector was calibrated for {self.num_classes} classes of "
-                             f"{self.feature_dim}-dimensional features, but model {model.spec.name!r} has "
-                             f"{model.num_classes} classes of {classifier.in_features}; calibrate it on this model")
+        """Raise ``ValueError`` unless ``model`` has the layers, widths and classes calibrated on (one forward pass
+        of a blank image)."""
+        try:
+            with torch.no_grad(), layer_features(model, self.layers) as captured:
+                device = next(model.parameters()).device
+                model.eval()(torch.zeros(1, *model.spec.input_size, device=device))
+        except AttributeError as exc:
+            raise ValueError(f"the trigger detector reads layers {list(self.layers)}, but model {model.spec.name!r} "
+                             f"lacks one ({exc}); calibrate it on this model") from exc
+        dims = {name: values[0].shape[1] for name, values in captured.items()}
+        if model.num_classes != self.num_classes or dims != self.feature_dims:
+            raise ValueError(f"the trigger detector was calibrated for {self.num_classes} classes and features "
+                             f"{self.feature_dims}, but model {model.spec.name!r} has {model.num_classes} classes and "
+                             f"features {dims}; calibrate it on this model")
 
-    def score(self, features: torch.Tensor, labels: torch.Tensor) -> TriggerScores:
-        """Score ``features`` ``(B, D)`` (:func:`guard.detect.penultimate_features` of the served forward) of inputs
-        the served model predicts as ``labels`` ``(B,)``."""
-        if not isinstance(features, torch.Tensor) or features.dim() != 2 or features.shape[1] != self.feature_dim:
-            got = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
-            raise ValueError(f"features must be (B, {self.feature_dim}), got {got}")
-        if not isinstance(labels, torch.Tensor) or labels.shape != (features.shape[0],):
-            got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
-            raise ValueError(f"labels must be ({features.shape[0]},), got {got}")
-        score = mahalanobis(features, labels, self.means, self.precision).cpu()
+    def score(self, features: dict[str, torch.Tensor], labels: torch.Tensor) -> TriggerScores:
+        """Score the features ``{layer: (B, D)}`` (:func:`guard.detect.layer_features` of the served forward) of
+        inputs the served model predicts as ``labels`` ``(B,)``."""
+        if not isinstance(features, dict) or set(features) != set(self.layers):
+            got = sorted(features) if isinstance(features, dict) else type(features).__name__
+            raise ValueError(f"features must be a dict of layers {list(self.layers)}, got {got}")
+        batch = labels.shape[0] if isinstance(labels, torch.Tensor) and labels.dim() == 1 else None
+        for name, dim in self.feature_dims.items():
+            x = features[name]
+            if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape != (batch, dim):
+                got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ValueError(f"features[{name!r}] must be ({batch}, {dim}) for {batch} labels, got {got}")
+        score = layered_score(dict(zip(self.layers, self.gaussians)), features, labels).cpu()
         return TriggerScores(score, score > self.threshold, self.threshold)
 
     def metadata(self) -> dict[str, object]:
         """Everything but the tensors, JSON-ready (what ``guard calibrate`` prints)."""
-        return {"threshold": self.threshold, "false_positive_rate": self.false_positive_rate,
-                "calibration_images": self.calibration_images, "num_classes": self.num_classes,
-                "feature_dim": self.feature_dim}
+        return {"layers": list(self.layers), "threshold": self.threshold,
+                "false_positive_rate": self.false_positive_rate, "calibration_images": self.calibration_images,
+                "num_classes": self.num_classes, "feature_dims": self.feature_dims,
+                "log_mean": [g.log_mean for g in self.gaussians], "log_std": [g.log_std for g in self.gaussians]}
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write a safetensors file: the two tensors, and the rest as its metadata."""
+        """Write a safetensors file: each layer's means and precision, and the rest as its metadata."""
         from safetensors.torch import save_file
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": DETECTOR_FORMAT, "version": str(DETECTOR_VERSION),
                 **{k: json.dumps(v) for k, v in self.metadata().items()}}
-        save_file({"means": self.means.double().contiguous().cpu(),
-                   "precision": self.precision.double().contiguous().cpu()}, str(path), metadata=meta)
+        tensors = {}
+        for i, g in enumerate(self.gaussians):
+            tensors[f"means.{i}"] = g.means.double().contiguous().cpu()
+            tensors[f"precision.{i}"] = g.precision.double().contiguous().cpu()
+        save_file(tensors, str(path), metadata=meta)
         return path
 
     @classmethod
@@ -267,10 +280,14 @@ class TriggerDetector:
         if meta.get("format") != DETECTOR_FORMAT or meta.get("version") != str(DETECTOR_VERSION):
             raise ValueError(f"{path} is not a guard trigger detector version {DETECTOR_VERSION} (format "
                              f"{meta.get('format')!r}, version {meta.get('version')!r}); write it with `guard calibrate`")
-        if set(tensors) != {"means", "precision"}:
-            raise ValueError(f"{path}: expected tensors means and precision, got {sorted(tensors)}")
         try:
-            values = {k: json.loads(meta[k]) for k in ("threshold", "false_positive_rate", "calibration_images")}
-        except (KeyError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path}: missing or malformed metadata ({exc})") from exc
-        return cls(tensors["means"], tensors["precision"], **values)
+            values = {k: json.loads(meta[k]) for k in ("layers", "threshold", "false_positive_rate",
+                                                       "calibration_images", "log_mean", "log_std")}
+            gaussians = tuple(LayerGaussian(tensors[f"means.{i}"], tensors[f"precision.{i}"], values["log_mean"][i],
+                                            values["log_std"][i]) for i in range(len(values["layers"])))
+        except (KeyError, IndexError, TypeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: missing or malformed tensors or metadata ({exc})") from exc
+        if len(tensors) != 2 * len(gaussians):
+            raise ValueError(f"{path}: expected {2 * len(gaussians)} tensors, got {sorted(tensors)}")
+        return cls(tuple(values["layers"]), gaussians, values["threshold"], values["false_positive_rate"],
+                   values["calibration_images"])

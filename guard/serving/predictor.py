@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .. import models
-from ..detect import RequestScorer, RequestScores, TriggerDetector, TriggerScores, penultimate_features
+from ..detect import RequestScorer, RequestScores, TriggerDetector, TriggerScores, layer_features
 from ..rescaler import Adaptation, ReScaler
 from .config import MANIFEST_NAME, REFUSED_STATUS, ArchiveManifest, GuardConfig
 from .decode import BadRequest
@@ -128,19 +128,21 @@ class GuardedClassifier:
         """Defended and undefended logits for a batch ``(B, 3, H, W)`` in [0, 1] — one ReScaler pass."""
         return self.observe(images)[0]
 
-    def observe(self, images: torch.Tensor) -> tuple[Adaptation, torch.Tensor]:
-        """:meth:`classify`, and the penultimate features ``(B, D)`` of the undefended forward, captured in the
-        same pass (what :meth:`detect` scores)."""
+    def observe(self, images: torch.Tensor) -> tuple[Adaptation, dict[str, torch.Tensor]]:
+        """:meth:`classify`, and the features ``{layer: (B, D)}`` of the undefended forward that the archive's
+        trigger detector reads (none without one), captured in the same pass (what :meth:`detect` scores)."""
         images = images.to(self.device)
-        with penultimate_features(self.model) as captured:
+        layers = () if self.detector is None else self.detector.layers
+        with layer_features(self.model, layers) as captured:
             if self.rescaler is not None:
-                return self.rescaler.adapt(images), captured[0]
-            with torch.inference_mode():
-                logits = self.model(images).float()
-        return Adaptation(logits=logits, original_logits=logits,
-                          scalars=logits.new_zeros(logits.shape[0], 0)), captured[0]
+                result = self.rescaler.adapt(images)
+            else:
+                with torch.inference_mode():
+                    logits = self.model(images).float()
+                result = Adaptation(logits=logits, original_logits=logits, scalars=logits.new_zeros(logits.shape[0], 0))
+        return result, {name: values[0] for name, values in captured.items()}
 
-    def detect(self, result: Adaptation, features: torch.Tensor) -> TriggerScores | None:
+    def detect(self, result: Adaptation, features: dict[str, torch.Tensor]) -> TriggerScores | None:
         """The archive's trigger detector on :meth:`observe`'s features (classes: the undefended labels), or
         ``None`` when the archive has none."""
         if self.detector is None:
