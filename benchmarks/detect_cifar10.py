@@ -2,8 +2,9 @@
 
 What:     per attack (--attacks) the strong victim from the shared cache (benchmarks/victims.py: the pretrained
           ResNet-20 fine-tuned on the full poisoned training set) and every input detector of
-          guard.detect.list_input_detectors() (--detectors) at its defaults, plus guard's ``rescaler`` score in
-          both feature forms. The 1000 lossless test images (exact pixels; the victims saw every training image)
+          guard.detect.list_input_detectors() (--detectors) at its defaults (guard's ``rescaler``: every residual
+          stage and the penultimate layer), plus its other feature forms (``penultimate`` alone, ReScaler's
+          ``drop``). The 1000 lossless test images (exact pixels; the victims saw every training image)
           are split three ways: the first FIT_IMAGES, which each detector fits on; the next CALIBRATION_IMAGES,
           which set the threshold at 5 % false positives; and the rest, the clean evaluation images. The
           triggered evaluation images are the non-fit images (non-target labels; Xiang's source classes)

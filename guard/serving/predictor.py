@@ -2,7 +2,7 @@
 
 ``observe`` (``classify``) is the one call per server batch: ReScaler adapts the whole batch with one forward and
 one backward pass (rescaler_main.txt §3, eq. 3) and returns defended and undefended logits together, plus the
-penultimate features its first forward computed; ``score`` adds, when the archive carries a repaired model, one
+features its first forward computed at the layers the trigger detector reads; ``score`` adds, when the archive carries a repaired model, one
 batched forward of it for the per-request backdoor score (:class:`guard.detect.RequestScorer`); ``detect`` scores
 the features with the archive's trigger detector (:class:`guard.detect.TriggerDetector`, no extra pass);
 ``describe`` applies the endpoint policy of the guard config and turns all of it into the per-request answers.
@@ -169,8 +169,9 @@ class GuardedClassifier:
         ``p(y₀ | x) − p_w(y₀ | x)`` with y₀ the undefended label: near 0 for inputs ReScaler leaves alone,
         large for inputs whose prediction rests on the residual units it damps. ``backdoor_score`` is the
         total-variation distance between the served and the repaired model's probabilities
-        (:class:`guard.detect.RequestScores`); ``trigger_score`` the squared Mahalanobis distance of the
-        input's features to clean inputs of its class (:class:`guard.detect.TriggerDetector`).
+        (:class:`guard.detect.RequestScores`); ``trigger_score`` the sum over the detector's layers of the
+        standardized log Mahalanobis distances of the input's features to clean inputs of its class
+        (:class:`guard.detect.TriggerDetector`).
         """
         if self.config.answer == "repaired" and scores is None:
             raise ValueError("answer='repaired' needs the repaired model's scores (GuardedClassifier.score)")
