@@ -37,11 +37,11 @@ from guard.metrics import attack_success_rate
 from guard.models import GuardModel, create
 from guard.repair import create_defense, get_defense, list_defenses, split_trusted
 from guard.train import evaluate, predict
-from victims import data_root, pick_device, victim  # benchmarks/victims.py: the shared cache of strong victims
+from victims import DEFENSE_VICTIMS, data_root, pick_device, victim  # benchmarks/victims.py: the shared cache of strong victims
 
 SEED = 0
 HELDOUT_IMAGES = 1000
-ATTACKS = {"badnets": {"target": 0, "budget": 0.01}, "blend": {"target": 0, "budget": 0.05}}
+ATTACKS = {name: DEFENSE_VICTIMS[name] for name in ("badnets", "blend")}
 #: pick_your_poison.txt Table 3, CIFAR-10, v_1% (ALGORITHMS.md T3); moth_supplementary.txt Table 8, CIFAR-10
 #: ResNet-20 Blend, (accuracy, ASR) after repair (T8)
 PAPER = {"badnets": {"table3_v1": {"pivotal": 0.03, "weight-decay": 0.13, "fine-pruning": 0.69, "nad": 0.98,

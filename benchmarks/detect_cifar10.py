@@ -38,13 +38,9 @@ from guard.data import load_dataset
 from guard.detect import create_input_detector, get_input_detector, list_input_detectors
 from guard.models import create
 from guard.train import predict
-from victims import data_root, pick_device, victim  # benchmarks/victims.py: the shared cache of strong victims
+from victims import DEFENSE_VICTIMS, data_root, pick_device, stamp_sources, victim  # benchmarks/victims.py: the shared cache of strong victims
 
-#: the victims, with the options the other defense benchmarks build them with (one cache entry each)
-ATTACKS = {"badnets": {"target": 0, "budget": 0.01}, "blend": {"target": 0, "budget": 0.05},
-           "wanet": {"target": 0}, "sig": {"target": 0, "delta": 20.0, "frequency": 6.0},
-           "adaptive-blend": {"target": 0}, "adaptive-patch": {"target": 0}, "refool": {"target": 0},
-           "xiang": {"pattern": "A", "num_sources": 1}}
+ATTACKS = DEFENSE_VICTIMS
 #: detectors measured beyond the registry defaults: name -> (registered detector, options)
 VARIANTS = {"rescaler-penultimate": ("rescaler", {"feature": "penultimate"}), "rescaler-drop": ("rescaler", {"feature": "drop"})}
 FIT_IMAGES, CALIBRATION_IMAGES, FPR, SEED = 400, 300, 0.05, 0
@@ -63,14 +59,11 @@ def evaluation_images(attack_name: str, model, test, device) -> tuple[torch.Tens
     images ``test``."""
     v = victim(attack_name, **ATTACKS[attack_name])
     attack = load_record(v.record)
-    sources = getattr(attack.config, "sources", None)
-    pool = test.labels != attack.config.target if sources is None else torch.isin(test.labels, torch.tensor(sources))
-    pool[:FIT_IMAGES] = False
-    triggered = attack.triggered(test.subset(torch.nonzero(pool)[:, 0]))
+    triggered = stamp_sources(attack, test.subset(range(FIT_IMAGES, len(test))))
     hit = predict(model, triggered, device=device) == attack.config.target
     clean = test.images[FIT_IMAGES + CALIBRATION_IMAGES:].float() / 255
     stamped = triggered.images[hit].float() / 255
-    return clean, stamped, {"clean": len(clean), "triggered": int(pool.sum()), "successful": int(hit.sum()),
+    return clean, stamped, {"clean": len(clean), "triggered": len(triggered), "successful": int(hit.sum()),
                             "asr": round(hit.double().mean().item(), 4), "cda": v.cda, "victim_asr": v.asr}
 
 

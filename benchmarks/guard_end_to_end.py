@@ -47,13 +47,9 @@ from guard.data import load_dataset
 from guard.detect import TriggerDetector
 from guard.models import create
 from guard.serving import GuardConfig, ServerSettings, TorchServe, build_archive, free_ports
-from victims import data_root, victim  # benchmarks/victims.py: the shared cache of strong victims
+from victims import DEFENSE_VICTIMS, data_root, stamp_sources, victim  # benchmarks/victims.py: the shared cache of strong victims
 
-#: the victims, with the options the other defense benchmarks build them with (one cache entry each)
-ATTACKS = {"badnets": {"target": 0, "budget": 0.01}, "blend": {"target": 0, "budget": 0.05},
-           "wanet": {"target": 0}, "sig": {"target": 0, "delta": 20.0, "frequency": 6.0},
-           "adaptive-blend": {"target": 0}, "adaptive-patch": {"target": 0}, "refool": {"target": 0},
-           "xiang": {"pattern": "A", "num_sources": 1}}
+ATTACKS = DEFENSE_VICTIMS
 #: policy -> (guard config, archive carries the detector)
 POLICIES = {"plain": (GuardConfig(enabled=False), False), "rescaler": (GuardConfig(), False),
             "detect-refuse": (GuardConfig(enabled=False, on_trigger="refuse"), True),
@@ -100,11 +96,7 @@ def traffic(attack_name: str, test) -> tuple[torch.Tensor, torch.Tensor, torch.T
     v = victim(attack_name, **ATTACKS[attack_name])
     attack = load_record(v.record)
     evaluation = test.subset(range(CALIBRATION_IMAGES, len(test)))
-    sources = getattr(attack.config, "sources", None)
-    keep = (evaluation.labels != attack.config.target if sources is None
-            else torch.isin(evaluation.labels, torch.tensor(sources)))
-    triggered = attack.triggered(evaluation.subset(torch.nonzero(keep)[:, 0]))
-    return evaluation.images, evaluation.labels, triggered.images, attack.config.target
+    return evaluation.images, evaluation.labels, stamp_sources(attack, evaluation).images, attack.config.target
 
 
 def measure(attack_name: str, test, fpr: float) -> dict:

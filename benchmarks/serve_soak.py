@@ -36,7 +36,7 @@ from PIL import Image
 import guard
 from guard import data
 from guard.serving import GuardConfig, ServerSettings, TorchServe, build_archive, free_ports
-from serve_load import weights_file  # benchmarks/serve_load.py: the pretrained weights, else random ones
+from serve_load import rss_mb, weights_file  # benchmarks/serve_load.py: worker RSS; pretrained (else random) weights
 
 MODEL = "resnet20"
 MALFORMED = 0.05
@@ -118,8 +118,7 @@ class RSSSampler:
     def _run(self, server: TorchServe, model: str) -> None:
         while not self._stop.is_set():
             try:
-                rss = sum(psutil.Process(p).memory_info().rss for p in server.worker_pids(model)) / 2**20
-                self.samples.append((time.monotonic(), rss))
+                self.samples.append((time.monotonic(), rss_mb(server, model)))
             except (psutil.Error, OSError, RuntimeError):
                 pass
             self._stop.wait(1.0)

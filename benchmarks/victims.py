@@ -8,8 +8,8 @@ What:     a victim is the pretrained CIFAR ResNet-20 fine-tuned (every weight; S
           epochs (about 2 min per epoch on 2 cores).
 Cache:    benchmarks/results/victims/<attack>-<hash>.pt and .pt.json, keyed by the attack, its options and the
           recipe; an interrupted build resumes from its checkpoint; a finished one is reused as it is.
-Use:      from victims import victim
-          v = victim("badnets", target=0, budget=0.01)     # Victim(weights, record, cda, asr, asr_nontarget)
+Use:      from victims import DEFENSE_VICTIMS, victim
+          v = victim("badnets", **DEFENSE_VICTIMS["badnets"])  # Victim(weights, record, cda, asr, asr_nontarget)
           python benchmarks/victims.py badnets target=0 budget=0.01 [--epochs 3]   # build one from the shell
 """
 
@@ -33,6 +33,13 @@ RECIPE = {"model": "resnet20", "mode": "finetune", "epochs": 3, "lr": 0.01, "mom
           "weight_decay": 5e-4, "batch_size": 128, "schedule": "cosine", "seed": 0, "eval_split": "test-lossless"}
 
 
+#: the victims the defense benchmarks share, with the options they are built with (one cache entry each)
+DEFENSE_VICTIMS = {"badnets": {"target": 0, "budget": 0.01}, "blend": {"target": 0, "budget": 0.05},
+                   "wanet": {"target": 0}, "sig": {"target": 0, "delta": 20.0, "frequency": 6.0},
+                   "adaptive-blend": {"target": 0}, "adaptive-patch": {"target": 0}, "refool": {"target": 0},
+                   "xiang": {"pattern": "A", "num_sources": 1}}
+
+
 @dataclass(frozen=True)
 class Victim:
     weights: Path
@@ -51,6 +58,15 @@ def pick_device(name: str) -> torch.device:
 
 def data_root() -> Path:
     return Path(os.environ.get("GUARD_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def stamp_sources(attack, dataset):
+    """The images of ``dataset`` the attack aims at — every non-target class, or Xiang's source classes — with
+    the trigger applied (a dataset keeping their true labels)."""
+    sources = getattr(attack.config, "sources", None)
+    keep = (dataset.labels != attack.config.target if sources is None
+            else torch.isin(dataset.labels, torch.tensor(sources)))
+    return attack.triggered(dataset.subset(torch.nonzero(keep)[:, 0]))
 
 
 def victim(attack: str, *, epochs: int | None = None, progress: bool = True, **options) -> Victim:

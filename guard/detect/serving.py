@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -240,6 +240,11 @@ class TriggerDetector:
                 raise ValueError(f"features[{name!r}] must be ({batch}, {dim}) for {batch} labels, got {got}")
         score = layered_score(dict(zip(self.layers, self.gaussians)), features, labels).cpu()
         return TriggerScores(score, score > self.threshold, self.threshold)
+
+    def to(self, device: str | torch.device) -> "TriggerDetector":
+        """This detector with its tensors on ``device`` (the served model's), so scoring copies nothing per batch."""
+        return replace(self, gaussians=tuple(
+            replace(g, means=g.means.to(device), precision=g.precision.to(device)) for g in self.gaussians))
 
     def metadata(self) -> dict[str, object]:
         """Everything but the tensors, JSON-ready (what ``guard calibrate`` prints)."""

@@ -106,7 +106,7 @@ class GuardedClassifier:
         detector = None
         if manifest.detector_file is not None:
             detector = TriggerDetector.load(_verified(model_dir, manifest.detector_file, manifest.detector_sha256,
-                                                      "trigger detector"))
+                                                      "trigger detector")).to(device)
         log.info("loaded %s (%d classes, weights sha256 %s…) guard=%s scan=%s repaired=%s detector=%s policy=%s/%s",
                  manifest.model, manifest.num_classes, manifest.weights_sha256[:12],
                  "on" if manifest.guard.enabled else "off", manifest.scan_file is not None,

@@ -288,7 +288,7 @@ class TorchServe:
     def is_running(self) -> bool:
         return self.pid is not None and _is_alive(self.pid)
 
-    def _get(self, url: str, api: str, timeout: float = 5.0, method: str = "GET") -> tuple[int, bytes]:
+    def _request(self, url: str, api: str, timeout: float = 5.0, method: str = "GET") -> tuple[int, bytes]:
         request = urllib.request.Request(url, headers=self.auth_headers(api), method=method)
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -298,7 +298,7 @@ class TorchServe:
 
     def model_status(self, model: str) -> list[dict]:
         """The management API's description of ``model`` (its workers, batch size, ...)."""
-        code, body = self._get(self.management_url(f"models/{model}"), "management")
+        code, body = self._request(self.management_url(f"models/{model}"), "management")
         if code != 200:
             raise ServerError(f"GET models/{model} answered {code}: {body[:300]!r}")
         return json.loads(body)
@@ -307,7 +307,7 @@ class TorchServe:
         """Scale ``model`` to no workers: TorchServe stops restarting a worker that cannot load it, and answers
         its endpoint at once with a 503 instead of queueing requests for a worker that never comes."""
         url = self.management_url(f"models/{model}?min_worker=0&max_worker=0&synchronous=true")
-        code, body = self._get(url, "management", timeout=60.0, method="PUT")
+        code, body = self._request(url, "management", timeout=60.0, method="PUT")
         if code != 200:
             raise ServerError(f"PUT models/{model} (no workers) answered {code}: {body[:300]!r}")
 
