@@ -7,10 +7,16 @@ What:     one real TorchServe serving the same CIFAR ResNet-20 weights twice —
           get a 4xx. Per quarter of each run (by send time): p50/p99 latency of the good requests, the worker's
           resident memory (sampled every second), unexpected answers. Kill: the guarded worker gets SIGKILL
           while the clients send; the answers in flight, the seconds until the first prediction after it.
+          Out of memory: a ResNet-18 at 224² (random weights; about 30 MB per image through ReScaler's pass) served
+          with batch OOM_BATCH and a long delay, so every batch is full, under a memory cap of OOM_LIMIT_MB
+          (guard config memory_limit_mb) that a full batch exceeds: OOM_ROUNDS full batches, each answered in
+          halves by the same worker; beside it the same archive uncapped (the cost of the retries).
 Goal:     no unexpected answer; worker RSS growth < 10 % from the first to the last quarter; no request
-          unanswered past its timeout; service back within 30 s.
-Output:   benchmarks/results/serve_soak.json and .png
+          unanswered past its timeout; service back within 30 s; out of memory: every request answered, a log
+          line per retry, no worker restart.
+Output:   benchmarks/results/serve_soak.json and .png (the JSON keeps the parts not rerun)
 Run:      GUARD_DATA_DIR=../shared/data python benchmarks/serve_soak.py [--requests 2000] [--clients 16]
+          [--parts soak,kill,oom]
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import signal
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +42,7 @@ from PIL import Image
 
 import guard
 from guard import data
+from guard.models import create, save_weights
 from guard.serving import GuardConfig, ServerSettings, TorchServe, build_archive, free_ports
 from serve_load import rss_mb, weights_file  # benchmarks/serve_load.py: worker RSS; pretrained (else random) weights
 
@@ -44,6 +52,7 @@ IMAGES = 200
 TIMEOUT = 60.0
 OUT = Path(__file__).parent / "results"
 ENDPOINTS = {"guarded": True, "unguarded": False}
+OOM_MODEL, OOM_BATCH, OOM_LIMIT_MB, OOM_ROUNDS = "resnet18", 16, 200, 5
 
 
 def bodies(count: int) -> list[tuple[str, dict, bool]]:
@@ -184,26 +193,84 @@ def kill_under_load(server: TorchServe, name: str, catalogue, clients: int) -> d
             "recovery_seconds": round(after[0][1] - killed, 2) if after else None}
 
 
+def out_of_memory(tmp: Path, body: dict) -> dict:
+    """OOM_ROUNDS full batches to the capped and to the uncapped ResNet-18: statuses, seconds per batch, worker
+    restarts, the handler's out-of-memory log lines."""
+    weights = save_weights(create(OOM_MODEL, generator=torch.Generator().manual_seed(0)), tmp / "oom.pt")
+    endpoints = {"capped": OOM_LIMIT_MB, "uncapped": None}
+    for name, limit in endpoints.items():
+        build_archive(OOM_MODEL, weights, tmp / "oom-store" / f"{name}.mar", GuardConfig(memory_limit_mb=limit))
+    settings = ServerSettings(*free_ports(5), token_auth=False, batch_size=OOM_BATCH, max_batch_delay_ms=5000,
+                              workers=1)
+    rows = {}
+    with TorchServe(tmp / "oom-run", tmp / "oom-store", {n: f"{n}.mar" for n in endpoints}, settings) as server:
+        for name in endpoints:
+            (worker,) = server.worker_pids(name)
+            url, statuses, seconds = server.inference_url(name), [], []
+
+            def post(_) -> object:
+                try:
+                    return requests.post(url, timeout=TIMEOUT * 4, **body).status_code
+                except requests.RequestException as exc:
+                    return type(exc).__name__
+
+            for _ in range(OOM_ROUNDS):
+                started = time.monotonic()
+                with ThreadPoolExecutor(OOM_BATCH) as pool:
+                    statuses += list(pool.map(post, range(OOM_BATCH)))
+                seconds.append(time.monotonic() - started)
+            model_log = (server.log_dir / "model_log.log").read_text(errors="replace")
+            rows[name] = {
+                "memory_limit_mb": endpoints[name], "requests": len(statuses),
+                "statuses": {str(k): statuses.count(k) for k in sorted(set(statuses), key=str)},
+                "seconds_per_batch": [round(x, 2) for x in seconds], "median_seconds_per_batch": round(
+                    float(np.median(seconds)), 2), "worker_restarts": int(server.worker_pids(name) != [worker]),
+                "worker_rss_mb": round(rss_mb(server, name), 1),
+                "oom_log_lines": model_log.count(f"of the {OOM_BATCH}-request batch of {name}"),
+                "example_log_line": next((line.split("guard: ", 1)[1] for line in model_log.splitlines()
+                                          if f"batch of {name} (" in line), None)}
+    rows["retry_cost"] = round(rows["capped"]["median_seconds_per_batch"]
+                               / rows["uncapped"]["median_seconds_per_batch"], 2)
+    return {"model": OOM_MODEL, "batch": OOM_BATCH, "rounds": OOM_ROUNDS, **rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000, help="requests per client (default 2000)")
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--parts", default="soak,kill,oom", help="which parts to run (default all)")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     catalogue = bodies(IMAGES)
-    report = {"what": __doc__.splitlines()[0], "torch": torch.__version__, "guard": guard.__version__,
-              "platform": platform.platform(), "cpus": os.cpu_count(),
-              "params": {"clients": args.clients, "requests_per_client": args.requests, "malformed": MALFORMED,
-                         "timeout_s": TIMEOUT, "kinds": sorted({k for k, _, _ in catalogue})},
-              "soak": {}}
+    out_json = OUT / "serve_soak.json"
+    report = json.loads(out_json.read_text()) if out_json.is_file() else {}
+    report.update({"what": __doc__.splitlines()[0], "torch": torch.__version__, "guard": guard.__version__,
+                   "platform": platform.platform(), "cpus": os.cpu_count()})
+    if "soak" in parts:
+        report.update({"params": {"clients": args.clients, "requests_per_client": args.requests,
+                                  "malformed": MALFORMED, "timeout_s": TIMEOUT,
+                                  "kinds": sorted({k for k, _, _ in catalogue})}, "soak": {}})
     with tempfile.TemporaryDirectory(prefix="guard-soak-") as tmp:
         tmp = Path(tmp)
-        weights, source = weights_file(tmp)
-        report["weights"] = source
-        for name, enabled in ENDPOINTS.items():
-            build_archive(MODEL, weights, tmp / "store" / f"{name}.mar", GuardConfig(enabled=enabled))
-        settings = ServerSettings(*free_ports(5), token_auth=False, batch_size=16, max_batch_delay_ms=20, workers=1)
-        with TorchServe(tmp / "run", tmp / "store", {n: f"{n}.mar" for n in ENDPOINTS}, settings) as server:
-            for k, name in enumerate(ENDPOINTS):
+        if "oom" in parts:
+            report["oom"] = out_of_memory(tmp, next(b for k, b, good in catalogue if good and k == "png"))
+            print("oom", json.dumps(report["oom"]), flush=True)
+        if parts & {"soak", "kill"}:
+            soak_and_kill(tmp, catalogue, args, parts, report)
+    OUT.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(report, indent=1) + "\n")
+    plot(report, OUT / "serve_soak.png")
+    print(f"wrote {out_json} and .png")
+
+
+def soak_and_kill(tmp: Path, catalogue, args, parts: set, report: dict) -> None:
+    weights, source = weights_file(tmp)
+    report["weights"] = source
+    for name, enabled in ENDPOINTS.items():
+        build_archive(MODEL, weights, tmp / "store" / f"{name}.mar", GuardConfig(enabled=enabled))
+    settings = ServerSettings(*free_ports(5), token_auth=False, batch_size=16, max_batch_delay_ms=20, workers=1)
+    with TorchServe(tmp / "run", tmp / "store", {n: f"{n}.mar" for n in ENDPOINTS}, settings) as server:
+        for k, name in enumerate(ENDPOINTS if "soak" in parts else ()):
                 started = time.monotonic()
                 with RSSSampler(server, name) as rss:
                     log = soak(server.inference_url(name), catalogue, args.clients, args.requests, seed=1000 * k)
@@ -219,12 +286,9 @@ def main() -> None:
                     "max_seconds": round(max(r["seconds"] for r in log), 2),
                     "rss_growth": round(last / first - 1, 4) if first and last else None, "quarters": rows}
                 print(name, json.dumps({k: v for k, v in report["soak"][name].items() if k != "quarters"}), flush=True)
+        if "kill" in parts:
             report["kill"] = kill_under_load(server, "guarded", catalogue, args.clients)
             print("kill", json.dumps(report["kill"]), flush=True)
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "serve_soak.json").write_text(json.dumps(report, indent=1) + "\n")
-    plot(report, OUT / "serve_soak.png")
-    print(f"wrote {OUT / 'serve_soak.json'} and .png")
 
 
 def plot(report: dict, path: Path) -> None:

@@ -41,6 +41,7 @@ OPTIONS = {
     "issba": {"num_poisons": 10, "steps": 20, "width": 8},
     "adv": {"num_poisons": 10, "surrogate": "tiny_resnet"},  # + the trained surrogate of adv_surrogate()
     "pcb": {"target": 1, "patch_size": 3, "batch_fraction": 0.2},
+    "rescaler-aware": {"target": 1, "patch_size": 3, "batch_fraction": 0.2, "evade_weight": 1.0},
 }
 #: data-poisoning backdoors (PCB controls training instead: supply-chain)
 BACKDOORS = list_attacks("backdoor")

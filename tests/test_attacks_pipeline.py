@@ -3,6 +3,7 @@ writes a checkpoint and a record that ``guard eval --attack-record`` reproduces.
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -76,6 +77,68 @@ def test_pcb_training_implants_the_backdoor():
     scores = evaluate_backdoor(victim, attack, test_set)
     check("non-target ASR", scores["asr_nontarget"], low=0.9)
     check("CDA", scores["cda"], low=0.9)
+
+
+def test_rescaler_aware_loss_is_the_backdoor_through_the_adaptation_and_the_detector_distance():
+    """The extra loss is, on the triggered first fifth: CE(F(x̃), t) in training mode with the clean rest, then in
+    eval mode λ_a CE(F_{w*}(x̃), t) + λ_e × the variance-scaled distance to the clean target-class rows at guard's
+    detector layers; its gradient reaches the weights; the model is left in training mode; no hook outlives
+    training, even a failed one."""
+    from guard.detect.inputs import feature_layers, layer_features
+    from guard.rescaler import ReScaler
+
+    model = tiny().double()
+    x = torch.rand(10, 3, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = torch.tensor([1, 1, 1, 0, 2, 1, 3, 1, 0, 1])
+    attack = create_attack("rescaler-aware", target=1, patch_size=3, batch_fraction=0.2, adapt_weight=0.5,
+                           evade_weight=2.0)
+    rescaler = ReScaler(model)
+    before = copy.deepcopy(model.state_dict())  # the training-mode forward moves the BatchNorm statistics
+    model.train()
+    value = attack.backdoor_loss(rescaler)(x, y, None)
+    assert model.training
+    (grad,) = torch.autograd.grad(value, model.classifier.weight)
+    assert grad.abs().sum() > 0
+    model.load_state_dict(before)
+    triggered, clean = attack.apply_trigger(x[:2]), x[y == 1]
+    target = torch.ones(2, dtype=torch.int64)
+    plain = model(torch.cat([triggered, x[2:]]))[:2]
+    model.eval()
+    layers = feature_layers(model)
+    with layer_features(model, layers) as features:
+        model(torch.cat([triggered, clean]))
+    adapted = rescaler.adapt(triggered).logits
+    distance = sum(((f[0][:2] - f[0][2:].mean(0)) ** 2 / (f[0][2:].var(0) + 1e-6)).mean() for f in features.values())
+    ce = torch.nn.functional.cross_entropy
+    expected = ce(plain, target) + 0.5 * ce(adapted, target) + 2.0 * distance / len(layers)
+    assert value.item() == pytest.approx(expected.item(), rel=1e-6)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    rescaler.detach()
+    with pytest.raises(RuntimeError, match="injected"):
+        attack.train(model, stripes(40, 0), RECIPE, generator=torch.Generator().manual_seed(0), progress=False,
+                     callback=fail)
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.outcome
+def test_rescaler_aware_backdoor_survives_the_adaptation():
+    """Trained through the adaptation at the served ε, α, the backdoor keeps the target after ReScaler.adapt at
+    least as often as through the plain model minus a margin, with the clean accuracy kept."""
+    from guard.rescaler import ReScaler
+
+    train_set, test_set = stripes(800, SEED), stripes(400, SEED + 1000)
+    attack = create_attack("rescaler-aware", target=0, patch_size=3, batch_fraction=0.2)
+    victim = tiny(SEED)
+    attack.train(victim, train_set, RECIPE, generator=torch.Generator().manual_seed(SEED + 1), progress=False)
+    scores = evaluate_backdoor(victim, attack, test_set)
+    check("non-target ASR", scores["asr_nontarget"], low=0.9)
+    check("CDA", scores["cda"], low=0.9)
+    source = test_set.subset(torch.nonzero(test_set.labels != 0)[:, 0])
+    adapted = ReScaler(victim).adapt(attack.triggered(source).images.float() / 255).labels
+    check("non-target ASR through ReScaler", (adapted == 0).double().mean().item(), low=0.9)
 
 
 def test_guard_poison_cli_writes_checkpoint_and_record(data_root, tmp_path, capsys):

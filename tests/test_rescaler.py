@@ -171,6 +171,33 @@ def test_targeted_variant_descends_towards_given_labels():
     assert torch.allclose(fixed, out.logits)
 
 
+def test_create_graph_gives_the_same_adaptation_and_parameter_gradients_match_finite_differences():
+    """``create_graph=True`` (attacks trained through the adaptation) changes no value, and the adapted logits'
+    gradient with respect to a weight — through eq. 3's step, second order — matches central differences."""
+    model = _double("tiny_resnet")
+    rescaler = ReScaler(model, eps=1.0, alpha=0.05)  # no clipping at ε: w = max(α g, 0) is smooth where g > 0
+    x = _images(model, 3)
+    plain = rescaler.adapt(x)
+    graph = rescaler.adapt(x, create_graph=True)
+    for a, b in ((plain.logits, graph.logits), (plain.original_logits, graph.original_logits),
+                 (plain.scalars, graph.scalars)):
+        assert torch.allclose(a, b, atol=1e-12)
+    assert graph.logits.requires_grad and graph.scalars.requires_grad and not plain.logits.requires_grad
+    assert (graph.scalars > 0).any()
+    direction = torch.randn(graph.logits.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    weight = [m for m in model.modules() if isinstance(m, nn.Conv2d)][-1].weight
+    (grad,) = torch.autograd.grad((graph.logits * direction).sum(), weight)
+    h = 1e-6
+    for index in [(0, 0, 0, 0), (1, 0, 1, 1), (weight.shape[0] - 1, weight.shape[1] - 1, 2, 2)]:
+        with torch.no_grad():
+            weight[index] += h
+            up = (rescaler.adapt(x).logits * direction).sum()
+            weight[index] -= 2 * h
+            down = (rescaler.adapt(x).logits * direction).sum()
+            weight[index] += h
+        assert grad[index].item() == pytest.approx(((up - down) / (2 * h)).item(), rel=1e-4, abs=1e-9)
+
+
 def test_model_is_never_changed_and_gets_no_gradients():
     model = _double("tiny_resnet_b")
     before = {k: v.clone() for k, v in model.state_dict().items()}

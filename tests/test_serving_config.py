@@ -19,7 +19,8 @@ SHA = "ab" * 32
 
 def test_guard_config_round_trips_through_json_and_pickle(tmp_path):
     config = GuardConfig(rescaler=ReScalerConfig(eps=0.1, alpha=0.5, steps=2), enabled=False, top_k=5,
-                         class_names=("a", "b"), resize="stretch", max_image_pixels=1000, asr_window=50)
+                         class_names=("a", "b"), resize="stretch", max_image_pixels=1000, asr_window=50,
+                         memory_limit_mb=512)
     path = tmp_path / "guard.json"
     path.write_text(json.dumps(config.to_dict()))
     assert GuardConfig.load(path) == config
@@ -34,6 +35,8 @@ def test_guard_config_round_trips_through_json_and_pickle(tmp_path):
     ({"class_names": ["a", "a"]}, ValueError, "distinct"),
     ({"class_names": "ab"}, TypeError, "list of non-empty strings"),
     ({"max_image_pixels": -1}, ValueError, "max_image_pixels"),
+    ({"memory_limit_mb": 0}, ValueError, "memory_limit_mb must be an int >= 1, got 0"),
+    ({"memory_limit_mb": 1.5}, ValueError, "memory_limit_mb must be an int >= 1, got 1.5"),
     ({"rescaler": {"eps": 2.0}}, ValueError, "eps must be a number in (0, 1]"),
     ({"rescaler": {"epsilon": 0.1}}, ValueError, "unknown keys ['epsilon']"),
     ({"topk": 3}, ValueError, "unknown keys ['topk']"),

@@ -175,6 +175,8 @@ def test_select_field_and_form_encoding():
     assert info.value.status == 415 and "--data-binary" in info.value.message
 
 
-def test_bad_request_status_must_be_4xx():
-    with pytest.raises(ValueError, match="4xx"):
-        BadRequest(500, "no")
+def test_an_unanswered_request_status_must_be_4xx_or_5xx():
+    assert BadRequest(507, "out of memory", kind="OutOfMemory").to_dict()["code"] == 507
+    for status in (200, 302, 600):
+        with pytest.raises(ValueError, match="4xx or 5xx status, got"):
+            BadRequest(status, "no")

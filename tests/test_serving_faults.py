@@ -1,11 +1,17 @@
-"""A worker killed under load, behind a real TorchServe: clients keep sending while the model's worker process gets
-SIGKILL; every request is answered (a prediction, or an error for those in flight) within its timeout, TorchServe
-starts a new worker, and service is back within 30 s."""
+"""Faults behind a real TorchServe.
+
+A worker killed under load: clients keep sending while the model's worker process gets SIGKILL; every request is
+answered (a prediction, or an error for those in flight) within its timeout, TorchServe starts a new worker, and
+service is back within 30 s.
+
+A worker out of memory: a server batch too large for the worker's memory cap (``memory_limit_mb``) is logged and
+answered in halves by the same worker — no request lost, no restart, no crash loop."""
 
 from __future__ import annotations
 
 import io
 import os
+from concurrent.futures import ThreadPoolExecutor
 import shutil
 import signal
 import threading
@@ -85,3 +91,33 @@ def test_a_killed_worker_is_replaced_and_no_request_hangs(server):
     assert recovered[0] - killed < RECOVERY
     (replacement,) = server.worker_pids("tiny")
     assert replacement != victim
+
+
+#: ResNet-18 at 224² takes about 30 MB per image through ReScaler's pass: 16 do not fit in 200 MB, 4 do
+OOM_BATCH, OOM_LIMIT_MB = 16, 200
+
+
+def test_a_batch_that_runs_out_of_memory_is_answered_in_halves_by_the_same_worker(tmp_path):
+    if shutil.which("java") is None:
+        pytest.skip("TorchServe needs a Java runtime")
+    weights = save_weights(create("resnet18", generator=torch.Generator().manual_seed(0)), tmp_path / "r18.pt")
+    build_archive("resnet18", weights, tmp_path / "store" / "big.mar", GuardConfig(memory_limit_mb=OOM_LIMIT_MB))
+    settings = ServerSettings(*free_ports(5), token_auth=False, batch_size=OOM_BATCH, max_batch_delay_ms=5000,
+                              threads=1)
+    body = _png()
+    with TorchServe(tmp_path / "run", tmp_path / "store", {"big": "big.mar"}, settings) as server:
+        (worker,) = server.worker_pids("big")
+
+        def post(_) -> int:
+            return requests.post(server.inference_url("big"), data=body, headers={"Content-Type": "image/png"},
+                                 timeout=120).status_code
+
+        for _ in range(2):  # a second full batch: the worker is still there and does it again
+            with ThreadPoolExecutor(OOM_BATCH) as pool:
+                statuses = list(pool.map(post, range(OOM_BATCH)))
+            assert statuses == [200] * OOM_BATCH
+        model_log = (server.log_dir / "model_log.log").read_text(errors="replace")
+        assert "guard: model big capped at" in model_log
+        assert f"out of memory on {OOM_BATCH} requests of the {OOM_BATCH}-request batch of big" in model_log
+        assert "retrying in halves" in model_log
+        assert server.worker_pids("big") == [worker], "the worker was restarted"

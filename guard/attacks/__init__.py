@@ -12,7 +12,8 @@ Example::
 Backdoors (:class:`BackdoorAttack`, verb ``poison``): ``badnets``, ``c-badnets``, ``blend``, ``sig``, ``wanet``,
 ``adaptive-blend``, ``adaptive-patch``, ``refool``, ``instagram``, ``xiang``, ``tsb``, ``issba`` (trained-encoder
 substitute), ``dfst`` (colour-style substitute), ``adv`` (per-image adversarial trigger from a trained independent
-model); the supply-chain ``pcb`` (:class:`SupplyChainAttack`, verb ``train``); clean-label transfer attacks
+model); the supply-chain ``pcb`` and ``rescaler-aware`` (:class:`SupplyChainAttack`, verb ``train``; the latter
+trains through ReScaler's adaptation and optionally past guard's trigger detector); clean-label transfer attacks
 (:class:`TargetedAttack`): ``fc``, ``cp``, ``bp``, ``clbd``, ``htbd`` with :func:`make_goals`::
 
     goal = make_goals(train_set, test_set, num_goals=1, num_poisons=25, generator=g)[0]
@@ -24,6 +25,7 @@ A run's record is written with :func:`save_record` and read back, attack state i
 
 from . import primitives
 from .adv import AdvClean
+from .aware import ReScalerAware
 from .base import (Attack, AttackConfig, BackdoorAttack, PoisonConfig, PoisonResult, SupplyChainAttack,
                    TargetedAttack, Trigger, attack_from_record, create_attack, describe_attacks, get_attack,
                    list_attacks, load_record, parse_options, register_attack, save_record)
@@ -38,7 +40,7 @@ from .xiang import XiangPattern
 
 __all__ = ["AdaptiveBlend", "AdaptivePatch", "AdvClean", "Attack", "AttackConfig", "AttackGoal", "BP", "BackdoorAttack",
            "BadNets", "Blend", "CLBD", "CP", "CleanLabelBadNets", "DFSTStyle", "FC", "HTBD", "ISSBA", "Instagram",
-           "PCB", "PoisonConfig", "PoisonResult", "Refool", "SIG", "SupplyChainAttack", "TSB", "TargetedAttack",
+           "PCB", "PoisonConfig", "PoisonResult", "ReScalerAware", "Refool", "SIG", "SupplyChainAttack", "TSB", "TargetedAttack",
            "TransferConfig", "Trigger", "WaNet", "XiangPattern", "attack_from_record", "create_attack",
            "describe_attacks", "get_attack", "list_attacks", "load_record", "make_goals", "parse_options",
            "primitives", "register_attack", "save_record"]

@@ -382,27 +382,33 @@ def feature_layers(model: GuardModel, which: str = "stages") -> tuple[str, ...]:
 
 def _channel_statistics(output: torch.Tensor) -> torch.Tensor:
     """``(B, 2C)``: the per-channel mean and standard deviation over the positions of a ``(B, C, H, W)`` output."""
-    out = output.detach().double()
-    return torch.cat([out.mean((2, 3)), out.std((2, 3))], 1)
+    return torch.cat([output.mean((2, 3)), output.std((2, 3))], 1)
 
 
 @contextmanager
-def layer_features(model: GuardModel, layers: tuple[str, ...]) -> Iterator[dict[str, list[torch.Tensor]]]:
+def layer_features(model: GuardModel, layers: tuple[str, ...], *, detach: bool = True
+                   ) -> Iterator[dict[str, list[torch.Tensor]]]:
     """Within the block, every forward pass of ``model`` appends each layer's features (float64, detached) to the
     yielded ``{layer: [...]}``: :data:`PENULTIMATE` — the input of the final linear layer ``(B, D)``; a module name
     (a residual stage) — the per-channel mean and standard deviation of its output ``(B, 2C)``. The hooks go on
     exit, even after an error. ReScaler's first forward is the undefended one, so the first entry of each list
-    holds the plain model's features at no extra cost."""
+    holds the plain model's features at no extra cost. ``detach=False`` keeps them in the graph, in the model's
+    dtype (an attacker shaping what the detector sees)."""
     captured: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().double() if detach else t
+
     handles = []
     try:
         for name in layers:
             if name == PENULTIMATE:
                 handles.append(model.classifier.register_forward_hook(
-                    lambda module, inputs, output: captured[PENULTIMATE].append(inputs[0].detach().flatten(1).double())))
+                    lambda module, inputs, output: captured[PENULTIMATE].append(keep(inputs[0].flatten(1)))))
             else:
                 handles.append(model.get_submodule(name).register_forward_hook(
-                    lambda module, inputs, output, name=name: captured[name].append(_channel_statistics(output))))
+                    lambda module, inputs, output, name=name: captured[name].append(
+                        _channel_statistics(keep(output)))))
         yield captured
     finally:
         for handle in handles:

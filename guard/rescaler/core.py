@@ -186,13 +186,17 @@ class ReScaler(nn.Module):
         return torch.float64 if x.dtype == torch.float64 else torch.float32
 
     def adapt(self, x: torch.Tensor, *, target: torch.Tensor | None = None,
-              steps: int | None = None, eps: float | None = None) -> Adaptation:
+              steps: int | None = None, eps: float | None = None, create_graph: bool = False) -> Adaptation:
         """Adapt the scalars for every input of the batch ``x`` (B, C, H, W) in [0, 1].
 
         Default: ``steps`` ascent steps on CE to the model's own prediction (eq. 3). With ``target`` (B,)
         labels, *descend* on CE to those labels instead — the label-targeted objective of the transfer
         analysis (rescaler_appendix.txt C.1: ε = 0.3, 100 steps). Each step is one forward and one backward
         pass over the whole batch; the defended logits take one more forward pass.
+
+        ``create_graph=True`` keeps the graph through the steps: the returned logits, original logits and
+        scalars are differentiable functions of the model's parameters and of ``x`` (second order through
+        eq. 3's gradient) — what an attacker who trains or crafts through the adaptation optimises.
         """
         cfg = ReScalerConfig(self.config.eps if eps is None else eps, self.config.alpha,
                              self.config.steps if steps is None else steps)
@@ -207,14 +211,16 @@ class ReScaler(nn.Module):
             for _ in range(cfg.steps):
                 logits = self._logits(x, w)
                 if original is None:
-                    original = logits.detach()
-                labels = original.argmax(1) if target is None else target
+                    original = logits if create_graph else logits.detach()
+                labels = original.detach().argmax(1) if target is None else target
                 loss = F.cross_entropy(logits, labels, reduction="sum")
-                (grad,) = torch.autograd.grad(loss, w)
+                (grad,) = torch.autograd.grad(loss, w, create_graph=create_graph)
                 step = cfg.alpha * grad if target is None else -cfg.alpha * grad
-                w = (w.detach() + step).clamp_(0.0, cfg.eps).requires_grad_(True)
-            w = w.detach()
-            with torch.no_grad():
+                w = ((w + step).clamp(0.0, cfg.eps) if create_graph
+                     else (w.detach() + step).clamp_(0.0, cfg.eps).requires_grad_(True))
+            if not create_graph:
+                w = w.detach()
+            with torch.set_grad_enabled(create_graph):
                 logits = self._logits(x, w)
         return Adaptation(logits=logits, original_logits=original, scalars=w)
 

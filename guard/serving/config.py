@@ -81,6 +81,11 @@ class GuardConfig:
     (``guard calibrate``, ``guard archive --detector``) scores above its threshold: ``"flag"`` answers it with
     ``"flagged": true``, ``"refuse"`` answers :data:`REFUSED_STATUS` with the score and the threshold instead of
     a label. Without a detector, answers carry no trigger score and nothing is refused.
+
+    ``memory_limit_mb``: how much memory the worker's passes may take beyond what it holds once loaded — on a
+    GPU the per-process share of the device's memory, on the CPU the process's address space (``RLIMIT_AS``).
+    A server batch that runs out of memory (capped or not) is retried in halves, down to single requests; a
+    single request that still does not fit gets a 507. ``None``: no cap.
     """
 
     rescaler: ReScalerConfig = field(default_factory=ReScalerConfig)
@@ -93,6 +98,7 @@ class GuardConfig:
     asr_window: int = 1000
     answer: str = "rescaler"
     on_trigger: str = "flag"
+    memory_limit_mb: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.rescaler, ReScalerConfig):
@@ -103,6 +109,8 @@ class GuardConfig:
         _positive_int("top_k", self.top_k)
         _positive_int("max_image_pixels", self.max_image_pixels)
         _positive_int("asr_window", self.asr_window)
+        if self.memory_limit_mb is not None:
+            _positive_int("memory_limit_mb", self.memory_limit_mb)
         for name, allowed in (("resize", RESIZE_MODES), ("answer", ANSWERS), ("on_trigger", ON_TRIGGER)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

@@ -38,12 +38,13 @@ _MODE_NAMES = {"L": "8-bit grayscale", "LA": "grayscale with alpha", "P": "palet
 
 
 class BadRequest(ValueError):
-    """One request the server cannot answer with a prediction; ``status`` is the HTTP code it gets."""
+    """One request the server cannot answer with a prediction; ``status`` is the HTTP code it gets: a 4xx for
+    the request's fault, a 5xx for the server's (e.g. 507: it did not fit in memory even alone)."""
 
     def __init__(self, status: int, message: str, *, kind: str = "BadRequest",
                  details: dict[str, object] | None = None) -> None:
-        if not 400 <= status < 500:
-            raise ValueError(f"a bad request maps to a 4xx status, got {status}")
+        if not 400 <= status < 600:
+            raise ValueError(f"an unanswered request maps to a 4xx or 5xx status, got {status}")
         super().__init__(message)
         self.status = status
         self.message = message

@@ -28,6 +28,7 @@ from guard.serving import (BACKDOOR_SCORE, BAD_REQUESTS, BATCH_SIZE, DISAGREEMEN
                            METRICS, REQUESTS, REVERTED, SCAN_BACKDOORED, SCAN_SCORE, TRIGGER_SCORE, TRIGGER_THRESHOLD,
                            BadRequest, GuardedClassifier, RevertMonitor, decode_request, reject_form_encoding,
                            select_field)
+from guard.serving.memory import concat, limit_memory, run_in_halves
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,10 @@ class GuardHandler(BaseHandler):
             raise
         self.device = device
         self.model_name = context.model_name
+        limit = self.classifier.config.memory_limit_mb
+        if limit is not None:  # counted from a warm worker: one pass creates the threads and kernels batches share
+            self.classifier.observe(torch.zeros(1, 3, *self.classifier.input_hw, device=device))
+            log.info("guard: model %s capped at %s", context.model_name, limit_memory(limit, device))
         detector = self.classifier.detector
         self.monitor = RevertMonitor(len(self.classifier.class_names), self.classifier.config.asr_window,
                                      0.0 if detector is None else detector.false_positive_rate)
@@ -116,12 +121,27 @@ class GuardHandler(BaseHandler):
     def inference(self, items, *args, **kwargs):
         """One ReScaler pass (one forward + one backward) over all decodable requests of the batch, one
         forward of the repaired model when the archive has one, and the trigger detector on the features of
-        the first forward when it has one."""
-        good = [item for item in items if isinstance(item, torch.Tensor)]
-        if not good:
+        the first forward when it has one. A batch that runs out of memory is retried in halves
+        (:func:`guard.serving.memory.run_in_halves`); a request that does not fit alone gets a 507."""
+        index = [i for i, item in enumerate(items) if isinstance(item, torch.Tensor)]
+        if not index:
             return items, None, None, None
+        images = torch.stack([items[i] for i in index]).to(self.classifier.device)  # one copy for all passes
+        parts = run_in_halves(lambda a, b: self._passes(images[a:b]), len(index),
+                              what=f"{len(index)}-request batch of {self.model_name}")
+        for a, b, out in parts:
+            if isinstance(out, MemoryError):
+                for i in index[a:b]:
+                    items[i] = BadRequest(507, f"the server ran out of memory answering this request ({out})",
+                                          kind="OutOfMemory")
+        done = [out for _, _, out in parts if not isinstance(out, MemoryError)]
+        if not done:
+            return items, None, None, None
+        return (items, *(concat([out[k] for out in done]) for k in range(3)))
+
+    def _passes(self, images: torch.Tensor):
+        """(adaptation, repaired-model scores, trigger scores) of one batch, with each stage's latency."""
         start = time.perf_counter()
-        images = torch.stack(good).to(self.classifier.device)  # one host-to-device copy for both passes
         result, features = self.classifier.observe(images)
         if result.logits.is_cuda:
             torch.cuda.synchronize(result.logits.device)
@@ -134,7 +154,7 @@ class GuardHandler(BaseHandler):
         trigger = self.classifier.detect(result, features)
         if trigger is not None:
             self._emit(LATENCY, time.perf_counter() - start, "detect")
-        return items, result, scores, trigger
+        return result, scores, trigger
 
     def postprocess(self, data):
         """Answer each request (4xx for bad or refused ones, set on that request only) and update the metrics."""
