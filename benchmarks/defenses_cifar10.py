@@ -61,10 +61,11 @@ def defender_data(trusted_fraction: float) -> tuple[ImageTensorDataset, ImageTen
     return split_trusted(train_set, trusted_fraction, torch.Generator().manual_seed(SEED)), heldout
 
 
-def victim_model(attack_name: str, heldout: ImageTensorDataset, device: torch.device
+def victim_model(attack_name: str, heldout: ImageTensorDataset, device: torch.device, options: dict | None = None
                  ) -> tuple[GuardModel, Callable[[GuardModel], float]]:
-    """The cached strong victim of ``attack_name`` (ATTACKS) and its ASR probe on the triggered ``heldout``."""
-    v = victim(attack_name, **ATTACKS[attack_name])
+    """The cached strong victim of ``attack_name`` (built with ``options``, default ATTACKS') and its ASR probe
+    on the triggered ``heldout``."""
+    v = victim(attack_name, **(ATTACKS[attack_name] if options is None else options))
     attack = load_record(v.record)
     triggered = attack.triggered(heldout)
 

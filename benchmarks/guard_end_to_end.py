@@ -91,23 +91,25 @@ def target_gauge(server: TorchServe, name: str, target: int) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def traffic(attack_name: str, test) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """(clean images, their labels, triggered images of the non-target/source classes, target)."""
-    v = victim(attack_name, **ATTACKS[attack_name])
+def traffic(v, test) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(clean images, their labels, triggered images of the non-target/source classes, target) for victim ``v``."""
     attack = load_record(v.record)
     evaluation = test.subset(range(CALIBRATION_IMAGES, len(test)))
     return evaluation.images, evaluation.labels, stamp_sources(attack, evaluation).images, attack.config.target
 
 
-def measure(attack_name: str, test, fpr: float) -> dict:
-    v = victim(attack_name, **ATTACKS[attack_name])
-    clean, labels, triggered, target = traffic(attack_name, test)
+def measure(attack_name: str, test, fpr: float, options: dict | None = None, label: str | None = None) -> dict:
+    """Every policy on the cached victim of ``attack_name`` built with ``options`` (default: ATTACKS'), served
+    from runs/end_to_end/``label`` (default: the attack's name)."""
+    options = ATTACKS[attack_name] if options is None else options
+    v = victim(attack_name, **options)
+    clean, labels, triggered, target = traffic(v, test)
     model = create("resnet20", weights=v.weights).eval()
     started = time.perf_counter()
     detector = TriggerDetector.calibrate(model, test.images[:CALIBRATION_IMAGES].float() / 255,
                                          false_positive_rate=fpr, generator=torch.Generator().manual_seed(SEED))
     calibrate_seconds = time.perf_counter() - started
-    run = RUNS / attack_name
+    run = RUNS / (label or attack_name)
     detector_file = detector.save(run / "detector.safetensors")
     store = run / "store"
     for policy, (config, with_detector) in POLICIES.items():
@@ -142,7 +144,7 @@ def measure(attack_name: str, test, fpr: float) -> dict:
         row["clean_accuracy_loss"] = round(plain["clean_accuracy"] - row["clean_accuracy"], 4)
         row["meets_goal"] = bool(row["attack_success"] <= GOAL_ASR and row["clean_accuracy_loss"] <= GOAL_CLEAN_LOSS)
         row.pop("answers")
-    return {"options": ATTACKS[attack_name], "target": target, "victim": {"cda": v.cda, "asr": v.asr},
+    return {"options": options, "target": target, "victim": {"cda": v.cda, "asr": v.asr},
             "requests": {"clean": len(clean), "triggered": len(triggered)}, "took_hold": took_hold,
             "detector": {**detector.metadata(), "calibrate_seconds": round(calibrate_seconds, 2)},
             "estimated_asr_truth": round(truth, 4), "policies": rows}

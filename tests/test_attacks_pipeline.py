@@ -79,11 +79,13 @@ def test_pcb_training_implants_the_backdoor():
     check("CDA", scores["cda"], low=0.9)
 
 
-def test_rescaler_aware_loss_is_the_backdoor_through_the_adaptation_and_the_detector_distance():
-    """The extra loss is, on the triggered first fifth: CE(F(x̃), t) in training mode with the clean rest, then in
-    eval mode λ_a CE(F_{w*}(x̃), t) + λ_e × the variance-scaled distance to the clean target-class rows at guard's
-    detector layers; its gradient reaches the weights; the model is left in training mode; no hook outlives
-    training, even a failed one."""
+@pytest.mark.parametrize("second_order", [False, True])
+def test_rescaler_aware_loss_is_the_backdoor_through_the_adaptation_and_the_detector_distance(second_order):
+    """The extra loss is, on the triggered first fifth, from one training-mode forward of [x̃, x̃, clean rest] with
+    scalars [0, w*, 0] (w* ReScaler's eval-mode step): CE(F(x̃), t) + λ_a CE(F_{w*}(x̃), t) + λ_e × the distance of
+    the plain x̃ to the clean target-class rows at guard's detector layers, in units of their total variance; its
+    gradient reaches the weights; the model is left in training mode; no hook outlives training, even a failed
+    one."""
     from guard.detect.inputs import feature_layers, layer_features
     from guard.rescaler import ReScaler
 
@@ -91,7 +93,7 @@ def test_rescaler_aware_loss_is_the_backdoor_through_the_adaptation_and_the_dete
     x = torch.rand(10, 3, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     y = torch.tensor([1, 1, 1, 0, 2, 1, 3, 1, 0, 1])
     attack = create_attack("rescaler-aware", target=1, patch_size=3, batch_fraction=0.2, adapt_weight=0.5,
-                           evade_weight=2.0)
+                           evade_weight=2.0, second_order=second_order)
     rescaler = ReScaler(model)
     before = copy.deepcopy(model.state_dict())  # the training-mode forward moves the BatchNorm statistics
     model.train()
@@ -100,17 +102,21 @@ def test_rescaler_aware_loss_is_the_backdoor_through_the_adaptation_and_the_dete
     (grad,) = torch.autograd.grad(value, model.classifier.weight)
     assert grad.abs().sum() > 0
     model.load_state_dict(before)
-    triggered, clean = attack.apply_trigger(x[:2]), x[y == 1]
+    triggered = attack.apply_trigger(x[:2])
     target = torch.ones(2, dtype=torch.int64)
-    plain = model(torch.cat([triggered, x[2:]]))[:2]
     model.eval()
+    w = rescaler.adapt(triggered).scalars
+    assert (w > 0).any()
+    model.train()
+    scalars = torch.cat([torch.zeros_like(w), w, torch.zeros(8, w.shape[1], dtype=w.dtype)])
     layers = feature_layers(model)
     with layer_features(model, layers) as features:
-        model(torch.cat([triggered, clean]))
-    adapted = rescaler.adapt(triggered).logits
-    distance = sum(((f[0][:2] - f[0][2:].mean(0)) ** 2 / (f[0][2:].var(0) + 1e-6)).mean() for f in features.values())
+        out = rescaler.logits_with(torch.cat([triggered, triggered, x[2:]]), scalars)
+    clean = 4 + torch.nonzero(y[2:] == 1)[:, 0]
+    distance = sum(((f[0][:2] - f[0][clean].mean(0)) ** 2).sum(1).mean() / (f[0][clean].var(0).sum() + 1e-6)
+                   for f in features.values())
     ce = torch.nn.functional.cross_entropy
-    expected = ce(plain, target) + 0.5 * ce(adapted, target) + 2.0 * distance / len(layers)
+    expected = ce(out[:2], target) + 0.5 * ce(out[2:4], target) + 2.0 * distance / len(layers)
     assert value.item() == pytest.approx(expected.item(), rel=1e-6)
 
     def fail(*args, **kwargs):

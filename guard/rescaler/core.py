@@ -235,6 +235,12 @@ class ReScaler(nn.Module):
     def predict_with(self, x: torch.Tensor, scalars: torch.Tensor) -> torch.Tensor:
         """Logits of the network under fixed ``scalars`` (S,) or (B, S) — e.g. weights learned on another
         model for the transfer analysis (rescaler_appendix.txt C.1)."""
+        return self.logits_with(x, scalars)
+
+    def logits_with(self, x: torch.Tensor, scalars: torch.Tensor) -> torch.Tensor:
+        """:meth:`predict_with` in the caller's grad mode: differentiable with respect to the model's parameters
+        and ``x`` (the scalars taken as given) — the first-order view of an attacker optimising through the
+        adaptation."""
         with torch.inference_mode(False):
             x = self._prepare(x)
             return self._logits(x, self._check_scalars(scalars, x.shape[0], x))

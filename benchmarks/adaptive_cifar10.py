@@ -1,0 +1,207 @@
+"""Attacks aimed at the guard itself: what an attacker gains by knowing guard's scan, repair and endpoint.
+
+What:     strong victims from the shared cache (benchmarks/victims.py: the pretrained ResNet-20 fine-tuned 3
+          epochs on the full CIFAR-10 training set), each adaptive attack beside the non-adaptive one it adapts,
+          BadNets (the same 3×3 checkerboard patch, target 0, 1 % poisons):
+          pcb                   Pick your Poison's PCB (Alg. 5; A17): the backdoor gradient on a fixed 10 % of
+                                every weight tensor — aimed at Pivotal Tuning's repair
+          tsb                   PyP's TSB (Alg. 7; A16): 8 scattered noise triggers, all 8 at test time — aimed
+                                at CNC's trigger inversion (and Pivotal Tuning)
+          rescaler-aware        the attacker the endpoint invites: the backdoor trained through ReScaler's
+                                adaptation (first order, at the served ε, α) — aimed at ReScaler's label; not in
+                                the default --victims while its recipe costs the clean accuracy
+                                (guard/attacks/aware.py); the JSON's failed_runs keeps an earlier run with the
+                                detector term (evade_weight 1), which collapsed
+Parts:    (--parts; the JSON accumulates per victim and part, so a run resumes where it stopped)
+          victim    clean accuracy, undefended ASR and the attacker's training seconds (the cost of adapting)
+          endpoint  the client's view through a real TorchServe (guard_end_to_end.py's measure: policies plain,
+                    rescaler, detect-refuse, rescaler-refuse; detector calibrated at --fpr on lossless test images
+                    0-699, traffic images 700-999)
+          repair    Pivotal Tuning with 1 % trusted data at the configuration pivotal_cifar10.py found best on the
+                    BadNets victim (lr 0.01, λ_S 0.01, λ_R 500, 500 steps): remaining ASR at the first 2-point CDA
+                    breach (v_1%, M10) and the best point within the budget
+          scan      CNC (5 inversion steps per class, guard scan's default) over the Pivotal Tuning of the repair
+                    part cut at 150 steps (guard scan's default repair, 100 steps at λ_S 0.05, λ_R 20,000, breaks
+                    the CDA budget at its first evaluation on these victims and then detects nothing): verdict,
+                    flagged class, the target's calibrated score, its margin under the threshold and its rank
+Not built: the clean-label poisons crafted through the adaptation.
+Hardware: CPU threads = --threads (default 2); CUDA when available for the offline parts.
+Output:   benchmarks/results/adaptive_cifar10.json and .png (per defense: non-adaptive beside adaptive).
+Run:      GUARD_DATA_DIR=../shared/data python benchmarks/adaptive_cifar10.py [--victims badnets,pcb]
+          [--parts victim,endpoint,repair,scan]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import guard
+from defenses_cifar10 import SEED, defender_data, victim_model
+from guard.data import load_dataset
+from guard.detect import CalibratedTriggerInversion, CNCConfig
+from guard.repair import PivotalTuningConfig, create_defense
+from guard.train import evaluate
+from guard_end_to_end import measure
+from pivotal_cifar10 import summarize
+from victims import DEFENSE_VICTIMS, data_root, pick_device, victim
+
+#: label -> (attack, options); the first is the non-adaptive baseline every other row is compared with
+VICTIMS = {"badnets": ("badnets", DEFENSE_VICTIMS["badnets"]),
+           "pcb": ("pcb", {"target": 0}),
+           "tsb": ("tsb", {"target": 0}),
+           "rescaler-aware": ("rescaler-aware", {"target": 0})}
+BASELINE = "badnets"
+#: (adaptive attack, the defense it is aimed at, how it is read; higher = the attacker gains)
+AIMED_AT = (("pcb", "repair", "Pivotal Tuning: remaining ASR (v_1%)"),
+            ("pcb", "scan", "CNC: threshold − target's calibrated score (> 0: passes)"),
+            ("tsb", "scan", "CNC: threshold − target's calibrated score (> 0: passes)"),
+            ("tsb", "endpoint:detect-refuse", "endpoint, detector alone: attack success"),
+            ("rescaler-aware", "endpoint:rescaler", "endpoint, ReScaler's label: attack success"),
+            ("rescaler-aware", "endpoint:detect-refuse", "endpoint, detector alone: attack success"),
+            ("rescaler-aware", "endpoint:rescaler-refuse", "endpoint, ReScaler + detector: attack success"))
+PIVOTAL = {"lr": 0.01, "slol_lambda": 0.01, "param_lambda": 500.0, "steps": 500}
+CNC = CNCConfig(repair=PivotalTuningConfig(**{**PIVOTAL, "steps": 150}))
+OUT = Path(__file__).parent / "results"
+
+
+def part_victim(label: str, device, fpr: float) -> dict:
+    attack, options = VICTIMS[label]
+    v = victim(attack, progress=False, **options)
+    record = json.loads(v.record.read_text())
+    return {"attack": attack, "options": options, "cda": v.cda, "asr": v.asr, "asr_nontarget": v.asr_nontarget,
+            "train_seconds": record["train_seconds"]}
+
+
+def part_endpoint(label: str, device, fpr: float) -> dict:
+    attack, options = VICTIMS[label]
+    test = load_dataset("cifar10", data_root(), split="test-lossless")
+    return measure(attack, test, fpr, options=options, label=f"adaptive-{label}")
+
+
+def part_repair(label: str, device, fpr: float) -> dict:
+    attack, options = VICTIMS[label]
+    trusted, heldout = defender_data(0.01)
+    model, probe = victim_model(attack, heldout, device, options=options)
+    config = PivotalTuningConfig(**{**PIVOTAL, "max_cda_drop": 0.5})  # the whole curve; the budget is cut below
+    started = time.perf_counter()
+    result = create_defense("pivotal", config=config).defend(
+        model, trusted, eval_set=heldout, asr=probe, generator=torch.Generator().manual_seed(SEED), device=device)
+    history = [dataclasses.asdict(p) for p in result.history]
+    return {"config": PIVOTAL, "history": history, "summary": summarize(history, history[0]["cda"]),
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def part_scan(label: str, device, fpr: float) -> dict:
+    attack, options = VICTIMS[label]
+    trusted, heldout = defender_data(0.01)
+    model, _ = victim_model(attack, heldout, device, options=options)
+    target = options["target"]
+    started = time.perf_counter()
+    scan = CalibratedTriggerInversion(CNC).scan(model, trusted, heldout, device=device,
+                                                generator=torch.Generator().manual_seed(SEED))
+    r = scan.report
+    ranked = sorted(r.scores, key=r.scores.get, reverse=True)
+    return {"backdoored": r.backdoored, "flagged_class": r.flagged_class, "threshold": r.threshold,
+            "target_score": r.scores[target], "target_rank": ranked.index(target) + 1,
+            "max_score": max(r.scores.values()), "scores": {str(c): s for c, s in r.scores.items()},
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+#: each part's measurement: (label, device, fpr) -> its JSON row
+PARTS = {"victim": part_victim, "endpoint": part_endpoint, "repair": part_repair, "scan": part_scan}
+
+
+def headline(rows: dict) -> dict:
+    """Per adaptive attack: the number of AIMED_AT for the baseline and for the attack, and the attacker's cost."""
+    def value(row: dict, where: str):
+        part, _, policy = where.partition(":")
+        if part not in row:
+            return None
+        if part == "repair":
+            return row["repair"]["summary"]["v_p4"]
+        if part == "scan":
+            return round(row["scan"]["threshold"] - row["scan"]["target_score"], 4)
+        return row["endpoint"]["policies"][policy]["attack_success"]
+
+    base = rows.get(BASELINE, {})
+    table = {}
+    for label, where, what in AIMED_AT:
+        row = rows.get(label, {})
+        entry = {"attack": label, "defense": what, "baseline": value(base, where), "adaptive": value(row, where)}
+        if "victim" in row and "victim" in base:
+            entry["cda_cost"] = round(base["victim"]["cda"] - row["victim"]["cda"], 4)
+            entry["train_seconds"] = (base["victim"]["train_seconds"], row["victim"]["train_seconds"])
+        table[f"{label} vs {where}"] = entry
+    return table
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = results["headline"]
+    labels = [k for k, e in table.items() if e["adaptive"] is not None and e["baseline"] is not None]
+    fig, ax = plt.subplots(figsize=(2.4 * max(len(labels), 2) + 2, 4.2))
+    xs = range(len(labels))
+    ax.bar([x - 0.2 for x in xs], [table[k]["baseline"] for k in labels], 0.4, label=f"{BASELINE} (not adaptive)")
+    ax.bar([x + 0.2 for x in xs], [table[k]["adaptive"] for k in labels], 0.4, label="adaptive attack")
+    ax.set_xticks(list(xs), [f"{table[k]['attack']}\n{table[k]['defense']}" for k in labels], fontsize=6)
+    ax.set_ylabel("attacker's number (higher = the attack gains)")
+    ax.axhline(0.0, color="grey", lw=0.6)
+    ax.legend(fontsize=8)
+    ax.set_title("attacks aimed at guard, CIFAR-10 ResNet-20 (CPU scale)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--victims", default="badnets,pcb,tsb")
+    parser.add_argument("--parts", default=",".join(PARTS))
+    parser.add_argument("--fpr", type=float, default=0.01, help="the endpoint detector's false-positive rate")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
+    parser.add_argument("--out", default="adaptive_cifar10", help="results name in benchmarks/results/")
+    args = parser.parse_args()
+    labels, parts = args.victims.split(","), args.parts.split(",")
+    bad = [v for v in labels if v not in VICTIMS] + [p for p in parts if p not in PARTS]
+    if bad:
+        raise SystemExit(f"unknown {bad}; victims: {list(VICTIMS)}, parts: {list(PARTS)}")
+    torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    out_json = OUT / f"{args.out}.json"
+    results = json.loads(out_json.read_text()) if out_json.is_file() else {}
+    results.update({"what": __doc__.splitlines()[0], "device": str(device), "threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "guard": guard.__version__, "platform": platform.platform(),
+                    "params": {"fpr": args.fpr, "pivotal": PIVOTAL, "cnc": dataclasses.asdict(CNC),
+                               "trusted_fraction": 0.01, "seed": SEED}})
+    rows = results.setdefault("victims", {})
+    for label in labels:
+        row = rows.setdefault(label, {})
+        for part in parts:
+            if part in row:
+                continue  # measured by an earlier run
+            started = time.perf_counter()
+            row[part] = PARTS[part](label, device, args.fpr)
+            print(f"{label:22s} {part:9s} {time.perf_counter() - started:6.0f} s", flush=True)
+            results["headline"] = headline(rows)
+            out_json.write_text(json.dumps(results, indent=1, default=str))
+    results["headline"] = headline(rows)
+    out_json.write_text(json.dumps(results, indent=1, default=str))
+    print(json.dumps(results["headline"], indent=1))
+    plot(results, OUT / f"{args.out}.png")
+    print(f"wrote {out_json} and .png")
+
+
+if __name__ == "__main__":
+    main()
