@@ -8,10 +8,9 @@ What:     strong victims from the shared cache (benchmarks/victims.py: the pretr
           tsb                   PyP's TSB (Alg. 7; A16): 8 scattered noise triggers, all 8 at test time — aimed
                                 at CNC's trigger inversion (and Pivotal Tuning)
           rescaler-aware        the attacker the endpoint invites: the backdoor trained through ReScaler's
-                                adaptation (first order, at the served ε, α) — aimed at ReScaler's label; not in
-                                the default --victims while its recipe costs the clean accuracy
-                                (guard/attacks/aware.py); the JSON's failed_runs keeps an earlier run with the
-                                detector term (evade_weight 1), which collapsed
+                                adaptation (first order, at the served ε, α) — aimed at ReScaler's label; the
+                                JSON's failed_runs keeps an earlier run with the detector term (evade_weight 1),
+                                whose clean accuracy collapsed
 Parts:    (--parts; the JSON accumulates per victim and part, so a run resumes where it stopped)
           victim    clean accuracy, undefended ASR and the attacker's training seconds (the cost of adapting)
           endpoint  the client's view through a real TorchServe (guard_end_to_end.py's measure: policies plain,
@@ -166,7 +165,7 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--victims", default="badnets,pcb,tsb")
+    parser.add_argument("--victims", default=",".join(VICTIMS))
     parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--fpr", type=float, default=0.01, help="the endpoint detector's false-positive rate")
     parser.add_argument("--threads", type=int, default=2)
