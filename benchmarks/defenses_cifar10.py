@@ -10,12 +10,13 @@ What:     per attack (--attacks) a strong victim from the shared cache (benchmar
           within the 2-point CDA budget (v_r, M10), its CDA, the whole trade-off curve and the wall time; the
           papers' figures beside them: Table 3 (Ours = Pivotal Tuning, WD, FP, NAD, NC; BadNets row) and MOTH's
           Table 8 (FP, MCR; Blend row, accuracy / ASR after repair on ResNet-20).
-Hardware: CPU threads = --threads (default 2, the project's machine); CUDA when available.
+Hardware: one job per (attack, defense), run as a guard.sweep grid: Ray tasks of --threads CPUs each (and one
+          GPU each when CUDA is available) on a local Ray or --address; --serial runs them here one by one.
 Output:   benchmarks/results/defenses_cifar10.json and .png (trade-off curves per attack, v_r bars), or --out;
-          the JSON accumulates, so an interrupted run resumes where it stopped (a defense already measured with
-          the same config is not run again).
+          the sweep's store defenses_cifar10.sweep.json keys every job by its config, so an interrupted run
+          resumes where it stopped (a defense already measured with the same config is not run again).
 Run:      GUARD_DATA_DIR=../shared/data python benchmarks/defenses_cifar10.py [--attacks badnets,blend]
-          [--defenses fine-pruning,nad] [--scale 0.25] [--opt anp.eps=0.1] [--threads 2]
+          [--defenses fine-pruning,nad] [--scale 0.25] [--opt anp.eps=0.1] [--threads 2] [--serial]
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from guard.data import ImageTensorDataset, load_dataset
 from guard.metrics import attack_success_rate
 from guard.models import GuardModel, create
 from guard.repair import create_defense, get_defense, list_defenses, split_trusted
+from guard.sweep import Grid, Resources, run_sweep
 from guard.train import evaluate, predict
 from victims import DEFENSE_VICTIMS, data_root, pick_device, victim  # benchmarks/victims.py: the shared cache of strong victims
 
@@ -128,16 +130,35 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def repair_job(attack: str, defense: str, overrides: dict, scale: float, trusted_fraction: float,
+               device: str) -> dict:
+    """One grid point, run by the sweep (guard.sweep; a Ray task or the serial loop): the cached victim of
+    ``attack`` repaired by ``defense`` with its scaled registry config and ``overrides``."""
+    device = pick_device(device)
+    trusted, heldout = defender_data(trusted_fraction)
+    model, probe = victim_model(attack, heldout, device)
+    config = dataclasses.replace(scaled(defense, scale), **overrides)
+    started = time.perf_counter()
+    result = create_defense(defense, config=config).defend(model, trusted, eval_set=heldout, asr=probe,
+                                                           generator=torch.Generator().manual_seed(SEED), device=device)
+    return {**result.to_dict(), "v": result.chosen.asr, "cda_after": result.chosen.cda,
+            "config": json.loads(json.dumps(dataclasses.asdict(config), default=str)),
+            "wall_seconds": round(time.perf_counter() - started, 1), "victim_cda": evaluate(model, heldout, device=device),
+            "victim_asr": probe(model)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--attacks", default=",".join(ATTACKS))
     parser.add_argument("--defenses", default=",".join(list_defenses("repair")))
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every step budget (default 1: Table 5)")
     parser.add_argument("--opt", action="append", default=[], metavar="DEFENSE.FIELD=VALUE",
-                        help="override one config field of one defense, e.g. anp.eps=0.1 (repeatable)")
+                        help="override a defense's config field (repeatable), e.g. anp.eps=0.1")
     parser.add_argument("--trusted-fraction", type=float, default=0.01)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads of each job (its declared CPUs)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
+    parser.add_argument("--serial", action="store_true", help="run the grid in this process, one job at a time")
+    parser.add_argument("--address", default=None, help="a Ray cluster (ray://HOST:10001); default: a local Ray")
     parser.add_argument("--out", default="defenses_cifar10", help="results name in benchmarks/results/")
     args = parser.parse_args()
     attacks, defenses = args.attacks.split(","), args.defenses.split(",")
@@ -157,44 +178,38 @@ def main() -> None:
         raise SystemExit(f"--scale must be in (0, 1], got {args.scale}")
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    trusted, heldout = defender_data(args.trusted_fraction)
+    for attack_name in attacks:  # built here, once, before jobs that share them run in parallel
+        victim(attack_name, **ATTACKS[attack_name])
+    grid = Grid(name=args.out, function=f"{Path(__file__).resolve()}:repair_job",
+                params={"scale": args.scale, "trusted_fraction": args.trusted_fraction, "device": args.device},
+                points=[{"attack": a, "defense": d, "overrides": overrides.get(d, {})} for a in attacks for d in defenses],
+                resources=Resources(cpus=args.threads, gpus=1 if device.type == "cuda" else 0),
+                out=OUT / f"{args.out}.sweep.json")
     out_json = OUT / f"{args.out}.json"
     results = json.loads(out_json.read_text()) if out_json.is_file() else {}
     results.update({
-        "what": __doc__.splitlines()[0], "device": str(device), "threads": torch.get_num_threads(),
+        "what": __doc__.splitlines()[0], "device": str(device), "threads": args.threads,
         "torch": torch.__version__, "guard": guard.__version__, "platform": platform.platform(),
-        "params": {"trusted_fraction": args.trusted_fraction, "trusted_images": len(trusted),
-                   "heldout_images": HELDOUT_IMAGES, "scale": args.scale, "seed": SEED},
+        "params": {"trusted_fraction": args.trusted_fraction, "heldout_images": HELDOUT_IMAGES, "scale": args.scale,
+                   "seed": SEED},
+        "sweep": {"store": str(grid.out.relative_to(OUT.parent)), "backend": "serial" if args.serial else "ray"},
     })
     results.setdefault("attacks", {})
-
-    def save() -> None:
-        out_json.write_text(json.dumps(results, indent=1))
-
-    for attack_name in attacks:
-        model, probe = victim_model(attack_name, heldout, device)
+    report = run_sweep(grid, backend="serial" if args.serial else "ray", address=args.address, progress=True)
+    for record in report.results.values():  # finished now or by an earlier run (the sweep resumes)
+        if record["status"] != "ok":
+            continue
+        attack_name, name, r = record["params"]["attack"], record["params"]["defense"], dict(record["result"])
         row = results["attacks"].setdefault(attack_name, {"defenses": {}})
-        row.update({"options": ATTACKS[attack_name], "cda": evaluate(model, heldout, device=device),
-                    "asr": probe(model), "paper": PAPER.get(attack_name, {})})
-        for name in defenses:
-            config = dataclasses.replace(scaled(name, args.scale), **overrides.get(name, {}))
-            done = row["defenses"].get(name)
-            if done is not None and done["config"] == json.loads(json.dumps(dataclasses.asdict(config), default=str)):
-                continue  # measured with this config by an earlier run (the JSON accumulates; rerun to resume)
-            started = time.perf_counter()
-            result = create_defense(name, config=config).defend(model, trusted, eval_set=heldout, asr=probe,
-                                                                generator=torch.Generator().manual_seed(SEED),
-                                                                device=device)
-            seconds = time.perf_counter() - started
-            row["defenses"][name] = {**result.to_dict(), "v": result.chosen.asr, "cda_after": result.chosen.cda,
-                                     "config": json.loads(json.dumps(dataclasses.asdict(config), default=str)),
-                                     "wall_seconds": round(seconds, 1)}
-            print(f"{attack_name:8s} {name:13s} ASR {row['asr']:.3f} -> {result.chosen.asr:.3f} "
-                  f"(CDA {row['cda']:.3f} -> {result.chosen.cda:.3f}, step {result.chosen.step}) "
-                  f"{seconds:.0f}s", flush=True)
-            save()
+        row.update({"options": ATTACKS[attack_name], "cda": r.pop("victim_cda"), "asr": r.pop("victim_asr"),
+                    "paper": PAPER.get(attack_name, {})})
+        row["defenses"][name] = r
+        print(f"{attack_name:8s} {name:13s} ASR {row['asr']:.3f} -> {r['v']:.3f} (CDA {row['cda']:.3f} -> "
+              f"{r['cda_after']:.3f}) {r['wall_seconds']:.0f}s", flush=True)
+    for failure in report.failed:
+        print(f"FAILED {failure.job.params}: {failure.record['error']}", flush=True)
+    out_json.write_text(json.dumps(results, indent=1))
     plot(results, OUT / f"{args.out}.png")
-    save()
     print(f"wrote {out_json} and .png")
 
 

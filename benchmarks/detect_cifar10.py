@@ -12,7 +12,10 @@ What:     per attack (--attacks) the strong victim from the shared cache (benchm
           and IBD-PSC. Per detector: ROC AUC, TPR at 5 % FPR on the ROC curve, TPR and the realized FPR at the
           calibrated threshold (discrete scores such as SCALE-UP's tie at it, so it may flag less), forward
           passes per input and images per second of ``score``.
-Hardware: CPU threads = --threads (default 2, the project's machine); CUDA when available.
+Hardware: one job per (attack, detector), run as a guard.sweep grid: Ray tasks of --threads CPUs each (one GPU
+          each when CUDA is available) on a local Ray or --address; --serial runs them here one by one. A job
+          holds its --threads CPUs alone, so its images/s is not shared with another job (on 2 cores, with the
+          default --threads 2, the jobs run one at a time).
 Output:   benchmarks/results/detect_cifar10.json and .png (ROC curves per attack, AUC bars); the JSON accumulates,
           so an interrupted run resumes (a detector already measured on an attack with the same config is kept).
 Run:      GUARD_DATA_DIR=../shared/data python benchmarks/detect_cifar10.py [--attacks badnets,blend]
@@ -37,6 +40,7 @@ from guard.attacks import load_record
 from guard.data import load_dataset
 from guard.detect import create_input_detector, get_input_detector, list_input_detectors
 from guard.models import create
+from guard.sweep import Grid, Resources, iter_sweep
 from guard.train import predict
 from victims import DEFENSE_VICTIMS, data_root, pick_device, stamp_sources, victim  # benchmarks/victims.py: the shared cache of strong victims
 
@@ -149,12 +153,29 @@ def summarize(results: dict) -> dict:
             for n in names}
 
 
+def detect_job(attack: str, label: str, name: str, options: dict, device: str) -> dict:
+    """One grid point, run by the sweep (a Ray task or the serial loop): detector ``name`` with ``options``
+    (reported as ``label``) on the cached victim of ``attack``."""
+    device = pick_device(device)
+    test = load_dataset("cifar10", data_root(), split="test-lossless")
+    fit = test.images[:FIT_IMAGES].float() / 255
+    calibration = test.images[FIT_IMAGES:FIT_IMAGES + CALIBRATION_IMAGES].float() / 255
+    model = create("resnet20", weights=victim(attack, **ATTACKS[attack]).weights).to(device).eval()
+    clean, stamped, counts = evaluation_images(attack, model, test, device)
+    if counts["successful"] < 10:
+        return {"skipped": f"the trigger succeeds on {counts['successful']} images", "counts": counts}
+    d = measure(name, options, model, fit.to(device), calibration.to(device), clean.to(device), stamped.to(device))
+    return {**d, "counts": counts}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--attacks", default=",".join(ATTACKS))
     parser.add_argument("--detectors", default=",".join(list_input_detectors()))
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads of each job (its declared CPUs)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
+    parser.add_argument("--serial", action="store_true", help="run the grid in this process, one job at a time")
+    parser.add_argument("--address", default=None, help="a Ray cluster (ray://HOST:10001); default: a local Ray")
     parser.add_argument("--out", default="detect_cifar10", help="results name in benchmarks/results/")
     args = parser.parse_args()
     attacks, names = args.attacks.split(","), args.detectors.split(",")
@@ -165,42 +186,44 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     test = load_dataset("cifar10", data_root(), split="test-lossless")
-    fit = test.images[:FIT_IMAGES].float() / 255
-    calibration = test.images[FIT_IMAGES:FIT_IMAGES + CALIBRATION_IMAGES].float() / 255
     out_json = OUT / f"{args.out}.json"
     results = json.loads(out_json.read_text()) if out_json.is_file() else {}
-    results.update({"what": __doc__.splitlines()[0], "device": str(device), "threads": torch.get_num_threads(),
+    results.update({"what": __doc__.splitlines()[0], "device": str(device), "threads": args.threads,
                     "torch": torch.__version__, "guard": guard.__version__, "platform": platform.platform(),
                     "params": {"fit_images": FIT_IMAGES, "calibration_images": CALIBRATION_IMAGES,
                                "clean_evaluation_images": len(test) - FIT_IMAGES - CALIBRATION_IMAGES,
                                "false_positive_rate": FPR, "seed": SEED}})
     results.setdefault("attacks", {})
-
-    def save() -> None:
-        results["summary"] = summarize(results)
-        out_json.write_text(json.dumps(results, indent=1))
-
-    for attack_name in attacks:
-        v = victim(attack_name, **ATTACKS[attack_name])
-        model = create("resnet20", weights=v.weights).to(device).eval()
-        clean, stamped, counts = evaluation_images(attack_name, model, test, device)
+    points = []
+    for attack_name in attacks:  # victims are built here, once, before jobs that share them run in parallel
+        victim(attack_name, **ATTACKS[attack_name])
         row = results["attacks"].setdefault(attack_name, {"detectors": {}})
-        row.update({"options": ATTACKS[attack_name], "counts": counts})
-        if counts["successful"] < 10:
-            print(f"{attack_name}: the trigger succeeds on {counts['successful']} images; skipped", flush=True)
-            continue
+        row["options"] = ATTACKS[attack_name]
         for label, (name, options) in variants(names).items():
             config = json.loads(json.dumps(dataclasses.asdict(get_input_detector(name).config_class(**options))))
-            if row["detectors"].get(label, {}).get("config") == config:
-                continue  # measured with this config by an earlier run
-            d = measure(name, options, model, fit.to(device), calibration.to(device), clean.to(device),
-                        stamped.to(device))
-            row["detectors"][label] = d
-            print(f"{attack_name:15s} {label:14s} AUC {d['auc']:.3f} TPR@5% {d['tpr_at_fpr']:.3f}, calibrated "
-                  f"{d['tpr']:.3f} (FPR {d['fpr']:.3f}) "
-                  f"{d['forward_passes']:3d} passes {d['images_per_second']:7.1f} img/s", flush=True)
-            save()
-    save()
+            if row["detectors"].get(label, {}).get("config") != config:  # else measured by an earlier run
+                points.append({"attack": attack_name, "label": label, "name": name, "options": options})
+    grid = Grid(name=args.out, function=f"{Path(__file__).resolve()}:detect_job", params={"device": args.device},
+                points=points, resources=Resources(cpus=args.threads, gpus=1 if device.type == "cuda" else 0),
+                out=OUT / f"{args.out}.sweep.json")
+    for done in iter_sweep(grid, backend="serial" if args.serial else "ray", address=args.address):
+        attack_name, label = done.job.params["attack"], done.job.params["label"]
+        if not done.ok:
+            print(f"FAILED {attack_name} {label}: {done.record['error']}", flush=True)
+            continue
+        d, row = dict(done.result), results["attacks"][attack_name]
+        row["counts"] = d.pop("counts")
+        if "skipped" in d:
+            print(f"{attack_name}: {d['skipped']}; skipped", flush=True)
+            continue
+        row["detectors"][label] = d
+        print(f"{attack_name:15s} {label:14s} AUC {d['auc']:.3f} TPR@5% {d['tpr_at_fpr']:.3f}, calibrated "
+              f"{d['tpr']:.3f} (FPR {d['fpr']:.3f}) "
+              f"{d['forward_passes']:3d} passes {d['images_per_second']:7.1f} img/s", flush=True)
+        results["summary"] = summarize(results)
+        out_json.write_text(json.dumps(results, indent=1))
+    results["summary"] = summarize(results)
+    out_json.write_text(json.dumps(results, indent=1))
     plot(results, OUT / f"{args.out}.png")
     print(json.dumps(results["summary"], indent=1))
     print(f"wrote {out_json} and .png")

@@ -8,7 +8,8 @@ What:     pick_your_poison.txt chose Table 5's CIFAR-10 values (lr 0.01, λ_S 0.
           (CDA, ASR) curve is recorded every eval_every steps. From each curve: v_1% as the P4 loop reports it
           (the curve cut at the first point below CDA_0 − 2; M10), the lowest ASR anywhere within the budget
           (what a later evaluation would have found), and the CDA dip. Table 5's own point is always included.
-Hardware: CPU threads = --threads (default 2, the project's machine); CUDA when available.
+Hardware: one job per configuration, run as a guard.sweep grid: Ray tasks of --threads CPUs each (one GPU each
+          when CUDA is available) on a local Ray or --address; --serial runs them here one by one.
 Output:   benchmarks/results/pivotal_cifar10.json and .png (curves per lr; v_1% over λ_S × λ_R); the JSON
           accumulates: a configuration already measured is not run again.
 Run:      GUARD_DATA_DIR=../shared/data python benchmarks/pivotal_cifar10.py
@@ -31,6 +32,7 @@ import guard
 from defenses_cifar10 import (ATTACKS, HELDOUT_IMAGES, SEED,  # the same victims, split and held-out set
                               defender_data, victim_model)
 from guard.repair import PivotalTuningConfig, create_defense
+from guard.sweep import Grid, Resources, iter_sweep
 from guard.train import evaluate
 from victims import pick_device
 
@@ -106,6 +108,20 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def tune_job(attack: str, options: dict, steps: int, trusted_fraction: float, device: str) -> dict:
+    """One configuration of the grid, run by the sweep (a Ray task or the serial loop): the whole curve."""
+    device = pick_device(device)
+    trusted, heldout = defender_data(trusted_fraction)
+    model, probe = victim_model(attack, heldout, device)
+    config = PivotalTuningConfig(**{**options, "steps": steps, "max_cda_drop": 0.5})
+    started = time.perf_counter()
+    result = create_defense("pivotal", config=config).defend(
+        model, trusted, eval_set=heldout, asr=probe, generator=torch.Generator().manual_seed(SEED), device=device)
+    history = [dataclasses.asdict(p) for p in result.history]
+    return {"history": history, "summary": summarize(history, history[0]["cda"]),
+            "wall_seconds": round(time.perf_counter() - started, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--attack", default="badnets", choices=sorted(ATTACKS))
@@ -114,6 +130,8 @@ def main() -> None:
     parser.add_argument("--trusted-fraction", type=float, default=0.01)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
+    parser.add_argument("--serial", action="store_true", help="run the grid in this process, one job at a time")
+    parser.add_argument("--address", default=None, help="a Ray cluster (ray://HOST:10001); default: a local Ray")
     parser.add_argument("--out", default="pivotal_cifar10", help="results name in benchmarks/results/")
     args = parser.parse_args()
     grid = parse_grid(args.grid)
@@ -141,18 +159,19 @@ def main() -> None:
         "table5": table5,
     })
     runs = results.setdefault("runs", {})
-    for options in grid:
-        config = PivotalTuningConfig(**{**options, "steps": args.steps, "max_cda_drop": 0.5})
+    sweep = Grid(name=args.out, function=f"{Path(__file__).resolve()}:tune_job",
+                 params={"attack": args.attack, "steps": args.steps, "trusted_fraction": args.trusted_fraction,
+                         "device": args.device},
+                 points=[{"options": options} for options in grid if key({**options, "steps": args.steps}) not in runs],
+                 resources=Resources(cpus=args.threads, gpus=1 if device.type == "cuda" else 0),
+                 out=OUT / f"{args.out}.sweep.json")
+    for done in iter_sweep(sweep, backend="serial" if args.serial else "ray", address=args.address):
+        if not done.ok:
+            print(f"FAILED {done.job.params['options']}: {done.record['error']}", flush=True)
+            continue
+        options = done.job.params["options"]
         name = key({**options, "steps": args.steps})
-        if name in runs:
-            continue  # measured by an earlier run (the JSON accumulates; rerun to resume)
-        started = time.perf_counter()
-        result = create_defense("pivotal", config=config).defend(
-            model, trusted, eval_set=heldout, asr=probe, generator=torch.Generator().manual_seed(SEED), device=device)
-        history = [dataclasses.asdict(p) for p in result.history]
-        runs[name] = {"options": options, "steps": args.steps, "history": history,
-                      "summary": summarize(history, history[0]["cda"]),
-                      "wall_seconds": round(time.perf_counter() - started, 1)}
+        runs[name] = {"options": options, "steps": args.steps, **done.result}
         s = runs[name]["summary"]
         print(f"{name:60s} v_p4 {s['v_p4']:.3f} (stop {s['stopped_at']}) best {s['v_best']:.3f} "
               f"@{s['step_best']} (CDA {s['cda_best']:.3f}) min CDA {s['min_cda']:.3f} "

@@ -13,8 +13,10 @@ Measured: 2 shared CPU cores (load average ~4 from other jobs), torch 2.14, Torc
           ResNet-20, CIFAR PNGs, 16 clients x 3 rounds x 15 s: guarded 171.5 req/s (p50 74 ms, p99 231 ms),
           unguarded 437.1 req/s (p50 35 ms, p99 84 ms): 0.39x throughput, 2.74x p99; mean server batch
           15.5 / 15.8; worker RSS 683 -> 767 MB guarded, 683 -> 713 MB unguarded; no non-200 answers.
-Output:   benchmarks/results/serve_load.json and .png
-Run:      GUARD_DATA_DIR=../shared/data python benchmarks/serve_load.py [--quick]
+Workers:  --parts workers: the guarded endpoint alone with 1 and 2 worker processes (--workers), the cores
+          divided between them (guard serve --workers), same clients and rounds: requests/s and p99 per count.
+Output:   benchmarks/results/serve_load.json and .png; the workers part adds its rows under "workers"
+Run:      GUARD_DATA_DIR=../shared/data python benchmarks/serve_load.py [--quick] [--parts endpoints,workers]
           (without the data directory: random weights and random images; speed does not depend on them)
 """
 
@@ -109,12 +111,59 @@ def rss_mb(server: TorchServe, model: str) -> float:
     return sum(psutil.Process(pid).memory_info().rss for pid in server.worker_pids(model)) / 2**20
 
 
+def measure_workers(counts: list[int], bodies: list[bytes], seconds: float, warmup: float, rounds: int) -> dict:
+    """The guarded endpoint served alone by each worker count (threads: cores / workers), one server each."""
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="serve-workers-") as tmp:
+        tmp = Path(tmp)
+        weights, _ = weights_file(tmp)
+        mar = build_archive(MODEL, weights, tmp / "store" / f"{MODEL}.mar", GuardConfig(class_names=data.CIFAR10_CLASSES))
+        for workers in counts:
+            settings = ServerSettings(*free_ports(5), token_auth=False, batch_size=BATCH_SIZE,
+                                      max_batch_delay_ms=MAX_BATCH_DELAY_MS, workers=workers)
+            with TorchServe(tmp / f"run{workers}", mar.parent, {MODEL: mar.name}, settings) as server:
+                url = server.inference_url(MODEL)
+                load(url, {}, bodies, warmup, CLIENTS)
+                per_round, latencies, failures = [], [], 0
+                for _ in range(rounds):
+                    done, lat, failed = load(url, {}, bodies, seconds, CLIENTS)
+                    per_round.append(done / seconds)
+                    latencies += lat
+                    failures += failed
+                rows[str(workers)] = {"workers": workers, "threads_per_worker": server.worker_threads,
+                                      "requests_per_s": statistics.median(per_round), "rounds_requests_per_s": per_round,
+                                      "p50_ms": 1e3 * float(np.percentile(latencies, 50)),
+                                      "p99_ms": 1e3 * float(np.percentile(latencies, 99)), "non_200": failures,
+                                      "worker_rss_mb": rss_mb(server, MODEL)}
+                print(f"guarded, {workers} worker(s) x {server.worker_threads} thread(s): "
+                      f"{rows[str(workers)]['requests_per_s']:.1f} req/s, p99 {rows[str(workers)]['p99_ms']:.0f} ms",
+                      flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short rounds (a smoke run, not a measurement)")
+    parser.add_argument("--parts", default="endpoints,workers", help="endpoints (guarded vs unguarded), workers")
+    parser.add_argument("--workers", default="1,2", help="worker counts of the workers part")
     args = parser.parse_args()
     seconds, warmup, rounds = (3.0, 1.0, 1) if args.quick else (SECONDS, WARMUP_SECONDS, ROUNDS)
     bodies, source = pngs(IMAGES)
+    parts = args.parts.split(",")
+    if "workers" in parts:
+        counts = [int(w) for w in args.workers.split(",")]
+        rows = measure_workers(counts, bodies, seconds, warmup, rounds)
+        out = OUT / "serve_load.json"
+        report = json.loads(out.read_text()) if out.is_file() else {"benchmark": "serve_load"}
+        report["workers"] = {"clients": CLIENTS, "batch_size": BATCH_SIZE, "seconds_per_round": seconds,
+                             "rounds": rounds, "quick": args.quick, "cpu_count": os.cpu_count(), "rows": rows}
+        if len(counts) > 1:
+            report["workers"]["throughput_ratio"] = (rows[str(counts[-1])]["requests_per_s"]
+                                                     / rows[str(counts[0])]["requests_per_s"])
+        OUT.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+    if "endpoints" not in parts:
+        return
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         tmp = Path(tmp)
         weights, weights_kind = weights_file(tmp)
@@ -164,6 +213,9 @@ def main() -> None:
         "results": results, "ratios": ratios, "floors_met": floors,
     }
     OUT.mkdir(parents=True, exist_ok=True)
+    previous = OUT / "serve_load.json"
+    if previous.is_file() and "workers" in json.loads(previous.read_text()):
+        report["workers"] = json.loads(previous.read_text())["workers"]
     (OUT / "serve_load.json").write_text(json.dumps(report, indent=2) + "\n")
     plot(report, OUT / "serve_load.png")
     print(json.dumps({"results": results, "ratios": ratios, "floors_met": floors}, indent=2))

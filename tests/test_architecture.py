@@ -19,7 +19,7 @@ LAYERS = {
     "guard.models": 1,
     "guard.train": 2, "guard.rescaler": 2, "guard.metrics": 2,
     "guard.attacks": 3, "guard.detect": 3, "guard.repair": 3, "guard.cleanse": 3,
-    "guard.serving": 4, "guard.goals": 4,
+    "guard.serving": 4, "guard.goals": 4, "guard.sweep": 4,
     "guard.cli": 5,
     "guard": 6,  # the package __init__ re-exports
 }

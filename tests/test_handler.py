@@ -71,6 +71,34 @@ def _batch(context: Context, requests: list[tuple[str, object, str]]) -> list[di
     return data
 
 
+def test_a_kserve_envelope_request_is_answered_instance_by_instance(model_dir):
+    """KServe's TorchServe runtime (``TS_SERVICE_ENVELOPE=kserve``): one request's ``instances`` are one batch,
+    a bad instance gets its error in ``predictions`` and its batch-mates their answers."""
+    from ts.torch_handler.request_envelope.kserve import KServeEnvelope
+
+    handler = GuardHandler()
+    context = _context(model_dir)
+    handler.initialize(context)
+    good = [_png(i) for i in range(2)]
+    body = {"instances": [{"data": base64.b64encode(good[0]).decode()}, {"data": "@@ not base64"},
+                          base64.b64encode(good[1]).decode(), {"data": base64.b64encode(b"garbage").decode()}]}
+    data = _batch(context, [("body", body, "application/json")])
+    (response,) = KServeEnvelope(handler.handle).handle(data, context)
+    predictions = response["predictions"]
+    assert len(predictions) == 4 and context.get_response_status(0)[0] == 200
+    assert "malformed base64" in predictions[1]["message"] and predictions[1]["code"] == 400
+    assert predictions[3]["code"] == 400
+    classifier = GuardedClassifier.from_archive_dir(model_dir)
+    images = torch.stack([torch.from_numpy(np.array(Image.open(io.BytesIO(g)))).permute(2, 0, 1).float() / 255
+                          for g in good])
+    for got, want in zip((predictions[0], predictions[2]), classifier.describe(classifier.classify(images))):
+        assert got["label"] == want["label"]
+        assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-5)
+    all_bad = _batch(context, [("body", {"instances": [{"data": "@@"}]}, "application/json")])
+    (response,) = KServeEnvelope(handler.handle).handle(all_bad, context)
+    assert context.get_response_status(0)[0] == 400 and response["predictions"][0]["code"] == 400
+
+
 def _metric_lines(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.getMessage().startswith("[METRICS]guard_")]
 

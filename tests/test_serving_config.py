@@ -93,6 +93,42 @@ def test_metrics_file_declares_exactly_the_guard_metrics():
     assert guard_metrics == {(m.name, m.kind, m.labels) for m in METRICS}
 
 
+def test_the_prometheus_client_exporter_declares_the_same_metrics():
+    """Outside TorchServe the guard metrics go out through prometheus-client: same names, kinds, labels
+    (TorchServe's Hostname included), one sample per emit with the handler's semantics."""
+    import re
+
+    from guard.serving.metrics import PrometheusExporter
+
+    exporter = PrometheusExporter()
+    for spec in METRICS:
+        labels = [f"v{i}" for i in range(len(spec.labels))]
+        exporter.emit(spec, 2.0, *labels)
+        exporter.emit(spec, 3.0, *labels)
+    text = exporter.text()
+    assert dict(re.findall(r"^# TYPE (guard_\w+) (\w+)$", text, re.M)) == {m.name: m.kind for m in METRICS}
+    for spec in METRICS:
+        sample = spec.name + ("_count" if spec.kind == "histogram" else "")
+        (labels, value), = re.findall(rf"^{sample}\{{(.*)\}} (\S+)$", text, re.M)
+        assert sorted(re.findall(r'(\w+)="', labels)) == sorted([*spec.labels, "Hostname"])
+        assert float(value) == {"counter": 5.0, "gauge": 3.0, "histogram": 2.0}[spec.kind]
+    with pytest.raises(ValueError, match="expected labels"):
+        exporter.emit(METRICS[0], 1.0, "only-one")
+
+
+@pytest.mark.parametrize("workers, threads, expected", [(None, None, None), (1, None, "cores"), (2, None, "half"),
+                                                      (64, None, 1), (2, 3, 3)])
+def test_workers_divide_the_cores_unless_threads_are_given(tmp_path, workers, threads, expected):
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    server = TorchServe(tmp_path, tmp_path, {"m": "m.mar"}, ServerSettings(workers=workers, threads=threads))
+    want = {"cores": cores, "half": max(1, cores // 2)}.get(expected, expected)
+    assert server.worker_threads == want
+    if want is not None:  # what each worker process starts with
+        assert server._env()["OMP_NUM_THREADS"] == str(want)
+
+
 def test_config_properties_is_loopback_prometheus_and_batches_the_demo():
     props = read_properties(TS_CONFIG_FILE)
     for key in ("inference_address", "management_address", "metrics_address"):

@@ -257,6 +257,9 @@ def test_metrics_endpoint_exports_the_guard_metrics(server, cifar):
     text = scrape(server)
     types = dict(re.findall(r"^# TYPE (guard_\w+) (\w+)$", text, re.M))
     assert types == {spec.name: spec.kind for spec in METRICS}  # every declared metric, with its kind
+    for spec in METRICS:  # and its labels plus Hostname, as guard.serving.metrics.PrometheusExporter exports them
+        for labels in re.findall(rf"^{spec.name}(?:_count)?\{{(.*)\}} ", text, re.M):
+            assert sorted(re.findall(r'(\w+)="', labels)) == sorted([*spec.labels, "Hostname"]), spec.name
     delta = sample(text, "guard_requests_total") - sample(before, "guard_requests_total")
     assert delta == 8
     for status, count in (("400", 2), ("415", 1)):

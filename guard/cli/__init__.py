@@ -28,6 +28,7 @@ COMMANDS = {
     "distance": "distance",
     "harden": "harden",
     "cleanse": "cleanse",
+    "sweep": "sweep",
 }
 
 

@@ -63,12 +63,17 @@ def add_parser(subparsers) -> None:
                         "WEIGHTS.json when present)")
     p.add_argument("--handler", default=None, help="handler file (default: guard's, guard.serving.HANDLER_FILE)")
     p.add_argument("--force", action="store_true", help="replace an existing archive")
+    p.add_argument("--kserve", default=None, metavar="DIR",
+                   help="also add the archive to the storage layout of KServe's TorchServe runtime at DIR "
+                        "(config/config.properties, model-store/NAME.mar); deploy with deploy/kserve/")
+    p.add_argument("--kserve-mount", default=None, metavar="PATH",
+                   help="where the runtime mounts DIR (default /mnt/models, KServe's storageUri mount)")
     p.add_argument("--json", action="store_true", help="print the archive's manifest as JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..serving import GuardConfig, build_archive, read_manifest
+    from ..serving import KSERVE_MOUNT, GuardConfig, build_archive, build_kserve_layout, read_manifest
 
     config = GuardConfig.load(args.guard_config) if args.guard_config else None
     try:
@@ -80,8 +85,14 @@ def run(args: argparse.Namespace) -> int:
     except FileExistsError as exc:
         raise CLIError(str(exc)) from exc
     manifest = read_manifest(out)
+    kserve = None
+    if args.kserve is not None:
+        kserve = build_kserve_layout(args.kserve, out, mount=args.kserve_mount or KSERVE_MOUNT)
+    elif args.kserve_mount is not None:
+        raise CLIError("--kserve-mount applies with --kserve DIR only")
     if args.json:
-        print(json.dumps({"archive": str(out), **manifest.to_dict()}, indent=2))
+        print(json.dumps({"archive": str(out), **({"kserve_config": str(kserve)} if kserve else {}),
+                          **manifest.to_dict()}, indent=2))
     else:
         state = "on" if manifest.guard.enabled else "off"
         print(f"wrote {out}: {manifest.model}, {manifest.num_classes} classes, guard {state} "
@@ -90,5 +101,6 @@ def run(args: argparse.Namespace) -> int:
               + (", with scan report" if manifest.scan_file else "")
               + (", with repaired model" if manifest.repaired_file else "")
               + (", with trigger detector" if manifest.detector_file else "")
-              + f", policy answer={manifest.guard.answer} on_trigger={manifest.guard.on_trigger}")
+              + f", policy answer={manifest.guard.answer} on_trigger={manifest.guard.on_trigger}"
+              + (f"; KServe layout {args.kserve} (config {kserve})" if kserve else ""))
     return 0

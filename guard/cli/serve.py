@@ -55,9 +55,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="requests per server batch, for every model")
     p.add_argument("--max-batch-delay", type=int, default=None, metavar="MS",
                    help="milliseconds to wait for a batch to fill, for every model")
-    p.add_argument("--workers", type=int, default=None, help="worker processes per model")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes per model; each gets its own GPU when there are several, and the "
+                        "cores are divided among a model's workers unless --threads is given")
     p.add_argument("--threads", type=int, default=None,
-                   help="intra-op threads per worker (default: one per core; use cores / workers)")
+                   help="intra-op threads per worker (default: cores / workers with --workers, else one "
+                        "per core)")
     p.add_argument("--no-token-auth", action="store_true",
                    help="disable token authorization (local demos and tests only)")
     p.add_argument("--data-dir", default=None, help="data root for the demo model (default: $GUARD_DATA_DIR)")

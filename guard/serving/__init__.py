@@ -19,6 +19,7 @@ from .decode import BadRequest, decode_request, reject_form_encoding, select_fie
 from .metrics import (BACKDOOR_SCORE, BAD_REQUESTS, BATCH_SIZE, DISAGREEMENTS, ESTIMATED_ASR, FLAGGED, LATENCY,
                       METRICS, REQUESTS, REVERTED, SCAN_BACKDOORED, SCAN_SCORE, STAGES, TRIGGER_SCORE, TRIGGER_THRESHOLD,
                       MetricSpec)
+from .kserve import KSERVE_MOUNT, build_kserve_layout
 from .monitor import RevertMonitor
 from .predictor import GuardedClassifier, WeightsMismatchError, sha256_file
 from .resources import HANDLER_FILE, METRICS_FILE, TS_CONFIG_FILE
@@ -30,5 +31,5 @@ __all__ = ["ANSWERS", "DETECTOR_NAME", "FLAGGED", "ON_TRIGGER", "REFUSED_STATUS"
            "MANIFEST_NAME", "METRICS", "METRICS_FILE", "MetricSpec", "PORT_NAMES", "REPAIRED_STEM", "REQUESTS",
            "RESIZE_MODES", "REVERTED", "RevertMonitor", "SCAN_BACKDOORED", "SCAN_NAME", "SCAN_SCORE", "STAGES",
            "ServerError", "ServerSettings", "TS_CONFIG_FILE", "TorchServe", "WeightsMismatchError", "build_archive",
-           "checksum_path", "verify_archive",
+           "checksum_path", "verify_archive", "KSERVE_MOUNT", "build_kserve_layout",
            "decode_request", "read_manifest", "reject_form_encoding", "select_field", "sha256_file"]

@@ -102,10 +102,11 @@ def decode_request(value: object, content_type: str | None, config: GuardConfig,
 
 
 def _as_bytes(value: object) -> bytes:
+    """A raw body's bytes; a string is a parsed JSON field (a KServe instance ``{"data": "<base64>"}``)."""
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     if isinstance(value, str):
-        return value.encode("utf-8")
+        return _base64(value, "the request's string field")
     raise BadRequest(400, f"expected image bytes in the request body, got {type(value).__name__}")
 
 
@@ -123,7 +124,11 @@ def _image_from_json(value: object) -> bytes:
         got = (f"an object with keys {sorted(value)}" if isinstance(value, dict)
                else f"a JSON {type(value).__name__}")
         raise BadRequest(400, f"expected a JSON object {{\"image\": \"<base64 PNG/JPEG>\"}}, got {got}")
-    text = value["image"]
+    return _base64(value["image"], '"image"')
+
+
+def _base64(text: str, where: str) -> bytes:
+    """The bytes of base64 ``text`` (a ``data:image/...;base64,`` prefix allowed)."""
     if text.startswith("data:"):
         header, _, text = text.partition(",")
         if not header.endswith(";base64"):
@@ -131,7 +136,7 @@ def _image_from_json(value: object) -> bytes:
     try:
         return base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise BadRequest(400, f"malformed base64 in \"image\" ({exc})") from None
+        raise BadRequest(400, f"malformed base64 in {where} ({exc}); expected the base64 of an image") from None
 
 
 def open_image(raw: bytes, max_pixels: int) -> Image.Image:

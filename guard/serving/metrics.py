@@ -18,12 +18,14 @@ METRIC_KINDS = ("counter", "gauge", "histogram")
 
 @dataclass(frozen=True)
 class MetricSpec:
-    """A metric's Prometheus name, kind, unit (TorchServe puts it in the HELP line) and label names."""
+    """A metric's Prometheus name, kind, unit (TorchServe puts it in the HELP line) and label names; ``buckets``
+    of a histogram exported through :class:`PrometheusExporter` (TorchServe's are fixed; default: the same)."""
 
     name: str
     kind: str
     unit: str
     labels: tuple[str, ...]
+    buckets: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in METRIC_KINDS:
@@ -57,3 +59,55 @@ METRICS = (LATENCY, REQUESTS, REVERTED, ESTIMATED_ASR, BATCH_SIZE, BAD_REQUESTS,
 #: values of the ``stage`` label of :data:`LATENCY`: decoding, the ReScaler pass, the repaired model's
 #: forward (archives with a repaired model only), the trigger detector (archives with one only), building the answers
 STAGES = ("preprocess", "adapt", "score", "detect", "postprocess")
+
+
+class PrometheusExporter:
+    """The guard metrics through prometheus-client, where the guard core runs outside TorchServe (a sweep's
+    driver, a custom predictor): the same names, kinds and labels as TorchServe exports, ``Hostname`` included,
+    and the same default histogram buckets.
+
+    ``emit(spec, value, *labels)`` is the handler's verb: a counter adds ``value``, a gauge is set to it, a
+    histogram observes it. ``serve(port)`` exposes ``/metrics`` on loopback for Prometheus to scrape.
+    """
+
+    def __init__(self, specs: tuple[MetricSpec, ...] = METRICS, registry=None) -> None:
+        import socket
+
+        from .._validation import require_extra
+
+        require_extra("prometheus_client", "sweep", "exporting guard metrics outside TorchServe")
+        import prometheus_client as prom
+
+        prom.disable_created_metrics()  # TorchServe exports no *_created series; neither do we
+        self.registry = prom.CollectorRegistry() if registry is None else registry
+        self.hostname = socket.gethostname()
+        kinds = {"counter": prom.Counter, "gauge": prom.Gauge, "histogram": prom.Histogram}
+        self._metrics = {}
+        for spec in specs:
+            extra = {"buckets": spec.buckets} if spec.kind == "histogram" and spec.buckets else {}
+            self._metrics[spec.name] = kinds[spec.kind](spec.name, spec.unit, [*spec.labels, "Hostname"],
+                                                        registry=self.registry, **extra)
+        self._specs = {spec.name: spec for spec in specs}
+
+    def emit(self, spec: MetricSpec, value: float, *labels: str) -> None:
+        if self._specs.get(spec.name) != spec:
+            raise ValueError(f"metric {spec.name} is not declared to this exporter; declared: {sorted(self._specs)}")
+        if len(labels) != len(spec.labels):
+            raise ValueError(f"metric {spec.name}: expected labels {spec.labels}, got {labels}")
+        child = self._metrics[spec.name].labels(*labels, self.hostname)
+        verb = {"counter": "inc", "gauge": "set", "histogram": "observe"}[spec.kind]
+        getattr(child, verb)(value)
+
+    def text(self) -> str:
+        """The Prometheus text exposition of every metric."""
+        import prometheus_client as prom
+
+        return prom.generate_latest(self.registry).decode()
+
+    def serve(self, port: int, address: str = "127.0.0.1"):
+        """Serve ``/metrics`` on ``address:port`` (loopback by default) from a daemon thread; returns the server
+        (``shutdown()`` stops it)."""
+        import prometheus_client as prom
+
+        server, _ = prom.start_http_server(port, addr=address, registry=self.registry)
+        return server

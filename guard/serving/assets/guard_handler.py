@@ -94,17 +94,25 @@ class GuardHandler(BaseHandler):
 
     # -- the three stages ------------------------------------------------------------------------------
     def preprocess(self, data):
-        """Decode every request alone: a tensor for a good one, a :class:`BadRequest` for a bad one."""
+        """Decode every request alone: a tensor for a good one, a :class:`BadRequest` for a bad one.
+
+        Under a request envelope (KServe's TorchServe runtime sets ``TS_SERVICE_ENVELOPE=kserve``), ``data`` is
+        the ``instances`` of one request, each ``{"data": "<base64 image>"}``: they are decoded alike and answered
+        together in its ``predictions``."""
         start = time.perf_counter()
         config, size = self.classifier.config, self.classifier.input_hw
+        self._enveloped = len(data) != len(self.context.request_processor)
         items = []
         for idx, request in enumerate(data):
             try:
+                if self._enveloped and isinstance(request, str):
+                    request = {"data": request}
                 if not isinstance(request, dict):
                     raise BadRequest(400, f"expected a request body, got {type(request).__name__}")
-                reject_form_encoding(self.context.get_all_request_header(idx))
+                reject_form_encoding(self.context.get_all_request_header(self._request(idx)))
                 field = select_field(request)
-                items.append(decode_request(request[field], self._part_type(idx, field), config, size))
+                content_type = None if self._enveloped else self._part_type(idx, field)
+                items.append(decode_request(request[field], content_type, config, size))
             except BadRequest as exc:
                 items.append(exc)
             except Exception as exc:  # a decoder failing in a way it does not document: still this request only
@@ -112,6 +120,10 @@ class GuardHandler(BaseHandler):
                 items.append(BadRequest(400, f"could not decode the request: {type(exc).__name__}: {exc}"))
         self._emit(LATENCY, time.perf_counter() - start, "preprocess")
         return items
+
+    def _request(self, idx: int) -> int:
+        """The HTTP request item ``idx`` came in (under an envelope, every instance is of the first)."""
+        return 0 if self._enveloped else idx
 
     def _part_type(self, idx: int, field: str) -> str | None:
         """The media type of one request field (TorchServe keeps it under the field's name)."""
@@ -161,15 +173,19 @@ class GuardHandler(BaseHandler):
         start = time.perf_counter()
         items, result, scores, trigger = data
         answers = iter(self.classifier.describe(result, scores, trigger) if result is not None else ())
-        responses = []
+        responses, refused = [], []
         for idx, item in enumerate(items):
-            self.context.set_response_content_type(idx, "application/json")
+            self.context.set_response_content_type(self._request(idx), "application/json")
             answer = item if isinstance(item, BadRequest) else next(answers)
             if isinstance(answer, BadRequest):
-                self.context.set_response_status(answer.status, http.HTTPStatus(answer.status).phrase, idx)
+                if not self._enveloped:
+                    self.context.set_response_status(answer.status, http.HTTPStatus(answer.status).phrase, idx)
+                refused.append(answer.status)
                 self._emit(BAD_REQUESTS, 1, str(answer.status))
                 answer = answer.to_dict()
             responses.append(answer)
+        if self._enveloped and len(refused) == len(items):  # one request: its status is an error only if all are
+            self.context.set_response_status(refused[0], http.HTTPStatus(refused[0]).phrase, 0)
         if result is not None:
             reverted = result.reverted.cpu()
             self._update_guard_metrics(result.original_labels.cpu(), reverted,
