@@ -46,7 +46,6 @@ from defenses_cifar10 import SEED, defender_data, victim_model
 from guard.data import load_dataset
 from guard.detect import CalibratedTriggerInversion, CNCConfig
 from guard.repair import PivotalTuningConfig, create_defense
-from guard.train import evaluate
 from guard_end_to_end import measure
 from pivotal_cifar10 import summarize
 from victims import DEFENSE_VICTIMS, data_root, pick_device, victim

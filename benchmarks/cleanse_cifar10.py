@@ -28,10 +28,12 @@ Retrain:   the victims' recipe (pretrained ResNet-20, SGD lr 0.01, 3 epochs, aug
            undefended numbers.
 Output:    benchmarks/results/cleanse_cifar10.json and .png (rows, timings, hardware, versions; RE's estimated
            patterns beside the true ones with their per-pixel MSE, as Xiang reports it).
+Rows:      one guard.sweep job per row: Ray tasks of --threads CPUs each (one GPU each when CUDA is available)
+           on a local Ray or --address (a cluster runs the rows side by side); --serial runs them here in turn.
 Run:       GUARD_DATA_DIR=../shared/data python benchmarks/cleanse_cifar10.py [--rows A1,C3] [--methods re,ac]
-           [--no-retrain | --retrain-methods re] [--threads 2] [--device cuda] [--out NAME];  a rerun with the
-           same --out resumes after the last finished row; --merge A.json B.json ... --out NAME gathers the rows
-           of runs split over processes or machines; --quick: a smoke run on 5000 images with tiny budgets
+           [--no-retrain | --retrain-methods re] [--threads 2] [--device cuda] [--out NAME] [--serial];  a rerun
+           with the same --out resumes after the finished rows; --merge A.json B.json ... --out NAME gathers the
+           rows of earlier runs split over machines; --quick: a smoke run on 5000 images with tiny budgets
            (numbers are not comparable with the tables).
 """
 
@@ -55,6 +57,7 @@ from guard.cleanse import create_cleanser, suspect_from_record
 from guard.data import load_dataset
 from guard.metrics import cleansing_rates, evaluate_backdoor
 from guard.models import create, save_weights
+from guard.sweep import Grid, Resources, iter_sweep
 from guard.train import TrainConfig, evaluate, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -92,6 +95,10 @@ PAPER = {
            "ac": ("✓", (92.2, 20.2), (0.4, 90.2)), "ci": ("✗", None, None)},
     "clean": {"re": ("✓", None, None), "ac": ("✓", None, None), "ci": ("✓", None, None)},
 }
+
+
+#: --quick's A1: 100 poisons in the 5000-image subset
+QUICK_A1 = ("xiang", {"pattern": "A", "num_sources": 1, "per_source": 100})
 
 
 def outcome(result, target: int | None) -> str:
@@ -301,6 +308,29 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
 
 
+def row_job(row: str, settings: dict) -> dict:
+    """One row, run by the sweep (guard.sweep; a Ray task or the serial loop): Step 0, every method, the
+    retraining. ``settings``: the command line's run settings (methods, retraining, Step 0, quick, device)."""
+    args = argparse.Namespace(**settings)
+    args.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
+                               else args.device)
+    root = data_root()
+    train_set = load_dataset("cifar10", root, split="train")
+    test_set = load_dataset("cifar10", root, split="test-lossless")
+    if args.quick:
+        train_set = train_set.subset(range(5000))
+    spec = QUICK_A1 if args.quick and row == "A1" else ROWS[row]
+    result = {"row": row, "hardware": hardware_of(args.device), "retrain_epochs": args.retrain_epochs}
+    with tempfile.TemporaryDirectory(prefix="cleanse-bench-") as work:  # --quick's victims
+        run_row(result, spec, args, train_set, test_set, root, Path(work), lambda: None)
+    return result
+
+
+def hardware_of(device: torch.device) -> dict:
+    return {"device": device_name(device), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default=",".join(ROWS), help=f"rows to run (default all: {','.join(ROWS)})")
@@ -313,8 +343,10 @@ def main() -> None:
                              "(both without augmentation; see step0())")
     parser.add_argument("--step0-epochs", type=int, default=None,
                         help=f"Step 0's epochs (default {RECIPE['epochs']} for recipe, {SCRATCH_EPOCHS} for scratch)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads of each row's job (its declared CPUs)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
+    parser.add_argument("--serial", action="store_true", help="run the rows in this process, one at a time")
+    parser.add_argument("--address", default=None, help="a Ray cluster (ray://HOST:10001); default: a local Ray")
     parser.add_argument("--out", default=None, help="results name (default cleanse_cifar10[_quick]; .json/.png)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 5000 images, tiny budgets, rows A1 and clean")
     parser.add_argument("--merge", nargs="+", metavar="JSON", default=None,
@@ -323,10 +355,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.step0_epochs is None:
         args.step0_epochs = RECIPE["epochs"] if args.step0 == "recipe" else SCRATCH_EPOCHS
-    args.methods = [m for m in args.methods.split(",") if m]
-    args.retrain_methods = [m for m in args.retrain_methods.split(",") if m]
+    methods = [m for m in args.methods.split(",") if m]
+    retrain_methods = [m for m in args.retrain_methods.split(",") if m]
     rows = [r for r in args.rows.split(",") if r]
-    unknown = [r for r in rows if r not in ROWS] + [m for m in args.methods if m not in METHODS]
+    unknown = [r for r in rows if r not in ROWS] + [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown rows/methods {unknown}")
     name = args.out or ("cleanse_cifar10_quick" if args.quick else "cleanse_cifar10")
@@ -337,36 +369,36 @@ def main() -> None:
         plot(results, RESULTS / f"{name}.png")
         summarize(results, out_json)
         return
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
-                               else args.device)
-    root = data_root()
-    train_set = load_dataset("cifar10", root, split="train")
-    test_set = load_dataset("cifar10", root, split="test-lossless")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    retrain_epochs = 1 if args.quick else args.retrain_epochs
     if args.quick:
         rows = ["A1", "clean"]
-        args.retrain_epochs = 1
-        train_set = train_set.subset(range(5000))
-        ROWS["A1"] = ("xiang", {"pattern": "A", "num_sources": 1, "per_source": 100})
-    hardware = {"device": device_name(args.device), "cpus": os.cpu_count(), "torch": torch.__version__,
-                "python": platform.python_version()}
-    results = {"benchmark": "cleanse_cifar10", "quick": args.quick, "seed": SEED, "step0": {"model": args.step0, "epochs": args.step0_epochs},
-               "recipe": RECIPE, "retrain_epochs": args.retrain_epochs, "paper_compact": PAPER,
-               "hardware": hardware, "rows": []}
+    results = {"benchmark": "cleanse_cifar10", "quick": args.quick, "seed": SEED,
+               "step0": {"model": args.step0, "epochs": args.step0_epochs}, "recipe": RECIPE,
+               "retrain_epochs": retrain_epochs, "paper_compact": PAPER, "hardware": hardware_of(device), "rows": []}
     if out_json.is_file() and not args.quick:  # resume: keep the rows already measured
         results["rows"] = [r for r in json.loads(out_json.read_text())["rows"] if r["row"] in ROWS]
     results["rows"] = [r for r in results["rows"] if r.get("complete")]
     done = {r["row"] for r in results["rows"]}
-
-    def save() -> None:
+    if not args.quick:  # victims are built here, once, before the rows run in parallel
+        for row in rows:
+            if ROWS[row] is not None and row not in done:
+                victim(ROWS[row][0], **ROWS[row][1])
+    settings = {"methods": methods, "retrain": args.retrain, "retrain_methods": retrain_methods,
+                "retrain_epochs": retrain_epochs, "step0": args.step0, "step0_epochs": args.step0_epochs,
+                "quick": args.quick, "device": args.device}
+    grid = Grid(name=name, function=f"{Path(__file__).resolve()}:row_job", params={"settings": settings},
+                points=[{"row": r} for r in rows if r not in done],
+                resources=Resources(cpus=args.threads, gpus=1 if device.type == "cuda" else 0),
+                out=None if args.quick else RESULTS / f"{name}.sweep.json")
+    for finished in iter_sweep(grid, backend="serial" if args.serial else "ray", address=args.address):
+        if not finished.ok:
+            print(f"FAILED row {finished.job.params['row']}: {finished.record['error']}", flush=True)
+            continue
+        results["rows"] = [r for r in results["rows"] if r["row"] != finished.result["row"]] + [finished.result]
+        results["rows"].sort(key=lambda r: list(ROWS).index(r["row"]))
         out_json.write_text(json.dumps(results, indent=2, default=str))
-
-    with tempfile.TemporaryDirectory(prefix="cleanse-bench-") as work:  # --quick's victims
-        for row_name in (r for r in rows if r not in done):
-            row = {"row": row_name, "hardware": hardware, "retrain_epochs": args.retrain_epochs}
-            results["rows"].append(row)
-            run_row(row, ROWS[row_name], args, train_set, test_set, root, Path(work), save)
+    out_json.write_text(json.dumps(results, indent=2, default=str))
     plot(results, RESULTS / f"{name}.png")
     summarize(results, out_json)
 

@@ -16,7 +16,8 @@ What:     two parts, each written into one JSON as it finishes (--part picks the
 Models:   CIFAR ResNet-20 (data/weights/resnet20-12fca82f.th); Table 8 has ResNet-20 rows for Blend and SIG, a
           ResNet-18 row for WaNet and a ResNet-32 row for DFST (the real DFST; guard's is a colour-style
           substitute) — the numbers are beside them, not the same experiment.
-Hardware: CPU threads = --threads (default 2, the project's machine); CUDA when available.
+Hardware: CPU threads = --threads (default 2, the project's machine); CUDA when available. The moth rows are
+          guard.sweep jobs of --threads CPUs (one GPU each with CUDA) on a local Ray, --address, or --serial.
 Output:   benchmarks/results/moth_cifar10.json and moth_cifar10.png (distance heat maps, ASR/CDA before/after)
 Run:      GUARD_DATA_DIR=../shared/data python benchmarks/moth_cifar10.py [--part distance|moth] [--reference]
           python benchmarks/moth_cifar10.py --quick   # minutes: a few pairs and steps, one quickly made victim
@@ -43,6 +44,7 @@ from guard.detect import ClassDistance, ClassDistanceConfig
 from guard.metrics import evaluate_backdoor
 from guard.models import create
 from guard.repair import MothConfig, create_defense, split_trusted
+from guard.sweep import Grid, Resources, iter_sweep
 from guard.train import TrainConfig, train
 
 # ----------------------------------------------------------------------------------------- parameters
@@ -111,49 +113,77 @@ def strong_victim(root: Path, name: str, train_set, device, quick: bool):
     return create(MODEL, weights=v.weights).to(device), load_record(v.record)
 
 
-def moth_part(root: Path, train_set, heldout, device, args, results: dict, save) -> None:
+def moth_row(name: str, root: Path, train_set, heldout, device, args) -> dict:
+    """One attack's row: its strong victim hardened by MOTH, before/after CDA, ASR and class distance."""
     quick = args.quick
     fraction = QUICK["trusted_fraction"] if quick else args.trusted_fraction
     trusted = train_set if fraction == 1 else split_trusted(train_set, fraction, torch.Generator().manual_seed(SEED))
     config = (MothConfig(**QUICK["moth"]) if quick else
               MothConfig.reference(epochs=args.epochs) if args.moth == "reference" else MothConfig(epochs=args.epochs))
     distance = (ClassDistanceConfig(**QUICK["distance"], pairs=QUICK["pairs"]) if quick else ClassDistanceConfig())
+    model, attack = strong_victim(root, name, train_set, device, quick)
+    before = evaluate_backdoor(model, attack, heldout, device=device)
+    started = time.perf_counter()
+    result = create_defense("moth", config=config).defend(model, trusted, eval_set=heldout,
+                                                          generator=torch.Generator().manual_seed(SEED),
+                                                          device=device)
+    sync(device)
+    seconds = time.perf_counter() - started
+    after = evaluate_backdoor(result.model, attack, heldout, device=device)
+    measure = ClassDistance(distance)
+    d_before = measure.measure(model, heldout, generator=torch.Generator().manual_seed(SEED), device=device)
+    d_after = measure.measure(result.model, heldout, generator=torch.Generator().manual_seed(SEED), device=device)
+    paper = TABLE8[name]
+    enlargement = d_after.enlargement(d_before)
+    return {
+        "attack": attack.name, "config": json.loads(json.dumps(dataclasses.asdict(attack.config), default=str)),
+        "cda_before": before["cda"], "asr_before": before["asr_nontarget"],
+        "cda_after": after["cda"], "asr_after": after["asr_nontarget"],
+        "strong_victim": before["asr_nontarget"] >= 0.9,
+        "table8": {"model": paper[0], "acc_before": paper[1], "asr_before": paper[2], "acc_after": paper[3],
+                   "asr_after": paper[4]},
+        "moth_config": args.moth, "moth_epochs": config.epochs, "device": str(device),
+        "moth_seconds": round(seconds, 1), "moth_steps": result.details["hardening_steps"],
+        "trusted_images": len(trusted), "history": [dataclasses.asdict(p) for p in result.history],
+        "distance_before": d_before.to_dict(), "distance_after": d_after.to_dict(),
+        "distance_mean_before": d_before.to_dict()["mean"], "distance_mean_after": d_after.to_dict()["mean"],
+        "enlargement": enlargement if math.isfinite(enlargement) else None,
+        "pair_counts": result.details["pair_counts"]}
+
+
+def moth_job(attack: str, settings: dict) -> dict:
+    """One row, run by the sweep (guard.sweep; a Ray task or the serial loop)."""
+    args = argparse.Namespace(**settings)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    root = data_root()
+    train_set = load_dataset("cifar10", root, split="train")
+    heldout = load_dataset("cifar10", root, split="test-lossless").subset(range(HELDOUT_IMAGES))
+    return moth_row(attack, root, train_set, heldout, device, args)
+
+
+def moth_part(args, device, results: dict, save) -> None:
+    """Every attack's row as a guard.sweep job (victims built first, here, since rows share the cache)."""
     rows = results.setdefault("moth", {})
-    for name in (QUICK["attacks"] if quick else args.attacks):
-        if name in rows:
+    names = [n for n in (QUICK["attacks"] if args.quick else args.attacks) if n not in rows]
+    if not args.quick:
+        from victims import victim  # benchmarks/victims.py: the shared cache of strong victims
+
+        for name in names:
+            victim(name, target=0, **ATTACKS[name])
+    settings = {k: getattr(args, k) for k in ("quick", "trusted_fraction", "moth", "epochs", "device")}
+    grid = Grid(name="moth", function=f"{Path(__file__).resolve()}:moth_job", params={"settings": settings},
+                points=[{"attack": n} for n in names],
+                resources=Resources(cpus=args.threads, gpus=1 if device.type == "cuda" else 0))
+    for done in iter_sweep(grid, backend="serial" if args.serial else "ray", address=args.address):
+        name = done.job.params["attack"]
+        if not done.ok:
+            print(f"FAILED {name}: {done.record['error']}", flush=True)
             continue
-        model, attack = strong_victim(root, name, train_set, device, quick)
-        before = evaluate_backdoor(model, attack, heldout, device=device)
-        started = time.perf_counter()
-        result = create_defense("moth", config=config).defend(model, trusted, eval_set=heldout,
-                                                              generator=torch.Generator().manual_seed(SEED),
-                                                              device=device)
-        sync(device)
-        seconds = time.perf_counter() - started
-        after = evaluate_backdoor(result.model, attack, heldout, device=device)
-        measure = ClassDistance(distance)
-        d_before = measure.measure(model, heldout, generator=torch.Generator().manual_seed(SEED), device=device)
-        d_after = measure.measure(result.model, heldout, generator=torch.Generator().manual_seed(SEED), device=device)
-        paper = TABLE8[name]
-        enlargement = d_after.enlargement(d_before)
-        rows[name] = {
-            "attack": attack.name, "config": dataclasses.asdict(attack.config),
-            "cda_before": before["cda"], "asr_before": before["asr_nontarget"],
-            "cda_after": after["cda"], "asr_after": after["asr_nontarget"],
-            "strong_victim": before["asr_nontarget"] >= 0.9,
-            "table8": {"model": paper[0], "acc_before": paper[1], "asr_before": paper[2], "acc_after": paper[3],
-                       "asr_after": paper[4]},
-            "moth_config": args.moth, "moth_epochs": config.epochs, "device": str(device),
-            "moth_seconds": round(seconds, 1), "moth_steps": result.details["hardening_steps"],
-            "trusted_images": len(trusted), "history": [dataclasses.asdict(p) for p in result.history],
-            "distance_before": d_before.to_dict(), "distance_after": d_after.to_dict(),
-            "distance_mean_before": d_before.to_dict()["mean"], "distance_mean_after": d_after.to_dict()["mean"],
-            "enlargement": enlargement if math.isfinite(enlargement) else None,
-            "pair_counts": result.details["pair_counts"]}
-        print(f"{name}: CDA {before['cda']:.3f} -> {after['cda']:.3f}, ASR {before['asr_nontarget']:.3f} -> "
-              f"{after['asr_nontarget']:.3f} (Table 8 {paper[0]}: {paper[2]:.3f} -> {paper[4]:.3f}); distance "
-              f"{d_before.mean:.1f} -> {d_after.mean:.1f} ({100 * enlargement:+.0f} %); MOTH "
-              f"{seconds:.0f}s", flush=True)
+        row = rows[name] = done.result
+        print(f"{name}: CDA {row['cda_before']:.3f} -> {row['cda_after']:.3f}, ASR {row['asr_before']:.3f} -> "
+              f"{row['asr_after']:.3f} (Table 8 {row['table8']['model']}: {row['table8']['asr_before']:.3f} -> "
+              f"{row['table8']['asr_after']:.3f}); distance {row['distance_mean_before']:.1f} -> "
+              f"{row['distance_mean_after']:.1f}; MOTH {row['moth_seconds']:.0f}s", flush=True)
         save()
 
 
@@ -212,6 +242,8 @@ def main() -> None:
                              "the MOTH code: 1)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
+    parser.add_argument("--serial", action="store_true", help="run the moth rows here, one at a time")
+    parser.add_argument("--address", default=None, help="a Ray cluster (ray://HOST:10001); default: a local Ray")
     parser.add_argument("--out", default=None, help="results name (default moth_cifar10[_quick]; .json/.png)")
     args = parser.parse_args()
     args.attacks = [a for a in args.attacks.split(",") if a]
@@ -222,7 +254,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     root = data_root()
-    train_set = load_dataset("cifar10", root, split="train")
     heldout = load_dataset("cifar10", root, split="test-lossless").subset(range(HELDOUT_IMAGES))
     stem = args.out or ("moth_cifar10_quick" if args.quick else "moth_cifar10")
     out_json = OUT / f"{stem}.json"
@@ -243,7 +274,7 @@ def main() -> None:
         results["distance"] = distance_part(root, heldout, device, args.quick, args.reference)
         save()
     if "moth" in parts:
-        moth_part(root, train_set, heldout, device, args, results, save)
+        moth_part(args, device, results, save)
     save()
     plot(results, OUT / f"{stem}.png")
     print(f"wrote {out_json} and {OUT / f'{stem}.png'}")

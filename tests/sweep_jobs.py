@@ -47,3 +47,11 @@ def dies_on(i: int, bad: int) -> dict:
     if i == bad:
         os._exit(3)  # the worker process dies, as under the kernel's OOM killer
     return {"i": i}
+
+
+def on_gpu(i: int) -> dict:
+    """Where a job declared with one GPU runs: the devices it sees and the one torch picks."""
+    import os
+
+    return {"visible": os.environ.get("CUDA_VISIBLE_DEVICES"), "count": torch.cuda.device_count(),
+            "device": str(torch.zeros(1, device="cuda").device)}

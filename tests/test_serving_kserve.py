@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -98,8 +99,8 @@ def test_torchserve_started_as_the_runtime_does_answers_a_kserve_v1_request(tiny
     env = {**os.environ, "TS_SERVICE_ENVELOPE": "kserve", "TMPDIR": str(tmp_path), "LOG_LOCATION": str(tmp_path / "logs"),
            "METRICS_LOCATION": str(tmp_path / "logs")}
     env.pop("TS_CONFIG_FILE", None)
-    start = ["torchserve", "--start", f"--model-store={mount}/model-store",
-             f"--ts-config={mount}/config/config.properties"]
+    torchserve = str(Path(sys.executable).with_name("torchserve"))  # TorchServe's own command, of this environment
+    start = [torchserve, "--start", f"--model-store={mount}/model-store", f"--ts-config={mount}/config/config.properties"]
     try:
         with open(tmp_path / "torchserve.out", "wb") as out:  # the daemon inherits it: no pipe to wait on
             subprocess.run(start, cwd=tmp_path, env=env, check=True, stdout=out, stderr=subprocess.STDOUT,
@@ -126,7 +127,7 @@ def test_torchserve_started_as_the_runtime_does_answers_a_kserve_v1_request(tiny
         metrics = requests.get("http://127.0.0.1:8082/metrics", timeout=10).text
         assert 'guard_requests_total{' in metrics and 'model_name="cifar"' in metrics
     finally:
-        subprocess.run(["torchserve", "--stop"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+        subprocess.run([torchserve, "--stop"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL, timeout=60)
 
 

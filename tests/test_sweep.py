@@ -150,6 +150,18 @@ def test_the_builtin_job_runs_guard_commands_per_grid_point(tmp_path, data_root,
     assert "exited with code 2" in failure.record["error"] and "--limit must be >= 1" in failure.record["error"]
 
 
+def test_environment_variables_expand_where_the_job_runs_and_an_unset_one_fails_the_job(tmp_path, monkeypatch):
+    (tmp_path / "jobs.py").write_text("def f(path, n):\n    return {'path': path}\n")
+    grid = Grid(name="env", function=f"{tmp_path / 'jobs.py'}:f", params={"path": "${GUARD_T_ROOT}/x"},
+                grid={"n": [1]}, out=tmp_path / "env.json")
+    monkeypatch.delenv("GUARD_T_ROOT", raising=False)
+    failed = run_sweep(grid, backend="serial").failed
+    assert "environment variable GUARD_T_ROOT is not set" in failed[0].record["error"]
+    monkeypatch.setenv("GUARD_T_ROOT", "/data")
+    report = run_sweep(grid, backend="serial")
+    assert [r["result"]["path"] for r in report.results.values()] == ["/data/x"]  # the same job, now finished
+
+
 def test_load_grid_resolves_paths_against_the_file(tmp_path):
     (tmp_path / "jobs.py").write_text("def f(x):\n    return {'x': x}\n")
     (tmp_path / "g.yaml").write_text("function: jobs.py:f\ngrid: {x: [1, 2]}\n")
@@ -180,3 +192,33 @@ def test_sweep_progress_is_scraped_over_http_with_the_declared_metrics(tmp_path)
     assert f'guard_sweep_jobs_total{{Hostname="{host}",status="failed",sweep="t"}} 1.0' in text
     assert f'guard_sweep_jobs_remaining{{Hostname="{host}",sweep="t"}} 0.0' in text
     assert f'guard_sweep_job_seconds_count{{Hostname="{host}",sweep="t"}} 4.0' in text
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "grids").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_the_shipped_grid_files_load_and_list_their_jobs(path, capsys):
+    from guard.cli import main
+
+    grid = load_grid(path)
+    assert grid.jobs() and grid.out.parent.name == "results"
+    assert main(["sweep", str(path), "--dry-run", "--out", "/nonexistent/x.json"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == len(grid.jobs())
+
+
+@pytest.mark.gpu
+def test_a_job_declaring_a_gpu_runs_on_its_own(tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    gpus = torch.cuda.device_count()
+    ray.shutdown()  # the module's CPU-only Ray, if it is up
+    ray.init(num_cpus=2, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
+    try:
+        report = run_sweep(_grid(tmp_path, "on_gpu", grid={"i": list(range(gpus))}, resources=Resources(cpus=1, gpus=1)))
+    finally:
+        ray.shutdown()
+    assert not report.failed
+    results = [r["result"] for r in report.results.values()]
+    assert all(r["count"] == 1 and r["device"] == "cuda:0" for r in results)  # Ray shows each job its own GPU
+    assert len({r["visible"] for r in results}) == gpus

@@ -54,9 +54,10 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--num-cpus must be >= 1, got {args.num_cpus}")
     if args.dry_run:
         store = Store.open(grid)
-        for job in grid.jobs():
+        for job in grid.jobs():  # what varies between jobs (the shared params are the grid's)
             state = store.records.get(job.key, {}).get("status", "todo")
-            print(f"{job.key} {state:6s} {json.dumps(job.params, default=str)}")
+            varying = {k: v for k, v in job.params.items() if grid.params.get(k, object()) != v}
+            print(f"{job.key} {state:6s} {json.dumps(varying, default=str)}")
         return 0
     metrics = None
     if args.metrics_port is not None:

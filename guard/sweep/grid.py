@@ -27,6 +27,7 @@ import inspect
 import itertools
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -198,7 +199,11 @@ def resolve_function(spec: str) -> Callable[..., Any]:
 def expand_env(value: Any) -> Any:
     """``${VAR}`` in every string of ``value`` (nested lists and mappings too) replaced by the environment's."""
     if isinstance(value, str):
-        return os.path.expandvars(value)
+        expanded = os.path.expandvars(value)
+        unset = re.findall(r"\$\{(\w+)\}", expanded)
+        if unset:
+            raise ValueError(f"{value!r}: environment variable {unset[0]} is not set where the job runs")
+        return expanded
     if isinstance(value, list):
         return [expand_env(v) for v in value]
     if isinstance(value, dict):

@@ -200,13 +200,10 @@ def iter_sweep(grid: Grid, *, backend: str = "ray", address: str | None = None,
         import ray
 
         started_ray = not ray.is_initialized()
-        if started_ray:
-            context = ray.init(address=address, num_cpus=None if address else num_cpus,
-                               runtime_env=grid.runtime_env if address else None, log_to_driver=False,
-                               include_dashboard=None)
-            url = getattr(context, "dashboard_url", None)
-            if url:
-                log.warning("Ray dashboard: http://%s", url)
+        if started_ray:  # Ray logs its dashboard's address (127.0.0.1:8265 locally, with ray[default]); the
+            # jobs' output reaches this process's, prefixed with the worker
+            ray.init(address=address, num_cpus=None if address else num_cpus,
+                     runtime_env=grid.runtime_env if address else None)
         stream = _ray(grid, todo)
     try:
         for result in stream:
