@@ -9,9 +9,10 @@ What:     every data-poisoning backdoor of guard.attacks (and PCB) implanted by 
           rescaler_cifar10.py (its SA column), with ReScaler's defense beside them.
 Scale:    reduced for 2 CPU cores, see the parameters below: the numbers are not the papers' protocol (120-epoch
           training from scratch) and are not expected to match them.
-Hardware: CPU threads = --threads (default 2, the project's machine); CUDA is used when available.
+Hardware: one guard.sweep job per row, of --threads CPUs (default 2, the project's machine; one GPU each when
+          CUDA is available), on a local Ray, --address, or --serial in this process.
 Output:   benchmarks/results/attacks_cifar10.json and attacks_cifar10.png (example poisoned images per attack)
-Run:      GUARD_DATA_DIR=../shared/data python benchmarks/attacks_cifar10.py [--quick]
+Run:      GUARD_DATA_DIR=../shared/data python benchmarks/attacks_cifar10.py [--quick] [--only NAME] [--serial]
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from guard.attacks import SupplyChainAttack, create_attack, list_attacks
 from guard.data import load_dataset
 from guard.metrics import evaluate_backdoor
 from guard.models import create
+from guard.sweep import Grid, Resources, iter_sweep
 from guard.train import TrainConfig, train
 
 # ----------------------------------------------------------------------------------------- parameters
@@ -58,62 +60,90 @@ PAPER = {  # undefended (CDA, ASR) from pick_your_poison.txt Table 2 and Xiang T
 OUT = Path(__file__).parent / "results"
 
 
+def data_root() -> Path:
+    return Path(os.environ.get("GUARD_DATA_DIR", "../shared/data"))
+
+
 def pretrained(root: Path, device: torch.device):
     return create("resnet20", weights=root / WEIGHTS).to(device)
 
 
-def backdoor_runs(root: Path, train_full, test, device, quick: bool, only: list[str] | None = None
-                  ) -> tuple[list[dict], dict]:
-    g = torch.Generator().manual_seed(SEED)
-    subset = train_full.subset(torch.randperm(len(train_full), generator=g)[:BACKDOOR_TRAIN_IMAGES])
-    per_class = int((subset.labels == 0).sum())
-    config = TrainConfig(epochs=1 if quick else BACKDOOR_EPOCHS, **BACKDOOR_CONFIG)
+def attack_names(quick: bool, only: list[str] | None) -> list[str]:
+    """The rows: the clean fine-tune, then every data-poisoning backdoor and PCB (Xiang's patterns A and C)."""
     names = [n for n in list_attacks("backdoor") + list_attacks("supply-chain") if n != "xiang"]
     names += ["xiang-A", "xiang-C"]
     if quick:
         names = ["badnets", "blend", "sig"]
-    rows, examples = [], {}
-    if only:
-        names = [n for n in names if n in only]
+    return [n for n in names if n in only] if only else ["clean", *names]
+
+
+def attack_job(name: str, quick: bool) -> dict:
+    """One row, run by the sweep (guard.sweep; a Ray task or the serial loop): the pretrained ResNet-20
+    fine-tuned on the subset poisoned by ``name`` (``clean``: unpoisoned), its CDA and ASR, and one training
+    image before / after poisoning (for the plot)."""
+    root = data_root()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    train_full = load_dataset("cifar10", root, split="train")
+    test = load_dataset("cifar10", root, split="test-lossless")
+    g = torch.Generator().manual_seed(SEED)
+    subset = train_full.subset(torch.randperm(len(train_full), generator=g)[:BACKDOOR_TRAIN_IMAGES])
+    per_class = int((subset.labels == 0).sum())
+    config = TrainConfig(epochs=1 if quick else BACKDOOR_EPOCHS, **BACKDOOR_CONFIG)
+    model = pretrained(root, device)
+    started = time.perf_counter()
+    if name == "clean":
+        train(model, subset, config, generator=torch.Generator().manual_seed(SEED), device=device, progress=False)
+        return {"row": {"attack": "clean", "cda": evaluate_backdoor(model, create_attack("badnets"), test)["cda"],
+                        "seconds": round(time.perf_counter() - started, 1)}}
+    registered = "xiang" if name.startswith("xiang") else name
+    options = dict(OVERRIDES.get(name, {}))
+    if "surrogate_weights" in options:
+        options["surrogate_weights"] = str(root / options["surrogate_weights"])
+    if registered != "xiang":
+        clean_label = create_attack(registered).clean_label
+        options["num_poisons"] = round((CLEAN_LABEL_RATE * per_class) if clean_label else POISON_RATE * len(subset))
+    attack = create_attack(registered, **options)
+    gen = torch.Generator().manual_seed(SEED)
+    example = None
+    if isinstance(attack, SupplyChainAttack):
+        attack.train(model, subset, config, generator=gen, device=device, progress=False)
+        poisons = 0
     else:
-        clean_model = pretrained(root, device)
-        started = time.perf_counter()
-        train(clean_model, subset, config, generator=torch.Generator().manual_seed(SEED), device=device,
-              progress=False)
-        clean = {"attack": "clean", "cda": evaluate_backdoor(clean_model, create_attack("badnets"), test)["cda"],
-                 "seconds": round(time.perf_counter() - started, 1)}
-        rows.append(clean)
-        print(f"clean fine-tune: CDA {clean['cda']:.3f}")
-    for name in names:
-        registered = "xiang" if name.startswith("xiang") else name
-        options = dict(OVERRIDES.get(name, {}))
-        if "surrogate_weights" in options:
-            options["surrogate_weights"] = str(root / options["surrogate_weights"])
-        if registered != "xiang":
-            clean_label = create_attack(registered).clean_label
-            options["num_poisons"] = round((CLEAN_LABEL_RATE * per_class) if clean_label
-                                           else POISON_RATE * len(subset))
-        attack = create_attack(registered, **options)
-        model = pretrained(root, device)
-        started = time.perf_counter()
-        gen = torch.Generator().manual_seed(SEED)
-        if isinstance(attack, SupplyChainAttack):
-            attack.train(model, subset, config, generator=gen, device=device, progress=False)
-            poisons = 0
+        result = attack.poison(subset, gen)
+        poisons = int(result.indices.numel())
+        example = [subset.images[result.indices[0]].tolist(), result.dataset.images[result.indices[0]].tolist()]
+        train(model, result.dataset, config, generator=gen, device=device, progress=False)
+    scores = evaluate_backdoor(model, attack, test)
+    row = {"attack": name, "poisons": poisons, **{k: round(v, 4) for k, v in scores.items()},
+           "seconds": round(time.perf_counter() - started, 1), "paper_cda_asr": PAPER.get(name),
+           "config": json.loads(json.dumps(vars(attack.config), default=str))}
+    return {"row": row, "example": example}
+
+
+def backdoor_runs(quick: bool, only: list[str] | None, threads: int, serial: bool, address: str | None
+                  ) -> tuple[list[dict], dict]:
+    """Every row as a guard.sweep job; the rows in attack_names' order and the plot's examples."""
+    names = attack_names(quick, only)
+    grid = Grid(name="attacks", function=f"{Path(__file__).resolve()}:attack_job", params={"quick": quick},
+                points=[{"name": n} for n in names],
+                resources=Resources(cpus=threads, gpus=1 if torch.cuda.is_available() else 0))
+    rows, examples = {}, {}
+    for done in iter_sweep(grid, backend="serial" if serial else "ray", address=address):
+        name = done.job.params["name"]
+        if not done.ok:
+            print(f"FAILED {name}: {done.record['error']}", flush=True)
+            continue
+        row = rows[name] = done.result["row"]
+        if done.result.get("example") is not None:
+            examples[name] = tuple(torch.tensor(image, dtype=torch.uint8) for image in done.result["example"])
+        if name == "clean":
+            print(f"clean fine-tune: CDA {row['cda']:.3f}", flush=True)
         else:
-            result = attack.poison(subset, gen)
-            poisons = int(result.indices.numel())
-            examples[name] = (subset.images[result.indices[0]], result.dataset.images[result.indices[0]])
-            train(model, result.dataset, config, generator=gen, device=device, progress=False)
-        scores = evaluate_backdoor(model, attack, test)
-        row = {"attack": name, "poisons": poisons, **{k: round(v, 4) for k, v in scores.items()},
-               "seconds": round(time.perf_counter() - started, 1),
-               "paper_cda_asr": PAPER.get(name), "config": {k: v for k, v in vars(attack.config).items()}}
-        rows.append(row)
-        print(f"{name:<15} m={poisons:<4} CDA {scores['cda']:.3f}  ASR {scores['asr']:.3f} "
-              f"(non-target {scores['asr_nontarget']:.3f}{', source %.3f' % scores['asr_source'] if 'asr_source' in scores else ''})"
-              f"  paper {PAPER.get(name)}  {row['seconds']}s")
-    return rows, examples
+            source = f", source {row['asr_source']:.3f}" if "asr_source" in row else ""
+            print(f"{name:<15} m={row['poisons']:<4} CDA {row['cda']:.3f}  ASR {row['asr']:.3f} "
+                  f"(non-target {row['asr_nontarget']:.3f}{source})  paper {PAPER.get(name)}  {row['seconds']}s",
+                  flush=True)
+    return [rows[n] for n in names if n in rows], {n: examples[n] for n in names if n in examples}
 
 
 def plot(examples: dict, path: Path) -> None:
@@ -144,13 +174,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a few attacks, one epoch (smoke run)")
     parser.add_argument("--only", action="append", metavar="NAME",
                         help="run only these backdoors (repeatable); the other rows keep their previous results")
-    parser.add_argument("--threads", type=int, default=TORCH_THREADS)
+    parser.add_argument("--threads", type=int, default=TORCH_THREADS, help="CPU threads of each row's job")
+    parser.add_argument("--serial", action="store_true", help="run the rows in this process, one at a time")
+    parser.add_argument("--address", default=None, help="a Ray cluster (ray://HOST:10001); default: a local Ray")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    root = Path(os.environ.get("GUARD_DATA_DIR", "../shared/data"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    train_full = load_dataset("cifar10", root, split="train")
-    test = load_dataset("cifar10", root, split="test-lossless")
     OUT.mkdir(exist_ok=True)
     out_json = OUT / "attacks_cifar10.json"
     previous = json.loads(out_json.read_text()) if out_json.exists() else {}
@@ -160,7 +188,7 @@ def main() -> None:
                              "backdoor_config": BACKDOOR_CONFIG, "poison_rate": POISON_RATE,
                              "clean_label_rate": CLEAN_LABEL_RATE},
               "test_set": "CIFAR-10 first 1000 test images (lossless)"}
-    rows, examples = backdoor_runs(root, train_full, test, device, args.quick, args.only)
+    rows, examples = backdoor_runs(args.quick, args.only, args.threads, args.serial, args.address)
     if args.only:  # merge: the rows run now replace their previous results, the plot keeps its panels
         fresh = {row["attack"] for row in rows}
         rows = [row for row in previous.get("backdoors", []) if row["attack"] not in fresh] + rows

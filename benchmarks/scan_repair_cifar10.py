@@ -18,7 +18,9 @@ Data:     trusted = a class-stratified 1 % (500 images) of the 50k training imag
           trigger scoring, ASR).
 Scale:    detect/repair budgets at the top are far below Table 5's (2,000 repair steps, 100 steps per class);
           the timing part uses Table 5's.
-Device:   CPU with --threads threads (2 on the reference machine), or CUDA when available.
+Device:   CPU with --threads threads (2 on the reference machine), or CUDA when available. The detect and repair
+          rows are guard.sweep jobs of --threads CPUs (one GPU each with CUDA) on a local Ray, --address, or
+          --serial in this process; timing runs here, alone.
 Output:   benchmarks/results/scan_repair_cifar10.json and .png (trade-off curves, CNC score distributions,
           reversed triggers next to the true one).
 Run:      GUARD_DATA_DIR=../shared/data python benchmarks/scan_repair_cifar10.py [--part detect] [--models 10]
@@ -45,6 +47,7 @@ from guard.detect import (CNCConfig, CalibratedTriggerInversion, NeuralCleanse, 
 from guard.metrics import attack_success_rate, roc_auc
 from guard.models import create
 from guard.repair import PivotalTuning, PivotalTuningConfig, UnlearningConfig, create_defense, split_trusted
+from guard.sweep import Grid, Resources, iter_sweep
 from guard.train import TrainConfig, evaluate, predict, train
 
 MODEL = "resnet20"
@@ -120,50 +123,79 @@ def poisoning_attack(name: str, **options):
     return create_attack(name, target=TARGET, budget=FT_POISON_RATE, **options)
 
 
-def detect(bench: Bench, models: int, results: dict, save) -> None:
+def device_here() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("GUARD_DATA_DIR", "../shared/data"))
+
+
+def detect_job(i: int, poisoned: bool) -> dict:
+    """One detect row, run by the sweep (guard.sweep; a Ray task or the serial loop): victim ``i`` (BadNets or
+    clean), CNC at each inversion budget over one shared repair, and NC."""
+    bench = Bench(data_root(), device_here())
     attack = poisoning_attack("badnets", patch_size=3)
     probe = bench.asr_probe(attack)
     repair = PivotalTuningConfig(steps=DETECT_REPAIR_STEPS, eval_every=EVAL_EVERY)
     nc = NeuralCleanseConfig(steps=NC_STEPS, samples_per_step=NC_SAMPLES_PER_STEP)
+    name = f"{'badnets' if poisoned else 'clean'}-{i}"
+    started = time.perf_counter()
+    model = bench.victim(1000 + i, attack if poisoned else None)
+    row = {"name": name, "poisoned": poisoned, "victim_seconds": round(time.perf_counter() - started, 1),
+           "cda": evaluate(model, bench.test, device=bench.device), "asr": probe(model), "cnc": {}}
+    repaired = None
+    for steps in CNC_STEPS:
+        config = CNCConfig(steps_per_class=steps, batch_size=CNC_BATCH, repair=repair)
+        started = time.perf_counter()
+        scan = CalibratedTriggerInversion(config).scan(model, bench.trusted, bench.test, reference=repaired,
+                                                       generator=torch.Generator().manual_seed(i),
+                                                       device=bench.device)
+        d = scan.report.details
+        paper = {c: d["pivot_success"][str(c)] - d["repaired_accuracy"][str(c)] for c in scan.report.scores}
+        row["cnc"][str(steps)] = {
+            "seconds": round(time.perf_counter() - started, 1), "max_score": scan.report.max_score,
+            "max_score_paper": max(paper.values()), "top_class": max(scan.report.scores, key=scan.report.scores.get),
+            "scores": {str(c): v for c, v in scan.report.scores.items()}}
+        if repaired is None:
+            repaired, record = scan.reference, scan.report.details["repair"]
+            row["repair"] = {"steps": record["chosen"]["step"], "cda": record["chosen"]["cda"],
+                             "asr": probe(repaired), "seconds": round(record["seconds"], 1)}
+    started = time.perf_counter()
+    nc_scan = NeuralCleanse(nc).scan(model, bench.trusted, bench.test,
+                                     generator=torch.Generator().manual_seed(i), device=bench.device)
+    row["nc"] = {"seconds": round(time.perf_counter() - started, 1),
+                 "anomaly_index": nc_scan.report.separation, "flagged_class": nc_scan.report.flagged_class}
+    return row
+
+
+def sweep_options(args) -> dict:
+    """How a part's grid runs: --serial or Ray (--address), jobs of --threads CPUs (one GPU each with CUDA)."""
+    return {"backend": "serial" if args.serial else "ray", "address": args.address}
+
+
+def resources(args) -> Resources:
+    return Resources(cpus=args.threads, gpus=1 if torch.cuda.is_available() else 0)
+
+
+def detect(args, results: dict, save) -> None:
     rows = results.setdefault("detect", {"models": []})["models"]
     done = {row["name"] for row in rows}
-    for i in range(models):
-        for poisoned in (True, False):
-            name = f"{'badnets' if poisoned else 'clean'}-{i}"
-            if name in done:
-                continue
-            started = time.perf_counter()
-            model = bench.victim(1000 + i, attack if poisoned else None)
-            row = {"name": name, "poisoned": poisoned, "victim_seconds": round(time.perf_counter() - started, 1),
-                   "cda": evaluate(model, bench.test, device=bench.device), "asr": probe(model), "cnc": {}}
-            repaired = None
-            for steps in CNC_STEPS:
-                config = CNCConfig(steps_per_class=steps, batch_size=CNC_BATCH, repair=repair)
-                started = time.perf_counter()
-                scan = CalibratedTriggerInversion(config).scan(model, bench.trusted, bench.test, reference=repaired,
-                                                               generator=torch.Generator().manual_seed(i),
-                                                               device=bench.device)
-                d = scan.report.details
-                paper = {c: d["pivot_success"][str(c)] - d["repaired_accuracy"][str(c)] for c in scan.report.scores}
-                row["cnc"][str(steps)] = {
-                    "seconds": round(time.perf_counter() - started, 1), "max_score": scan.report.max_score,
-                    "max_score_paper": max(paper.values()), "top_class": max(scan.report.scores, key=scan.report.scores.get),
-                    "scores": scan.report.scores}
-                if repaired is None:
-                    repaired, record = scan.reference, scan.report.details["repair"]
-                    row["repair"] = {"steps": record["chosen"]["step"], "cda": record["chosen"]["cda"],
-                                     "asr": probe(repaired), "seconds": round(record["seconds"], 1)}
-            started = time.perf_counter()
-            nc_scan = NeuralCleanse(nc).scan(model, bench.trusted, bench.test,
-                                             generator=torch.Generator().manual_seed(i), device=bench.device)
-            row["nc"] = {"seconds": round(time.perf_counter() - started, 1),
-                         "anomaly_index": nc_scan.report.separation, "flagged_class": nc_scan.report.flagged_class}
-            rows.append(row)
-            cnc_text = ", ".join(f"N={s}: {row['cnc'][str(s)]['max_score']:.3f} (class "
-                                 f"{row['cnc'][str(s)]['top_class']})" for s in CNC_STEPS)
-            print(f"{name}: CDA {row['cda']:.3f} ASR {row['asr']:.3f} | CNC {cnc_text} | NC index "
-                  f"{row['nc']['anomaly_index']:.2f} (class {row['nc']['flagged_class']})", flush=True)
-            save()
+    points = [{"i": i, "poisoned": poisoned} for i in range(args.models) for poisoned in (True, False)
+              if f"{'badnets' if poisoned else 'clean'}-{i}" not in done]
+    grid = Grid(name="detect", function=f"{Path(__file__).resolve()}:detect_job", points=points,
+                resources=resources(args))
+    for finished in iter_sweep(grid, **sweep_options(args)):
+        if not finished.ok:
+            print(f"FAILED detect {finished.job.params}: {finished.record['error']}", flush=True)
+            continue
+        row = finished.result
+        rows.append(row)
+        cnc_text = ", ".join(f"N={s}: {row['cnc'][str(s)]['max_score']:.3f} (class "
+                             f"{row['cnc'][str(s)]['top_class']})" for s in CNC_STEPS)
+        print(f"{row['name']}: CDA {row['cda']:.3f} ASR {row['asr']:.3f} | CNC {cnc_text} | NC index "
+              f"{row['nc']['anomaly_index']:.2f} (class {row['nc']['flagged_class']})", flush=True)
+        save()
     bad = [r for r in rows if r["poisoned"]]
     clean = [r for r in rows if not r["poisoned"]]
     if bad and clean:
@@ -189,34 +221,46 @@ def detect(bench: Bench, models: int, results: dict, save) -> None:
         print(json.dumps(summary, indent=2), flush=True)
 
 
-def repair_part(bench: Bench, results: dict, save) -> None:
+def repair_job(j: int, name: str) -> dict:
+    """One repair row, run by the sweep: the victim of attack ``name`` repaired by Pivotal Tuning and NC."""
+    bench = Bench(data_root(), device_here())
     pivotal = PivotalTuningConfig(steps=REPAIR_STEPS, eval_every=EVAL_EVERY)
     nc = UnlearningConfig(scan=NeuralCleanseConfig(steps=NC_REPAIR_STEPS, samples_per_step=NC_SAMPLES_PER_STEP),
                           steps=NC_UNLEARN_STEPS, eval_every=EVAL_EVERY)
+    options = REPAIR_ATTACKS[name]
+    if "surrogate_weights" in options:
+        options = {**options, "surrogate_weights": str(bench.root / options["surrogate_weights"])}
+    attack = poisoning_attack(name, **options)
+    probe = bench.asr_probe(attack)
+    model = bench.victim(2000 + j, attack)
+    row = {"cda": evaluate(model, bench.test, device=bench.device), "asr": probe(model),
+           "paper_v1_ours_nc": PAPER_V1[name]}
+    started = time.perf_counter()
+    pt = PivotalTuning(pivotal).defend(model, bench.trusted, eval_set=bench.test, asr=probe,
+                                       generator=torch.Generator().manual_seed(1), device=bench.device)
+    row["pivotal"] = {**pt.to_dict(), "v_1": pt.chosen.asr, "wall_seconds": round(time.perf_counter() - started, 1)}
+    started = time.perf_counter()
+    nr = create_defense("nc", config=nc).defend(model, bench.trusted, eval_set=bench.test, asr=probe,
+                                                generator=torch.Generator().manual_seed(1), device=bench.device)
+    row["nc"] = {**nr.to_dict(), "v_1": nr.chosen.asr, "flagged_class": nr.details["scan"]["flagged_class"],
+                 "wall_seconds": round(time.perf_counter() - started, 1)}
+    return row
+
+
+def repair_part(args, results: dict, save) -> None:
     rows = results.setdefault("repair", {})
-    for j, (name, options) in enumerate(REPAIR_ATTACKS.items()):
-        if name in rows:
+    grid = Grid(name="repair", function=f"{Path(__file__).resolve()}:repair_job",
+                points=[{"j": j, "name": n} for j, n in enumerate(REPAIR_ATTACKS) if n not in rows],
+                resources=resources(args))
+    for finished in iter_sweep(grid, **sweep_options(args)):
+        name = finished.job.params["name"]
+        if not finished.ok:
+            print(f"FAILED repair {name}: {finished.record['error']}", flush=True)
             continue
-        if "surrogate_weights" in options:
-            options = {**options, "surrogate_weights": str(bench.root / options["surrogate_weights"])}
-        attack = poisoning_attack(name, **options)
-        probe = bench.asr_probe(attack)
-        model = bench.victim(2000 + j, attack)
-        row = {"cda": evaluate(model, bench.test, device=bench.device), "asr": probe(model),
-               "paper_v1_ours_nc": PAPER_V1[name]}
-        started = time.perf_counter()
-        pt = PivotalTuning(pivotal).defend(model, bench.trusted, eval_set=bench.test, asr=probe,
-                                           generator=torch.Generator().manual_seed(1), device=bench.device)
-        row["pivotal"] = {**pt.to_dict(), "v_1": pt.chosen.asr, "wall_seconds": round(time.perf_counter() - started, 1)}
-        started = time.perf_counter()
-        nr = create_defense("nc", config=nc).defend(model, bench.trusted, eval_set=bench.test, asr=probe,
-                                                    generator=torch.Generator().manual_seed(1), device=bench.device)
-        row["nc"] = {**nr.to_dict(), "v_1": nr.chosen.asr, "flagged_class": nr.details["scan"]["flagged_class"],
-                     "wall_seconds": round(time.perf_counter() - started, 1)}
-        rows[name] = row
-        print(f"{name}: CDA {row['cda']:.3f} ASR {row['asr']:.3f} -> Pivotal v_1% {pt.chosen.asr:.3f} "
-              f"(CDA {pt.chosen.cda:.3f}), NC v_1% {nr.chosen.asr:.3f} (CDA {nr.chosen.cda:.3f}); paper "
-              f"{PAPER_V1[name]}", flush=True)
+        row = rows[name] = finished.result
+        print(f"{name}: CDA {row['cda']:.3f} ASR {row['asr']:.3f} -> Pivotal v_1% {row['pivotal']['v_1']:.3f} "
+              f"(CDA {row['pivotal']['chosen']['cda']:.3f}), NC v_1% {row['nc']['v_1']:.3f} (CDA "
+              f"{row['nc']['chosen']['cda']:.3f}); paper {PAPER_V1[name]}", flush=True)
         save()
 
 
@@ -298,11 +342,13 @@ def main() -> None:
     parser.add_argument("--models", type=int, default=10, help="clean and poisoned models each for detect")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--fresh", action="store_true", help="discard previous results of the parts run")
+    parser.add_argument("--serial", action="store_true", help="run the detect and repair rows here, in turn")
+    parser.add_argument("--address", default=None, help="a Ray cluster (ray://HOST:10001); default: a local Ray")
     args = parser.parse_args()
     parts = args.part or list(PARTS)
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bench = Bench(Path(os.environ.get("GUARD_DATA_DIR", "../shared/data")), device)
+    bench = Bench(data_root(), device)
     OUT.mkdir(parents=True, exist_ok=True)
     results = json.loads(OUT_JSON.read_text()) if OUT_JSON.exists() else {}
     if args.fresh:
@@ -328,9 +374,9 @@ def main() -> None:
             results.update({k: v for k, v in current.items() if k not in parts})
 
     if "detect" in parts:
-        detect(bench, args.models, results, save)
+        detect(args, results, save)
     if "repair" in parts:
-        repair_part(bench, results, save)
+        repair_part(args, results, save)
     if "timing" in parts:
         timing(bench, results, save)
     save()

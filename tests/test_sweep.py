@@ -53,6 +53,7 @@ def test_grid_expands_points_times_lists_with_stable_keys(tmp_path):
     ({"function": "m:f", "resources": {"gpu": 1}}, "resources: unknown keys ['gpu']"),
     ({"function": "m:f", "typo": 1}, "unknown keys ['typo']"),
     ({"function": "m:f", "jobs": {"a": 1}}, "jobs: expected a list"),
+    ({"function": "m:f", "params": [1, 2]}, "params: expected a mapping"),
     ({"params": {}}, "expected a 'function' key"),
 ])
 def test_bad_grids_are_rejected_naming_what_was_expected(spec, message):
@@ -83,6 +84,10 @@ def test_a_grown_grid_runs_only_its_new_jobs(local_ray, tmp_path):
     assert (first.ran, first.skipped) == (2, 0) and (second.ran, second.skipped) == (2, 2)
     assert sorted(log.read_text().split()) == ["0", "1", "2", "3"]  # each job ran once
     assert {r["result"]["square"] for r in second.results.values()} == {0, 1, 4, 9}
+    third = run_sweep(_grid(tmp_path, "counted", params={"log": str(log)}, grid={"i": [3]}))
+    stored = json.loads((tmp_path / "out.json").read_text())
+    assert (third.ran, third.skipped) == (0, 1) and (stored["total"], stored["finished"]) == (1, 1)
+    assert len(stored["jobs"]) == 4  # the other jobs' records are kept for a later grid that has them
 
 
 def test_a_failing_job_is_reported_with_its_config_and_the_rest_finish(local_ray, tmp_path):

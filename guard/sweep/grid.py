@@ -147,9 +147,9 @@ class Grid:
         if module.endswith(".py") and base is not None and not Path(module).is_absolute():
             function = f"{(base / module).resolve()}:{attr}"
         out = spec.get("out")
-        out = None if out is None else (Path(out) if base is None or Path(out).is_absolute() else base / out)
-        return cls(name=spec.get("name") or name or "sweep", function=function, params=dict(spec.get("params") or {}),
-                   grid=dict(spec.get("grid") or {}), points=None if spec.get("jobs") is None else spec["jobs"],
+        out = None if out is None else Path(os.path.normpath(out if base is None else base / out))
+        return cls(name=spec.get("name") or name or "sweep", function=function, params=spec.get("params") or {},
+                   grid=spec.get("grid") or {}, points=spec.get("jobs"),
                    resources=Resources(**resources), out=out, runtime_env=spec.get("runtime_env"))
 
 

@@ -89,16 +89,17 @@ class Store:
         record = self.records.get(job.key)
         return record is not None and record.get("status") == "ok"
 
-    def add(self, job: Job, record: dict[str, Any], total: int) -> None:
+    def add(self, job: Job, record: dict[str, Any], jobs: list[Job]) -> None:
         self.records[job.key] = {"params": job.params, **record}
-        self.save(total)
+        self.save(jobs)
 
-    def save(self, total: int) -> None:
+    def save(self, jobs: list[Job]) -> None:
+        """Write every record (those of jobs no longer in the grid too); the counts are the grid's ``jobs``'."""
         if self.path is None:
             return
-        statuses = [r.get("status") for r in self.records.values()]
-        data = {**self.header, "total": total, "finished": statuses.count("ok"), "failed": statuses.count("failed"),
-                "jobs": self.records}
+        statuses = [self.records.get(job.key, {}).get("status") for job in jobs]
+        data = {**self.header, "total": len(jobs), "finished": statuses.count("ok"),
+                "failed": statuses.count("failed"), "jobs": self.records}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps(data, indent=1))
@@ -187,7 +188,7 @@ def iter_sweep(grid: Grid, *, backend: str = "ray", address: str | None = None,
     store = Store.open(grid)
     jobs = grid.jobs()
     todo = [job for job in jobs if not store.finished(job)]
-    store.save(len(jobs))
+    store.save(jobs)
     if not todo:
         return
     if backend == "serial":
@@ -207,7 +208,7 @@ def iter_sweep(grid: Grid, *, backend: str = "ray", address: str | None = None,
         stream = _ray(grid, todo)
     try:
         for result in stream:
-            store.add(result.job, result.record, len(jobs))
+            store.add(result.job, result.record, jobs)
             yield result
     finally:
         stream.close()
