@@ -78,9 +78,16 @@ def _config(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("problem, message", [("missing", "does not exist"), ("name", "model name: expected"),
-                                              ("workers", "workers: expected")])
+                                              ("workers", "workers: expected"), ("tampered", "records"),
+                                              ("unverified", "no checksum file")])
 def test_bad_layout_requests_are_refused(tiny_archive, tmp_path, problem, message):
     archive = tmp_path / "none.mar" if problem == "missing" else tiny_archive
+    if problem in ("tampered", "unverified"):
+        archive = tmp_path / "copy.mar"
+        archive.write_bytes(tiny_archive.read_bytes() + (b"x" if problem == "tampered" else b""))
+        if problem == "tampered":
+            checksum = tiny_archive.with_name(tiny_archive.name + ".sha256").read_text()
+            archive.with_name(archive.name + ".sha256").write_text(checksum)
     kwargs = {"name": "a/b"} if problem == "name" else {"workers": 0} if problem == "workers" else {}
     with pytest.raises((FileNotFoundError, ValueError), match=message):
         build_kserve_layout(tmp_path / "layout", archive, **kwargs)

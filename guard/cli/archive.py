@@ -75,6 +75,8 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..serving import KSERVE_MOUNT, GuardConfig, build_archive, build_kserve_layout, read_manifest
 
+    if args.kserve_mount is not None and args.kserve is None:
+        raise CLIError("--kserve-mount applies with --kserve DIR only")
     config = GuardConfig.load(args.guard_config) if args.guard_config else None
     try:
         out = build_archive(args.model, args.weights, args.out, config, num_classes=args.num_classes,
@@ -88,8 +90,6 @@ def run(args: argparse.Namespace) -> int:
     kserve = None
     if args.kserve is not None:
         kserve = build_kserve_layout(args.kserve, out, mount=args.kserve_mount or KSERVE_MOUNT)
-    elif args.kserve_mount is not None:
-        raise CLIError("--kserve-mount applies with --kserve DIR only")
     if args.json:
         print(json.dumps({"archive": str(out), **({"kserve_config": str(kserve)} if kserve else {}),
                           **manifest.to_dict()}, indent=2))

@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 from .archive import ARCHIVE_VERSION, checksum_path, verify_archive
+from .predictor import WeightsMismatchError
 from .resources import METRICS_FILE, TS_CONFIG_FILE
 from .server import read_properties
 
@@ -41,7 +42,11 @@ def build_kserve_layout(out_dir: str | Path, archive: str | Path, *, name: str |
     archive = Path(archive)
     if not archive.is_file():
         raise FileNotFoundError(f"archive {archive} does not exist (build it with guard archive)")
-    if not verify_archive(archive):
+    try:
+        verified = verify_archive(archive)
+    except WeightsMismatchError as exc:  # changed since guard archive wrote its checksum
+        raise ValueError(str(exc)) from None
+    if not verified:
         raise ValueError(f"archive {archive} has no checksum file {checksum_path(archive).name}; build it with "
                          f"guard archive")
     name = archive.stem if name is None else name
