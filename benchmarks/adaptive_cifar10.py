@@ -24,7 +24,8 @@ Parts:    (--parts; the JSON accumulates per victim and part, so a run resumes w
                     the CDA budget at its first evaluation on these victims and then detects nothing): verdict,
                     flagged class, the target's calibrated score, its margin under the threshold and its rank
 Not built: the clean-label poisons crafted through the adaptation.
-Hardware: CPU threads = --threads (default 2); CUDA when available for the offline parts.
+Hardware: one guard.sweep job per (victim, part) of --threads CPUs (default 2; one GPU each with CUDA for the
+          offline parts) on a local Ray, --address, or --serial in this process.
 Output:   benchmarks/results/adaptive_cifar10.json and .png (per defense: non-adaptive beside adaptive).
 Run:      GUARD_DATA_DIR=../shared/data python benchmarks/adaptive_cifar10.py [--victims badnets,pcb]
           [--parts victim,endpoint,repair,scan]
@@ -46,6 +47,7 @@ from defenses_cifar10 import SEED, defender_data, victim_model
 from guard.data import load_dataset
 from guard.detect import CalibratedTriggerInversion, CNCConfig
 from guard.repair import PivotalTuningConfig, create_defense
+from guard.sweep import Grid, Resources, iter_sweep
 from guard_end_to_end import measure
 from pivotal_cifar10 import summarize
 from victims import DEFENSE_VICTIMS, data_root, pick_device, victim
@@ -116,6 +118,11 @@ def part_scan(label: str, device, fpr: float) -> dict:
 PARTS = {"victim": part_victim, "endpoint": part_endpoint, "repair": part_repair, "scan": part_scan}
 
 
+def part_job(label: str, part: str, fpr: float, device: str) -> dict:
+    """One (victim, part) cell, run by the sweep (guard.sweep; a Ray task or the serial loop)."""
+    return PARTS[part](label, pick_device(device), fpr)
+
+
 def headline(rows: dict) -> dict:
     """Per adaptive attack: the number of AIMED_AT for the baseline and for the attack, and the attacker's cost."""
     def value(row: dict, where: str):
@@ -169,6 +176,8 @@ def main() -> None:
     parser.add_argument("--fpr", type=float, default=0.01, help="the endpoint detector's false-positive rate")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
+    parser.add_argument("--serial", action="store_true", help="run the cells in this process, one at a time")
+    parser.add_argument("--address", default=None, help="a Ray cluster (ray://HOST:10001); default: a local Ray")
     parser.add_argument("--out", default="adaptive_cifar10", help="results name in benchmarks/results/")
     args = parser.parse_args()
     labels, parts = args.victims.split(","), args.parts.split(",")
@@ -184,16 +193,22 @@ def main() -> None:
                     "params": {"fpr": args.fpr, "pivotal": PIVOTAL, "cnc": dataclasses.asdict(CNC),
                                "trusted_fraction": 0.01, "seed": SEED}})
     rows = results.setdefault("victims", {})
-    for label in labels:
-        row = rows.setdefault(label, {})
-        for part in parts:
-            if part in row:
-                continue  # measured by an earlier run
-            started = time.perf_counter()
-            row[part] = PARTS[part](label, device, args.fpr)
-            print(f"{label:22s} {part:9s} {time.perf_counter() - started:6.0f} s", flush=True)
-            results["headline"] = headline(rows)
-            out_json.write_text(json.dumps(results, indent=1, default=str))
+    for label in labels:  # victims are built here, once, before the cells that share them run in parallel
+        victim(VICTIMS[label][0], progress=False, **VICTIMS[label][1])
+    grid = Grid(name=args.out, function=f"{Path(__file__).resolve()}:part_job",
+                params={"fpr": args.fpr, "device": args.device},
+                points=[{"label": label, "part": part} for label in labels for part in parts
+                        if part not in rows.get(label, {})],  # else measured by an earlier run
+                resources=Resources(cpus=args.threads, gpus=1 if device.type == "cuda" else 0))
+    for done in iter_sweep(grid, backend="serial" if args.serial else "ray", address=args.address):
+        label, part = done.job.params["label"], done.job.params["part"]
+        if not done.ok:
+            print(f"FAILED {label} {part}: {done.record['error']}", flush=True)
+            continue
+        rows.setdefault(label, {})[part] = done.result
+        print(f"{label:22s} {part:9s} {done.record['seconds']:6.0f} s", flush=True)
+        results["headline"] = headline(rows)
+        out_json.write_text(json.dumps(results, indent=1, default=str))
     results["headline"] = headline(rows)
     out_json.write_text(json.dumps(results, indent=1, default=str))
     print(json.dumps(results["headline"], indent=1))
