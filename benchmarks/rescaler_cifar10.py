@@ -18,6 +18,8 @@ Scale:    CPU: 5 poisons in a 500-image fine-tuning set (JHT: 25 in 2,500), 50 g
           --goals N overrides (100 when a GPU is lent).
 Cache:    benchmarks/results/rescaler_goals/<model>/<attack>/<goal>.json (+ .pt: poisons and the victim's head):
           an interrupted run resumes where it stopped; a finished goal is never recomputed.
+Sweep:    each chunk of --chunk goals is a guard.sweep job of --threads CPUs (one GPU each with CUDA) on a local
+          Ray, --address, or --serial in this process; the analyses run here once the goals are cached.
 Output:   benchmarks/results/rescaler_cifar10.json and rescaler_cifar10.png (Figure 2)
 Run:      GUARD_DATA_DIR=../shared/data python benchmarks/rescaler_cifar10.py [--models resnet20 ...]
           [--attacks fc bp ...] [--goals N] [--report-only]
@@ -45,6 +47,7 @@ from guard.goals import FeatureBank, GoalProtocol, evaluate_goal, goal_victim, i
 from guard.metrics import defended_asr, overlap_similarity, put_back_rate
 from guard.models import create
 from guard.rescaler import ReScaler
+from guard.sweep import Grid, Resources, iter_sweep
 from guard.train import predict
 
 # ----------------------------------------------------------------------------------------- parameters
@@ -141,10 +144,28 @@ def run_goals(setting: Setting, attack_name: str, indices: list[int], train_set,
                 record.update(defended_measurements(setting, victim, rescaler, query, goal, poisons, keep))
         finally:
             rescaler.detach()
-        path = CACHE / setting.name / attack_name / f"{i:03d}.json"
+        path = goal_path(setting.name, attack_name, i)
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"poisons": poisons, "head": victim.classifier.state_dict()}, path.with_suffix(".pt"))
         path.write_text(json.dumps(record, indent=1))
+
+
+def goal_path(model: str, attack: str, i: int) -> Path:
+    """The cached record of goal ``i`` (its poisons and the victim's head beside it, .pt)."""
+    return CACHE / model / attack / f"{i:03d}.json"
+
+
+def chunk_job(model: str, attack: str, goals: int, indices: list[int]) -> dict:
+    """One chunk of goals, run by the sweep (guard.sweep; a Ray task or the serial loop): crafted together,
+    each victim trained, defended and cached (run_goals); returns the chunk's counts."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    root = data_root()
+    train_set = load_dataset("cifar10", root, split="train")
+    test_set = load_dataset("cifar10", root, split="test-lossless")
+    run_goals(Setting(model, train_set, test_set, goals, device), attack, indices, train_set, device)
+    done = [json.loads(goal_path(model, attack, i).read_text()) for i in indices]
+    return {"successes": sum(r["success"] for r in done),
+            "still_poisoned": sum(r["success"] and r["defended_poisoned"] for r in done)}
 
 
 def defended_measurements(setting, victim, rescaler, query, goal, poisons, keep) -> dict:
@@ -372,7 +393,9 @@ def main() -> None:
     parser.add_argument("--goals", type=int, default=None, help="goals per cell (default: see MODELS)")
     parser.add_argument("--report-only", action="store_true", help="report the cached goals, craft nothing new")
     parser.add_argument("--chunk", type=int, default=CHUNK, help=f"goals crafted in one batch (default {CHUNK})")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads of each chunk's job")
+    parser.add_argument("--serial", action="store_true", help="craft the chunks in this process, one at a time")
+    parser.add_argument("--address", default=None, help="a Ray cluster (ray://HOST:10001); default: a local Ray")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -392,22 +415,29 @@ def main() -> None:
         report["table"] = [r for r in previous.get("table", []) if r["model"] not in args.models]
         for key in ("figure2", "recommended_eps", "transfer", "class_independence"):
             report[key] = {m: v for m, v in previous.get(key, {}).items() if m not in args.models}
-    for model in args.models:
+    settings, chunks = {}, []
+    for model in args.models:  # feature banks are built here, once, before the chunks that share them run
         n = args.goals or MODELS[model][1]
-        setting = Setting(model, train_set, test_set, n, device)
+        settings[model] = Setting(model, train_set, test_set, n, device)
+        for attack in args.attacks:
+            pending = [] if args.report_only else [i for i in range(n) if not goal_path(model, attack, i).is_file()]
+            chunks += [{"model": model, "attack": attack, "goals": n, "indices": pending[start:start + args.chunk]}
+                       for start in range(0, len(pending), args.chunk)]
+    grid = Grid(name="rescaler-goals", function=f"{Path(__file__).resolve()}:chunk_job", points=chunks,
+                resources=Resources(cpus=args.threads, gpus=1 if device.type == "cuda" else 0))
+    for done in iter_sweep(grid, backend="serial" if args.serial else "ray", address=args.address):
+        p = done.job.params
+        if not done.ok:
+            print(f"FAILED {p['model']} {p['attack']} goals {p['indices']}: {done.record['error']}", flush=True)
+            continue
+        print(f"{p['model']} {p['attack']} goals {p['indices'][0] + 1}-{p['indices'][-1] + 1}/{p['goals']}: "
+              f"{done.result['successes']} successes, {done.result['still_poisoned']} still poisoned under "
+              f"ReScaler [{done.record['seconds']:.0f} s]", flush=True)
+    for model in args.models:
+        n, setting = args.goals or MODELS[model][1], settings[model]
         records = {}
         for attack in args.attacks:
-            paths = [CACHE / model / attack / f"{i:03d}.json" for i in range(n)]
-            pending = [] if args.report_only else [i for i in range(n) if not paths[i].is_file()]
-            for start in range(0, len(pending), args.chunk):
-                chunk = pending[start:start + args.chunk]
-                started = time.perf_counter()
-                run_goals(setting, attack, chunk, train_set, device)
-                done = [json.loads(paths[i].read_text()) for i in chunk]
-                print(f"{model} {attack} goals {chunk[0] + 1}-{chunk[-1] + 1}/{n}: "
-                      f"{sum(r['success'] for r in done)} successes, "
-                      f"{sum(r['success'] and r['defended_poisoned'] for r in done)} still poisoned under ReScaler "
-                      f"[{time.perf_counter() - started:.0f} s]", flush=True)
+            paths = [goal_path(model, attack, i) for i in range(n)]
             records[attack] = [json.loads(p.read_text()) for p in paths if p.is_file()]
             row = table_row(model, attack, records[attack])
             report["table"].append(row)
