@@ -47,10 +47,11 @@ from defenses_cifar10 import SEED, defender_data, victim_model
 from guard.data import load_dataset
 from guard.detect import CalibratedTriggerInversion, CNCConfig
 from guard.repair import PivotalTuningConfig, create_defense
-from guard.sweep import Grid, Resources, iter_sweep
+from guard.sweep import Grid
 from guard_end_to_end import measure
 from pivotal_cifar10 import summarize
-from victims import DEFENSE_VICTIMS, data_root, pick_device, victim
+from victims import (DEFENSE_VICTIMS, add_sweep_arguments, data_root, job_resources, pick_device, run_grid,
+                     victim)
 
 #: label -> (attack, options); the first is the non-adaptive baseline every other row is compared with
 VICTIMS = {"badnets": ("badnets", DEFENSE_VICTIMS["badnets"]),
@@ -176,8 +177,7 @@ def main() -> None:
     parser.add_argument("--fpr", type=float, default=0.01, help="the endpoint detector's false-positive rate")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
-    parser.add_argument("--serial", action="store_true", help="run the cells in this process, one at a time")
-    parser.add_argument("--address", default=None, help="a Ray cluster (ray://HOST:10001); default: a local Ray")
+    add_sweep_arguments(parser)
     parser.add_argument("--out", default="adaptive_cifar10", help="results name in benchmarks/results/")
     args = parser.parse_args()
     labels, parts = args.victims.split(","), args.parts.split(",")
@@ -199,8 +199,8 @@ def main() -> None:
                 params={"fpr": args.fpr, "device": args.device},
                 points=[{"label": label, "part": part} for label in labels for part in parts
                         if part not in rows.get(label, {})],  # else measured by an earlier run
-                resources=Resources(cpus=args.threads, gpus=1 if device.type == "cuda" else 0))
-    for done in iter_sweep(grid, backend="serial" if args.serial else "ray", address=args.address):
+                resources=job_resources(args.threads, device))
+    for done in run_grid(grid, args):
         label, part = done.job.params["label"], done.job.params["part"]
         if not done.ok:
             print(f"FAILED {label} {part}: {done.record['error']}", flush=True)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import time
 from pathlib import Path
@@ -31,8 +30,9 @@ from guard.attacks import SupplyChainAttack, create_attack, list_attacks
 from guard.data import load_dataset
 from guard.metrics import evaluate_backdoor
 from guard.models import create
-from guard.sweep import Grid, Resources, iter_sweep
+from guard.sweep import Grid
 from guard.train import TrainConfig, train
+from victims import add_sweep_arguments, data_root, job_resources, pick_device, run_grid  # shared helpers
 
 # ----------------------------------------------------------------------------------------- parameters
 TORCH_THREADS = 2
@@ -60,10 +60,6 @@ PAPER = {  # undefended (CDA, ASR) from pick_your_poison.txt Table 2 and Xiang T
 OUT = Path(__file__).parent / "results"
 
 
-def data_root() -> Path:
-    return Path(os.environ.get("GUARD_DATA_DIR", "../shared/data"))
-
-
 def pretrained(root: Path, device: torch.device):
     return create("resnet20", weights=root / WEIGHTS).to(device)
 
@@ -82,7 +78,7 @@ def attack_job(name: str, quick: bool) -> dict:
     fine-tuned on the subset poisoned by ``name`` (``clean``: unpoisoned), its CDA and ASR, and one training
     image before / after poisoning (for the plot)."""
     root = data_root()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device("auto")
     train_full = load_dataset("cifar10", root, split="train")
     test = load_dataset("cifar10", root, split="test-lossless")
     g = torch.Generator().manual_seed(SEED)
@@ -120,15 +116,13 @@ def attack_job(name: str, quick: bool) -> dict:
     return {"row": row, "example": example}
 
 
-def backdoor_runs(quick: bool, only: list[str] | None, threads: int, serial: bool, address: str | None
-                  ) -> tuple[list[dict], dict]:
+def backdoor_runs(args) -> tuple[list[dict], dict]:
     """Every row as a guard.sweep job; the rows in attack_names' order and the plot's examples."""
-    names = attack_names(quick, only)
-    grid = Grid(name="attacks", function=f"{Path(__file__).resolve()}:attack_job", params={"quick": quick},
-                points=[{"name": n} for n in names],
-                resources=Resources(cpus=threads, gpus=1 if torch.cuda.is_available() else 0))
+    names = attack_names(args.quick, args.only)
+    grid = Grid(name="attacks", function=f"{Path(__file__).resolve()}:attack_job", params={"quick": args.quick},
+                points=[{"name": n} for n in names], resources=job_resources(args.threads, pick_device("auto")))
     rows, examples = {}, {}
-    for done in iter_sweep(grid, backend="serial" if serial else "ray", address=address):
+    for done in run_grid(grid, args):
         name = done.job.params["name"]
         if not done.ok:
             print(f"FAILED {name}: {done.record['error']}", flush=True)
@@ -175,8 +169,7 @@ def main() -> None:
     parser.add_argument("--only", action="append", metavar="NAME",
                         help="run only these backdoors (repeatable); the other rows keep their previous results")
     parser.add_argument("--threads", type=int, default=TORCH_THREADS, help="CPU threads of each row's job")
-    parser.add_argument("--serial", action="store_true", help="run the rows in this process, one at a time")
-    parser.add_argument("--address", default=None, help="a Ray cluster (ray://HOST:10001); default: a local Ray")
+    add_sweep_arguments(parser)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     OUT.mkdir(exist_ok=True)
@@ -188,7 +181,7 @@ def main() -> None:
                              "backdoor_config": BACKDOOR_CONFIG, "poison_rate": POISON_RATE,
                              "clean_label_rate": CLEAN_LABEL_RATE},
               "test_set": "CIFAR-10 first 1000 test images (lossless)"}
-    rows, examples = backdoor_runs(args.quick, args.only, args.threads, args.serial, args.address)
+    rows, examples = backdoor_runs(args)
     if args.only:  # merge: the rows run now replace their previous results, the plot keeps its panels
         fresh = {row["attack"] for row in rows}
         rows = [row for row in previous.get("backdoors", []) if row["attack"] not in fresh] + rows

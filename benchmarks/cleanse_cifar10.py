@@ -57,11 +57,12 @@ from guard.cleanse import create_cleanser, suspect_from_record
 from guard.data import load_dataset
 from guard.metrics import cleansing_rates, evaluate_backdoor
 from guard.models import create, save_weights
-from guard.sweep import Grid, Resources, iter_sweep
+from guard.sweep import Grid
 from guard.train import TrainConfig, evaluate, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from victims import CACHE, RECIPE, WEIGHTS, data_root, victim  # noqa: E402
+from victims import (CACHE, RECIPE, WEIGHTS, add_sweep_arguments, data_root, job_resources,  # noqa: E402
+                     run_grid, victim)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 0
@@ -345,8 +346,7 @@ def main() -> None:
                         help=f"Step 0's epochs (default {RECIPE['epochs']} for recipe, {SCRATCH_EPOCHS} for scratch)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of each row's job (its declared CPUs)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
-    parser.add_argument("--serial", action="store_true", help="run the rows in this process, one at a time")
-    parser.add_argument("--address", default=None, help="a Ray cluster (ray://HOST:10001); default: a local Ray")
+    add_sweep_arguments(parser)
     parser.add_argument("--out", default=None, help="results name (default cleanse_cifar10[_quick]; .json/.png)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 5000 images, tiny budgets, rows A1 and clean")
     parser.add_argument("--merge", nargs="+", metavar="JSON", default=None,
@@ -389,9 +389,9 @@ def main() -> None:
                 "quick": args.quick, "device": args.device}
     grid = Grid(name=name, function=f"{Path(__file__).resolve()}:row_job", params={"settings": settings},
                 points=[{"row": r} for r in rows if r not in done],
-                resources=Resources(cpus=args.threads, gpus=1 if device.type == "cuda" else 0),
+                resources=job_resources(args.threads, device),
                 out=None if args.quick else RESULTS / f"{name}.sweep.json")
-    for finished in iter_sweep(grid, backend="serial" if args.serial else "ray", address=args.address):
+    for finished in run_grid(grid, args):
         if not finished.ok:
             print(f"FAILED row {finished.job.params['row']}: {finished.record['error']}", flush=True)
             continue

@@ -37,9 +37,10 @@ from guard.data import ImageTensorDataset, load_dataset
 from guard.metrics import attack_success_rate
 from guard.models import GuardModel, create
 from guard.repair import create_defense, get_defense, list_defenses, split_trusted
-from guard.sweep import Grid, Resources, run_sweep
+from guard.sweep import Grid, run_sweep
 from guard.train import evaluate, predict
-from victims import DEFENSE_VICTIMS, data_root, pick_device, victim  # benchmarks/victims.py: the shared cache of strong victims
+from victims import (DEFENSE_VICTIMS, add_sweep_arguments, data_root, job_resources,  # benchmarks/victims.py: the shared
+                     pick_device, victim)  # cache of strong victims and the helpers every benchmark uses
 
 SEED = 0
 HELDOUT_IMAGES = 1000
@@ -157,8 +158,7 @@ def main() -> None:
     parser.add_argument("--trusted-fraction", type=float, default=0.01)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of each job (its declared CPUs)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
-    parser.add_argument("--serial", action="store_true", help="run the grid in this process, one job at a time")
-    parser.add_argument("--address", default=None, help="a Ray cluster (ray://HOST:10001); default: a local Ray")
+    add_sweep_arguments(parser)
     parser.add_argument("--out", default="defenses_cifar10", help="results name in benchmarks/results/")
     args = parser.parse_args()
     attacks, defenses = args.attacks.split(","), args.defenses.split(",")
@@ -183,7 +183,7 @@ def main() -> None:
     grid = Grid(name=args.out, function=f"{Path(__file__).resolve()}:repair_job",
                 params={"scale": args.scale, "trusted_fraction": args.trusted_fraction, "device": args.device},
                 points=[{"attack": a, "defense": d, "overrides": overrides.get(d, {})} for a in attacks for d in defenses],
-                resources=Resources(cpus=args.threads, gpus=1 if device.type == "cuda" else 0),
+                resources=job_resources(args.threads, device),
                 out=OUT / f"{args.out}.sweep.json")
     out_json = OUT / f"{args.out}.json"
     results = json.loads(out_json.read_text()) if out_json.is_file() else {}

@@ -40,9 +40,10 @@ from guard.attacks import load_record
 from guard.data import load_dataset
 from guard.detect import create_input_detector, get_input_detector, list_input_detectors
 from guard.models import create
-from guard.sweep import Grid, Resources, iter_sweep
+from guard.sweep import Grid
 from guard.train import predict
-from victims import DEFENSE_VICTIMS, data_root, pick_device, stamp_sources, victim  # benchmarks/victims.py: the shared cache of strong victims
+from victims import (DEFENSE_VICTIMS, add_sweep_arguments, data_root, job_resources,  # benchmarks/victims.py: the shared
+                     pick_device, run_grid, stamp_sources, victim)  # cache of strong victims and the helpers
 
 ATTACKS = DEFENSE_VICTIMS
 #: detectors measured beyond the registry defaults: name -> (registered detector, options)
@@ -174,8 +175,7 @@ def main() -> None:
     parser.add_argument("--detectors", default=",".join(list_input_detectors()))
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of each job (its declared CPUs)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
-    parser.add_argument("--serial", action="store_true", help="run the grid in this process, one job at a time")
-    parser.add_argument("--address", default=None, help="a Ray cluster (ray://HOST:10001); default: a local Ray")
+    add_sweep_arguments(parser)
     parser.add_argument("--out", default="detect_cifar10", help="results name in benchmarks/results/")
     args = parser.parse_args()
     attacks, names = args.attacks.split(","), args.detectors.split(",")
@@ -204,9 +204,9 @@ def main() -> None:
             if row["detectors"].get(label, {}).get("config") != config:  # else measured by an earlier run
                 points.append({"attack": attack_name, "label": label, "name": name, "options": options})
     grid = Grid(name=args.out, function=f"{Path(__file__).resolve()}:detect_job", params={"device": args.device},
-                points=points, resources=Resources(cpus=args.threads, gpus=1 if device.type == "cuda" else 0),
+                points=points, resources=job_resources(args.threads, device),
                 out=OUT / f"{args.out}.sweep.json")
-    for done in iter_sweep(grid, backend="serial" if args.serial else "ray", address=args.address):
+    for done in run_grid(grid, args):
         attack_name, label = done.job.params["attack"], done.job.params["label"]
         if not done.ok:
             print(f"FAILED {attack_name} {label}: {done.record['error']}", flush=True)

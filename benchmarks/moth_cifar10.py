@@ -44,8 +44,9 @@ from guard.detect import ClassDistance, ClassDistanceConfig
 from guard.metrics import evaluate_backdoor
 from guard.models import create
 from guard.repair import MothConfig, create_defense, split_trusted
-from guard.sweep import Grid, Resources, iter_sweep
+from guard.sweep import Grid
 from guard.train import TrainConfig, train
+from victims import add_sweep_arguments, job_resources, run_grid  # benchmarks/victims.py: the shared helpers
 
 # ----------------------------------------------------------------------------------------- parameters
 SEED = 0
@@ -173,8 +174,8 @@ def moth_part(args, device, results: dict, save) -> None:
     settings = {k: getattr(args, k) for k in ("quick", "trusted_fraction", "moth", "epochs", "device")}
     grid = Grid(name="moth", function=f"{Path(__file__).resolve()}:moth_job", params={"settings": settings},
                 points=[{"attack": n} for n in names],
-                resources=Resources(cpus=args.threads, gpus=1 if device.type == "cuda" else 0))
-    for done in iter_sweep(grid, backend="serial" if args.serial else "ray", address=args.address):
+                resources=job_resources(args.threads, device))
+    for done in run_grid(grid, args):
         name = done.job.params["attack"]
         if not done.ok:
             print(f"FAILED {name}: {done.record['error']}", flush=True)
@@ -242,8 +243,7 @@ def main() -> None:
                              "the MOTH code: 1)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
-    parser.add_argument("--serial", action="store_true", help="run the moth rows here, one at a time")
-    parser.add_argument("--address", default=None, help="a Ray cluster (ray://HOST:10001); default: a local Ray")
+    add_sweep_arguments(parser)
     parser.add_argument("--out", default=None, help="results name (default moth_cifar10[_quick]; .json/.png)")
     args = parser.parse_args()
     args.attacks = [a for a in args.attacks.split(",") if a]

@@ -32,9 +32,9 @@ import guard
 from defenses_cifar10 import (ATTACKS, HELDOUT_IMAGES, SEED,  # the same victims, split and held-out set
                               defender_data, victim_model)
 from guard.repair import PivotalTuningConfig, create_defense
-from guard.sweep import Grid, Resources, iter_sweep
+from guard.sweep import Grid
 from guard.train import evaluate
-from victims import pick_device
+from victims import add_sweep_arguments, job_resources, pick_device, run_grid
 
 OUT = Path(__file__).parent / "results"
 DEFAULT_GRID = "lr=0.01,0.001;slol_lambda=0.1,0.01,0.001,0;param_lambda=20000,1000000"
@@ -130,8 +130,7 @@ def main() -> None:
     parser.add_argument("--trusted-fraction", type=float, default=0.01)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
-    parser.add_argument("--serial", action="store_true", help="run the grid in this process, one job at a time")
-    parser.add_argument("--address", default=None, help="a Ray cluster (ray://HOST:10001); default: a local Ray")
+    add_sweep_arguments(parser)
     parser.add_argument("--out", default="pivotal_cifar10", help="results name in benchmarks/results/")
     args = parser.parse_args()
     grid = parse_grid(args.grid)
@@ -163,9 +162,9 @@ def main() -> None:
                  params={"attack": args.attack, "steps": args.steps, "trusted_fraction": args.trusted_fraction,
                          "device": args.device},
                  points=[{"options": options} for options in grid if key({**options, "steps": args.steps}) not in runs],
-                 resources=Resources(cpus=args.threads, gpus=1 if device.type == "cuda" else 0),
+                 resources=job_resources(args.threads, device),
                  out=OUT / f"{args.out}.sweep.json")
-    for done in iter_sweep(sweep, backend="serial" if args.serial else "ray", address=args.address):
+    for done in run_grid(sweep, args):
         if not done.ok:
             print(f"FAILED {done.job.params['options']}: {done.record['error']}", flush=True)
             continue

@@ -31,7 +31,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import platform
 import statistics
 import time
@@ -47,8 +46,9 @@ from guard.goals import FeatureBank, GoalProtocol, evaluate_goal, goal_victim, i
 from guard.metrics import defended_asr, overlap_similarity, put_back_rate
 from guard.models import create
 from guard.rescaler import ReScaler
-from guard.sweep import Grid, Resources, iter_sweep
+from guard.sweep import Grid
 from guard.train import predict
+from victims import add_sweep_arguments, data_root, job_resources, run_grid  # benchmarks/victims.py: shared helpers
 
 # ----------------------------------------------------------------------------------------- parameters
 SEED = 0
@@ -80,10 +80,6 @@ PAPER = {  # ALGORITHMS.md T1 (ResNet-34 rows; CP exists only there): SA/100, de
 JHT_WHITE_BOX = {"fc": 22.0, "cp": 33.0, "bp": 85.0, "clbd": 5.0, "htbd": 10.0}  # % success (ALGORITHMS.md S5)
 OUT = Path(__file__).parent / "results"
 CACHE = OUT / "rescaler_goals"
-
-
-def data_root() -> Path:
-    return Path(os.environ.get("GUARD_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 class Setting:
@@ -394,8 +390,7 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="report the cached goals, craft nothing new")
     parser.add_argument("--chunk", type=int, default=CHUNK, help=f"goals crafted in one batch (default {CHUNK})")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of each chunk's job")
-    parser.add_argument("--serial", action="store_true", help="craft the chunks in this process, one at a time")
-    parser.add_argument("--address", default=None, help="a Ray cluster (ray://HOST:10001); default: a local Ray")
+    add_sweep_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -424,8 +419,8 @@ def main() -> None:
             chunks += [{"model": model, "attack": attack, "goals": n, "indices": pending[start:start + args.chunk]}
                        for start in range(0, len(pending), args.chunk)]
     grid = Grid(name="rescaler-goals", function=f"{Path(__file__).resolve()}:chunk_job", points=chunks,
-                resources=Resources(cpus=args.threads, gpus=1 if device.type == "cuda" else 0))
-    for done in iter_sweep(grid, backend="serial" if args.serial else "ray", address=args.address):
+                resources=job_resources(args.threads, device))
+    for done in run_grid(grid, args):
         p = done.job.params
         if not done.ok:
             print(f"FAILED {p['model']} {p['attack']} goals {p['indices']}: {done.record['error']}", flush=True)

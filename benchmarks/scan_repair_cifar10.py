@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
-import os
 import platform
 import time
 from pathlib import Path
@@ -47,8 +46,9 @@ from guard.detect import (CNCConfig, CalibratedTriggerInversion, NeuralCleanse, 
 from guard.metrics import attack_success_rate, roc_auc
 from guard.models import create
 from guard.repair import PivotalTuning, PivotalTuningConfig, UnlearningConfig, create_defense, split_trusted
-from guard.sweep import Grid, Resources, iter_sweep
+from guard.sweep import Grid
 from guard.train import TrainConfig, evaluate, predict, train
+from victims import add_sweep_arguments, data_root, job_resources, pick_device, run_grid  # shared helpers
 
 MODEL = "resnet20"
 WEIGHTS = "weights/resnet20-12fca82f.th"
@@ -123,18 +123,10 @@ def poisoning_attack(name: str, **options):
     return create_attack(name, target=TARGET, budget=FT_POISON_RATE, **options)
 
 
-def device_here() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def data_root() -> Path:
-    return Path(os.environ.get("GUARD_DATA_DIR", "../shared/data"))
-
-
 def detect_job(i: int, poisoned: bool) -> dict:
     """One detect row, run by the sweep (guard.sweep; a Ray task or the serial loop): victim ``i`` (BadNets or
     clean), CNC at each inversion budget over one shared repair, and NC."""
-    bench = Bench(data_root(), device_here())
+    bench = Bench(data_root(), pick_device("auto"))
     attack = poisoning_attack("badnets", patch_size=3)
     probe = bench.asr_probe(attack)
     repair = PivotalTuningConfig(steps=DETECT_REPAIR_STEPS, eval_every=EVAL_EVERY)
@@ -169,23 +161,14 @@ def detect_job(i: int, poisoned: bool) -> dict:
     return row
 
 
-def sweep_options(args) -> dict:
-    """How a part's grid runs: --serial or Ray (--address), jobs of --threads CPUs (one GPU each with CUDA)."""
-    return {"backend": "serial" if args.serial else "ray", "address": args.address}
-
-
-def resources(args) -> Resources:
-    return Resources(cpus=args.threads, gpus=1 if torch.cuda.is_available() else 0)
-
-
 def detect(args, results: dict, save) -> None:
     rows = results.setdefault("detect", {"models": []})["models"]
     done = {row["name"] for row in rows}
     points = [{"i": i, "poisoned": poisoned} for i in range(args.models) for poisoned in (True, False)
               if f"{'badnets' if poisoned else 'clean'}-{i}" not in done]
     grid = Grid(name="detect", function=f"{Path(__file__).resolve()}:detect_job", points=points,
-                resources=resources(args))
-    for finished in iter_sweep(grid, **sweep_options(args)):
+                resources=job_resources(args.threads, pick_device("auto")))
+    for finished in run_grid(grid, args):
         if not finished.ok:
             print(f"FAILED detect {finished.job.params}: {finished.record['error']}", flush=True)
             continue
@@ -223,7 +206,7 @@ def detect(args, results: dict, save) -> None:
 
 def repair_job(j: int, name: str) -> dict:
     """One repair row, run by the sweep: the victim of attack ``name`` repaired by Pivotal Tuning and NC."""
-    bench = Bench(data_root(), device_here())
+    bench = Bench(data_root(), pick_device("auto"))
     pivotal = PivotalTuningConfig(steps=REPAIR_STEPS, eval_every=EVAL_EVERY)
     nc = UnlearningConfig(scan=NeuralCleanseConfig(steps=NC_REPAIR_STEPS, samples_per_step=NC_SAMPLES_PER_STEP),
                           steps=NC_UNLEARN_STEPS, eval_every=EVAL_EVERY)
@@ -251,8 +234,8 @@ def repair_part(args, results: dict, save) -> None:
     rows = results.setdefault("repair", {})
     grid = Grid(name="repair", function=f"{Path(__file__).resolve()}:repair_job",
                 points=[{"j": j, "name": n} for j, n in enumerate(REPAIR_ATTACKS) if n not in rows],
-                resources=resources(args))
-    for finished in iter_sweep(grid, **sweep_options(args)):
+                resources=job_resources(args.threads, pick_device("auto")))
+    for finished in run_grid(grid, args):
         name = finished.job.params["name"]
         if not finished.ok:
             print(f"FAILED repair {name}: {finished.record['error']}", flush=True)
@@ -342,8 +325,7 @@ def main() -> None:
     parser.add_argument("--models", type=int, default=10, help="clean and poisoned models each for detect")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--fresh", action="store_true", help="discard previous results of the parts run")
-    parser.add_argument("--serial", action="store_true", help="run the detect and repair rows here, in turn")
-    parser.add_argument("--address", default=None, help="a Ray cluster (ray://HOST:10001); default: a local Ray")
+    add_sweep_arguments(parser)
     args = parser.parse_args()
     parts = args.part or list(PARTS)
     torch.set_num_threads(args.threads)

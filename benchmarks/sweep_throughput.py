@@ -111,7 +111,7 @@ def main() -> None:
         results[backend] = summary(report)
         print(f"{backend:6s} {report.ran} jobs in {wall:.1f} s ({runs[backend]['jobs_per_minute']:.2f} jobs/min), "
               f"{len(report.failed)} failed", flush=True)
-    keys = [k for k in ("accuracy", "defended_accuracy", "cda", "asr", "defended_cda", "defended_asr")]
+    keys = ("accuracy", "defended_accuracy", "cda", "asr", "defended_cda", "defended_asr")
     differences = [abs(results["ray"][v][k] - results["serial"][v][k]) for v in results["serial"] for k in keys
                    if results["serial"][v][k] is not None and results["ray"].get(v, {}).get(k) is not None]
     out = {"what": __doc__.splitlines()[0], "torch": torch.__version__, "guard": guard.__version__,

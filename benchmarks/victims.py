@@ -8,6 +8,8 @@ What:     a victim is the pretrained CIFAR ResNet-20 fine-tuned (every weight; S
           epochs (about 2 min per epoch on 2 cores).
 Cache:    benchmarks/results/victims/<attack>-<hash>.pt and .pt.json, keyed by the attack, its options and the
           recipe; an interrupted build resumes from its checkpoint; a finished one is reused as it is.
+Shared:   the helpers every benchmark uses: data_root, pick_device, and how a benchmark runs its grid through
+          guard.sweep (add_sweep_arguments: --serial / --address; job_resources; run_grid).
 Use:      from victims import DEFENSE_VICTIMS, victim
           v = victim("badnets", **DEFENSE_VICTIMS["badnets"])  # Victim(weights, record, cda, asr, asr_nontarget)
           python benchmarks/victims.py badnets target=0 budget=0.01 [--epochs 3]   # build one from the shell
@@ -21,11 +23,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from guard.attacks import parse_options
 from guard.cli import main as guard_main
+from guard.sweep import Grid, JobResult, Resources, iter_sweep
 
 CACHE = Path(__file__).parent / "results" / "victims"
 WEIGHTS = "weights/resnet20-12fca82f.th"
@@ -54,6 +58,23 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--serial`` and ``--address``: where a benchmark's grid runs (see :func:`run_grid`)."""
+    parser.add_argument("--serial", action="store_true", help="run the grid's jobs in this process, one at a time")
+    parser.add_argument("--address", default=None, help="a Ray cluster (ray://HOST:10001); default: a local Ray")
+
+
+def job_resources(threads: int, device: torch.device) -> Resources:
+    """What each job of a benchmark's grid holds: ``threads`` CPUs, and one GPU when it runs on CUDA."""
+    return Resources(cpus=threads, gpus=1 if device.type == "cuda" else 0)
+
+
+def run_grid(grid: Grid, args: argparse.Namespace) -> Iterator[JobResult]:
+    """The grid's unfinished jobs, streamed as they finish: in this process with ``--serial``, else as Ray tasks
+    on a local Ray or ``--address``."""
+    return iter_sweep(grid, backend="serial" if args.serial else "ray", address=args.address)
 
 
 def data_root() -> Path:

@@ -184,6 +184,9 @@ def test_create_graph_gives_the_same_adaptation_and_parameter_gradients_match_fi
         assert torch.allclose(a, b, atol=1e-12)
     assert graph.logits.requires_grad and graph.scalars.requires_grad and not plain.logits.requires_grad
     assert (graph.scalars > 0).any()
+    for create_graph, want in ((False, plain.scalars), (True, graph.scalars)):  # the scalars alone, same values
+        alone = rescaler.adapt_scalars(x, create_graph=create_graph)
+        assert torch.allclose(alone, want, atol=1e-12) and alone.requires_grad == create_graph
     direction = torch.randn(graph.logits.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     weight = [m for m in model.modules() if isinstance(m, nn.Conv2d)][-1].weight
     (grad,) = torch.autograd.grad((graph.logits * direction).sum(), weight)

@@ -94,7 +94,7 @@ class ReScalerAware(PatchTrigger, SupplyChainAttack):
             training = model.training
             model.eval()
             try:
-                w = rescaler.adapt(triggered, create_graph=c.second_order).scalars
+                w = rescaler.adapt_scalars(triggered, create_graph=c.second_order)
             finally:
                 model.train(training)
             scalars = torch.cat([torch.zeros_like(w), w, w.new_zeros(x.shape[0] - k, w.shape[1])])

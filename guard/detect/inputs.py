@@ -388,9 +388,10 @@ def _channel_statistics(output: torch.Tensor) -> torch.Tensor:
 @contextmanager
 def layer_features(model: GuardModel, layers: tuple[str, ...], *, detach: bool = True
                    ) -> Iterator[dict[str, list[torch.Tensor]]]:
-    """Within the block, every forward pass of ``model`` appends each layer's features (float64, detached) to the
-    yielded ``{layer: [...]}``: :data:`PENULTIMATE` — the input of the final linear layer ``(B, D)``; a module name
-    (a residual stage) — the per-channel mean and standard deviation of its output ``(B, 2C)``. The hooks go on
+    """Within the block, every forward pass of ``model`` appends each layer's features (float64 and detached by
+    default) to the yielded ``{layer: [...]}``: :data:`PENULTIMATE` — the input of the final linear layer
+    ``(B, D)``; a module name (a residual stage) — the per-channel mean and standard deviation of its output
+    ``(B, 2C)``. The hooks go on
     exit, even after an error. ReScaler's first forward is the undefended one, so the first entry of each list
     holds the plain model's features at no extra cost. ``detach=False`` keeps them in the graph, in the model's
     dtype (an attacker shaping what the detector sees)."""

@@ -198,31 +198,40 @@ class ReScaler(nn.Module):
         scalars are differentiable functions of the model's parameters and of ``x`` (second order through
         eq. 3's gradient) — what an attacker who trains or crafts through the adaptation optimises.
         """
-        cfg = ReScalerConfig(self.config.eps if eps is None else eps, self.config.alpha,
-                             self.config.steps if steps is None else steps)
         with torch.inference_mode(False), torch.enable_grad():
             x = self._prepare(x)
-            batch = x.shape[0]
-            if target is not None:
-                target = self._check_target(target, batch, x.device)
-            w = torch.zeros(batch, self.num_scalars, device=x.device, dtype=self._scalar_dtype(x),
-                            requires_grad=True)
-            original = None
-            for _ in range(cfg.steps):
-                logits = self._logits(x, w)
-                if original is None:
-                    original = logits if create_graph else logits.detach()
-                labels = original.detach().argmax(1) if target is None else target
-                loss = F.cross_entropy(logits, labels, reduction="sum")
-                (grad,) = torch.autograd.grad(loss, w, create_graph=create_graph)
-                step = cfg.alpha * grad if target is None else -cfg.alpha * grad
-                w = ((w + step).clamp(0.0, cfg.eps) if create_graph
-                     else (w.detach() + step).clamp_(0.0, cfg.eps).requires_grad_(True))
-            if not create_graph:
-                w = w.detach()
+            w, original = self._ascend(x, target, steps, eps, create_graph)
             with torch.set_grad_enabled(create_graph):
                 logits = self._logits(x, w)
         return Adaptation(logits=logits, original_logits=original, scalars=w)
+
+    def adapt_scalars(self, x: torch.Tensor, *, create_graph: bool = False) -> torch.Tensor:
+        """The adapted scalars (B, S) of :meth:`adapt` without its defended forward pass — for a caller that
+        applies them itself (:meth:`logits_with`)."""
+        with torch.inference_mode(False), torch.enable_grad():
+            return self._ascend(self._prepare(x), None, None, None, create_graph)[0]
+
+    def _ascend(self, x: torch.Tensor, target: torch.Tensor | None, steps: int | None, eps: float | None,
+                create_graph: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Eq. 3's steps on the prepared batch ``x``: (scalars, the undefended logits of the first step)."""
+        cfg = ReScalerConfig(self.config.eps if eps is None else eps, self.config.alpha,
+                             self.config.steps if steps is None else steps)
+        batch = x.shape[0]
+        if target is not None:
+            target = self._check_target(target, batch, x.device)
+        w = torch.zeros(batch, self.num_scalars, device=x.device, dtype=self._scalar_dtype(x), requires_grad=True)
+        original = None
+        for _ in range(cfg.steps):
+            logits = self._logits(x, w)
+            if original is None:
+                original = logits if create_graph else logits.detach()
+            labels = original.detach().argmax(1) if target is None else target
+            loss = F.cross_entropy(logits, labels, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, w, create_graph=create_graph)
+            step = cfg.alpha * grad if target is None else -cfg.alpha * grad
+            w = ((w + step).clamp(0.0, cfg.eps) if create_graph
+                 else (w.detach() + step).clamp_(0.0, cfg.eps).requires_grad_(True))
+        return (w if create_graph else w.detach()), original
 
     def _check_target(self, target: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
         if not isinstance(target, torch.Tensor) or target.dtype != torch.int64:
