@@ -23,7 +23,12 @@ Parts:    (--parts; the JSON accumulates per victim and part, so a run resumes w
                     part cut at 150 steps (guard scan's default repair, 100 steps at λ_S 0.05, λ_R 20,000, breaks
                     the CDA budget at its first evaluation on these victims and then detects nothing): verdict,
                     flagged class, the target's calibrated score, its margin under the threshold and its rank
-Not built: the clean-label poisons crafted through the adaptation.
+Clean-label (--clean-label): FC and BP poisons crafted through ReScaler's adaptation (rescaler_cifar10.ADAPTED:
+          TransferConfig.adapted_aim 1, the saturated step), each beside the plain attack on the same goals, bases
+          and victim seeds, in rescaler_cifar10.py's transfer setting and goal cache (its MODELS: backbones and
+          goals): success without the defense, Table 1's defended ASR over the successes, and the served ASR —
+          the share of ALL goals ReScaler answers with the poison class, the client's view — with the crafting
+          seconds and the victims' validation accuracy (the attacker's cost).
 Hardware: one guard.sweep job per (victim, part) of --threads CPUs (default 2; one GPU each with CUDA for the
           offline parts) on a local Ray, --address, or --serial in this process.
 Output:   benchmarks/results/adaptive_cifar10.json and .png (per defense: non-adaptive beside adaptive).
@@ -50,6 +55,8 @@ from guard.repair import PivotalTuningConfig, create_defense
 from guard.sweep import Grid
 from guard_end_to_end import measure
 from pivotal_cifar10 import summarize
+from rescaler_cifar10 import MODELS as TRANSFER_MODELS
+from rescaler_cifar10 import ADAPTED, CHUNK, goal_path, pending_chunks, table_row
 from victims import (DEFENSE_VICTIMS, add_sweep_arguments, data_root, job_resources, pick_device, run_grid,
                      victim)
 
@@ -148,6 +155,38 @@ def headline(rows: dict) -> dict:
     return table
 
 
+def clean_label_rows(models: list[str], labels: list[str]) -> dict:
+    """model -> adapted label -> Table 1's row (rescaler_cifar10.table_row) of the adapted attack and of the plain
+    one, from the goal cache."""
+    rows = {}
+    for model in models:
+        n = TRANSFER_MODELS[model][1]
+        for label in labels:
+            pair = {}
+            for which, name in (("plain", ADAPTED[label][0]), ("adapted", label)):
+                paths = [goal_path(model, name, i) for i in range(n)]
+                pair[which] = table_row(model, name, [json.loads(p.read_text()) for p in paths if p.is_file()])
+            rows.setdefault(model, {})[label] = pair
+    return rows
+
+
+def clean_label_headline(rows: dict) -> dict:
+    """Per (adapted attack, backbone): the served ASR of the plain attack and of the adapted one, and the cost."""
+    table = {}
+    for model, labels in rows.items():
+        for label, pair in labels.items():
+            plain, adapted = pair["plain"], pair["adapted"]
+            table[f"{label} ({model}) vs endpoint:rescaler"] = {
+                "attack": label, "defense": f"{model}, ReScaler's label: served ASR over {adapted['goals']} goals",
+                "baseline": plain["served_asr"], "adaptive": adapted["served_asr"],
+                "success_undefended": (plain["sa_rate"], adapted["sa_rate"]),
+                "craft_seconds": (plain["craft_seconds_median"], adapted["craft_seconds_median"]),
+                # the victims' validation accuracy (%, over the successful goals), plain minus adapted
+                "val_acc_cost": (round(plain["undefended_val_acc"][0] - adapted["undefended_val_acc"][0], 2)
+                                 if "undefended_val_acc" in plain and "undefended_val_acc" in adapted else None)}
+    return table
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -155,16 +194,25 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     table = results["headline"]
-    labels = [k for k, e in table.items() if e["adaptive"] is not None and e["baseline"] is not None]
-    fig, ax = plt.subplots(figsize=(2.4 * max(len(labels), 2) + 2, 4.2))
-    xs = range(len(labels))
-    ax.bar([x - 0.2 for x in xs], [table[k]["baseline"] for k in labels], 0.4, label=f"{BASELINE} (not adaptive)")
-    ax.bar([x + 0.2 for x in xs], [table[k]["adaptive"] for k in labels], 0.4, label="adaptive attack")
-    ax.set_xticks(list(xs), [f"{table[k]['attack']}\n{table[k]['defense']}" for k in labels], fontsize=6)
-    ax.set_ylabel("attacker's number (higher = the attack gains)")
-    ax.axhline(0.0, color="grey", lw=0.6)
-    ax.legend(fontsize=8)
-    ax.set_title("attacks aimed at guard, CIFAR-10 ResNet-20 (CPU scale)")
+    shown = [k for k, e in table.items() if e["adaptive"] is not None and e["baseline"] is not None]
+    panels = [(f"supply-chain victims, ResNet-20 (baseline: {BASELINE})", f"{BASELINE} (not adaptive)",
+               [k for k in shown if "success_undefended" not in table[k]]),
+              ("clean-label, transfer setting: served ASR (baseline: the plain attack)", "plain attack",
+               [k for k in shown if "success_undefended" in table[k]])]
+    panels = [p for p in panels if p[2]]
+    fig, axes = plt.subplots(1, len(panels), squeeze=False, figsize=(sum(1.5 * len(p[2]) + 1.5 for p in panels), 4.6),
+                             gridspec_kw={"width_ratios": [len(p[2]) for p in panels]})
+    for ax, (title, baseline, labels) in zip(axes[0], panels):
+        xs = range(len(labels))
+        ax.bar([x - 0.2 for x in xs], [table[k]["baseline"] for k in labels], 0.4, label=baseline)
+        ax.bar([x + 0.2 for x in xs], [table[k]["adaptive"] for k in labels], 0.4, label="adaptive attack")
+        ax.set_xticks(list(xs), [f"{table[k]['attack']}\n{table[k]['defense']}".replace(": ", ":\n", 1)
+                                 for k in labels], fontsize=5)
+        ax.axhline(0.0, color="grey", lw=0.6)
+        ax.legend(fontsize=7)
+        ax.set_title(title, fontsize=8)
+    axes[0][0].set_ylabel("attacker's number (higher = the attack gains)")
+    fig.suptitle("attacks aimed at guard, CIFAR-10 (CPU scale)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -178,12 +226,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
     add_sweep_arguments(parser)
+    parser.add_argument("--clean-label", default=",".join(ADAPTED),
+                        help="adapted clean-label attacks to measure ('' for none; see the header)")
+    parser.add_argument("--clean-label-models", default=",".join(TRANSFER_MODELS))
     parser.add_argument("--out", default="adaptive_cifar10", help="results name in benchmarks/results/")
     args = parser.parse_args()
-    labels, parts = args.victims.split(","), args.parts.split(",")
-    bad = [v for v in labels if v not in VICTIMS] + [p for p in parts if p not in PARTS]
+    labels, parts = [v for v in args.victims.split(",") if v], [p for p in args.parts.split(",") if p]
+    clean_labels = [a for a in args.clean_label.split(",") if a]
+    clean_models = [m for m in args.clean_label_models.split(",") if m]
+    bad = ([v for v in labels if v not in VICTIMS] + [p for p in parts if p not in PARTS]
+           + [a for a in clean_labels if a not in ADAPTED] + [m for m in clean_models if m not in TRANSFER_MODELS])
     if bad:
-        raise SystemExit(f"unknown {bad}; victims: {list(VICTIMS)}, parts: {list(PARTS)}")
+        raise SystemExit(f"unknown {bad}; victims: {list(VICTIMS)}, parts: {list(PARTS)}, clean-label attacks: "
+                         f"{list(ADAPTED)}, models: {list(TRANSFER_MODELS)}")
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     out_json = OUT / f"{args.out}.json"
@@ -209,7 +264,18 @@ def main() -> None:
         print(f"{label:22s} {part:9s} {done.record['seconds']:6.0f} s", flush=True)
         results["headline"] = headline(rows)
         out_json.write_text(json.dumps(results, indent=1, default=str))
-    results["headline"] = headline(rows)
+    if clean_labels:  # rescaler_cifar10's goal chunks: the adapted attacks and, where not cached yet, the plain ones
+        wanted = clean_labels + sorted({ADAPTED[a][0] for a in clean_labels})
+        chunks = [c for m in clean_models for c in pending_chunks(m, wanted, TRANSFER_MODELS[m][1], CHUNK)]
+        grid = Grid(name=f"{args.out}-clean-label", points=chunks, resources=job_resources(args.threads, device),
+                    function=f"{Path(__file__).resolve().parent / 'rescaler_cifar10.py'}:chunk_job")
+        for done in run_grid(grid, args):
+            p = done.job.params
+            status = f"{done.result['successes']} successes" if done.ok else f"FAILED: {done.record['error']}"
+            print(f"{p['model']} {p['attack']} goals {p['indices'][0]}-{p['indices'][-1]}: {status}", flush=True)
+        for model, pairs in clean_label_rows(clean_models, clean_labels).items():
+            results.setdefault("clean_label", {}).setdefault(model, {}).update(pairs)
+    results["headline"] = {**headline(rows), **clean_label_headline(results.get("clean_label", {}))}
     out_json.write_text(json.dumps(results, indent=1, default=str))
     print(json.dumps(results["headline"], indent=1))
     plot(results, OUT / f"{args.out}.png")

@@ -460,6 +460,10 @@ def test_filters_change_colour_not_geometry(clean):
     ("fc", {"seed": 2}, ValueError, "attack 'fc' refuses option seed=2: fc has no trigger"),
     ("cp", {"seed": 2}, ValueError, "attack 'cp' refuses option seed=2"),
     ("bp", {"seed": 2}, ValueError, "attack 'bp' refuses option seed=2"),
+    ("fc", {"adapted_aim": 1.5}, ValueError, r"adapted_aim must be in \[0.0, 1.0\], got 1.5"),
+    ("bp", {"rescaler_eps": 0.0}, ValueError, r"rescaler_eps must be in \(0.0, 1.0\], got 0.0"),
+    ("cp", {"rescaler_alpha": -1.0}, ValueError, r"rescaler_alpha must be > 0.0, got -1.0"),
+    ("clbd", {"adapted_aim": 1.0}, TypeError, "adapted_aim"),
 ])
 def test_bad_configs_fail_clearly(name, options, error, match):
     with pytest.raises(error, match=match):

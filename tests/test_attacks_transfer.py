@@ -12,6 +12,7 @@ from guard.attacks import AttackGoal, create_attack, list_attacks, load_record, 
 from guard.attacks.transfer import _greedy_match, _polytope_coefficients, _simplex_projection
 from guard.data import ImageTensorDataset
 from guard.models import create
+from guard.rescaler import ReScaler
 from outcomes import SEED, check
 
 K, SIZE = 4, 16
@@ -142,6 +143,57 @@ def test_crafting_moves_poison_features_toward_the_target(name, data, goal, surr
     check("feature distance to the target, before - after crafting", before - after, low=1e-6)
 
 
+def test_adapted_aim_is_the_targets_features_under_the_scalars_learned_from_its_true_class(data, surrogate):
+    """adapted_aim a: the aim is (1 - a)·φ(x_t) + a·φ_w(x_t), w = ReScaler's eq. 3 ascent from the target's true
+    class at the configured ε, α; a = 0 is the plain attack; ReScaler's hooks are gone afterwards."""
+    train, test = data
+    goals = make_goals(train, test, 3, 5, torch.Generator().manual_seed(SEED + 3))
+    targets = torch.stack([test.images[g.target_index].float() / 255 for g in goals])
+    rescaler = ReScaler(surrogate, eps=0.5, alpha=2.0)
+    try:
+        w = rescaler.adapt_scalars(targets, predicted=torch.tensor([g.target_class for g in goals]))
+        with torch.no_grad(), rescaler.scaled(w):
+            adapted = surrogate.features(targets)
+    finally:
+        rescaler.detach()
+    with torch.no_grad():
+        plain = surrogate.features(targets)
+    assert (w > 0).any() and (adapted - plain).abs().max() > 1e-4
+    for a in (0.0, 0.5, 1.0):
+        attack = create_attack("fc", adapted_aim=a, rescaler_eps=0.5, rescaler_alpha=2.0)
+        aim, = attack._aims(surrogate, targets, goals, ())
+        assert torch.allclose(aim, (1 - a) * plain + a * adapted, atol=1e-5)
+    assert not any(m._forward_hooks for m in surrogate.modules()), "a hook was left behind"
+    assert all(p.requires_grad for p in surrogate.parameters()) and not surrogate.training
+
+
+@pytest.mark.outcome
+@pytest.mark.parametrize("name", ["fc", "bp"])
+def test_adapted_crafting_collides_with_the_adapted_target(name, data, goal, surrogate):
+    """Poisons crafted through the adaptation end nearer the target's adapted features than the plain attack's
+    poisons do (the victim trains on the poisons' plain features). As for a pretrained surrogate, the goal's
+    target class is the one the surrogate predicts (the random tiny surrogate's ascent from another class
+    often leaves every scalar at 0)."""
+    train, test = data
+    target = test.images[goal.target_index].float() / 255
+    with torch.no_grad():
+        predicted = int(surrogate.eval()(target[None]).argmax())
+    poison = goal.poison_class if goal.poison_class != predicted else (predicted + 1) % K
+    bases = (train.labels == poison).nonzero().flatten()[:5].tolist()
+    goal = AttackGoal(goal.target_index, predicted, poison, tuple(bases))
+    options = {"iterations": 30, "rescaler_eps": 0.5, "rescaler_alpha": 2.0}
+    aim, = create_attack(name, **{**FAST[name], **options, "adapted_aim": 1.0})._aims(
+        surrogate.eval(), target[None], [goal], ())
+    distance = {}
+    for a in (0.0, 1.0):
+        _, result = run(name, data, goal, surrogate, **options, adapted_aim=a)
+        with torch.no_grad():
+            feats = surrogate.features(result.dataset.images[result.indices].float() / 255)
+        distance[a] = (feats.mean(0) - aim[0]).norm().item()
+    check("share of the plain poisons' distance to the adapted aim that adapted crafting removes",
+          1 - distance[1.0] / distance[0.0], low=0.1)
+
+
 def test_htbd_targets_the_triggered_target_and_keeps_the_trigger_out_of_training(data, goal, surrogate):
     train, test = data
     attack, result = run("htbd", data, goal, surrogate)
@@ -222,14 +274,16 @@ def test_greedy_match_takes_global_minima_first():
     assert _greedy_match(swapped).tolist() == [1, 0]
 
 
-@pytest.mark.parametrize("name", ["fc", "cp", "bp", "clbd", "htbd"])
-def test_goals_crafted_together_equal_goals_crafted_one_by_one(name, data, surrogate):
+@pytest.mark.parametrize("name, extra", [("fc", {}), ("cp", {}), ("bp", {}), ("clbd", {}), ("htbd", {}),
+                                         ("fc", {"adapted_aim": 1.0}), ("bp", {"adapted_aim": 0.5})],
+                         ids=["fc", "cp", "bp", "clbd", "htbd", "fc-adapted", "bp-adapted"])
+def test_goals_crafted_together_equal_goals_crafted_one_by_one(name, extra, data, surrogate):
     """craft_goals batches many goals into one pass; each goal gets the poisons it gets alone (same generator
-    draws in the same order)."""
+    draws in the same order) — also when the aims go through ReScaler's per-input adaptation."""
     train, test = data
     goals = make_goals(train, test, 3, 5, torch.Generator().manual_seed(SEED + 7))
     targets = torch.stack([test.images[g.target_index].float() / 255 for g in goals])
-    attack = create_attack(name, **FAST[name])
+    attack = create_attack(name, **FAST[name], **extra)
     double = surrogate.double()
     try:
         together = attack.craft_goals(train, goals, targets.double(), double, torch.Generator().manual_seed(1))

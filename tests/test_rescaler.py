@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import guard
@@ -199,6 +200,60 @@ def test_create_graph_gives_the_same_adaptation_and_parameter_gradients_match_fi
             down = (rescaler.adapt(x).logits * direction).sum()
             weight[index] += h
         assert grad[index].item() == pytest.approx(((up - down) / (2 * h)).item(), rel=1e-4, abs=1e-9)
+
+
+def test_ascent_from_given_labels_is_the_clipped_gradient_of_their_cross_entropy():
+    """``adapt_scalars(predicted=y)``: eq. 3's step from the labels y instead of the model's own prediction —
+    w = clip(α ∂CE(F_w(x), y)/∂w at w = 0, 0, ε), checked against central differences; y = the model's own
+    prediction gives the default scalars."""
+    model = _double("tiny_resnet")
+    rescaler = ReScaler(model, eps=1.0, alpha=0.05)
+    x = _images(model, 3)
+    with torch.no_grad():
+        own = model(x).argmax(1)
+    assert torch.equal(rescaler.adapt_scalars(x, predicted=own), rescaler.adapt_scalars(x))
+    other = (own + 9) % model.spec.num_classes  # labels whose ascent moves some scalars off 0 on this model
+    w = rescaler.adapt_scalars(x, predicted=other)
+    assert (w > 0).any() and not torch.allclose(w, rescaler.adapt_scalars(x))
+    h = 1e-6
+    for j in range(rescaler.num_scalars):
+        step = torch.zeros(rescaler.num_scalars, dtype=torch.float64)
+        step[j] = h
+        up = F.cross_entropy(rescaler.logits_with(x, step), other, reduction="none")
+        down = F.cross_entropy(rescaler.logits_with(x, -step), other, reduction="none")
+        want = (0.05 * (up - down) / (2 * h)).clamp(0.0, 1.0)
+        assert torch.allclose(w[:, j], want, rtol=1e-4, atol=1e-9), j
+    with pytest.raises(TypeError, match=r"predicted: expected an int64 tensor of shape \(3,\)"):
+        rescaler.adapt_scalars(x, predicted=other.float())
+    with pytest.raises(ValueError, match=r"predicted: expected shape \(3,\), got \(2,\)"):
+        rescaler.adapt_scalars(x, predicted=other[:2])
+
+
+def test_scaled_applies_given_scalars_to_every_forward_and_always_resets():
+    """``scaled(w)``: the model's own forward passes inside the block see ``1 − w`` (its logits equal
+    :meth:`logits_with`'s), outside it — also after an error in the block — the model is plain again."""
+    model = _double("tiny_resnet_b")
+    rescaler = ReScaler(model, eps=0.3)
+    x = _images(model, 4)
+    w = rescaler.adapt(x).scalars
+    assert (w > 0).any()
+    with torch.no_grad():
+        plain = model(x)
+        with rescaler.scaled(w):
+            inside = model(x)
+        with pytest.raises(RuntimeError, match="boom"), rescaler.scaled(w):
+            raise RuntimeError("boom")
+        after = model(x)
+    assert torch.allclose(inside, rescaler.logits_with(x, w), atol=1e-12)
+    assert not torch.allclose(inside, plain) and torch.equal(after, plain)
+    for bad in (w[0], w[:, :-1], w.long()):
+        with pytest.raises(ValueError, match=rf"scalars: expected a float tensor of shape \(B, {rescaler.num_scalars}\)"):
+            with rescaler.scaled(bad):
+                pass
+    rescaler.detach()
+    with pytest.raises(RuntimeError, match="detached"):
+        with rescaler.scaled(w):
+            pass
 
 
 def test_model_is_never_changed_and_gets_no_gradients():

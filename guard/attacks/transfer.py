@@ -15,6 +15,9 @@ element-wise optimisers), so a batch of goals gives each goal the poisons it get
 * ``bp`` — Bullseye Polytope (Aghakhani et al. 2021): target at the poisons' feature centroid (A11).
 * ``clbd`` — clean-label backdoor (Turner et al. 2019): PGD-hardened bases plus a patch trigger (A7).
 * ``htbd`` — Hidden Trigger Backdoor (Saha et al. 2020): features of patched target-class images (A8).
+
+FC, CP and BP also craft *through* ReScaler's adaptation for an attacker who knows the endpoint serves it
+(``adapted_aim``, :class:`TransferConfig`): the clean-label counterpart of ``rescaler-aware``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import ImageTensorDataset
+from ..rescaler import ReScaler, ReScalerConfig
 from .base import (PoisonResult, TargetedAttack, _check_dataset, _check_generator, check_float, check_int,
                    register_attack)
 from .primitives import from_uint8, patch_box, random_pattern, stamp, to_uint8
@@ -105,14 +109,29 @@ class CraftConfig:
 class TransferConfig(CraftConfig):
     """The feature-space attacks FC, CP and BP: FC's budget is JHT's 120 iterations, but step 0.01 instead of
     JHT's 0.001, which barely moves the 64-d features of the CIFAR ResNets here; ``layers``: extra sub-modules of
-    ``surrogate.net`` whose outputs join the penultimate features (CP/BP's "end-to-end" multi-layer variant)."""
+    ``surrogate.net`` whose outputs join the penultimate features (CP/BP's "end-to-end" multi-layer variant).
+
+    ``adapted_aim`` — the attacker who knows ReScaler serves the victim (at the served ``rescaler_eps`` and
+    ``rescaler_alpha``, rescaler_main.txt eq. 3) crafts through the adaptation: each goal's aim moves from the
+    target's features φ(x_t) towards φ_{w*}(x_t), its features under the scalars the endpoint learns for it,
+    aim = (1 − a)·φ(x_t) + a·φ_{w*}(x_t); 0 (default) is the plain attack, 1 aims at the adapted features alone.
+    The features do not depend on the victim's head, the scalars do: the attacker models the poisoned victim
+    near x_t as the surrogate with the true and poison classes swapped, so the victim's ascent from the poison
+    class it answers is the surrogate's ascent from the target's true class. The victim trains on the poisons'
+    plain features."""
 
     layers: tuple[str, ...] = ()
+    adapted_aim: float = 0.0
+    rescaler_eps: float = ReScalerConfig.eps
+    rescaler_alpha: float = ReScalerConfig.alpha
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.layers, tuple) or not all(isinstance(s, str) for s in self.layers):
             raise TypeError(f"layers must be a tuple of module names, got {self.layers!r}")
+        check_float("adapted_aim", self.adapted_aim, 0.0, 1.0)
+        check_float("rescaler_eps", self.rescaler_eps, 0.0, 1.0, low_open=True)
+        check_float("rescaler_alpha", self.rescaler_alpha, 0.0, low_open=True)
 
 
 _NO_SEED = "{} has no trigger and crafts without random draws: a seed would change nothing"
@@ -159,6 +178,27 @@ class TransferAttack(TargetedAttack):
             return target_image
         patch, r, c = trigger
         return stamp(target_image[None], patch, r, c)[0]
+
+    def _aims(self, surrogate, targets: torch.Tensor, goals: Sequence[AttackGoal],
+              layers: Sequence[str]) -> list[torch.Tensor]:
+        """What each goal's poisons are crafted towards, one (G, D) tensor per feature layer: the targets'
+        features, moved ``adapted_aim`` of the way to their features under the scalars ReScaler learns for them
+        (:class:`TransferConfig`: eq. 3's ascent from each target's true class on the surrogate). ReScaler's
+        hooks are on the surrogate only inside this call."""
+        with torch.no_grad():
+            plain = [f.detach() for f in _feature_list(surrogate, targets, layers)]
+        a = self.config.adapted_aim
+        if a == 0:
+            return plain
+        rescaler = ReScaler(surrogate, eps=self.config.rescaler_eps, alpha=self.config.rescaler_alpha)
+        try:
+            true_classes = torch.tensor([g.target_class for g in goals], device=targets.device)
+            w = rescaler.adapt_scalars(targets, predicted=true_classes)
+            with torch.no_grad(), rescaler.scaled(w):
+                adapted = _feature_list(surrogate, targets, layers)
+        finally:
+            rescaler.detach()
+        return [(1 - a) * f + a * f_w for f, f_w in zip(plain, adapted)]
 
     def _project(self, x: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
         eps = self.config.eps
@@ -273,8 +313,8 @@ class FC(TransferAttack):
         layers = self.config.layers
         g, p = bases.shape[:2]
         flat = bases.flatten(0, 1)
-        with torch.no_grad():  # each poison collides with its own goal's target
-            aims = [f.detach().repeat_interleave(p, 0) for f in _feature_list(surrogate, targets, layers)]
+        # each poison collides with its own goal's aim
+        aims = [f.repeat_interleave(p, 0) for f in self._aims(surrogate, targets, goals, layers)]
 
         def objective(x):
             feats = _feature_list(surrogate, x, layers)
@@ -360,8 +400,7 @@ class _Polytope(TransferAttack):
     def craft(self, bases, targets, surrogate, generators, goals, sources=None):
         layers = self.config.layers
         g, p = bases.shape[:2]
-        with torch.no_grad():
-            aims = [f.detach() for f in _feature_list(surrogate, targets, layers)]
+        aims = self._aims(surrogate, targets, goals, layers)
         coeffs = [torch.full((g, p), 1.0 / p, device=bases.device, dtype=bases.dtype) for _ in aims]
         flat = bases.flatten(0, 1)
         x = flat.clone().requires_grad_(True)

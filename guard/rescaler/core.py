@@ -205,15 +205,40 @@ class ReScaler(nn.Module):
                 logits = self._logits(x, w)
         return Adaptation(logits=logits, original_logits=original, scalars=w)
 
-    def adapt_scalars(self, x: torch.Tensor, *, create_graph: bool = False) -> torch.Tensor:
+    def adapt_scalars(self, x: torch.Tensor, *, create_graph: bool = False,
+                      predicted: torch.Tensor | None = None) -> torch.Tensor:
         """The adapted scalars (B, S) of :meth:`adapt` without its defended forward pass — for a caller that
-        applies them itself (:meth:`logits_with`)."""
+        applies them itself (:meth:`logits_with`, :meth:`scaled`).
+
+        ``predicted`` (B,) int64: the labels eq. 3 ascends from instead of the model's own prediction (an
+        attacker simulating its future victim on a surrogate, :class:`guard.attacks.TransferConfig`'s
+        ``adapted_aim``)."""
         with torch.inference_mode(False), torch.enable_grad():
-            return self._ascend(self._prepare(x), None, None, None, create_graph)[0]
+            x = self._prepare(x)
+            if predicted is not None:
+                predicted = self._check_target(predicted, x.shape[0], x.device, "predicted")
+            return self._ascend(x, None, None, None, create_graph, predicted)[0]
+
+    @contextlib.contextmanager
+    def scaled(self, scalars: torch.Tensor):
+        """Within the block, every forward pass of the wrapped model on this thread runs with its units scaled
+        by ``1 − scalars`` (B, S), one row per input of the batch — for reading more than logits under given
+        scalars (features, intermediate layers); :meth:`logits_with` is the logits-only form."""
+        if not self._handles:
+            raise RuntimeError("this ReScaler was detached; create a new one")
+        if (not isinstance(scalars, torch.Tensor) or not scalars.is_floating_point() or scalars.dim() != 2
+                or scalars.shape[1] != self.num_scalars):
+            raise ValueError(f"scalars: expected a float tensor of shape (B, {self.num_scalars}), got "
+                             f"{getattr(scalars, 'shape', type(scalars).__name__)}")
+        with self._scaled(scalars):
+            yield
 
     def _ascend(self, x: torch.Tensor, target: torch.Tensor | None, steps: int | None, eps: float | None,
-                create_graph: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Eq. 3's steps on the prepared batch ``x``: (scalars, the undefended logits of the first step)."""
+                create_graph: bool, predicted: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Eq. 3's steps on the prepared batch ``x``: (scalars, the undefended logits of the first step).
+        ``target``: descend on CE to these labels instead (appendix C.1); ``predicted``: ascend from these
+        labels instead of the model's own prediction."""
         cfg = ReScalerConfig(self.config.eps if eps is None else eps, self.config.alpha,
                              self.config.steps if steps is None else steps)
         batch = x.shape[0]
@@ -225,7 +250,8 @@ class ReScaler(nn.Module):
             logits = self._logits(x, w)
             if original is None:
                 original = logits if create_graph else logits.detach()
-            labels = original.detach().argmax(1) if target is None else target
+            labels = target if target is not None else predicted if predicted is not None else \
+                original.detach().argmax(1)
             loss = F.cross_entropy(logits, labels, reduction="sum")
             (grad,) = torch.autograd.grad(loss, w, create_graph=create_graph)
             step = cfg.alpha * grad if target is None else -cfg.alpha * grad
@@ -233,11 +259,12 @@ class ReScaler(nn.Module):
                  else (w.detach() + step).clamp_(0.0, cfg.eps).requires_grad_(True))
         return (w if create_graph else w.detach()), original
 
-    def _check_target(self, target: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+    def _check_target(self, target: torch.Tensor, batch: int, device: torch.device,
+                      name: str = "target") -> torch.Tensor:
         if not isinstance(target, torch.Tensor) or target.dtype != torch.int64:
-            raise TypeError(f"target: expected an int64 tensor of shape ({batch},), got {target!r:.80}")
+            raise TypeError(f"{name}: expected an int64 tensor of shape ({batch},), got {target!r:.80}")
         if target.shape != (batch,):
-            raise ValueError(f"target: expected shape ({batch},), got {tuple(target.shape)}")
+            raise ValueError(f"{name}: expected shape ({batch},), got {tuple(target.shape)}")
         return target.to(device)
 
     @torch.no_grad()
