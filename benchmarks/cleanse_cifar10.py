@@ -86,6 +86,12 @@ ROWS = {
 #: rows whose victims need more than the recipe's 3 epochs to take hold (3 epochs: C1 ASR 0.37, D1 0.28 on the
 #: source class); their Step 0 (--step0 recipe) and retraining default to the same epochs
 VICTIM_EPOCHS = {"C1": 8, "D1": 8}
+
+
+def row_victim(row: str):
+    """The cached victim of ``row`` (victims.victim: built once, shared with every benchmark)."""
+    attack_name, options = ROWS[row]
+    return victim(attack_name, epochs=VICTIM_EPOCHS.get(row), **options)
 #: Xiang et al., compact ResNet-18 (ALGORITHMS.md T11–T13): detection, TPR/FPR (%), retrained ASR/ACC (%)
 PAPER = {
     "A1": {"re": ("✓", (93.6, 20.9), (1.9, 90.2)), "ss": (None, (29.6, 17.0), (94.8, 90.3)),
@@ -191,7 +197,7 @@ def run_row(row: dict, spec, args, train_set, test_set, root: Path, work: Path, 
         if args.quick:
             weights, record = quick_victim(attack_name, options, train_set, root, work)
         else:
-            v = victim(attack_name, epochs=VICTIM_EPOCHS.get(name), **options)
+            v = row_victim(name)
             weights, record = v.weights, json.loads(Path(v.record).read_text())
         poisoned = suspect_from_record(record, train_set)
         attack = attack_from_record(record)
@@ -392,7 +398,7 @@ def main() -> None:
     if not args.quick:  # victims are built here, once, before the rows run in parallel
         for row in rows:
             if ROWS[row] is not None and row not in done:
-                victim(ROWS[row][0], epochs=VICTIM_EPOCHS.get(row), **ROWS[row][1])
+                row_victim(row)
     settings = {"methods": methods, "retrain": args.retrain, "retrain_methods": retrain_methods,
                 "retrain_epochs": retrain_epochs, "step0": args.step0, "step0_epochs": args.step0_epochs,
                 "quick": args.quick, "device": args.device}

@@ -5,7 +5,8 @@ What:     two parts, each written into one JSON as it finishes (--part picks the
                      ResNet-20 on the first 1000 (lossless) test images, at the default CPU budget of
                      guard.detect.ClassDistanceConfig (and, with --reference, the MOTH code's: 1000 passes, ≤ 100
                      images per pair, minimum over 3 seeds), beside MOTH's Supplementary.md 61.31 ± 4.50; wall
-                     time of the 90 pairs (the issue's floor: 10 min on 2 CPU cores).
+                     time of the 90 pairs (the issue's floor: 10 min on 2 CPU cores), and the inversion's
+                     images/s per forward/backward pass size (PASS_SIZES and the engine's device default).
           moth     — per pervasive attack of Table 8 (Blend, SIG, WaNet, DFST substitute, target class 0): a strong
                      victim (undefended non-target ASR ≥ 0.9: the pretrained ResNet-20 fine-tuned on the full
                      poisoned training set, from the shared victim cache benchmarks/victims.py), hardened by MOTH
@@ -67,6 +68,7 @@ QUICK = {  # --quick: every step of both parts at a few seconds' budget
     "attacks": ("blend",), "victim_images": 1000, "victim_epochs": 1, "trusted_fraction": 0.01,
     "moth": {"epochs": 1, "warmup_steps": 2, "pair_steps": 2, "quick_steps": 1, "eval_every": 5},
 }
+PASS_SIZES = (32, 128, 512, 2048)  # images per forward/backward pass timed by the distance part
 OUT = Path(__file__).parent / "results"
 
 
@@ -85,6 +87,8 @@ def distance_part(root: Path, heldout, device, quick: bool, reference: bool) -> 
     if quick:
         configs = {"quick": ClassDistanceConfig(**QUICK["distance"], pairs=QUICK["pairs"])}
     out = {"published": {"mean": PUBLISHED_DISTANCE[0], "std": PUBLISHED_DISTANCE[1]}}
+    if not quick:
+        out["pass_size"] = pass_sizes(model, heldout, device)
     for name, config in configs.items():
         started = time.perf_counter()
         result = ClassDistance(config).measure(model, heldout, generator=torch.Generator().manual_seed(SEED),
@@ -95,6 +99,23 @@ def distance_part(root: Path, heldout, device, quick: bool, reference: bool) -> 
               f"{out[name]['wall_seconds']:.0f}s (published {PUBLISHED_DISTANCE[0]} ± {PUBLISHED_DISTANCE[1]})",
               flush=True)
     return out
+
+
+def pass_sizes(model, heldout, device, sizes=PASS_SIZES, steps: int = 3) -> dict:
+    """Images/s of the distance's inversion (all 90 pairs, ``steps`` passes without early stop) per forward/
+    backward pass size: what guard.detect.inversion.default_chunk_size is chosen from."""
+    k = model.num_classes
+    per_class = torch.bincount(heldout.labels, minlength=k).clamp(max=ClassDistanceConfig.images_per_class)
+    images = steps * (k - 1) * int(per_class.sum())  # every ordered pair's source images, per pass
+    rates = {}
+    for size in (*sizes, None):
+        config = ClassDistanceConfig(steps=steps, early_stop_patience=None, chunk_size=size)
+        started = time.perf_counter()
+        ClassDistance(config).measure(model, heldout, generator=torch.Generator().manual_seed(SEED), device=device)
+        sync(device)
+        rates["default" if size is None else str(size)] = round(images / (time.perf_counter() - started), 1)
+    print(f"distance inversion, images/s by pass size: {rates}", flush=True)
+    return rates
 
 
 def strong_victim(root: Path, name: str, train_set, device, quick: bool):
@@ -201,7 +222,7 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     distance = results.get("distance", {})
-    maps = [(k, v) for k, v in distance.items() if k != "published"]
+    maps = [(k, v) for k, v in distance.items() if isinstance(v, dict) and "matrix" in v]
     rows = results.get("moth", {})
     fig, axes = plt.subplots(1, len(maps) + 1, figsize=(4.6 * (len(maps) + 1), 4), squeeze=False)
     for ax, (name, d) in zip(axes[0], maps):

@@ -6,8 +6,9 @@ What:     a victim is the pretrained CIFAR ResNet-20 fine-tuned (every weight; S
           (``guard eval --attack-record``, ``guard cleanse --attack-record``). The ``finetune`` preset's lr 1e-4
           barely implants a backdoor in a few epochs; this recipe takes BadNets/Blend to ASR >= 0.9 in 2-3
           epochs (about 2 min per epoch on 2 cores).
-Cache:    benchmarks/results/victims/<attack>-<hash>.pt and .pt.json, keyed by the attack, its options and the
-          recipe; an interrupted build resumes from its checkpoint; a finished one is reused as it is.
+Cache:    benchmarks/results/victims/<attack>-<hash>.pt and .pt.json, keyed by the attack, the options that differ
+          from its defaults (as validated: "0.05" and 0.05 are one option) and the recipe (cache_key); an
+          interrupted build resumes from its checkpoint; a finished one is reused as it is.
 Shared:   the helpers every benchmark uses: data_root, pick_device, and how a benchmark runs its grid through
           guard.sweep (add_sweep_arguments: --serial / --address; job_resources; run_grid).
 Use:      from victims import DEFENSE_VICTIMS, victim
@@ -18,6 +19,7 @@ Use:      from victims import DEFENSE_VICTIMS, victim
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -27,7 +29,7 @@ from typing import Iterator
 
 import torch
 
-from guard.attacks import parse_options
+from guard.attacks import get_attack, parse_options
 from guard.cli import main as guard_main
 from guard.sweep import Grid, JobResult, Resources, iter_sweep
 
@@ -90,12 +92,21 @@ def stamp_sources(attack, dataset):
     return attack.triggered(dataset.subset(torch.nonzero(keep)[:, 0]))
 
 
+def cache_key(attack: str, options: dict, recipe: dict) -> str:
+    """The victim's cache name: a hash of the attack's validated options that differ from its defaults, and the
+    recipe — so ``blend`` with ``alpha=0.2`` (its default), ``budget="0.05"`` or nothing is one victim."""
+    config = dataclasses.asdict(parse_options(attack, [f"{k}={v}" for k, v in options.items()]))  # fails early
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(get_attack(attack).config_class)}
+    changed = {k: v for k, v in config.items() if v != defaults.get(k, dataclasses.MISSING)}
+    key = json.dumps({"attack": attack, "options": changed, "recipe": recipe}, sort_keys=True, default=str)
+    return hashlib.sha256(key.encode()).hexdigest()[:10]
+
+
 def victim(attack: str, *, epochs: int | None = None, progress: bool = True, **options) -> Victim:
     """The cached victim of ``attack`` with ``options`` (built now if missing; see the module docstring)."""
     recipe = dict(RECIPE, **({} if epochs is None else {"epochs": epochs}))
-    parse_options(attack, [f"{k}={v}" for k, v in options.items()])  # fail early on a bad option
-    key = json.dumps({"attack": attack, "options": options, "recipe": recipe}, sort_keys=True, default=str)
-    out = CACHE / f"{attack}-{hashlib.sha256(key.encode()).hexdigest()[:10]}.pt"
+    out = CACHE / f"{attack}-{cache_key(attack, options, recipe)}.pt"
     record = out.with_name(out.name + ".json")
     done = record.is_file() and "cda" in json.loads(record.read_text())
     if not done:

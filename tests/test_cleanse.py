@@ -131,6 +131,7 @@ BAD_OPTIONS = [
     ("re", {"max_steps": 0}, "max_steps"), ("re", {"max_images": 0}, "max_images"),
     ("re", {"batch_size_per_class": 2.5}, "batch_size_per_class"), ("re", {"refine_step_size": 0}, "refine_step_size"),
     ("re", {"refine_batch_size_per_class": 0}, "refine_batch_size_per_class"),
+    ("re", {"chunk_size": 0}, "chunk_size"),
 ]
 
 

@@ -14,7 +14,8 @@ import torch
 from guard.detect import (AdditiveTrigger, CostSchedule, FixedSteps, InversionConfig, InversionTask, LogSurrogate,
                           MaskPatternTrigger, Objective, TargetCrossEntropy, TriggeredBatch, UntilSuccess, class_tasks,
                           frozen, invert, pair_tasks)
-from guard.detect.inversion import _CostState, _TaskOptimizer
+from guard.detect.inversion import (ACCELERATOR_CHUNK_SIZE, CPU_CHUNK_SIZE, _CostState, _TaskOptimizer,
+                                    default_chunk_size)
 from test_repair import TARGET, planted
 
 
@@ -193,6 +194,14 @@ def test_a_found_mask_trigger_really_sends_the_images_to_the_target():
     assert result.size[0] == pytest.approx(float(result.triggers[0]["mask"].sum()), rel=0.2)
 
 
+def test_default_pass_size_follows_the_device():
+    """Small cache-sized passes on a CPU, large ones on an accelerator; chunking never changes a result (the test
+    above runs chunks of 40 against one task per pass)."""
+    assert default_chunk_size(torch.device("cpu")) == CPU_CHUNK_SIZE < ACCELERATOR_CHUNK_SIZE
+    assert default_chunk_size("cuda:0") == ACCELERATOR_CHUNK_SIZE
+    assert InversionConfig().chunk_size is None
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"steps": 0}, "steps"),
     ({"batch_size": 0}, "batch_size"),
@@ -201,6 +210,8 @@ def test_a_found_mask_trigger_really_sends_the_images_to_the_target():
     ({"optimizer": "rmsprop"}, "optimizer"),
     ({"lr": 0.0}, "lr"),
     ({"betas": (0.5, 1.0)}, "betas"),
+    ({"chunk_size": 0}, "chunk_size"),
+    ({"chunk_size": 64.0}, "chunk_size"),
 ])
 def test_bad_inversion_config_fails_clearly(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -14,6 +14,7 @@ import torch
 from guard.detect import ClassDistance
 from guard.models import create, save_weights
 from guard.repair import MothConfig, create_defense
+from guard.repair.moth import loss_decrease
 from guard.train import TrainConfig, train
 from test_defenses import TINY_MOTH
 from test_distance import TINY_DISTANCE, distances
@@ -33,9 +34,9 @@ def hardened():
 
 @pytest.mark.outcome
 def test_moth_enlarges_the_planted_pairs_and_removes_the_backdoor(hardened):
-    """Over MOTH seeds 0-4, OMP_WAIT_POLICY PASSIVE and ACTIVE: smallest planted distance after / largest
-    before 1.68-1.88 (asserted > 1.3), mean enlargement of the planted pairs 1.40-1.78 (asserted > 0.8),
-    ASR 0.75 -> 0.00, CDA 1.00 -> 1.00."""
+    """Over MOTH seeds 0-4, OMP_WAIT_POLICY PASSIVE and ACTIVE (tests/audit_outcomes.py): smallest planted
+    distance after / largest before >= 1.84 (asserted > 1.3), mean enlargement of the planted pairs >= 1.52
+    (asserted > 0.8), ASR 0.75 -> 0.00, CDA 1.00 -> 1.00."""
     p = planted()
     before = distances("backdoored")
     after = ClassDistance(dataclasses.replace(TINY_DISTANCE, pairs=PLANTED)).measure(
@@ -58,6 +59,14 @@ def test_moth_bookkeeping_is_json_and_symmetric(hardened):
     assert details["hardening_steps"] >= steps and details["stamped_images"] > 0
     assert len(details["trigger_size"]) == 4 and all(p["pair"][0] != p["pair"][1] for p in details["periods"])
     assert hardened.method == "moth" and hardened.details["warmup_loss_decrease"][1][TARGET] > 0
+
+
+def test_warmup_loss_decrease_is_bounded_where_the_random_start_already_succeeds():
+    first = torch.tensor([2.0, 1e-7, 0.0, 0.5, float("nan")], dtype=torch.float64)
+    best = torch.tensor([0.5, 0.05, 0.0, 0.5, 0.1], dtype=torch.float64)
+    decrease = loss_decrease(first, best)
+    assert decrease[:4].tolist() == [0.75, 1.0, 1.0, 1.0]  # not (1e-7 - 0.05) / 1e-7 = -5e5
+    assert decrease[4].isnan()
 
 
 def test_moth_refuses_missing_classes_and_bad_options():

@@ -167,7 +167,6 @@ def test_policy_values_and_what_each_needs_are_checked(detector):
         GuardConfig(on_trigger="drop")
     with pytest.raises(ValueError, match=r"answer must be one of"):
         GuardConfig.from_dict({"answer": "plain"})
-    p = planted()
     with pytest.raises(ValueError, match="on_trigger='refuse' needs a trigger detector"):
         GuardedClassifier(suspect(), GuardConfig(on_trigger="refuse"))
     with pytest.raises(ValueError, match="answer='repaired' needs a repaired model"):

@@ -71,8 +71,10 @@ class ReverseEngineeringConfig(CleanseConfig):
     (``"batches"``) or over all of D_s after the step (``"full"``, the paper). ``max_images``: at most that many
     images of each source class take part (``None``: all). ``max_steps``: cap per pair (ALGORITHMS.md D14:
     10,000; a pair that does not reach π gets r = 0). ``chunk_size``: most images in one forward/backward
-    pass — the images of many pairs share it. ``refine_step_size``/``refine_batch_size_per_class``: the same
-    step rule, finer, for the detected pair's pattern that eq. 12 subtracts (``None``: the coarse pattern).
+    pass — the images of many pairs share it (``None``: the engine's default for the device,
+    :func:`guard.detect.inversion.default_chunk_size`). ``refine_step_size``/``refine_batch_size_per_class``:
+    the same step rule, finer, for the detected pair's pattern that eq. 12 subtracts (``None``: the coarse
+    pattern).
     """
 
     pi: float = 0.95
@@ -84,7 +86,7 @@ class ReverseEngineeringConfig(CleanseConfig):
     measure: str = "batches"
     max_images: int | None = None
     max_steps: int = 10_000
-    chunk_size: int = 4096
+    chunk_size: int | None = None
     refine_step_size: float | None = 0.02
     refine_batch_size_per_class: int = 64
 
@@ -102,7 +104,9 @@ class ReverseEngineeringConfig(CleanseConfig):
             raise ValueError(f"measure must be 'batches' or 'full', got {self.measure!r}")
         if self.refine_step_size is not None and (not is_number(self.refine_step_size) or self.refine_step_size <= 0):
             raise ValueError(f"refine_step_size must be None or a number > 0, got {self.refine_step_size!r}")
-        for name in ("batch_size_per_class", "max_steps", "chunk_size", "refine_batch_size_per_class"):
+        if self.chunk_size is not None and (not is_int(self.chunk_size) or self.chunk_size < 1):
+            raise ValueError(f"chunk_size must be None or an int >= 1, got {self.chunk_size!r}")
+        for name in ("batch_size_per_class", "max_steps", "refine_batch_size_per_class"):
             value = getattr(self, name)
             if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")

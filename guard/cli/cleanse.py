@@ -74,7 +74,8 @@ def add_parser(subparsers) -> None:
     g.add_argument("--pair-batch-size", type=int, help="re: images of each class of a pair per step (default 32)")
     g.add_argument("--max-steps", type=int, help="re: step cap per class pair")
     g.add_argument("--chunk-size", type=int,
-                   help="re: most images in one forward/backward pass, shared by many class pairs (default 4096)")
+                   help="re: most images in one forward/backward pass, shared by many class pairs "
+                        "(default: 128 on a CPU, 4096 on a GPU)")
     f = p.add_argument_group("the defender's model (RE Step 0)")
     f.add_argument("--fit-epochs", type=int, default=None,
                    help="first train --model on the suspect set for N epochs without augmentation (from --weights "

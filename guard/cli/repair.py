@@ -124,8 +124,9 @@ def run_defense(args: argparse.Namespace, kind: str):
         target = attack.config.target
         triggered = attack.triggered(heldout)
 
-        def asr(m) -> float:
+        def triggered_asr(m) -> float:
             return attack_success_rate(predict(m, triggered, device=device), triggered.labels, target)
+        asr = triggered_asr
     model = create(args.model, num_classes=trusted.num_classes, weights=args.weights).to(device)
     started = time.perf_counter()
     result = defense.defend(model, trusted, eval_set=heldout, asr=asr,

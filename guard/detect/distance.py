@@ -54,8 +54,9 @@ class ClassDistanceConfig:
     ``multiplier`` (MOTH: 10 and 1.5), restarts at each new best plus U(±``restart_noise``) (0.01); the
     minimum over ``seeds`` independent runs. ``early_stop_patience``: stop a pair whose best mask has not
     shrunk for that many passes once the cost has gone up and down (``None``: never, as MOTH). ``pairs``:
-    the ordered pairs to measure (``None``: all). Defaults: the CPU budget (see the module docstring);
-    :meth:`reference` the MOTH code's.
+    the ordered pairs to measure (``None``: all). ``chunk_size``: most images per forward/backward pass
+    (``None``: the engine's default for the device; the result does not depend on it). Defaults: the CPU budget
+    (see the module docstring); :meth:`reference` the MOTH code's.
     """
 
     steps: int = 100
@@ -71,6 +72,7 @@ class ClassDistanceConfig:
     early_stop_patience: int | None = 15
     seeds: int = 1
     pairs: tuple[tuple[int, int], ...] | None = None
+    chunk_size: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("images_per_class", "seeds"):
@@ -100,7 +102,7 @@ class ClassDistanceConfig:
 
     def inversion_config(self) -> InversionConfig:
         return InversionConfig(MaskPatternTrigger(), self.schedule(), steps=self.steps, batch_size=self.batch_size,
-                               sampling="epoch", lr=self.lr, betas=self.betas)
+                               sampling="epoch", lr=self.lr, betas=self.betas, chunk_size=self.chunk_size)
 
 
 @dataclass(frozen=True)
