@@ -58,7 +58,7 @@ Removal images count as images of the task's target class (their ``label`` in a 
 ``chunk_size`` bounds the images of one forward/backward pass: 90 pair tasks of 256 + 256 images run in
 chunks, accumulated before each update, with the same result. Its default depends on the device: a CPU runs
 a ResNet-20 forward/backward 1.8× faster in passes of ~128 images, which stay in its caches, than in passes
-of 2,048 (``benchmarks/moth_cifar10.py --chunk-sweep``); an accelerator wants the large passes.
+of 2,048 (``benchmarks/moth_cifar10.py --part distance`` times them); an accelerator wants the large passes.
 """
 
 from __future__ import annotations
@@ -590,7 +590,7 @@ class InversionConfig:
 
 
 #: images per forward/backward pass when ``InversionConfig.chunk_size`` is None: CPU caches favour small passes
-#: (ResNet-20 on 2 cores: 513 images/s at 120, 282 at 2,048), accelerators large ones
+#: (ResNet-20 on 2 cores: 491 images/s at 128, 274 at 2,048; moth_cifar10.py's pass_size), accelerators large ones
 CPU_CHUNK_SIZE, ACCELERATOR_CHUNK_SIZE = 128, 4096
 
 
