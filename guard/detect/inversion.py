@@ -568,11 +568,12 @@ class InversionConfig:
         if not isinstance(self.schedule, (FixedSteps, UntilSuccess, CostSchedule)):
             raise TypeError(f"schedule must be a FixedSteps, UntilSuccess or CostSchedule, got "
                             f"{type(self.schedule).__name__}")
-        for name in ("steps", "batch_size", "batches_per_step", "chunk_size"):
+        for name in ("steps", "batch_size", "batches_per_step"):
             value = getattr(self, name)
-            if (value is not None or name != "chunk_size") and (not is_int(value) or value < 1):
-                raise ValueError(f"{name} must be an int >= 1{' or None' if name == 'chunk_size' else ''}, "
-                                 f"got {value!r}")
+            if not is_int(value) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.chunk_size is not None and (not is_int(self.chunk_size) or self.chunk_size < 1):
+            raise ValueError(f"chunk_size must be None or an int >= 1, got {self.chunk_size!r}")
         if self.sampling not in _SAMPLING:
             raise ValueError(f"sampling must be one of {_SAMPLING}, got {self.sampling!r}")
         if self.sampling == "epoch" and self.batches_per_step != 1:
