@@ -58,7 +58,7 @@ from pivotal_cifar10 import summarize
 from rescaler_cifar10 import MODELS as TRANSFER_MODELS
 from rescaler_cifar10 import ADAPTED, CHUNK, goal_path, pending_chunks, table_row
 from victims import (DEFENSE_VICTIMS, add_sweep_arguments, data_root, job_resources, pick_device, run_grid,
-                     victim)
+                     results_name, victim)
 
 #: label -> (attack, options); the first is the non-adaptive baseline every other row is compared with
 VICTIMS = {"badnets": ("badnets", DEFENSE_VICTIMS["badnets"]),
@@ -229,7 +229,8 @@ def main() -> None:
     parser.add_argument("--clean-label", default=",".join(ADAPTED),
                         help="adapted clean-label attacks to measure ('' for none; see the header)")
     parser.add_argument("--clean-label-models", default=",".join(TRANSFER_MODELS))
-    parser.add_argument("--out", default="adaptive_cifar10", help="results name in benchmarks/results/")
+    parser.add_argument("--out", type=results_name,
+                        default="adaptive_cifar10", help="results name in benchmarks/results/")
     args = parser.parse_args()
     labels, parts = [v for v in args.victims.split(",") if v], [p for p in args.parts.split(",") if p]
     clean_labels = [a for a in args.clean_label.split(",") if a]

@@ -63,7 +63,7 @@ from guard.train import TrainConfig, evaluate, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from victims import (CACHE, RECIPE, WEIGHTS, add_sweep_arguments, data_root, job_resources,  # noqa: E402
-                     run_grid, victim)
+                     results_name, run_grid, victim)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 0
@@ -364,7 +364,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of each row's job (its declared CPUs)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
     add_sweep_arguments(parser)
-    parser.add_argument("--out", default=None, help="results name (default cleanse_cifar10[_quick]; .json/.png)")
+    parser.add_argument("--out", type=results_name,
+                        default=None, help="results name (default cleanse_cifar10[_quick]; .json/.png)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 5000 images, tiny budgets, rows A1 and clean")
     parser.add_argument("--merge", nargs="+", metavar="JSON", default=None,
                         help="no run: gather the rows of these results files (e.g. runs on several devices) into "

@@ -40,7 +40,7 @@ from guard.repair import create_defense, get_defense, list_defenses, split_trust
 from guard.sweep import Grid, run_sweep
 from guard.train import evaluate, predict
 from victims import (DEFENSE_VICTIMS, add_sweep_arguments, data_root, job_resources,  # benchmarks/victims.py: the shared
-                     pick_device, victim)  # cache of strong victims and the helpers every benchmark uses
+                     pick_device, results_name, victim)  # cache of strong victims and the helpers every benchmark uses
 
 SEED = 0
 HELDOUT_IMAGES = 1000
@@ -159,7 +159,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of each job (its declared CPUs)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
     add_sweep_arguments(parser)
-    parser.add_argument("--out", default="defenses_cifar10", help="results name in benchmarks/results/")
+    parser.add_argument("--out", type=results_name,
+                        default="defenses_cifar10", help="results name in benchmarks/results/")
     args = parser.parse_args()
     attacks, defenses = args.attacks.split(","), args.defenses.split(",")
     unknown = [a for a in attacks if a not in ATTACKS] + [d for d in defenses if d not in list_defenses()]

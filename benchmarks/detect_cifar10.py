@@ -42,8 +42,9 @@ from guard.detect import create_input_detector, get_input_detector, list_input_d
 from guard.models import create
 from guard.sweep import Grid
 from guard.train import predict
-from victims import (DEFENSE_VICTIMS, add_sweep_arguments, data_root, job_resources,  # benchmarks/victims.py: the shared
-                     pick_device, run_grid, stamp_sources, victim)  # cache of strong victims and the helpers
+# benchmarks/victims.py: the shared cache of strong victims and the helpers every benchmark uses
+from victims import (DEFENSE_VICTIMS, add_sweep_arguments, data_root, job_resources, pick_device, results_name,
+                     run_grid, stamp_sources, victim)
 
 ATTACKS = DEFENSE_VICTIMS
 #: detectors measured beyond the registry defaults: name -> (registered detector, options)
@@ -176,7 +177,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of each job (its declared CPUs)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
     add_sweep_arguments(parser)
-    parser.add_argument("--out", default="detect_cifar10", help="results name in benchmarks/results/")
+    parser.add_argument("--out", type=results_name,
+                        default="detect_cifar10", help="results name in benchmarks/results/")
     args = parser.parse_args()
     attacks, names = args.attacks.split(","), args.detectors.split(",")
     unknown = [a for a in attacks if a not in ATTACKS] + [d for d in names if d not in list_input_detectors()]

@@ -47,7 +47,8 @@ from guard.data import load_dataset
 from guard.detect import TriggerDetector
 from guard.models import create
 from guard.serving import GuardConfig, ServerSettings, TorchServe, build_archive, free_ports
-from victims import DEFENSE_VICTIMS, data_root, stamp_sources, victim  # benchmarks/victims.py: the shared cache of strong victims
+# benchmarks/victims.py: the shared cache of strong victims and the benchmarks' helpers
+from victims import DEFENSE_VICTIMS, data_root, results_name, stamp_sources, victim
 
 ATTACKS = DEFENSE_VICTIMS
 #: policy -> (guard config, archive carries the detector)
@@ -190,7 +191,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--attacks", default="badnets,blend,adaptive-blend,wanet,sig,refool,xiang")
     parser.add_argument("--fpr", type=float, default=0.01, help="the detector's calibrated false-positive rate")
-    parser.add_argument("--out", default="guard_end_to_end", help="results name in benchmarks/results/")
+    parser.add_argument("--out", type=results_name,
+                        default="guard_end_to_end", help="results name in benchmarks/results/")
     args = parser.parse_args()
     attacks = args.attacks.split(",")
     unknown = [a for a in attacks if a not in ATTACKS]

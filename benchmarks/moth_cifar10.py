@@ -9,11 +9,14 @@ What:     two parts, each written into one JSON as it finishes (--part picks the
                      images/s per forward/backward pass size (PASS_SIZES and the engine's device default).
           moth     — per pervasive attack of Table 8 (Blend, SIG, WaNet, DFST substitute, target class 0): a strong
                      victim (undefended non-target ASR ≥ 0.9: the pretrained ResNet-20 fine-tuned on the full
-                     poisoned training set, from the shared victim cache benchmarks/victims.py), hardened by MOTH
+                     poisoned training set, or with --victims scratch a ResNet-20 trained from scratch on it as
+                     Table 8's are; from the shared victim cache benchmarks/victims.py), hardened by MOTH
                      (guard.repair.create_defense("moth"), default budget, 2 epochs) on a class-stratified
                      TRUSTED_FRACTION of the clean training set; CDA and non-target ASR before/after beside
-                     moth_supplementary.txt Table 8 (ALGORITHMS.md T8), the class distance before/after and its
-                     mean enlargement, and the wall time of the hardening (the issue's floor: 30 min on 2 cores).
+                     moth_supplementary.txt Table 8 (ALGORITHMS.md T8) and beside plain fine-tuning for the same
+                     steps on the same data (the control: what MOTH's stamping adds), the class distance
+                     before/after and its mean enlargement, and the wall time of the hardening (the issue's
+                     floor: 30 min on 2 cores). Rows of scratch victims are named ATTACK-scratch.
 Models:   CIFAR ResNet-20 (data/weights/resnet20-12fca82f.th); Table 8 has ResNet-20 rows for Blend and SIG, a
           ResNet-18 row for WaNet and a ResNet-32 row for DFST (the real DFST; guard's is a colour-style
           substitute) — the numbers are beside them, not the same experiment.
@@ -47,7 +50,7 @@ from guard.models import create
 from guard.repair import MothConfig, create_defense, split_trusted
 from guard.sweep import Grid
 from guard.train import TrainConfig, train
-from victims import add_sweep_arguments, job_resources, run_grid  # benchmarks/victims.py: the shared helpers
+from victims import RECIPES, add_sweep_arguments, job_resources, results_name, run_grid  # benchmarks/victims.py
 
 # ----------------------------------------------------------------------------------------- parameters
 SEED = 0
@@ -118,8 +121,9 @@ def pass_sizes(model, heldout, device, sizes=PASS_SIZES, steps: int = 3) -> dict
     return rates
 
 
-def strong_victim(root: Path, name: str, train_set, device, quick: bool):
-    """(model, attack): from the shared victim cache, or with --quick a victim fine-tuned here for seconds."""
+def strong_victim(root: Path, name: str, train_set, device, quick: bool, recipe: str = "finetune"):
+    """(model, attack): the ``recipe`` victim from the shared cache, or with --quick one fine-tuned here for
+    seconds."""
     if quick:
         attack = create_attack(name, target=0, **ATTACKS[name])
         subset = train_set.subset(torch.randperm(len(train_set), generator=torch.Generator().manual_seed(SEED))
@@ -131,8 +135,13 @@ def strong_victim(root: Path, name: str, train_set, device, quick: bool):
         return model, attack
     from victims import victim  # benchmarks/victims.py: the shared cache of strong victims
 
-    v = victim(name, target=0, **ATTACKS[name])
+    v = victim(name, recipe=recipe, target=0, **ATTACKS[name])
     return create(MODEL, weights=v.weights).to(device), load_record(v.record)
+
+
+def row_name(attack: str, recipe: str) -> str:
+    """A row's key in the JSON: the attack, suffixed by the victim recipe unless it is the default."""
+    return attack if recipe == "finetune" else f"{attack}-{recipe}"
 
 
 def moth_row(name: str, root: Path, train_set, heldout, device, args) -> dict:
@@ -143,7 +152,7 @@ def moth_row(name: str, root: Path, train_set, heldout, device, args) -> dict:
     config = (MothConfig(**QUICK["moth"]) if quick else
               MothConfig.reference(epochs=args.epochs) if args.moth == "reference" else MothConfig(epochs=args.epochs))
     distance = (ClassDistanceConfig(**QUICK["distance"], pairs=QUICK["pairs"]) if quick else ClassDistanceConfig())
-    model, attack = strong_victim(root, name, train_set, device, quick)
+    model, attack = strong_victim(root, name, train_set, device, quick, args.victims)
     before = evaluate_backdoor(model, attack, heldout, device=device)
     started = time.perf_counter()
     result = create_defense("moth", config=config).defend(model, trusted, eval_set=heldout,
@@ -152,6 +161,11 @@ def moth_row(name: str, root: Path, train_set, heldout, device, args) -> dict:
     sync(device)
     seconds = time.perf_counter() - started
     after = evaluate_backdoor(result.model, attack, heldout, device=device)
+    steps = result.details["hardening_steps"]  # the control: the same steps, data and optimizer, nothing stamped
+    control = create_defense("fine-tune", steps=steps, eval_every=steps, lr=config.lr, batch_size=config.batch_size,
+                             augment=config.augment, max_cda_drop=0.99).defend(
+        model, trusted, eval_set=heldout, generator=torch.Generator().manual_seed(SEED), device=device)
+    tuned = evaluate_backdoor(control.model, attack, heldout, device=device)
     measure = ClassDistance(distance)
     d_before = measure.measure(model, heldout, generator=torch.Generator().manual_seed(SEED), device=device)
     d_after = measure.measure(result.model, heldout, generator=torch.Generator().manual_seed(SEED), device=device)
@@ -159,8 +173,11 @@ def moth_row(name: str, root: Path, train_set, heldout, device, args) -> dict:
     enlargement = d_after.enlargement(d_before)
     return {
         "attack": attack.name, "config": json.loads(json.dumps(dataclasses.asdict(attack.config), default=str)),
+        "victim_recipe": "quick" if quick else args.victims,
         "cda_before": before["cda"], "asr_before": before["asr_nontarget"],
         "cda_after": after["cda"], "asr_after": after["asr_nontarget"],
+        "fine_tune_control": {"steps": steps, "lr": config.lr, "cda_after": tuned["cda"],
+                              "asr_after": tuned["asr_nontarget"]},
         "strong_victim": before["asr_nontarget"] >= 0.9,
         "table8": {"model": paper[0], "acc_before": paper[1], "asr_before": paper[2], "acc_after": paper[3],
                    "asr_after": paper[4]},
@@ -186,26 +203,27 @@ def moth_job(attack: str, settings: dict) -> dict:
 def moth_part(args, device, results: dict, save) -> None:
     """Every attack's row as a guard.sweep job (victims built first, here, since rows share the cache)."""
     rows = results.setdefault("moth", {})
-    names = [n for n in (QUICK["attacks"] if args.quick else args.attacks) if n not in rows]
+    names = [n for n in (QUICK["attacks"] if args.quick else args.attacks) if row_name(n, args.victims) not in rows]
     if not args.quick:
         from victims import victim  # benchmarks/victims.py: the shared cache of strong victims
 
         for name in names:
-            victim(name, target=0, **ATTACKS[name])
-    settings = {k: getattr(args, k) for k in ("quick", "trusted_fraction", "moth", "epochs", "device")}
+            victim(name, recipe=args.victims, target=0, **ATTACKS[name])
+    settings = {k: getattr(args, k) for k in ("quick", "trusted_fraction", "moth", "epochs", "device", "victims")}
     grid = Grid(name="moth", function=f"{Path(__file__).resolve()}:moth_job", params={"settings": settings},
                 points=[{"attack": n} for n in names],
                 resources=job_resources(args.threads, device))
     for done in run_grid(grid, args):
-        name = done.job.params["attack"]
+        name = row_name(done.job.params["attack"], args.victims)
         if not done.ok:
             print(f"FAILED {name}: {done.record['error']}", flush=True)
             continue
         row = rows[name] = done.result
         print(f"{name}: CDA {row['cda_before']:.3f} -> {row['cda_after']:.3f}, ASR {row['asr_before']:.3f} -> "
               f"{row['asr_after']:.3f} (Table 8 {row['table8']['model']}: {row['table8']['asr_before']:.3f} -> "
-              f"{row['table8']['asr_after']:.3f}); distance {row['distance_mean_before']:.1f} -> "
-              f"{row['distance_mean_after']:.1f}; MOTH {row['moth_seconds']:.0f}s", flush=True)
+              f"{row['table8']['asr_after']:.3f}; fine-tuning alone: {row['fine_tune_control']['asr_after']:.3f}); "
+              f"distance {row['distance_mean_before']:.1f} -> {row['distance_mean_after']:.1f}; "
+              f"MOTH {row['moth_seconds']:.0f}s", flush=True)
         save()
 
 
@@ -241,6 +259,10 @@ def plot(results: dict, path: Path) -> None:
         ax.bar((x + offset).tolist(), [rows[n][key] for n in names], width=0.2, label=label)
     ax.scatter((x - 0.1).tolist(), [rows[n]["table8"]["asr_after"] for n in names], marker="*", color="k",
                zorder=3, label="Table 8 ASR after")
+    controlled = [i for i, n in enumerate(names) if "fine_tune_control" in rows[n]]
+    ax.scatter([x[i].item() - 0.1 for i in controlled],
+               [rows[names[i]]["fine_tune_control"]["asr_after"] for i in controlled], marker="_", s=300,
+               color="r", zorder=3, label="ASR after fine-tuning alone")
     ax.set_xticks(x.tolist(), names)
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=7)
@@ -259,13 +281,17 @@ def main() -> None:
     parser.add_argument("--moth", choices=("default", "reference"), default="default",
                         help="MothConfig() (a CPU budget) or MothConfig.reference() (the MOTH code's, a GPU budget)")
     parser.add_argument("--epochs", type=int, default=MothConfig.epochs, help="MOTH epochs over the trusted set")
+    parser.add_argument("--victims", choices=sorted(RECIPES), default="finetune",
+                        help="the victims' recipe (benchmarks/victims.py): fine-tuned from the pretrained ResNet-20 "
+                             "(default) or trained from scratch as Table 8's")
     parser.add_argument("--trusted-fraction", type=float, default=TRUSTED_FRACTION,
                         help=f"class-stratified share of the training set MOTH trains on (default {TRUSTED_FRACTION}; "
                              "the MOTH code: 1)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
     add_sweep_arguments(parser)
-    parser.add_argument("--out", default=None, help="results name (default moth_cifar10[_quick]; .json/.png)")
+    parser.add_argument("--out", type=results_name,
+                        default=None, help="results name (default moth_cifar10[_quick]; .json/.png)")
     args = parser.parse_args()
     args.attacks = [a for a in args.attacks.split(",") if a]
     unknown = [a for a in args.attacks if a not in ATTACKS]

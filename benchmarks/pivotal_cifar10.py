@@ -34,7 +34,7 @@ from defenses_cifar10 import (ATTACKS, HELDOUT_IMAGES, SEED,  # the same victims
 from guard.repair import PivotalTuningConfig, create_defense
 from guard.sweep import Grid
 from guard.train import evaluate
-from victims import add_sweep_arguments, job_resources, pick_device, run_grid
+from victims import add_sweep_arguments, job_resources, pick_device, results_name, run_grid
 
 OUT = Path(__file__).parent / "results"
 DEFAULT_GRID = "lr=0.01,0.001;slol_lambda=0.1,0.01,0.001,0;param_lambda=20000,1000000"
@@ -131,7 +131,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
     add_sweep_arguments(parser)
-    parser.add_argument("--out", default="pivotal_cifar10", help="results name in benchmarks/results/")
+    parser.add_argument("--out", type=results_name,
+                        default="pivotal_cifar10", help="results name in benchmarks/results/")
     args = parser.parse_args()
     grid = parse_grid(args.grid)
     table5 = {"lr": PivotalTuningConfig.lr, "slol_lambda": PivotalTuningConfig.slol_lambda,

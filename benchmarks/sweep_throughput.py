@@ -27,7 +27,8 @@ import torch
 
 import guard
 from guard.sweep import Grid, Resources, run_sweep
-from victims import CACHE, DEFENSE_VICTIMS, data_root  # benchmarks/victims.py: the shared cache of strong victims
+# benchmarks/victims.py: the shared cache of strong victims and the benchmarks' helpers
+from victims import CACHE, DEFENSE_VICTIMS, data_root, results_name
 
 OUT = Path(__file__).parent / "results"
 METRICS = ("accuracy", "defended_accuracy")
@@ -91,7 +92,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2, help="threads of the machine (serial jobs use them all)")
     parser.add_argument("--parallel", type=int, default=2, help="Ray jobs at a time (each on threads/parallel)")
-    parser.add_argument("--out", default="sweep_throughput")
+    parser.add_argument("--out", type=results_name, default="sweep_throughput")
     args = parser.parse_args()
     points = zoo(args.attacks.split(",") if args.attacks else None)
     if not points:
