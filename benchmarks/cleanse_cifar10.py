@@ -11,6 +11,9 @@ What:      for each poisoned CIFAR-10 training set — Xiang's imperceptible pat
 Victims:   ``victims.victim`` — the pretrained ResNet-20 fine-tuned on the FULL poisoned training set (undefended
            ASR >= 0.9): 3 epochs, 8 for C1 and D1 (VICTIM_EPOCHS), whose small single-source patterns do not take
            hold in 3; the clean row is the pretrained ResNet-20 itself (trained on the clean set).
+           ``--victims scratch``: a ResNet-20 trained from scratch on it instead (the victims' scratch recipe, 30
+           epochs), as the seed's are; Step 0 (``--step0 recipe``) and the retraining then follow that recipe too
+           (hours per row on 2 CPU cores, minutes on a GPU). Give such a run its own ``--out``.
 Defender:  RE's Step 0 (§5.2.1: the victim's training, without augmentation, so that the model carries the exact
            pattern rather than its shifted copies); SS, AC and CI inspect the same model, as in the seed.
            ``--step0 scratch`` (default): a randomly initialised ResNet-20 trained without augmentation
@@ -62,8 +65,8 @@ from guard.sweep import Grid
 from guard.train import TrainConfig, evaluate, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from victims import (CACHE, RECIPE, WEIGHTS, add_sweep_arguments, data_root, job_resources,  # noqa: E402
-                     results_name, run_grid, victim)
+from victims import (CACHE, RECIPES, WEIGHTS, add_sweep_arguments, data_root, job_resources,  # noqa: E402
+                     results_name, run_grid, train_config, victim)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 0
@@ -88,10 +91,18 @@ ROWS = {
 VICTIM_EPOCHS = {"C1": 8, "D1": 8}
 
 
-def row_victim(row: str):
-    """The cached victim of ``row`` (victims.victim: built once, shared with every benchmark)."""
+def row_victim(row: str, recipe: str = "finetune"):
+    """The cached victim of ``row`` trained by ``recipe`` (victims.victim: built once, shared with every
+    benchmark)."""
     attack_name, options = ROWS[row]
-    return victim(attack_name, epochs=VICTIM_EPOCHS.get(row), **options)
+    return victim(attack_name, recipe=recipe, epochs=row_epochs(row, recipe), **options)
+
+
+def row_epochs(row: str, recipe: str) -> int:
+    """The epochs of ``row``'s victim: VICTIM_EPOCHS for the fine-tuned ones, else the recipe's."""
+    return VICTIM_EPOCHS.get(row, RECIPES[recipe]["epochs"]) if recipe == "finetune" else RECIPES[recipe]["epochs"]
+
+
 #: Xiang et al., compact ResNet-18 (ALGORITHMS.md T11–T13): detection, TPR/FPR (%), retrained ASR/ACC (%)
 PAPER = {
     "A1": {"re": ("✓", (93.6, 20.9), (1.9, 90.2)), "ss": (None, (29.6, 17.0), (94.8, 90.3)),
@@ -128,7 +139,7 @@ def quick_victim(attack_name: str, options: dict, train_set, root: Path, work: P
     attack = create_attack(attack_name, **options)
     poisoned = attack.poison(train_set, torch.Generator().manual_seed(SEED))
     model = create("resnet20", weights=root / WEIGHTS)
-    train(model, poisoned.dataset, recipe(1),
+    train(model, poisoned.dataset, train_config(epochs=1),
           generator=torch.Generator().manual_seed(SEED), progress=True)
     weights = save_weights(model, work / f"quick-{attack_name}.pt")
     record = {**poisoned.record(), "seed": SEED, "train_images": len(train_set), "split": "train"}
@@ -141,20 +152,14 @@ def asr_of(model, attack, test_set) -> dict:
     return {"cda": scores["cda"], "asr": asr}
 
 
-def recipe(epochs: int, augment: bool = True) -> TrainConfig:
-    """The victims' training recipe (benchmarks/victims.py)."""
-    return TrainConfig.finetune(epochs=epochs, lr=RECIPE["lr"], momentum=RECIPE["momentum"],
-                                weight_decay=RECIPE["weight_decay"], batch_size=RECIPE["batch_size"],
-                                schedule=RECIPE["schedule"], augment=augment)
-
-
 def step0(suspect, record, args, root: Path):
     """RE's Step 0 (§5.2.1), the model every method inspects: ``--step0 recipe`` trains the victims' recipe
-    from the pretrained weights with augmentation off; ``scratch`` trains a randomly initialised ResNet-20
+    (from the pretrained weights for fine-tuned victims) with augmentation off; ``scratch`` trains a randomly
+    initialised ResNet-20
     (``TrainConfig.scratch``: SGD lr 0.1, cosine) without augmentation, as the seed does. Cached beside the
     victims, keyed by the row's record and the training; returns (model, seconds the training took)."""
     epochs = 1 if args.quick else args.step0_epochs
-    config = (recipe(epochs, augment=False) if args.step0 == "recipe"
+    config = (train_config(args.victims, epochs=epochs, augment=False) if args.step0 == "recipe"
               else TrainConfig.scratch(epochs=epochs, augment=False))
     key = json.dumps({"record": record, "step0": args.step0, "config": repr(config), "seed": SEED}, sort_keys=True,
                      default=str)
@@ -162,7 +167,7 @@ def step0(suspect, record, args, root: Path):
     meta = cached.with_name(cached.name + ".json")
     if cached.is_file() and meta.is_file() and not args.quick:
         return create("resnet20", weights=cached).to(args.device), json.loads(meta.read_text())["seconds"]
-    model = create("resnet20", weights=root / WEIGHTS if args.step0 == "recipe" else None,
+    model = create("resnet20", weights=root / WEIGHTS if config.mode == "finetune" else None,
                    generator=torch.Generator().manual_seed(SEED)).to(args.device)
     started = time.perf_counter()
     train(model, suspect, config, generator=torch.Generator().manual_seed(SEED), progress=True)
@@ -175,11 +180,13 @@ def step0(suspect, record, args, root: Path):
     return model, seconds
 
 
-def retrain(kept, root: Path, epochs: int, attack, test_set, device) -> dict:
+def retrain(kept, root: Path, epochs: int, attack, test_set, device, victims: str = "finetune") -> dict:
     """The victims' recipe on the cleansed set (see the header)."""
-    model = create("resnet20", weights=root / WEIGHTS).to(device)
+    config = train_config(victims, epochs=epochs)
+    model = create("resnet20", weights=root / WEIGHTS if config.mode == "finetune" else None,
+                   generator=torch.Generator().manual_seed(SEED)).to(device)
     started = time.perf_counter()
-    train(model, kept, recipe(epochs), generator=torch.Generator().manual_seed(SEED), progress=True)
+    train(model, kept, config, generator=torch.Generator().manual_seed(SEED), progress=True)
     sync(device)
     out = asr_of(model, attack, test_set) if attack is not None else {"cda": evaluate(model, test_set)}
     return {**out, "train_images": len(kept), "seconds": round(time.perf_counter() - started, 1)}
@@ -197,7 +204,7 @@ def run_row(row: dict, spec, args, train_set, test_set, root: Path, work: Path, 
         if args.quick:
             weights, record = quick_victim(attack_name, options, train_set, root, work)
         else:
-            v = row_victim(name)
+            v = row_victim(name, args.victims)
             weights, record = v.weights, json.loads(Path(v.record).read_text())
         poisoned = suspect_from_record(record, train_set)
         attack = attack_from_record(record)
@@ -240,7 +247,7 @@ def run_row(row: dict, spec, args, train_set, test_set, root: Path, work: Path, 
                 entry["pattern_mse_per_pixel"] = float((result.pattern - true).square().mean())
         if args.retrain and method in args.retrain_methods:
             entry["retrained"] = (retrain(removal.cleansed(suspect), root, args.retrain_epochs, attack, test_set,
-                                          args.device) if removal.removed.numel() else
+                                          args.device, args.victims) if removal.removed.numel() else
                                   {**undefended, "note": "nothing removed: the undefended model"})
         row["methods"][method] = entry
         save()
@@ -331,7 +338,7 @@ def row_job(row: str, settings: dict) -> dict:
     if args.quick:
         train_set = train_set.subset(range(5000))
     spec = QUICK_A1 if args.quick and row == "A1" else ROWS[row]
-    epochs = VICTIM_EPOCHS.get(row, RECIPE["epochs"])
+    epochs = row_epochs(row, args.victims)
     if args.step0_epochs is None:
         args.step0_epochs = epochs if args.step0 == "recipe" else SCRATCH_EPOCHS
     if args.retrain_epochs is None:
@@ -356,6 +363,9 @@ def main() -> None:
     parser.add_argument("--retrain-epochs", type=int, default=None,
                         help="epochs of the retraining (default: those of the row's victim)")
     parser.add_argument("--retrain-methods", default=",".join(METHODS), help="methods whose cleansed set is retrained")
+    parser.add_argument("--victims", choices=sorted(RECIPES), default="finetune",
+                        help="the victims' recipe (benchmarks/victims.py): fine-tuned from the pretrained ResNet-20 "
+                             "(default) or trained from scratch; Step 0 recipe and the retraining follow it")
     parser.add_argument("--step0", choices=("recipe", "scratch"), default="scratch",
                         help="Step 0's model: the victims' recipe from the pretrained weights, or from scratch "
                              "(both without augmentation; see step0())")
@@ -390,7 +400,8 @@ def main() -> None:
     if args.quick:
         rows = ["A1", "clean"]
     results = {"benchmark": "cleanse_cifar10", "quick": args.quick, "seed": SEED,
-               "step0": {"model": args.step0, "epochs": args.step0_epochs}, "recipe": RECIPE,
+               "step0": {"model": args.step0, "epochs": args.step0_epochs}, "victims": args.victims,
+               "recipe": RECIPES[args.victims],
                "retrain_epochs": retrain_epochs, "paper_compact": PAPER, "hardware": hardware_of(device), "rows": []}
     if out_json.is_file() and not args.quick:  # resume: keep the rows already measured
         results["rows"] = [r for r in json.loads(out_json.read_text())["rows"] if r["row"] in ROWS]
@@ -399,10 +410,10 @@ def main() -> None:
     if not args.quick:  # victims are built here, once, before the rows run in parallel
         for row in rows:
             if ROWS[row] is not None and row not in done:
-                row_victim(row)
+                row_victim(row, args.victims)
     settings = {"methods": methods, "retrain": args.retrain, "retrain_methods": retrain_methods,
                 "retrain_epochs": retrain_epochs, "step0": args.step0, "step0_epochs": args.step0_epochs,
-                "quick": args.quick, "device": args.device}
+                "quick": args.quick, "device": args.device, "victims": args.victims}
     grid = Grid(name=name, function=f"{Path(__file__).resolve()}:row_job", params={"settings": settings},
                 points=[{"row": r} for r in rows if r not in done],
                 resources=job_resources(args.threads, device),

@@ -36,6 +36,7 @@ import torch
 from guard.attacks import get_attack, parse_options
 from guard.cli import main as guard_main
 from guard.sweep import Grid, JobResult, Resources, iter_sweep
+from guard.train import TrainConfig
 
 CACHE = Path(__file__).parent / "results" / "victims"
 WEIGHTS = "weights/resnet20-12fca82f.th"
@@ -95,6 +96,15 @@ def results_name(value: str) -> str:
 
 def data_root() -> Path:
     return Path(os.environ.get("GUARD_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def train_config(recipe: str = "finetune", *, epochs: int | None = None, augment: bool = True) -> TrainConfig:
+    """The training of a victim recipe (``guard poison``'s, for the cached victims), e.g. to retrain a cleansed set
+    the way its victim was trained."""
+    r = RECIPES[recipe]
+    preset = TrainConfig.finetune if r["mode"] == "finetune" else TrainConfig.scratch
+    return preset(epochs=r["epochs"] if epochs is None else epochs, lr=r["lr"], momentum=r["momentum"],
+                  weight_decay=r["weight_decay"], batch_size=r["batch_size"], schedule=r["schedule"], augment=augment)
 
 
 def stamp_sources(attack, dataset):
