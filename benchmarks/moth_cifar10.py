@@ -265,7 +265,7 @@ def plot(results: dict, path: Path) -> None:
                color="r", zorder=3, label="ASR after fine-tuning alone")
     ax.set_xticks(x.tolist(), names)
     ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3)
     ax.set_title("MOTH on strong victims (non-target ASR)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
