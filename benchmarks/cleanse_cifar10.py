@@ -100,7 +100,8 @@ def row_victim(row: str, recipe: str = "finetune"):
 
 def row_epochs(row: str, recipe: str) -> int:
     """The epochs of ``row``'s victim: VICTIM_EPOCHS for the fine-tuned ones, else the recipe's."""
-    return VICTIM_EPOCHS.get(row, RECIPES[recipe]["epochs"]) if recipe == "finetune" else RECIPES[recipe]["epochs"]
+    epochs = RECIPES[recipe]["epochs"]
+    return VICTIM_EPOCHS.get(row, epochs) if recipe == "finetune" else epochs
 
 
 #: Xiang et al., compact ResNet-18 (ALGORITHMS.md T11–T13): detection, TPR/FPR (%), retrained ASR/ACC (%)
@@ -155,9 +156,9 @@ def asr_of(model, attack, test_set) -> dict:
 def step0(suspect, record, args, root: Path):
     """RE's Step 0 (§5.2.1), the model every method inspects: ``--step0 recipe`` trains the victims' recipe
     (from the pretrained weights for fine-tuned victims) with augmentation off; ``scratch`` trains a randomly
-    initialised ResNet-20
-    (``TrainConfig.scratch``: SGD lr 0.1, cosine) without augmentation, as the seed does. Cached beside the
-    victims, keyed by the row's record and the training; returns (model, seconds the training took)."""
+    initialised ResNet-20 (``TrainConfig.scratch``: SGD lr 0.1, cosine) without augmentation, as the seed does.
+    Cached beside the victims, keyed by the row's record and the training; returns (model, seconds the training
+    took)."""
     epochs = 1 if args.quick else args.step0_epochs
     config = (train_config(args.victims, epochs=epochs, augment=False) if args.step0 == "recipe"
               else TrainConfig.scratch(epochs=epochs, augment=False))

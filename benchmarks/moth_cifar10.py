@@ -161,7 +161,9 @@ def moth_row(name: str, root: Path, train_set, heldout, device, args) -> dict:
     sync(device)
     seconds = time.perf_counter() - started
     after = evaluate_backdoor(result.model, attack, heldout, device=device)
-    steps = result.details["hardening_steps"]  # the control: the same steps, data and optimizer, nothing stamped
+    # the control: the same steps, data and optimizer, nothing stamped; evaluated once at the end and, like MOTH
+    # here, never stopped for CDA (max_cda_drop 0.99)
+    steps = result.details["hardening_steps"]
     control = create_defense("fine-tune", steps=steps, eval_every=steps, lr=config.lr, batch_size=config.batch_size,
                              augment=config.augment, max_cda_drop=0.99).defend(
         model, trusted, eval_set=heldout, generator=torch.Generator().manual_seed(SEED), device=device)

@@ -133,20 +133,20 @@ def victim(attack: str, *, recipe: str = "finetune", epochs: int | None = None, 
     (default: the recipe's), built now if missing; see the module docstring."""
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {recipe!r}")
-    recipe = dict(RECIPES[recipe], **({} if epochs is None else {"epochs": epochs}))
-    out = CACHE / f"{attack}-{cache_key(attack, options, recipe)}.pt"
+    training = dict(RECIPES[recipe], **({} if epochs is None else {"epochs": epochs}))
+    out = CACHE / f"{attack}-{cache_key(attack, options, training)}.pt"
     record = out.with_name(out.name + ".json")
     done = record.is_file() and "cda" in json.loads(record.read_text())
     if not done:
         root = data_root()
         CACHE.mkdir(parents=True, exist_ok=True)
         argv = ["poison", "--attack", attack, *(a for k, v in options.items() for a in ("--attack-opt", f"{k}={v}")),
-                "--model", recipe["model"], "--mode", recipe["mode"],
-                *(["--weights", str(root / WEIGHTS)] if recipe["mode"] == "finetune" else []),
-                "--data-dir", str(root), "--eval-split", recipe["eval_split"], "--seed", str(recipe["seed"]),
+                "--model", training["model"], "--mode", training["mode"],
+                *(["--weights", str(root / WEIGHTS)] if training["mode"] == "finetune" else []),
+                "--data-dir", str(root), "--eval-split", training["eval_split"], "--seed", str(training["seed"]),
                 "--out", str(out), "--json", *([] if progress else ["--no-progress"])]
         for flag in ("epochs", "lr", "momentum", "weight_decay", "batch_size", "schedule"):
-            argv += [f"--{flag.replace('_', '-')}", str(recipe[flag])]
+            argv += [f"--{flag.replace('_', '-')}", str(training[flag])]
         if out.is_file() and record.is_file():
             argv.append("--resume")
         if guard_main(argv) != 0:
