@@ -12,14 +12,21 @@ What:     per attack (--attacks) the strong victim from the shared cache (benchm
           and IBD-PSC. Per detector: ROC AUC, TPR at 5 % FPR on the ROC curve, TPR and the realized FPR at the
           calibrated threshold (discrete scores such as SCALE-UP's tie at it, so it may flag less), forward
           passes per input and images per second of ``score``.
+Transfer: rows ``transfer-fc`` and ``transfer-bp`` are the clean-label transfer attacks of ReScaler's Table 1
+          (benchmarks/rescaler_cifar10.py's goals on ResNet-20, crafted here if not cached; --goals, default
+          TRANSFER_GOALS). Each goal has its own victim (the backbone with the goal's fine-tuned head) and one
+          triggered input, its target image, counted where the goal succeeded. Per successful goal the detector
+          fits on that victim with the fit images, and scores the target with CALIBRATION_PER_GOAL calibration
+          and CLEAN_PER_GOAL clean evaluation images, taken in turn from the same splits (the target left
+          out); the scores are pooled over the goals, one threshold set on the pooled calibration scores.
 Hardware: one job per (attack, detector), run as a guard.sweep grid: Ray tasks of --threads CPUs each (one GPU
           each when CUDA is available) on a local Ray or --address; --serial runs them here one by one. A job
           holds its --threads CPUs alone, so its images/s is not shared with another job (on 2 cores, with the
           default --threads 2, the jobs run one at a time).
 Output:   benchmarks/results/detect_cifar10.json and .png (ROC curves per attack, AUC bars); the JSON accumulates,
           so an interrupted run resumes (a detector already measured on an attack with the same config is kept).
-Run:      GUARD_DATA_DIR=../shared/data python benchmarks/detect_cifar10.py [--attacks badnets,blend]
-          [--detectors strip,scale-up] [--threads 2]
+Run:      GUARD_DATA_DIR=../shared/data python benchmarks/detect_cifar10.py [--attacks badnets,blend,transfer-fc]
+          [--detectors strip,scale-up] [--threads 2] [--goals 30]
 """
 
 from __future__ import annotations
@@ -38,10 +45,11 @@ from sklearn.metrics import roc_auc_score, roc_curve
 import guard
 from guard.attacks import load_record
 from guard.data import load_dataset
-from guard.detect import create_input_detector, get_input_detector, list_input_detectors
+from guard.detect import calibrate_threshold, create_input_detector, get_input_detector, list_input_detectors
 from guard.models import create
 from guard.sweep import Grid
 from guard.train import predict
+from rescaler_cifar10 import Setting, goal_path, make_attack, pending_chunks, restore_victim
 # benchmarks/victims.py: the shared cache of strong victims and the helpers every benchmark uses
 from victims import (DEFENSE_VICTIMS, add_sweep_arguments, data_root, job_resources, pick_device, results_name,
                      run_grid, stamp_sources, victim)
@@ -50,6 +58,9 @@ ATTACKS = DEFENSE_VICTIMS
 #: detectors measured beyond the registry defaults: name -> (registered detector, options)
 VARIANTS = {"rescaler-penultimate": ("rescaler", {"feature": "penultimate"}), "rescaler-drop": ("rescaler", {"feature": "drop"})}
 FIT_IMAGES, CALIBRATION_IMAGES, FPR, SEED = 400, 300, 0.05, 0
+#: transfer-attack rows -> the Table 1 attack of rescaler_cifar10.py whose ResNet-20 goals they score
+TRANSFER = {"transfer-fc": "fc", "transfer-bp": "bp"}
+TRANSFER_MODEL, TRANSFER_GOALS, CALIBRATION_PER_GOAL, CLEAN_PER_GOAL = "resnet20", 30, 10, 15
 OUT = Path(__file__).parent / "results"
 
 
@@ -88,18 +99,72 @@ def measure(name: str, options: dict, model, fit: torch.Tensor, calibration: tor
     started = time.perf_counter()
     s_clean, s_trig = detector.score(clean), detector.score(stamped)
     seconds = time.perf_counter() - started
+    return {"config": json.loads(json.dumps(dataclasses.asdict(detector.config))),
+            **separation(s_clean, s_trig, threshold), "forward_passes": detector.forward_passes,
+            "images_per_second": round((len(s_clean) + len(s_trig)) / seconds, 1),
+            "fit_seconds": round(fit_seconds, 1)}
+
+
+def separation(s_clean: torch.Tensor, s_trig: torch.Tensor, threshold: float) -> dict:
+    """ROC AUC, TPR at FPR on the ROC curve, and TPR / realized FPR at the calibrated ``threshold``."""
     y = np.r_[np.zeros(len(s_clean)), np.ones(len(s_trig))]
     s = np.r_[s_clean.numpy(), s_trig.numpy()]
     fpr, tpr, _ = roc_curve(y, s)
     keep = np.linspace(0, len(fpr) - 1, min(len(fpr), 200)).round().astype(int)  # a plot's worth of points
-    return {"config": json.loads(json.dumps(dataclasses.asdict(detector.config))),
-            "auc": round(float(roc_auc_score(y, s)), 4), "tpr_at_fpr": round(tpr_at(fpr, tpr), 4),
+    return {"auc": round(float(roc_auc_score(y, s)), 4), "tpr_at_fpr": round(tpr_at(fpr, tpr), 4),
             "threshold": threshold,
             "tpr": round(float((s_trig > threshold).double().mean()), 4),
             "fpr": round(float((s_clean > threshold).double().mean()), 4),
-            "forward_passes": detector.forward_passes, "images_per_second": round(len(s) / seconds, 1),
-            "fit_seconds": round(fit_seconds, 1), "roc": {"fpr": fpr[keep].round(4).tolist(),
-                                                          "tpr": tpr[keep].round(4).tolist()}}
+            "roc": {"fpr": fpr[keep].round(4).tolist(), "tpr": tpr[keep].round(4).tolist()}}
+
+
+def in_turn(indices: list[int], k: int, count: int) -> list[int]:
+    """The ``k``-th window of ``count`` of ``indices``, wrapping around: each goal scores other images."""
+    return [indices[(k * count + j) % len(indices)] for j in range(count)]
+
+
+def transfer_measure(row: str, name: str, options: dict, goals: int, device: torch.device) -> dict:
+    """Detector ``name`` on the cached successful goals of transfer row ``row`` (see the module docstring)."""
+    attack_name = TRANSFER[row]
+    root = data_root()
+    train_set = load_dataset("cifar10", root, split="train")
+    test = load_dataset("cifar10", root, split="test-lossless")
+    setting = Setting(TRANSFER_MODEL, train_set, test, goals, device)
+    records = [json.loads(goal_path(TRANSFER_MODEL, attack_name, i).read_text()) for i in range(goals)]
+    hits = [r for r in records if r["success"]]
+    counts = {"goals": goals, "successful": len(hits), "asr": round(len(hits) / goals, 4),
+              "victim_val_acc": round(float(np.mean([r["undefended_val_acc"] for r in records])), 4)}
+    if len(hits) < 5:
+        return {"skipped": f"{len(hits)} of {goals} goals succeed", "counts": counts}
+    attack = make_attack(attack_name)
+    scores = {"calibration": [], "clean": [], "triggered": []}
+    fit_seconds = seconds = 0.0
+    for k, r in enumerate(hits):
+        model = restore_victim(setting, attack_name, r["goal"], device)
+        split = {part: [i for i in range(lo, hi) if i != r["target_index"]] for part, (lo, hi) in
+                 {"fit": (0, FIT_IMAGES), "calibration": (FIT_IMAGES, FIT_IMAGES + CALIBRATION_IMAGES),
+                  "clean": (FIT_IMAGES + CALIBRATION_IMAGES, len(test))}.items()}
+        images = {part: test.images[index].float().div(255).to(device) for part, index in
+                  (("fit", split["fit"]), ("calibration", in_turn(split["calibration"], k, CALIBRATION_PER_GOAL)),
+                   ("clean", in_turn(split["clean"], k, CLEAN_PER_GOAL)))}
+        query = attack.target_input(test.images[r["target_index"]].float() / 255)[None].to(device)
+        detector = create_input_detector(name, **options)
+        started = time.perf_counter()
+        detector.fit(model, images["fit"], generator=torch.Generator().manual_seed(SEED))
+        fit_seconds += time.perf_counter() - started
+        scores["calibration"].append(detector.score(images["calibration"]))
+        started = time.perf_counter()
+        scored = detector.score(torch.cat([images["clean"], query]))
+        seconds += time.perf_counter() - started
+        scores["clean"].append(scored[:-1])
+        scores["triggered"].append(scored[-1:])
+    pooled = {part: torch.cat(s) for part, s in scores.items()}
+    counts.update(clean=len(pooled["clean"]), calibration=len(pooled["calibration"]))
+    return {"config": json.loads(json.dumps(dataclasses.asdict(detector.config))),
+            **separation(pooled["clean"], pooled["triggered"], calibrate_threshold(pooled["calibration"], FPR)),
+            "forward_passes": detector.forward_passes,
+            "images_per_second": round((len(pooled["clean"]) + len(hits)) / seconds, 1),
+            "fit_seconds": round(fit_seconds / len(hits), 1), "counts": counts}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -120,7 +185,9 @@ def plot(results: dict, path: Path) -> None:
         for n, d in row["detectors"].items():
             ax.plot(d["roc"]["fpr"], d["roc"]["tpr"], color=colours[n], label=f"{n} {d['auc']:.2f}")
         ax.plot([0, 1], [0, 1], ":", color="grey")
-        ax.set_title(f"{attack_name} (ASR {row['counts']['asr']:.2f})")
+        counts = row["counts"]
+        ax.set_title(f"{attack_name} ({counts['successful']}/{counts['goals']} goals succeed)" if "goals" in counts
+                     else f"{attack_name} (ASR {counts['asr']:.2f})")
         ax.set_xlabel("false positive rate")
         ax.set_ylabel("true positive rate")
         ax.legend(fontsize=7, loc="lower right")
@@ -141,7 +208,7 @@ def plot(results: dict, path: Path) -> None:
 
 def summarize(results: dict) -> dict:
     """Mean AUC, TPR at 5 % FPR (ROC) and TPR at the calibrated threshold of every detector over the attacks
-    that took hold (ASR >= 0.5 on the evaluation images)."""
+    that took hold (ASR >= 0.5 on the evaluation images; for a transfer row, half its goals succeed)."""
     rows = [r for r in results["attacks"].values() if r["counts"]["asr"] >= 0.5]
     names = sorted({d for r in rows for d in r["detectors"]})
 
@@ -155,10 +222,13 @@ def summarize(results: dict) -> dict:
             for n in names}
 
 
-def detect_job(attack: str, label: str, name: str, options: dict, device: str) -> dict:
+def detect_job(attack: str, label: str, name: str, options: dict, device: str, goals: int) -> dict:
     """One grid point, run by the sweep (a Ray task or the serial loop): detector ``name`` with ``options``
-    (reported as ``label``) on the cached victim of ``attack``."""
+    (reported as ``label``) on the cached victim of ``attack``, or on the first ``goals`` goals of a transfer
+    row."""
     device = pick_device(device)
+    if attack in TRANSFER:
+        return transfer_measure(attack, name, options, goals, device)
     test = load_dataset("cifar10", data_root(), split="test-lossless")
     fit = test.images[:FIT_IMAGES].float() / 255
     calibration = test.images[FIT_IMAGES:FIT_IMAGES + CALIBRATION_IMAGES].float() / 255
@@ -170,20 +240,36 @@ def detect_job(attack: str, label: str, name: str, options: dict, device: str) -
     return {**d, "counts": counts}
 
 
+def build_goals(rows: list[str], goals: int, args: argparse.Namespace) -> None:
+    """Craft the transfer rows' goals that rescaler_cifar10.py has not cached yet, with its chunk job."""
+    chunks = pending_chunks(TRANSFER_MODEL, [TRANSFER[r] for r in rows], goals, 10)
+    crafter = Path(__file__).resolve().with_name("rescaler_cifar10.py")
+    grid = Grid(name="detect-goals", function=f"{crafter}:chunk_job",
+                points=chunks, resources=job_resources(args.threads, pick_device(args.device)))
+    for done in run_grid(grid, args):
+        p = done.job.params
+        if not done.ok:
+            raise SystemExit(f"crafting {p['attack']} goals {p['indices']} failed: {done.record['error']}")
+        print(f"{p['attack']} goals {p['indices'][0] + 1}-{p['indices'][-1] + 1}/{goals}: "
+              f"{done.result['successes']} successes", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--attacks", default=",".join(ATTACKS))
+    parser.add_argument("--attacks", default=",".join([*ATTACKS, *TRANSFER]))
     parser.add_argument("--detectors", default=",".join(list_input_detectors()))
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of each job (its declared CPUs)")
+    parser.add_argument("--goals", type=int, default=TRANSFER_GOALS, help="goals of each transfer row")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
     add_sweep_arguments(parser)
     parser.add_argument("--out", type=results_name,
                         default="detect_cifar10", help="results name in benchmarks/results/")
     args = parser.parse_args()
     attacks, names = args.attacks.split(","), args.detectors.split(",")
-    unknown = [a for a in attacks if a not in ATTACKS] + [d for d in names if d not in list_input_detectors()]
+    unknown = [a for a in attacks if a not in {**ATTACKS, **TRANSFER}]
+    unknown += [d for d in names if d not in list_input_detectors()]
     if unknown:
-        raise SystemExit(f"unknown attacks/detectors {unknown}; attacks: {list(ATTACKS)}, "
+        raise SystemExit(f"unknown attacks/detectors {unknown}; attacks: {[*ATTACKS, *TRANSFER]}, "
                          f"detectors: {list_input_detectors()}")
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
@@ -194,18 +280,25 @@ def main() -> None:
                     "torch": torch.__version__, "guard": guard.__version__, "platform": platform.platform(),
                     "params": {"fit_images": FIT_IMAGES, "calibration_images": CALIBRATION_IMAGES,
                                "clean_evaluation_images": len(test) - FIT_IMAGES - CALIBRATION_IMAGES,
-                               "false_positive_rate": FPR, "seed": SEED}})
+                               "false_positive_rate": FPR, "seed": SEED, "transfer_model": TRANSFER_MODEL,
+                               "calibration_per_goal": CALIBRATION_PER_GOAL, "clean_per_goal": CLEAN_PER_GOAL}})
     results.setdefault("attacks", {})
     points = []
+    build_goals([a for a in attacks if a in TRANSFER], args.goals, args)
     for attack_name in attacks:  # victims are built here, once, before jobs that share them run in parallel
-        victim(attack_name, **ATTACKS[attack_name])
+        options = {"goals": args.goals} if attack_name in TRANSFER else ATTACKS[attack_name]
+        if attack_name in ATTACKS:
+            victim(attack_name, **options)
         row = results["attacks"].setdefault(attack_name, {"detectors": {}})
-        row["options"] = ATTACKS[attack_name]
+        if row.get("options", options) != options:  # measured on another victim: measure again
+            row["detectors"] = {}
+        row["options"] = options
         for label, (name, options) in variants(names).items():
             config = json.loads(json.dumps(dataclasses.asdict(get_input_detector(name).config_class(**options))))
             if row["detectors"].get(label, {}).get("config") != config:  # else measured by an earlier run
                 points.append({"attack": attack_name, "label": label, "name": name, "options": options})
-    grid = Grid(name=args.out, function=f"{Path(__file__).resolve()}:detect_job", params={"device": args.device},
+    grid = Grid(name=args.out, function=f"{Path(__file__).resolve()}:detect_job",
+                params={"device": args.device, "goals": args.goals},
                 points=points, resources=job_resources(args.threads, device),
                 out=OUT / f"{args.out}.sweep.json")
     for done in run_grid(grid, args):
