@@ -49,7 +49,7 @@ from guard.detect import calibrate_threshold, create_input_detector, get_input_d
 from guard.models import create
 from guard.sweep import Grid
 from guard.train import predict
-from rescaler_cifar10 import Setting, goal_path, make_attack, pending_chunks, restore_victim
+from rescaler_cifar10 import CHUNK, Setting, goal_path, make_attack, pending_chunks, restore_victim
 # benchmarks/victims.py: the shared cache of strong victims and the helpers every benchmark uses
 from victims import (DEFENSE_VICTIMS, add_sweep_arguments, data_root, job_resources, pick_device, results_name,
                      run_grid, stamp_sources, victim)
@@ -242,7 +242,7 @@ def detect_job(attack: str, label: str, name: str, options: dict, device: str, g
 
 def build_goals(rows: list[str], goals: int, args: argparse.Namespace) -> None:
     """Craft the transfer rows' goals that rescaler_cifar10.py has not cached yet, with its chunk job."""
-    chunks = pending_chunks(TRANSFER_MODEL, [TRANSFER[r] for r in rows], goals, 10)
+    chunks = pending_chunks(TRANSFER_MODEL, [TRANSFER[r] for r in rows], goals, CHUNK)
     crafter = Path(__file__).resolve().with_name("rescaler_cifar10.py")
     grid = Grid(name="detect-goals", function=f"{crafter}:chunk_job",
                 points=chunks, resources=job_resources(args.threads, pick_device(args.device)))
@@ -286,13 +286,13 @@ def main() -> None:
     points = []
     build_goals([a for a in attacks if a in TRANSFER], args.goals, args)
     for attack_name in attacks:  # victims are built here, once, before jobs that share them run in parallel
-        options = {"goals": args.goals} if attack_name in TRANSFER else ATTACKS[attack_name]
+        row_options = {"goals": args.goals} if attack_name in TRANSFER else ATTACKS[attack_name]
         if attack_name in ATTACKS:
-            victim(attack_name, **options)
+            victim(attack_name, **row_options)
         row = results["attacks"].setdefault(attack_name, {"detectors": {}})
-        if row.get("options", options) != options:  # measured on another victim: measure again
+        if row.get("options", row_options) != row_options:  # measured on another victim: measure again
             row["detectors"] = {}
-        row["options"] = options
+        row["options"] = row_options
         for label, (name, options) in variants(names).items():
             config = json.loads(json.dumps(dataclasses.asdict(get_input_detector(name).config_class(**options))))
             if row["detectors"].get(label, {}).get("config") != config:  # else measured by an earlier run
