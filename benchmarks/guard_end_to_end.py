@@ -11,6 +11,10 @@ Policies: plain            guard off, no detector: the undefended model
           rescaler         ReScaler's label, no detector (the endpoint before the policy)
           detect-refuse    guard off (one forward) with the detector: flagged requests get a 422
           rescaler-refuse  ReScaler's label with the detector: flagged requests get a 422
+          repaired         guard off, the label of the victim repaired by --repair (a registered repair defense
+                           on a class-stratified --trusted-fraction of the clean training set, its CDA budget
+                           on the calibration images; no trigger known, so the last point within the budget)
+          repaired-refuse  the repaired label with the detector: flagged requests get a 422
 Reports:  per victim and policy: the clean accuracy clients receive (a refused clean request is a wrong answer)
           and its loss against plain, the attack success clients receive (the target label answered to a
           triggered request; a refusal is a failure), refusal rates, images/s through the endpoint, and the
@@ -21,8 +25,10 @@ Reports:  per victim and policy: the clean accuracy clients receive (a refused c
 Hardware: CPU (the project's 2 cores: the server and the clients share them); TorchServe uses a GPU when one is
           visible.
 Output:   benchmarks/results/guard_end_to_end.json and .png; the JSON accumulates over runs (a victim already
-          measured with the same policies and false-positive rate is kept).
+          measured with the same false-positive rate, every asked policy and the same repair is kept); the repaired
+          weights are cached in runs/end_to_end/ATTACK/.
 Run:      GUARD_DATA_DIR=../shared/data python benchmarks/guard_end_to_end.py [--attacks badnets,blend] [--fpr 0.01]
+          [--policies plain,repaired,repaired-refuse] [--repair nc-pyp] [--trusted-fraction 0.01] [--scale 0.25]
 """
 
 from __future__ import annotations
@@ -45,16 +51,23 @@ import guard
 from guard.attacks import load_record
 from guard.data import load_dataset
 from guard.detect import TriggerDetector
-from guard.models import create
+from guard.models import create, save_weights
+from guard.repair import get_defense, list_defenses, split_trusted
 from guard.serving import GuardConfig, ServerSettings, TorchServe, build_archive, free_ports
 # benchmarks/victims.py: the shared cache of strong victims and the benchmarks' helpers
 from victims import DEFENSE_VICTIMS, data_root, results_name, stamp_sources, victim
+from defenses_cifar10 import scaled   # a defense's defaults with its step budgets shrunk
 
 ATTACKS = DEFENSE_VICTIMS
-#: policy -> (guard config, archive carries the detector)
+#: policy -> (guard config, archive carries the detector); an ``answer="repaired"`` archive also carries the
+#: victim repaired by --repair
 POLICIES = {"plain": (GuardConfig(enabled=False), False), "rescaler": (GuardConfig(), False),
             "detect-refuse": (GuardConfig(enabled=False, on_trigger="refuse"), True),
-            "rescaler-refuse": (GuardConfig(on_trigger="refuse"), True)}
+            "rescaler-refuse": (GuardConfig(on_trigger="refuse"), True),
+            "repaired": (GuardConfig(enabled=False, answer="repaired"), False),
+            "repaired-refuse": (GuardConfig(enabled=False, answer="repaired", on_trigger="refuse"), True)}
+#: the policies that need no repaired model
+SERVED_POLICIES = ("plain", "rescaler", "detect-refuse", "rescaler-refuse")
 CALIBRATION_IMAGES, CLIENTS, SEED = 700, 8, 0
 GOAL_ASR, GOAL_CLEAN_LOSS, TOOK_HOLD = 0.05, 0.02, 0.5
 OUT = Path(__file__).parent / "results"
@@ -99,27 +112,60 @@ def traffic(v, test) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     return evaluation.images, evaluation.labels, stamp_sources(attack, evaluation).images, attack.config.target
 
 
-def measure(attack_name: str, test, fpr: float, options: dict | None = None, label: str | None = None) -> dict:
-    """Every policy on the cached victim of ``attack_name`` built with ``options`` (default: ATTACKS'), served
-    from runs/end_to_end/``label`` (default: the attack's name)."""
+def repaired_weights(v, method: str, trusted_fraction: float, scale: float, heldout, run: Path) -> tuple[Path, dict]:
+    """Victim ``v`` repaired by the registered defense ``method`` (its defaults, step budgets times ``scale``:
+    defenses_cifar10.scaled) with a class-stratified ``trusted_fraction`` of the clean training set, the CDA
+    budget measured on ``heldout``; no ASR probe (the defender does not know the trigger), so the last point
+    within the budget. Cached in ``run``."""
+    out = run / f"repaired-{method}-{trusted_fraction:g}-{scale:g}.pt"
+    record = out.with_name(out.name + ".json")
+    if not record.is_file():
+        train_set = load_dataset("cifar10", data_root(), split="train")
+        trusted = split_trusted(train_set, trusted_fraction, torch.Generator().manual_seed(SEED))
+        model = create("resnet20", weights=v.weights)
+        result = get_defense(method)(scaled(method, scale)).defend(model, trusted, eval_set=heldout,
+                                                                    generator=torch.Generator().manual_seed(SEED))
+        save_weights(result.model, out)
+        record.write_text(json.dumps({**result.to_dict(), "trusted_images": len(trusted)}, indent=1))
+    return out, json.loads(record.read_text())
+
+
+def measure(attack_name: str, test, fpr: float, options: dict | None = None, label: str | None = None,
+            policies: tuple[str, ...] = SERVED_POLICIES, repair: str | None = None,
+            trusted_fraction: float = 0.01, scale: float = 1.0) -> dict:
+    """``policies`` (``plain`` among them) on the cached victim of ``attack_name`` built with ``options`` (default:
+    ATTACKS'), served from runs/end_to_end/``label`` (default: the attack's name); the ``answer="repaired"``
+    policies answer with the victim repaired by the defense ``repair`` (:func:`repaired_weights`)."""
+    if "plain" not in policies:
+        raise ValueError(f"the policies must include 'plain', the baseline of every other; got {list(policies)}")
+    needs_repair = [p for p in policies if POLICIES[p][0].answer == "repaired"]
+    if needs_repair and repair is None:
+        raise ValueError(f"policies {needs_repair} answer the repaired label; name the repair defense")
     options = ATTACKS[attack_name] if options is None else options
     v = victim(attack_name, **options)
     clean, labels, triggered, target = traffic(v, test)
     model = create("resnet20", weights=v.weights).eval()
+    calibration = test.subset(range(CALIBRATION_IMAGES))
     started = time.perf_counter()
-    detector = TriggerDetector.calibrate(model, test.images[:CALIBRATION_IMAGES].float() / 255,
+    detector = TriggerDetector.calibrate(model, calibration.images.float() / 255,
                                          false_positive_rate=fpr, generator=torch.Generator().manual_seed(SEED))
     calibrate_seconds = time.perf_counter() - started
     run = RUNS / (label or attack_name)
     detector_file = detector.save(run / "detector.safetensors")
+    repaired, repair_record = (repaired_weights(v, repair, trusted_fraction, scale, calibration, run) if needs_repair
+                               else (None, None))
     store = run / "store"
-    for policy, (config, with_detector) in POLICIES.items():
+    for policy in policies:
+        config, with_detector = POLICIES[policy]
+        answers_repaired = config.answer == "repaired"
         build_archive("resnet20", v.weights, store / f"{policy}.mar", config, force=True,
-                      detector=detector_file if with_detector else None)
+                      detector=detector_file if with_detector else None,
+                      repaired=repaired if answers_repaired else None,
+                      repaired_method=repair if answers_repaired else None)
     settings = ServerSettings(*free_ports(5), token_auth=False, batch_size=8, max_batch_delay_ms=20, threads=2)
     rows = {}
-    with TorchServe(run / "server", store, {p: f"{p}.mar" for p in POLICIES}, settings) as server:
-        for policy in POLICIES:
+    with TorchServe(run / "server", store, {p: f"{p}.mar" for p in policies}, settings) as server:
+        for policy in policies:
             clean_answers, clean_seconds = send(server, policy, clean)
             gauge_clean = target_gauge(server, policy, target)
             trig_answers, trig_seconds = send(server, policy, triggered)
@@ -148,6 +194,12 @@ def measure(attack_name: str, test, fpr: float, options: dict | None = None, lab
     return {"options": options, "target": target, "victim": {"cda": v.cda, "asr": v.asr},
             "requests": {"clean": len(clean), "triggered": len(triggered)}, "took_hold": took_hold,
             "detector": {**detector.metadata(), "calibrate_seconds": round(calibrate_seconds, 2)},
+            "repair": None if repair_record is None else {
+                "method": repair, "trusted_fraction": trusted_fraction, "scale": scale,
+                "trusted_images": repair_record["trusted_images"], "cda0": repair_record["cda0"],
+                "cda": repair_record["chosen"]["cda"],
+                "step": repair_record["chosen"]["step"], "stopped_early": repair_record["stopped_early"],
+                "seconds": round(repair_record["seconds"], 1)},
             "estimated_asr_truth": round(truth, 4), "policies": rows}
 
 
@@ -191,17 +243,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--attacks", default="badnets,blend,adaptive-blend,wanet,sig,refool,xiang")
     parser.add_argument("--fpr", type=float, default=0.01, help="the detector's calibrated false-positive rate")
+    parser.add_argument("--policies", default=",".join(POLICIES), help=f"a comma list of {list(POLICIES)}")
+    parser.add_argument("--repair", default="nc-pyp", choices=list_defenses("repair"),
+                        help="the repair defense of the repaired policies (its registry defaults)")
+    parser.add_argument("--trusted-fraction", type=float, default=0.01,
+                        help="the share of the clean training set the repair trusts (default 0.01)")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiply the repair's step budgets (default 1: its registry defaults)")
     parser.add_argument("--out", type=results_name,
                         default="guard_end_to_end", help="results name in benchmarks/results/")
     args = parser.parse_args()
-    attacks = args.attacks.split(",")
-    unknown = [a for a in attacks if a not in ATTACKS]
+    attacks, policies = args.attacks.split(","), tuple(args.policies.split(","))
+    unknown = [a for a in attacks if a not in ATTACKS] + [p for p in policies if p not in POLICIES]
     if unknown:
-        raise SystemExit(f"unknown attacks {unknown}; choose from {list(ATTACKS)}")
+        raise SystemExit(f"unknown attacks or policies {unknown}; choose from {list(ATTACKS)} and {list(POLICIES)}")
+    if not 0 < args.scale <= 1:
+        raise SystemExit(f"--scale must be in (0, 1], got {args.scale}")
+    if "plain" not in policies:
+        policies = ("plain", *policies)   # the baseline of every other policy
+    repair = args.repair if any(POLICIES[p][0].answer == "repaired" for p in policies) else None
     test = load_dataset("cifar10", data_root(), split="test-lossless")
     out_json = OUT / f"{args.out}.json"
     results = json.loads(out_json.read_text()) if out_json.is_file() else {}
-    if results.get("params", {}).get("fpr") != args.fpr or results.get("params", {}).get("policies") != list(POLICIES):
+    if results.get("params", {}).get("fpr") != args.fpr:
         results = {}
     results.update({"what": __doc__.splitlines()[0], "torch": torch.__version__, "guard": guard.__version__,
                     "platform": platform.platform(), "cuda": torch.cuda.is_available(),
@@ -211,9 +275,18 @@ def main() -> None:
                                                                     "took_hold": TOOK_HOLD}}})
     results.setdefault("attacks", {})
     for attack_name in attacks:
-        if attack_name in results["attacks"]:
+        row = results["attacks"].get(attack_name)
+        if row and set(policies) <= set(row["policies"]) and (
+                repair is None or (row.get("repair") or {}).get("method") == repair
+                and row["repair"]["trusted_fraction"] == args.trusted_fraction
+                and row["repair"].get("scale") == args.scale):
             continue
-        results["attacks"][attack_name] = measure(attack_name, test, args.fpr)
+        measured = measure(attack_name, test, args.fpr, policies=policies, repair=repair,
+                           trusted_fraction=args.trusted_fraction, scale=args.scale)
+        if row:   # the policies measured before and not now stay (their answers are the same model's)
+            measured["policies"] = {**row["policies"], **measured["policies"]}
+            measured["repair"] = measured["repair"] or row.get("repair")
+        results["attacks"][attack_name] = measured
         out_json.write_text(json.dumps(results, indent=1))
     out_json.write_text(json.dumps(results, indent=1))
     plot(results, OUT / f"{args.out}.png")
