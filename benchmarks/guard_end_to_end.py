@@ -233,9 +233,9 @@ def plot(results: dict, path: Path) -> None:
     for ax, title in zip(axes, ("attack success received by clients", "clean accuracy loss vs plain (points)")):
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(attacks))], attacks, rotation=20)
         ax.set_title(title)
-    axes[0].legend(fontsize=8)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(POLICIES) + 1, fontsize=8)
     fig.suptitle(f"guard end to end through TorchServe (trigger detector at {results['params']['fpr']:.0%} FPR)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=120)
 
 
