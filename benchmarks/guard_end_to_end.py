@@ -66,8 +66,9 @@ POLICIES = {"plain": (GuardConfig(enabled=False), False), "rescaler": (GuardConf
             "rescaler-refuse": (GuardConfig(on_trigger="refuse"), True),
             "repaired": (GuardConfig(enabled=False, answer="repaired"), False),
             "repaired-refuse": (GuardConfig(enabled=False, answer="repaired", on_trigger="refuse"), True)}
-#: the policies that need no repaired model
-SERVED_POLICIES = ("plain", "rescaler", "detect-refuse", "rescaler-refuse")
+#: the policies that answer the repaired model's label, and those that need no repaired model
+REPAIRED_POLICIES = tuple(p for p, (config, _) in POLICIES.items() if config.answer == "repaired")
+SERVED_POLICIES = tuple(p for p in POLICIES if p not in REPAIRED_POLICIES)
 CALIBRATION_IMAGES, CLIENTS, SEED = 700, 8, 0
 GOAL_ASR, GOAL_CLEAN_LOSS, TOOK_HOLD = 0.05, 0.02, 0.5
 OUT = Path(__file__).parent / "results"
@@ -138,7 +139,7 @@ def measure(attack_name: str, test, fpr: float, options: dict | None = None, lab
     policies answer with the victim repaired by the defense ``repair`` (:func:`repaired_weights`)."""
     if "plain" not in policies:
         raise ValueError(f"the policies must include 'plain', the baseline of every other; got {list(policies)}")
-    needs_repair = [p for p in policies if POLICIES[p][0].answer == "repaired"]
+    needs_repair = [p for p in policies if p in REPAIRED_POLICIES]
     if needs_repair and repair is None:
         raise ValueError(f"policies {needs_repair} answer the repaired label; name the repair defense")
     options = ATTACKS[attack_name] if options is None else options
@@ -157,7 +158,7 @@ def measure(attack_name: str, test, fpr: float, options: dict | None = None, lab
     store = run / "store"
     for policy in policies:
         config, with_detector = POLICIES[policy]
-        answers_repaired = config.answer == "repaired"
+        answers_repaired = policy in REPAIRED_POLICIES
         build_archive("resnet20", v.weights, store / f"{policy}.mar", config, force=True,
                       detector=detector_file if with_detector else None,
                       repaired=repaired if answers_repaired else None,
@@ -261,7 +262,7 @@ def main() -> None:
         raise SystemExit(f"--scale must be in (0, 1], got {args.scale}")
     if "plain" not in policies:
         policies = ("plain", *policies)   # the baseline of every other policy
-    repair = args.repair if any(POLICIES[p][0].answer == "repaired" for p in policies) else None
+    repair = args.repair if set(policies) & set(REPAIRED_POLICIES) else None
     test = load_dataset("cifar10", data_root(), split="test-lossless")
     out_json = OUT / f"{args.out}.json"
     results = json.loads(out_json.read_text()) if out_json.is_file() else {}
