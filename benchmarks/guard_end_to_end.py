@@ -25,8 +25,8 @@ Reports:  per victim and policy: the clean accuracy clients receive (a refused c
 Hardware: CPU (the project's 2 cores: the server and the clients share them); TorchServe uses a GPU when one is
           visible.
 Output:   benchmarks/results/guard_end_to_end.json and .png; the JSON accumulates over runs (a victim already
-          measured with the same false-positive rate, every asked policy and the same repair is kept); the repaired
-          weights are cached in runs/end_to_end/ATTACK/.
+          measured with the same options, false-positive rate, every asked policy and the same repair is kept); the
+          repaired weights are cached in runs/end_to_end/ATTACK/, named after the victim they repair.
 Run:      GUARD_DATA_DIR=../shared/data python benchmarks/guard_end_to_end.py [--attacks badnets,blend] [--fpr 0.01]
           [--policies plain,repaired,repaired-refuse] [--repair nc-pyp] [--trusted-fraction 0.01] [--scale 0.25]
 """
@@ -117,8 +117,8 @@ def repaired_weights(v, method: str, trusted_fraction: float, scale: float, held
     """Victim ``v`` repaired by the registered defense ``method`` (its defaults, step budgets times ``scale``:
     defenses_cifar10.scaled) with a class-stratified ``trusted_fraction`` of the clean training set, the CDA
     budget measured on ``heldout``; no ASR probe (the defender does not know the trigger), so the last point
-    within the budget. Cached in ``run``."""
-    out = run / f"repaired-{method}-{trusted_fraction:g}-{scale:g}.pt"
+    within the budget. Cached in ``run``, named after the victim's weights."""
+    out = run / f"repaired-{method}-{trusted_fraction:g}-{scale:g}-{v.weights.stem}.pt"
     record = out.with_name(out.name + ".json")
     if not record.is_file():
         train_set = load_dataset("cifar10", data_root(), split="train")
@@ -277,6 +277,8 @@ def main() -> None:
     results.setdefault("attacks", {})
     for attack_name in attacks:
         row = results["attacks"].get(attack_name)
+        if row and row["options"] != json.loads(json.dumps(ATTACKS[attack_name])):
+            row = None   # measured on another victim: every policy is measured again
         if row and set(policies) <= set(row["policies"]) and (
                 repair is None or (row.get("repair") or {}).get("method") == repair
                 and row["repair"]["trusted_fraction"] == args.trusted_fraction

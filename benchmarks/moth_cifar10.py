@@ -9,8 +9,8 @@ What:     two parts, each written into one JSON as it finishes (--part picks the
                      images/s per forward/backward pass size (PASS_SIZES and the engine's device default).
           moth     — per pervasive attack of Table 8 (Blend, SIG, WaNet, DFST substitute, target class 0): a strong
                      victim (undefended non-target ASR ≥ 0.9: the pretrained ResNet-20 fine-tuned on the full
-                     poisoned training set, or with --victims scratch a ResNet-20 trained from scratch on it as
-                     Table 8's are; from the shared victim cache benchmarks/victims.py), hardened by MOTH
+                     poisoned training set, WaNet for the 8 epochs of the defense benchmarks' victim; or with
+                     --victims scratch a ResNet-20 trained from scratch on it as Table 8's are; from the shared victim cache benchmarks/victims.py), hardened by MOTH
                      (guard.repair.create_defense("moth"), default budget, 2 epochs) on a class-stratified
                      TRUSTED_FRACTION of the clean training set; CDA and non-target ASR before/after beside
                      moth_supplementary.txt Table 8 (ALGORITHMS.md T8) and beside plain fine-tuning for the same
@@ -50,7 +50,8 @@ from guard.models import create
 from guard.repair import MothConfig, create_defense, split_trusted
 from guard.sweep import Grid
 from guard.train import TrainConfig, train
-from victims import RECIPES, add_sweep_arguments, job_resources, results_name, run_grid  # benchmarks/victims.py
+from victims import (DEFENSE_VICTIMS, RECIPES, add_sweep_arguments, job_resources, results_name,  # benchmarks/victims.py
+                     run_grid, victim)
 
 # ----------------------------------------------------------------------------------------- parameters
 SEED = 0
@@ -133,10 +134,15 @@ def strong_victim(root: Path, name: str, train_set, device, quick: bool, recipe:
         train(model, poisoned, TrainConfig.finetune(epochs=QUICK["victim_epochs"], lr=0.01, weight_decay=5e-4),
               generator=torch.Generator().manual_seed(SEED), device=device, progress=False)
         return model, attack
-    from victims import victim  # benchmarks/victims.py: the shared cache of strong victims
-
-    v = victim(name, recipe=recipe, target=0, **ATTACKS[name])
+    v = cached_victim(name, recipe)
     return create(MODEL, weights=v.weights).to(device), load_record(v.record)
+
+
+def cached_victim(name: str, recipe: str):
+    """The shared cache's ``recipe`` victim of ``name`` with Table 8's settings, built now if missing; a fine-tuned
+    victim trains for the epochs the defense benchmarks' victim of that attack takes (DEFENSE_VICTIMS)."""
+    epochs = DEFENSE_VICTIMS.get(name, {}).get("epochs") if recipe == "finetune" else None
+    return victim(name, recipe=recipe, epochs=epochs, target=0, **ATTACKS[name])
 
 
 def row_name(attack: str, recipe: str) -> str:
@@ -207,10 +213,8 @@ def moth_part(args, device, results: dict, save) -> None:
     rows = results.setdefault("moth", {})
     names = [n for n in (QUICK["attacks"] if args.quick else args.attacks) if row_name(n, args.victims) not in rows]
     if not args.quick:
-        from victims import victim  # benchmarks/victims.py: the shared cache of strong victims
-
         for name in names:
-            victim(name, recipe=args.victims, target=0, **ATTACKS[name])
+            cached_victim(name, args.victims)
     settings = {k: getattr(args, k) for k in ("quick", "trusted_fraction", "moth", "epochs", "device", "victims")}
     grid = Grid(name="moth", function=f"{Path(__file__).resolve()}:moth_job", params={"settings": settings},
                 points=[{"attack": n} for n in names],
