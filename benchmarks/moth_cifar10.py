@@ -10,7 +10,8 @@ What:     two parts, each written into one JSON as it finishes (--part picks the
           moth     — per pervasive attack of Table 8 (Blend, SIG, WaNet, DFST substitute, target class 0): a strong
                      victim (undefended non-target ASR ≥ 0.9: the pretrained ResNet-20 fine-tuned on the full
                      poisoned training set, WaNet for the 8 epochs of the defense benchmarks' victim; or with
-                     --victims scratch a ResNet-20 trained from scratch on it as Table 8's are; from the shared victim cache benchmarks/victims.py), hardened by MOTH
+                     --victims scratch a ResNet-20 trained from scratch on it as Table 8's are; from the shared
+                     victim cache benchmarks/victims.py), hardened by MOTH
                      (guard.repair.create_defense("moth"), default budget, 2 epochs) on a class-stratified
                      TRUSTED_FRACTION of the clean training set; CDA and non-target ASR before/after beside
                      moth_supplementary.txt Table 8 (ALGORITHMS.md T8) and beside plain fine-tuning for the same
