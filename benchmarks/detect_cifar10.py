@@ -2,16 +2,16 @@
 
 What:     per attack (--attacks) the strong victim from the shared cache (benchmarks/victims.py: the pretrained
           ResNet-20 fine-tuned on the full poisoned training set) and every input detector of
-          guard.detect.list_input_detectors() (--detectors) at its defaults (guard's ``rescaler``: every residual
-          stage and the penultimate layer), plus its other feature forms (``penultimate`` alone, ReScaler's
-          ``drop``). The 1000 lossless test images (exact pixels; the victims saw every training image)
-          are split three ways: the first FIT_IMAGES, which each detector fits on; the next CALIBRATION_IMAGES,
-          which set the threshold at 5 % false positives; and the rest, the clean evaluation images. The
-          triggered evaluation images are the non-fit images (non-target labels; Xiang's source classes)
-          stamped with the trigger, where the attack succeeds on them, as in the reference code of SCALE-UP
-          and IBD-PSC. Per detector: ROC AUC, TPR at 5 % FPR on the ROC curve, TPR and the realized FPR at the
-          calibrated threshold (discrete scores such as SCALE-UP's tie at it, so it may flag less), forward
-          passes per input and images per second of ``score``.
+          guard.detect.list_input_detectors() (--detectors) at its defaults (guard's ``rescaler``: every residual stage
+          and the penultimate layer), plus its other forms (VARIANTS: ``penultimate`` alone, ReScaler's ``drop``, the
+          largest layer, one or five amplified copies joined). The 1000 lossless test images (exact pixels; the victims
+          saw every training image) are split three ways: the first FIT_IMAGES, which each detector fits on; the next
+          CALIBRATION_IMAGES, which set the threshold at 5 % false positives; and the rest, the clean evaluation images.
+          The triggered evaluation images are the non-fit images (non-target labels; Xiang's source classes) stamped
+          with the trigger, where the attack succeeds on them, as in the reference code of SCALE-UP and IBD-PSC. Per
+          detector: ROC AUC, TPR at 5 % and 1 % FPR on the ROC curve, TPR and the realized FPR at the calibrated
+          threshold (discrete scores such as SCALE-UP's tie at it, so it may flag less), forward passes per input and
+          images per second of ``score``.
 Transfer: rows ``transfer-fc`` and ``transfer-bp`` are the clean-label transfer attacks of ReScaler's Table 1
           (benchmarks/rescaler_cifar10.py's goals on ResNet-20, crafted here if not cached; --goals, default
           TRANSFER_GOALS). Each goal has its own victim (the backbone with the goal's fine-tuned head) and one
@@ -56,8 +56,11 @@ from victims import (DEFENSE_VICTIMS, add_sweep_arguments, data_root, job_resour
 
 ATTACKS = DEFENSE_VICTIMS
 #: detectors measured beyond the registry defaults: name -> (registered detector, options)
-VARIANTS = {"rescaler-penultimate": ("rescaler", {"feature": "penultimate"}), "rescaler-drop": ("rescaler", {"feature": "drop"})}
+VARIANTS = {"rescaler-penultimate": ("rescaler", {"feature": "penultimate"}), "rescaler-drop": ("rescaler", {"feature": "drop"}),
+            "rescaler-max": ("rescaler", {"combine": "max"}), "rescaler-psc": ("rescaler", {"amplified": 1}),
+            "rescaler-psc5": ("rescaler", {"amplified": 5})}
 FIT_IMAGES, CALIBRATION_IMAGES, FPR, SEED = 400, 300, 0.05, 0
+ENDPOINT_FPR = 0.01  # the endpoint's default (guard calibrate --false-positive-rate)
 #: transfer-attack rows -> the Table 1 attack of rescaler_cifar10.py whose ResNet-20 goals they score
 TRANSFER = {"transfer-fc": "fc", "transfer-bp": "bp"}
 TRANSFER_MODEL, TRANSFER_GOALS, CALIBRATION_PER_GOAL, CLEAN_PER_GOAL = "resnet20", 30, 10, 15
@@ -106,12 +109,14 @@ def measure(name: str, options: dict, model, fit: torch.Tensor, calibration: tor
 
 
 def separation(s_clean: torch.Tensor, s_trig: torch.Tensor, threshold: float) -> dict:
-    """ROC AUC, TPR at FPR on the ROC curve, and TPR / realized FPR at the calibrated ``threshold``."""
+    """ROC AUC, TPR at FPR and at ENDPOINT_FPR on the ROC curve, and TPR / realized FPR at the calibrated
+    ``threshold``."""
     y = np.r_[np.zeros(len(s_clean)), np.ones(len(s_trig))]
     s = np.r_[s_clean.numpy(), s_trig.numpy()]
     fpr, tpr, _ = roc_curve(y, s)
     keep = np.linspace(0, len(fpr) - 1, min(len(fpr), 200)).round().astype(int)  # a plot's worth of points
     return {"auc": round(float(roc_auc_score(y, s)), 4), "tpr_at_fpr": round(tpr_at(fpr, tpr), 4),
+            "tpr_at_endpoint_fpr": round(tpr_at(fpr, tpr, ENDPOINT_FPR), 4),
             "threshold": threshold,
             "tpr": round(float((s_trig > threshold).double().mean()), 4),
             "fpr": round(float((s_clean > threshold).double().mean()), 4),
@@ -209,7 +214,7 @@ def plot(results: dict, path: Path) -> None:
 def summarize(results: dict) -> dict:
     """Mean AUC, TPR at 5 % FPR (ROC) and TPR at the calibrated threshold of every detector over the attacks
     that took hold (ASR >= 0.5 on the evaluation images; for a transfer row, half its goals succeed)."""
-    rows = [r for r in results["attacks"].values() if r["counts"]["asr"] >= 0.5]
+    rows = [r for r in results["attacks"].values() if r.get("counts", {}).get("asr", 0) >= 0.5]  # measured ones
     names = sorted({d for r in rows for d in r["detectors"]})
 
     def mean(n: str, f) -> float:
@@ -312,7 +317,8 @@ def main() -> None:
             print(f"{attack_name}: {d['skipped']}; skipped", flush=True)
             continue
         row["detectors"][label] = d
-        print(f"{attack_name:15s} {label:14s} AUC {d['auc']:.3f} TPR@5% {d['tpr_at_fpr']:.3f}, calibrated "
+        print(f"{attack_name:15s} {label:14s} AUC {d['auc']:.3f} TPR@5% {d['tpr_at_fpr']:.3f} "
+              f"TPR@1% {d['tpr_at_endpoint_fpr']:.3f}, calibrated "
               f"{d['tpr']:.3f} (FPR {d['fpr']:.3f}) "
               f"{d['forward_passes']:3d} passes {d['images_per_second']:7.1f} img/s", flush=True)
         results["summary"] = summarize(results)

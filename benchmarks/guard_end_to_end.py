@@ -3,10 +3,10 @@
 What:     per attack (--attacks) the strong victim of the shared cache (benchmarks/victims.py, the options of
           detect_cifar10.py), archived once per endpoint POLICY and served by one real TorchServe (batch 8, 20 ms
           delay; every policy a model of the same server). The trigger detector (guard calibrate:
-          guard.detect.TriggerDetector, out-of-fold threshold at --fpr) is calibrated on the lossless test images
-          0–699; the clean traffic is images 700–999, the triggered traffic the same images of non-target classes
-          stamped with the trigger (Xiang: its source classes), all sent as PNG over HTTP by CLIENTS threads,
-          clean first, then triggered.
+          guard.detect.TriggerDetector, out-of-fold threshold at --fpr; --amplified copies) is calibrated on the
+          lossless test images 0–699; the clean traffic is images 700–999, the triggered traffic the same images of
+          non-target classes stamped with the trigger (Xiang: its source classes), all sent as PNG over HTTP by
+          CLIENTS threads, clean first, then triggered.
 Policies: plain            guard off, no detector: the undefended model
           rescaler         ReScaler's label, no detector (the endpoint before the policy)
           detect-refuse    guard off (one forward) with the detector: flagged requests get a 422
@@ -133,10 +133,11 @@ def repaired_weights(v, method: str, trusted_fraction: float, scale: float, held
 
 def measure(attack_name: str, test, fpr: float, options: dict | None = None, label: str | None = None,
             policies: tuple[str, ...] = SERVED_POLICIES, repair: str | None = None,
-            trusted_fraction: float = 0.01, scale: float = 1.0) -> dict:
+            trusted_fraction: float = 0.01, scale: float = 1.0, amplified: int = 0) -> dict:
     """``policies`` (``plain`` among them) on the cached victim of ``attack_name`` built with ``options`` (default:
     ATTACKS'), served from runs/end_to_end/``label`` (default: the attack's name); the ``answer="repaired"``
-    policies answer with the victim repaired by the defense ``repair`` (:func:`repaired_weights`)."""
+    policies answer with the victim repaired by the defense ``repair`` (:func:`repaired_weights`); the detector
+    joins ``amplified`` amplified copies."""
     if "plain" not in policies:
         raise ValueError(f"the policies must include 'plain', the baseline of every other; got {list(policies)}")
     needs_repair = [p for p in policies if p in REPAIRED_POLICIES]
@@ -148,8 +149,8 @@ def measure(attack_name: str, test, fpr: float, options: dict | None = None, lab
     model = create("resnet20", weights=v.weights).eval()
     calibration = test.subset(range(CALIBRATION_IMAGES))
     started = time.perf_counter()
-    detector = TriggerDetector.calibrate(model, calibration.images.float() / 255,
-                                         false_positive_rate=fpr, generator=torch.Generator().manual_seed(SEED))
+    detector = TriggerDetector.calibrate(model, calibration.images.float() / 255, false_positive_rate=fpr,
+                                         amplified=amplified, generator=torch.Generator().manual_seed(SEED))
     calibrate_seconds = time.perf_counter() - started
     run = RUNS / (label or attack_name)
     detector_file = detector.save(run / "detector.safetensors")
@@ -244,6 +245,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--attacks", default="badnets,blend,adaptive-blend,wanet,sig,refool,xiang")
     parser.add_argument("--fpr", type=float, default=0.01, help="the detector's calibrated false-positive rate")
+    parser.add_argument("--amplified", type=int, default=0,
+                        help="the detector's amplified copies (guard calibrate --amplified; default 0)")
     parser.add_argument("--policies", default=",".join(POLICIES), help=f"a comma list of {list(POLICIES)}")
     parser.add_argument("--repair", default="nc-pyp", choices=list_defenses("repair"),
                         help="the repair defense of the repaired policies (its registry defaults)")
@@ -266,12 +269,13 @@ def main() -> None:
     test = load_dataset("cifar10", data_root(), split="test-lossless")
     out_json = OUT / f"{args.out}.json"
     results = json.loads(out_json.read_text()) if out_json.is_file() else {}
-    if results.get("params", {}).get("fpr") != args.fpr:
+    if (results.get("params", {}).get("fpr"), results.get("params", {}).get("amplified", 0)) != (args.fpr,
+                                                                                                   args.amplified):
         results = {}
     results.update({"what": __doc__.splitlines()[0], "torch": torch.__version__, "guard": guard.__version__,
                     "platform": platform.platform(), "cuda": torch.cuda.is_available(),
-                    "params": {"fpr": args.fpr, "calibration_images": CALIBRATION_IMAGES, "clients": CLIENTS,
-                               "policies": list(POLICIES), "goal": {"attack_success": GOAL_ASR,
+                    "params": {"fpr": args.fpr, "amplified": args.amplified, "calibration_images": CALIBRATION_IMAGES,
+                               "clients": CLIENTS, "policies": list(POLICIES), "goal": {"attack_success": GOAL_ASR,
                                                                     "clean_accuracy_loss": GOAL_CLEAN_LOSS,
                                                                     "took_hold": TOOK_HOLD}}})
     results.setdefault("attacks", {})
@@ -284,7 +288,7 @@ def main() -> None:
                 and row["repair"]["trusted_fraction"] == args.trusted_fraction
                 and row["repair"].get("scale") == args.scale):
             continue
-        measured = measure(attack_name, test, args.fpr, policies=policies, repair=repair,
+        measured = measure(attack_name, test, args.fpr, amplified=args.amplified, policies=policies, repair=repair,
                            trusted_fraction=args.trusted_fraction, scale=args.scale)
         if row:   # the policies measured before and not now stay (their answers are the same model's)
             measured["policies"] = {**row["policies"], **measured["policies"]}

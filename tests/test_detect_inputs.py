@@ -11,7 +11,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from guard.detect import (CORRUPTIONS, Corruptions, IBDPSCConfig, InputDetector, ReScalerScoreConfig, ScaleUpConfig,
+from guard.detect import (CORRUPTIONS, Corruptions, combined, IBDPSCConfig, InputDetector, ReScalerScoreConfig, ScaleUpConfig,
                           STRIPConfig, TeCoConfig, create_input_detector, describe_input_detectors,
                           calibrate_threshold, get_input_detector, list_input_detectors)
 from outcomes import SEED, check
@@ -126,7 +126,10 @@ def test_bad_input_is_refused_clearly():
                                  ("ibd-psc", {"factor": 1.0}, "factor must be a number > 1, got 1.0"),
                                  ("ibd-psc", {"error": 1.5}, r"error must be a number in \(0, 1\), got 1.5"),
                                  ("rescaler", {"feature": "norm"}, "feature must be one of"),
-                                 ("rescaler", {"eps": 2.0}, r"eps must be a number in \(0, 1\]")):
+                                 ("rescaler", {"eps": 2.0}, r"eps must be a number in \(0, 1\]"),
+                                 ("rescaler", {"amplified": -1}, "amplified must be an int >= 0, got -1"),
+                                 ("rescaler", {"feature": "drop", "amplified": 1}, "feature='drop' has none"),
+                                 ("rescaler", {"combine": "mean"}, r"combine must be one of \('sum', 'max'\)")):
         with pytest.raises(ValueError, match=match):
             create_input_detector(name, **options)
     with pytest.raises(ValueError, match="unknown input detector 'neural'"):
@@ -138,6 +141,52 @@ def test_the_rescaler_score_needs_clean_images_of_every_predicted_class():
     one_class = images(p.test_set)[p.backdoored(images(p.test_set)).argmax(1) == 1][:20]
     with pytest.raises(ValueError, match=r"predicted as each class; classes \[0, 2, 3\] have \[0, 0, 0\]"):
         create_input_detector("rescaler").fit(p.backdoored, one_class)
+
+
+def test_the_amplified_copies_join_as_the_larger_of_two_standardized_scores():
+    """``amplified=n``: the score is the larger of the features' score and IBD-PSC's consistency over n amplified
+    copies as a log-odds, each standardized on the clean images (the features' out of fold)."""
+    p = planted()
+    trusted, x = images(p.trusted), images(p.triggered)[:13]
+
+    def fit(**options):
+        return create_input_detector("rescaler", **options).fit(p.backdoored, trusted,
+                                                                generator=torch.Generator().manual_seed(SEED))
+
+    plain, joined = fit(), fit(amplified=2)
+    psc = create_input_detector("ibd-psc", models=2).fit(p.backdoored, trusted)
+    assert (plain.forward_passes, joined.forward_passes) == (4, 6)
+
+    def log_odds(v: torch.Tensor) -> torch.Tensor:  # the copies' mean log-odds of the unamplified label
+        with torch.no_grad():
+            label = p.backdoored(v).argmax(1)
+            logits = [m(v).double() for m in psc.amplified]
+        own = torch.nn.functional.one_hot(label, logits[0].shape[1]).bool()
+        # log p - log(1 - p) = z_y - log sum_{k != y} exp z_k
+        return torch.stack([z[own] - z[~own].view(len(v), -1).logsumexp(1) for z in logits]).mean(0)
+
+    clean = log_odds(trusted)
+    (fm, fs) = joined.amplification.feature
+    expected = torch.maximum((plain.score(x) - fm) / fs, (log_odds(x) - clean.mean()) / clean.std())
+    torch.testing.assert_close(joined.score(x), expected, rtol=1e-4, atol=1e-4)
+    model = copy.deepcopy(p.backdoored)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fit_on = create_input_detector("rescaler", amplified=2, batch_size=4).fit(model, trusted[:80])
+    torch.testing.assert_close(fit_on.score(x), torch.cat([fit_on.score(x[:1]), fit_on.score(x[1:])]))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in model.modules())
+
+
+def test_the_layers_join_by_their_sum_or_their_largest_term():
+    p = planted()
+    trusted, x = images(p.trusted), images(p.triggered)[:13]
+    summed, largest = (create_input_detector("rescaler", combine=c).fit(p.backdoored, trusted,
+                                                                        generator=torch.Generator().manual_seed(SEED))
+                       for c in ("sum", "max"))
+    layers = len(summed.gaussians)
+    assert layers >= 2 and torch.all(largest.score(x) * layers >= summed.score(x) - 1e-6)
+    torch.testing.assert_close(combined(torch.tensor([[1.0, -2.0], [3.0, -1.0]]), "max"), torch.tensor([3.0, -1.0]))
+    torch.testing.assert_close(combined(torch.tensor([[1.0, -2.0], [3.0, -1.0]]), "sum"), torch.tensor([4.0, -3.0]))
 
 
 def test_the_threshold_is_the_clean_quantile():

@@ -79,12 +79,42 @@ def test_the_served_detector_is_the_rescaler_input_detector(detector):
     assert not any(m._forward_hooks for m in p.backdoored.modules()), "a feature hook was left behind"
     assert set(features) == set(detector.layers)
     assert all(torch.allclose(features[n], plain[n][0], atol=1e-5) for n in detector.layers)
-    trigger = classifier.detect(result, features)
+    trigger = classifier.detect(result, features, x)
     assert torch.allclose(trigger.score, reference.score(x), rtol=1e-5, atol=1e-6)
     assert torch.equal(trigger.flagged, trigger.score > detector.threshold)
     # batched == one by one
-    single = torch.cat([classifier.detect(*classifier.observe(x[i:i + 1])).score for i in range(len(x))])
+    single = torch.cat([classifier.detect(*classifier.observe(x[i:i + 1]), x[i:i + 1]).score for i in range(len(x))])
     assert torch.allclose(single, trigger.score, rtol=1e-5, atol=1e-6)
+
+
+def test_an_amplified_detector_serves_the_amplified_rescaler_score(detector, tmp_path):
+    """``amplified=1``: the served score equals the ``rescaler`` input detector's with ``amplified=1`` (one more
+    forward pass per copy), survives a save and load, is the same batched and one by one, and needs the copies'
+    consistency; the served model is left as it was."""
+    p = planted()
+    clean = images(p.test_set)[:200]
+    joined = TriggerDetector.calibrate(p.backdoored, clean, false_positive_rate=0.05, amplified=1,
+                                       generator=torch.Generator().manual_seed(SEED))
+    assert all(torch.equal(a.means, b.means) for a, b in zip(joined.gaussians, detector.gaussians))
+    assert joined.amplification is not None and len(joined.amplification.depths) == 1
+    loaded = TriggerDetector.load(joined.save(tmp_path / "joined.safetensors"))
+    assert loaded.amplification == joined.amplification and loaded.threshold == joined.threshold
+    reference = create_input_detector("rescaler", amplified=1).fit(p.backdoored, clean,
+                                                                   generator=torch.Generator().manual_seed(SEED))
+    served = suspect()
+    before = {k: v.clone() for k, v in served.state_dict().items()}
+    classifier = GuardedClassifier(served, GuardConfig(), detector=loaded)
+    x = torch.cat([images(p.test_set)[200:210], images(p.triggered)[:10]])
+    trigger = classifier.detect(*classifier.observe(x), x)
+    assert torch.allclose(trigger.score, reference.score(x), rtol=1e-5, atol=1e-5)
+    single = torch.cat([classifier.detect(*classifier.observe(x[i:i + 1]), x[i:i + 1]).score for i in range(len(x))])
+    assert torch.allclose(single, trigger.score, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in served.state_dict().items())
+    result, features = classifier.observe(x)
+    with pytest.raises(ValueError, match=r"joins the amplified copies' consistency: expected a \(20,\) tensor"):
+        loaded.score(features, result.original_labels)
+    with pytest.raises(ValueError, match="amplified must be an int >= 0, got -1"):
+        TriggerDetector.calibrate(p.backdoored, clean, amplified=-1)
 
 
 def test_calibration_is_deterministic_and_the_threshold_falls_with_the_rate(detector):
@@ -187,7 +217,7 @@ def test_refuse_answers_flagged_inputs_with_a_422_and_leaves_batch_mates_alone(d
     flagging = GuardedClassifier(suspect(), GuardConfig(), detector=detector)
     refusing = GuardedClassifier(suspect(), GuardConfig(on_trigger="refuse"), detector=detector)
     result, features = flagging.observe(x)
-    trigger = flagging.detect(result, features)
+    trigger = flagging.detect(result, features, x)
     flagged = flagging.describe(result, trigger=trigger)
     refused = refusing.describe(result, trigger=trigger)
     check("triggered inputs flagged", int(trigger.flagged[16:].sum()), low=12)
@@ -268,6 +298,17 @@ def test_guard_calibrate_writes_a_detector_the_archive_takes(data_root, resnet20
     assert summary["threshold"] == loaded.threshold and summary["calibration_images"] == 300
     assert (loaded.num_classes, loaded.feature_dims["penultimate"], loaded.false_positive_rate) == (10, 64, 0.1)
     assert summary["layers"] == ["net.layer1", "net.layer2", "net.layer3", "penultimate"]
+    assert summary["amplification"] is None and loaded.amplification is None
+    joined = tmp_path / "joined.safetensors"
+    assert main(["calibrate", "--model", "resnet20", "--weights", str(resnet20_weights), "--data-dir",
+                 str(data_root), "--limit", "300", "--amplified", "2", "--out", str(joined), "--device", "cpu",
+                 "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert len(summary["amplification"]["depths"]) == 2
+    assert TriggerDetector.load(joined).amplification.depths == tuple(summary["amplification"]["depths"])
     assert main(["calibrate", "--model", "resnet20", "--weights", str(resnet20_weights), "--data-dir",
                  str(data_root), "--out", str(tmp_path / "d.pt")]) == 2
     assert "--out must end in .safetensors" in capsys.readouterr().err
+    assert main(["calibrate", "--model", "resnet20", "--weights", str(resnet20_weights), "--data-dir",
+                 str(data_root), "--amplified", "-1", "--out", str(joined)]) == 2
+    assert "--amplified must be >= 0, got -1" in capsys.readouterr().err

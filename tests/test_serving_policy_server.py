@@ -152,4 +152,4 @@ def test_flag_answers_every_request_and_refuse_answers_the_flagged_with_a_422(se
 def _local(classifier: GuardedClassifier, images: torch.Tensor):
     x = images.float() / 255
     result, features = classifier.observe(x)
-    return result, None, classifier.detect(result, features)
+    return result, None, classifier.detect(result, features, x)

@@ -11,7 +11,9 @@ keeps the first N): images held out from training, as the served model will see 
 (``guard.detect.TriggerDetector``) models the served model's features per predicted class at every residual
 stage and the penultimate layer (``--feature stages``; ``penultimate``: that layer alone); its threshold flags
 ``--false-positive-rate`` of clean inputs, from out-of-fold scores (``--folds``). The endpoint scores every
-request with it at no extra pass and acts on a flag as the guard config's ``on_trigger`` says.
+request with it at no extra pass and acts on a flag as the guard config's ``on_trigger`` says. ``--amplified N``
+joins the consistency of N copies of the model with amplified BatchNorm layers (IBD-PSC; N more forward passes
+per request), which catches warping and low-amplitude triggers the features miss.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ def add_parser(subparsers) -> None:
                    help="share of clean requests the threshold flags (default 0.01)")
     p.add_argument("--feature", choices=FEATURE_LAYERS, default="stages",
                    help="the layers scored: every residual stage and the penultimate layer (default), or the latter")
+    p.add_argument("--amplified", type=int, default=0,
+                   help="amplified copies of the model whose consistency (IBD-PSC) joins the feature score: one more "
+                        "forward pass per request each (default 0: the served pass alone)")
     p.add_argument("--folds", type=int, default=5, help="out-of-fold calibration folds (default 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fold assignment (default 0)")
     p.add_argument("--out", required=True, help="detector file to write (.safetensors)")
@@ -54,7 +59,9 @@ def run(args: argparse.Namespace) -> int:
     model = create(args.model, weights=args.weights).to(device)
     clean = load_data(args, args.model, resolve_split(args))
     images = clean.images.float() / 255
-    detector = TriggerDetector.calibrate(model, images, feature=args.feature,
+    if args.amplified < 0:
+        raise CLIError(f"--amplified must be >= 0, got {args.amplified}")
+    detector = TriggerDetector.calibrate(model, images, feature=args.feature, amplified=args.amplified,
                                          false_positive_rate=args.false_positive_rate,
                                          folds=args.folds, generator=torch.Generator().manual_seed(args.seed))
     path = detector.save(args.out)

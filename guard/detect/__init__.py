@@ -23,7 +23,7 @@ from .distance import ClassDistance, ClassDistanceConfig, DistanceResult
 from .inversion import (AdditiveTrigger, CostSchedule, FixedSteps, InversionConfig, InversionResult, InversionTask,
                         LogSurrogate, MaskPatternTrigger, Objective, TargetCrossEntropy, TriggerForm, TriggeredBatch,
                         UntilSuccess, apply_mask_pattern, class_tasks, frozen, invert, pair_tasks, tanh_bounded)
-from .inputs import (FEATURE_LAYERS, IBDPSC, PENULTIMATE, STRIP, LayerGaussian, class_gaussians, feature_layers,
+from .inputs import (COMBINE, FEATURE_LAYERS, IBDPSC, Amplification, amplify_batchnorm, consistency, label_log_odds, PENULTIMATE, STRIP, LayerGaussian, class_gaussians, combined, feature_layers,
                      fit_layer_gaussians, layer_features, layered_score, mahalanobis, IBDPSCConfig, InputDetector, ReScalerScore, ReScalerScoreConfig, ScaleUp,
                      ScaleUpConfig, STRIPConfig, TeCo, TeCoConfig, create_input_detector, describe_input_detectors,
                      get_input_detector, list_input_detectors, register_input_detector)
@@ -34,6 +34,7 @@ __all__ = ["CORRUPTIONS", "Corruptions", "IBDPSC", "IBDPSCConfig", "InputDetecto
            "ReScalerScoreConfig", "STRIP", "STRIPConfig", "ScaleUp", "ScaleUpConfig", "TeCo", "TeCoConfig",
            "create_input_detector", "describe_input_detectors", "get_input_detector",
            "list_input_detectors", "register_input_detector", "FEATURE_LAYERS", "PENULTIMATE", "LayerGaussian", "class_gaussians", "feature_layers",
+           "COMBINE", "combined", "Amplification", "amplify_batchnorm", "consistency", "label_log_odds",
            "fit_layer_gaussians", "layer_features", "layered_score", "mahalanobis",
            "TriggerDetector", "TriggerScores",
            "AdditiveTrigger", "CNCConfig", "CalibratedTriggerInversion", "ClassDistance", "ClassDistanceConfig",

@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -294,6 +295,19 @@ class TeCo(InputDetector):
 
 
 # -- IBD-PSC -------------------------------------------------------------------------------------------------
+def amplify_batchnorm(model: nn.Module, depth: int, factor: float) -> nn.Module:
+    """A copy of ``model``, in eval mode, with the weight and bias of its ``depth`` deepest BatchNorm layers times
+    ``factor`` (IBD-PSC's ω; Hou et al., ICML 2024); ``model`` itself is left as it was."""
+    copy_ = copy.deepcopy(model)
+    layers = [m for m in copy_.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)][::-1]
+    with torch.no_grad():
+        for layer in layers[:depth]:
+            if layer.affine:
+                layer.weight.mul_(factor)
+                layer.bias.mul_(factor)
+    return copy_.eval()
+
+
 @dataclass(frozen=True)
 class IBDPSCConfig:
     """IBD-PSC (Hou et al., ICML 2024; BackdoorBox ``IBD_PSC.py``): BatchNorm weight and bias of the deepest
@@ -332,14 +346,7 @@ class IBDPSC(InputDetector):
         return self.config.models + 1
 
     def _amplified(self, depth: int) -> nn.Module:
-        """A copy of the model with the ``depth`` deepest BatchNorm layers' weight and bias times ω."""
-        copy_ = copy.deepcopy(self.model)
-        layers = [m for m in copy_.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)][::-1]
-        for layer in layers[:depth]:
-            if layer.affine:
-                layer.weight.mul_(self.config.factor)
-                layer.bias.mul_(self.config.factor)
-        return copy_.eval()
+        return amplify_batchnorm(self.model, depth, self.config.factor)
 
     def _fit(self, clean: torch.Tensor, generator: torch.Generator) -> None:
         count = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
@@ -358,7 +365,8 @@ class IBDPSC(InputDetector):
                            count - 1, count, self.config.factor, max(moved), self.config.error, start)
         self.moved = moved
         self.depth = start
-        self.amplified = [self._amplified(min(start + i, count)) for i in range(1, self.config.models + 1)]
+        self.depths = tuple(min(start + i, count) for i in range(1, self.config.models + 1))
+        self.amplified = [self._amplified(depth) for depth in self.depths]
 
     def _score(self, images: torch.Tensor) -> torch.Tensor:
         label = self._predict(images).argmax(1)[:, None]
@@ -467,8 +475,9 @@ def fit_layer_gaussians(features: dict[str, torch.Tensor], labels: torch.Tensor,
 
     Each image's distance is first measured out of fold (``folds`` folds stratified by class: by the Gaussians
     fitted without it, as an unseen request's would be); those distances standardize the layer, and the layers'
-    standardized log distances add up to the score (the unsupervised form of the feature ensemble of Lee et al.,
-    NeurIPS 2018, §2.2). Returns the Gaussians fitted on every image, and the out-of-fold scores ``(N,)``.
+    standardized log distances join into the score (:func:`combined`; their sum is the unsupervised form of the
+    feature ensemble of Lee et al., NeurIPS 2018, §2.2). Returns the Gaussians fitted on every image, and the
+    out-of-fold standardized terms ``(layers, N)``.
     """
     if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
         raise ValueError(f"folds must be an int >= 2, got {folds!r}")
@@ -482,7 +491,7 @@ def fit_layer_gaussians(features: dict[str, torch.Tensor], labels: torch.Tensor,
     for c in range(num_classes):
         members = torch.nonzero(labels == c)[:, 0]
         fold[members[torch.randperm(len(members), generator=generator)]] = torch.arange(len(members)) % folds
-    gaussians, total = {}, torch.zeros(len(labels), dtype=torch.float64)
+    gaussians, terms = {}, []
     for name, x in features.items():
         x = x.cpu()
         held_out = torch.empty(len(labels), dtype=torch.float64)
@@ -493,14 +502,96 @@ def fit_layer_gaussians(features: dict[str, torch.Tensor], labels: torch.Tensor,
         log = held_out.clamp_min(1e-12).log()
         gaussians[name] = LayerGaussian(*class_gaussians(x, labels, num_classes), log.mean().item(),
                                         max(log.std().item(), 1e-12))
-        total += (log - gaussians[name].log_mean) / gaussians[name].log_std
-    return gaussians, total
+        terms.append((log - gaussians[name].log_mean) / gaussians[name].log_std)
+    return gaussians, torch.stack(terms)
 
 
-def layered_score(gaussians: dict[str, LayerGaussian], features: dict[str, torch.Tensor], labels: torch.Tensor
-                  ) -> torch.Tensor:
-    """guard's feature score ``(B,)``: the sum over layers of the standardized log Mahalanobis distances."""
-    return sum(g.standardized(features[name], labels) for name, g in gaussians.items())
+def layered_score(gaussians: dict[str, LayerGaussian], features: dict[str, torch.Tensor], labels: torch.Tensor,
+                  combine: str = "sum") -> torch.Tensor:
+    """guard's feature score ``(B,)``: the sum (or ``combine="max"``, the largest) over layers of the standardized
+    log Mahalanobis distances."""
+    return combined(torch.stack([g.standardized(features[name], labels) for name, g in gaussians.items()]), combine)
+
+
+#: how guard's score joins the standardized terms of its layers
+COMBINE = ("sum", "max")
+
+
+def label_log_odds(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``log p_y − log(1 − p_y)`` ``(B,)`` float64 of ``labels`` ``(B,)`` under ``logits`` ``(B, K)``, computed as
+    ``z_y − logsumexp_{k≠y} z_k``: finite where the softmax probability rounds to 1."""
+    z = logits.double()
+    index = labels.to(z.device)[:, None]
+    return z.gather(1, index)[:, 0] - z.scatter(1, index, float("-inf")).logsumexp(1)
+
+
+def _location_scale(scores: torch.Tensor) -> tuple[float, float]:
+    """Mean and standard deviation of clean ``scores`` (the deviation at least 1e-12), to standardize by."""
+    return scores.double().mean().item(), max(scores.double().std().item(), 1e-12)
+
+
+@dataclass(frozen=True)
+class Amplification:
+    """guard's optional extra pass, joined to its feature score: IBD-PSC's consistency (Hou et al., ICML 2024) —
+    the log-odds of the unamplified label under copies of the model whose ``depths`` deepest BatchNorm layers are
+    amplified by ``factor``, averaged over the copies (:func:`label_log_odds`) — and how clean inputs score on both
+    (``feature``, ``consistency``: mean and standard deviation, the features' out of fold). :meth:`join` puts the
+    two on the clean inputs' scale and keeps the larger: an input is as suspect as its more suspect view."""
+
+    depths: tuple[int, ...]
+    factor: float
+    feature: tuple[float, float]
+    consistency: tuple[float, float]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "depths", tuple(self.depths))
+        object.__setattr__(self, "feature", tuple(self.feature))
+        object.__setattr__(self, "consistency", tuple(self.consistency))
+        if not self.depths or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in self.depths):
+            raise ValueError(f"depths must be a non-empty sequence of ints >= 1, got {self.depths!r}")
+        if not is_number(self.factor) or self.factor <= 1:
+            raise ValueError(f"factor must be a number > 1, got {self.factor!r}")
+        for name in ("feature", "consistency"):
+            value = getattr(self, name)
+            if len(value) != 2 or not all(is_number(v) and math.isfinite(v) for v in value) or value[1] <= 0:
+                raise ValueError(f"{name} must be (mean, std) finite with std > 0, got {value!r}")
+
+    @classmethod
+    def fit(cls, model: GuardModel, clean: torch.Tensor, labels: torch.Tensor, feature_scores: torch.Tensor, *,
+            copies: int, factor: float = 1.5, error: float = 0.6, batch_size: int = 256) -> "Amplification":
+        """IBD-PSC's depth search on ``clean`` (:class:`IBDPSC` with ``copies`` models), and the clean scale of both
+        views: ``feature_scores`` (the clean images' out-of-fold feature scores) and the consistency of ``clean``
+        with their predicted ``labels``."""
+        psc = IBDPSC(models=copies, factor=factor, error=error, batch_size=batch_size).fit(model, clean)
+        log = consistency(psc.amplified, clean, labels.to(clean.device), batch_size)
+        return cls(psc.depths, factor, _location_scale(feature_scores), _location_scale(log))
+
+    def copies(self, model: nn.Module) -> list[nn.Module]:
+        """The amplified copies of ``model`` (built once, then used on every batch)."""
+        return [amplify_batchnorm(model, depth, self.factor) for depth in self.depths]
+
+    def join(self, feature_score: torch.Tensor, consistency_: torch.Tensor) -> torch.Tensor:
+        """The larger of the two scores ``(B,)``, each standardized by the clean inputs'."""
+        (fm, fs), (cm, cs) = self.feature, self.consistency
+        consistency_ = consistency_.double().to(feature_score.device)
+        return torch.maximum((feature_score.double() - fm) / fs, (consistency_ - cm) / cs)
+
+
+def consistency(copies: list[nn.Module], images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256
+                ) -> torch.Tensor:
+    """IBD-PSC's consistency of ``images`` with ``labels`` ``(B,)`` (their unamplified labels): the log-odds of the
+    label under each amplified copy, from its logits (so no probability saturates at 1), averaged over the copies;
+    one forward pass per copy."""
+    with torch.no_grad():
+        return torch.stack([label_log_odds(torch.cat([m(c) for c in images.split(batch_size)]), labels)
+                            for m in copies]).mean(0)
+
+
+def combined(terms: torch.Tensor, combine: str) -> torch.Tensor:
+    """``terms`` ``(T, B)`` of standardized scores joined into ``(B,)``: their sum or their maximum."""
+    if combine not in COMBINE:
+        raise ValueError(f"combine must be one of {COMBINE}, got {combine!r}")
+    return terms.sum(0) if combine == "sum" else terms.amax(0)
 
 
 @dataclass(frozen=True)
@@ -510,11 +601,16 @@ class ReScalerScoreConfig:
     deviations) and at the penultimate layer, each scored by its Mahalanobis distance from the clean images of the
     same predicted class, standardized and summed over layers; ``"penultimate"`` — the penultimate layer alone;
     ``"drop"`` — the probability the undefended label loses under adaptation (the endpoint's ``anomaly_score``).
+    ``combine``: the layers' terms joined by their ``"sum"`` or their ``"max"``. ``amplified``: IBD-PSC's
+    amplified copies (:class:`IBDPSC`, one extra forward pass each); the score is then the larger of two
+    standardized scores, the features' and IBD-PSC's consistency as a log-odds (0: the ReScaler pass alone).
     ``folds``: the out-of-fold folds that standardize the layers. ``batch_size``: inputs per pass."""
 
     eps: float = 0.15
     alpha: float = 1.0
     feature: str = "stages"
+    amplified: int = 0
+    combine: str = "sum"
     folds: int = 5
     batch_size: int = 256
 
@@ -524,6 +620,12 @@ class ReScalerScoreConfig:
         ReScalerConfig(self.eps, self.alpha, 1)
         if self.feature not in self.FEATURES:
             raise ValueError(f"feature must be one of {self.FEATURES}, got {self.feature!r}")
+        if isinstance(self.amplified, bool) or not isinstance(self.amplified, int) or self.amplified < 0:
+            raise ValueError(f"amplified must be an int >= 0, got {self.amplified!r}")
+        if self.amplified and self.feature == "drop":
+            raise ValueError("amplified joins IBD-PSC to the features' score; feature='drop' has none")
+        if self.combine not in COMBINE:
+            raise ValueError(f"combine must be one of {COMBINE}, got {self.combine!r}")
         _positive_int(self.folds, "folds")
         _positive_int(self.batch_size, "batch_size")
 
@@ -543,8 +645,8 @@ class ReScalerScore(InputDetector):
 
     @property
     def forward_passes(self) -> int:
-        """One forward and one backward pass, plus the defended forward."""
-        return 4
+        """One forward and one backward pass, plus the defended forward; one more per amplified copy."""
+        return 4 + self.config.amplified
 
     def _adapt(self, images: torch.Tensor):
         """ReScaler's pass over ``images``: (the adaptation, ``{layer: features}`` of its first forward)."""
@@ -563,8 +665,13 @@ class ReScalerScore(InputDetector):
         pairs = [self._adapt(c) for c in clean.split(self.config.batch_size)]
         features = {name: torch.cat([f[name] for _, f in pairs]) for name in self.layers}
         labels = torch.cat([out.original_labels for out, _ in pairs])
-        self.gaussians, _ = fit_layer_gaussians(features, labels, self.model.num_classes, folds=self.config.folds,
-                                                generator=generator)
+        self.gaussians, terms = fit_layer_gaussians(features, labels, self.model.num_classes,
+                                                    folds=self.config.folds, generator=generator)
+        self.amplification = self.copies = None
+        if self.config.amplified:
+            self.amplification = Amplification.fit(self.model, clean, labels, combined(terms, self.config.combine),
+                                                   copies=self.config.amplified, batch_size=self.config.batch_size)
+            self.copies = self.amplification.copies(self.model)
 
     def _score(self, images: torch.Tensor) -> torch.Tensor:
         out, features = self._adapt(images)
@@ -572,4 +679,7 @@ class ReScalerScore(InputDetector):
         if self.config.feature == "drop":
             rows = torch.arange(len(images), device=images.device)
             return out.original_logits.softmax(1)[rows, y0] - out.logits.softmax(1)[rows, y0]
-        return layered_score(self.gaussians, features, y0)
+        score = layered_score(self.gaussians, features, y0, self.config.combine)
+        if self.amplification is None:
+            return score
+        return self.amplification.join(score, consistency(self.copies, images, y0, self.config.batch_size))

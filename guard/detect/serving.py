@@ -13,17 +13,22 @@ Example (inside a handler)::
     scores = scorer.score(images, pivot_logits)    # RequestScores with .score, .disagree, .repaired_label
 
 The trigger detector (:class:`TriggerDetector`, written by ``guard calibrate``) scores the features the served
-pass computes anyway (:func:`guard.detect.layer_features`), so it costs no extra pass::
+pass computes anyway (:func:`guard.detect.layer_features`), and, calibrated with ``amplified=n``, the
+consistency of n amplified copies of the model (:class:`guard.detect.Amplification`: n extra forward passes)::
 
-    detector = TriggerDetector.calibrate(model, clean_images, false_positive_rate=0.01)
+    detector = TriggerDetector.calibrate(model, clean_images, false_positive_rate=0.01, amplified=1)
     detector.save("detector.safetensors")
+    copies = detector.amplification.copies(model)                                   # once
     with layer_features(model, detector.layers) as captured:
         logits = model(images)
-    trigger = detector.score({k: v[0] for k, v in captured.items()}, logits.argmax(1))   # .score, .flagged
+    labels = logits.argmax(1)
+    trigger = detector.score({k: v[0] for k, v in captured.items()}, labels,
+                             consistency(copies, images, labels))                   # .score, .flagged
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -35,7 +40,8 @@ import torch
 from .._validation import check_images, is_number
 from ..models import GuardModel, create
 from .base import ScanReport, calibrate_threshold
-from .inputs import LayerGaussian, feature_layers, fit_layer_gaussians, layer_features, layered_score
+from .inputs import (Amplification, LayerGaussian, consistency, feature_layers, fit_layer_gaussians, layer_features,
+                     layered_score)
 
 __all__ = ["RequestScorer", "RequestScores", "TriggerDetector", "TriggerScores"]
 
@@ -113,7 +119,8 @@ class RequestScorer:
 @dataclass(frozen=True)
 class TriggerScores:
     """Per-image results of :meth:`TriggerDetector.score`, each ``(B,)``: ``score`` — guard's feature score (the
-    sum over layers of the standardized log Mahalanobis distances to clean inputs of the predicted class);
+    sum over layers of the standardized log Mahalanobis distances to clean inputs of the predicted class; with an
+    amplification, joined to the amplified copies' consistency, :meth:`guard.detect.Amplification.join`);
     ``flagged`` — above the calibrated threshold. ``threshold``: that threshold."""
 
     score: torch.Tensor
@@ -136,14 +143,16 @@ class TriggerDetector:
     features, :func:`guard.detect.feature_layers`) a :class:`~guard.detect.LayerGaussian` of the served model's
     features on clean images — with the threshold that flags ``false_positive_rate`` of clean inputs, calibrated
     out-of-fold on ``calibration_images`` clean images. Backdoored inputs sit away from the clean inputs of the
-    target class (Lee et al., NeurIPS 2018); ``benchmarks/detect_cifar10.py`` measures it against STRIP, SCALE-UP,
-    TeCo and IBD-PSC."""
+    target class (Lee et al., NeurIPS 2018). ``amplification`` (optional): the amplified copies whose consistency
+    joins the feature score (:class:`guard.detect.Amplification`; the ``rescaler`` detector's ``amplified``).
+    ``benchmarks/detect_cifar10.py`` measures it against STRIP, SCALE-UP, TeCo and IBD-PSC."""
 
     layers: tuple[str, ...]
     gaussians: tuple[LayerGaussian, ...]
     threshold: float
     false_positive_rate: float
     calibration_images: int
+    amplification: Amplification | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -175,6 +184,9 @@ class TriggerDetector:
         if isinstance(self.calibration_images, bool) or not isinstance(self.calibration_images, int) \
                 or self.calibration_images < 1:
             raise ValueError(f"calibration_images must be an int >= 1, got {self.calibration_images!r}")
+        if self.amplification is not None and not isinstance(self.amplification, Amplification):
+            raise TypeError(f"amplification must be a guard.detect.Amplification or None, got "
+                            f"{type(self.amplification).__name__}")
 
     @property
     def num_classes(self) -> int:
@@ -186,19 +198,22 @@ class TriggerDetector:
 
     @classmethod
     def calibrate(cls, model: GuardModel, clean: torch.Tensor, *, feature: str = "stages",
-                  false_positive_rate: float = 0.01, folds: int = 5, batch_size: int = 256,
+                  false_positive_rate: float = 0.01, amplified: int = 0, folds: int = 5, batch_size: int = 256,
                   generator: torch.Generator | None = None) -> "TriggerDetector":
         """Fit on ``clean`` ``(N, C, H, W)`` images in [0, 1] (held out from training) and calibrate the threshold.
 
         One forward pass of ``model`` gives every image's features (``feature``: ``"stages"`` or
         ``"penultimate"``, :func:`guard.detect.feature_layers`) and predicted label; :func:`fit_layer_gaussians`
         fits the layers and scores every image out of fold (``folds`` folds stratified by class), and the threshold
-        is the ``(1 − false_positive_rate)`` quantile of those scores. Every class needs at least ``folds`` of the
-        images predicted as it.
+        is the ``(1 − false_positive_rate)`` quantile of those scores. ``amplified`` > 0 adds that many amplified
+        copies (:meth:`guard.detect.Amplification.fit`), and the threshold is then set on the joined scores. Every
+        class needs at least ``folds`` of the images predicted as it.
         """
         if not isinstance(model, GuardModel):
             raise TypeError(f"model must be a guard.models.GuardModel, got {type(model).__name__}")
         clean = check_images(clean, model.spec.input_size, name="clean")
+        if isinstance(amplified, bool) or not isinstance(amplified, int) or amplified < 0:
+            raise ValueError(f"amplified must be an int >= 0, got {amplified!r}")
         generator = torch.Generator().manual_seed(0) if generator is None else generator
         layers = feature_layers(model, feature)
         model = model.eval()
@@ -206,9 +221,14 @@ class TriggerDetector:
         with torch.no_grad(), layer_features(model, layers) as captured:
             labels = torch.cat([model(c.to(device)).argmax(1).cpu() for c in clean.split(batch_size)])
         features = {name: torch.cat(values).cpu() for name, values in captured.items()}
-        gaussians, scores = fit_layer_gaussians(features, labels, model.num_classes, folds=folds, generator=generator)
-        return cls(layers, tuple(gaussians[n] for n in layers), calibrate_threshold(scores, false_positive_rate),
-                   false_positive_rate, len(labels))
+        gaussians, terms = fit_layer_gaussians(features, labels, model.num_classes, folds=folds, generator=generator)
+        scores, amplification = terms.sum(0), None
+        if amplified:
+            clean, labels = clean.to(device), labels.to(device)
+            amplification = Amplification.fit(model, clean, labels, scores, copies=amplified, batch_size=batch_size)
+            scores = amplification.join(scores, consistency(amplification.copies(model), clean, labels, batch_size))
+        return cls(layers, tuple(gaussians[n] for n in layers), calibrate_threshold(scores.cpu(), false_positive_rate),
+                   false_positive_rate, len(labels), amplification)
 
     def check_model(self, model: GuardModel) -> None:
         """Raise ``ValueError`` unless ``model`` has the layers, widths and classes calibrated on (one forward pass
@@ -226,9 +246,11 @@ class TriggerDetector:
                              f"{self.feature_dims}, but model {model.spec.name!r} has {model.num_classes} classes and "
                              f"features {dims}; calibrate it on this model")
 
-    def score(self, features: dict[str, torch.Tensor], labels: torch.Tensor) -> TriggerScores:
+    def score(self, features: dict[str, torch.Tensor], labels: torch.Tensor,
+              consistency_: torch.Tensor | None = None) -> TriggerScores:
         """Score the features ``{layer: (B, D)}`` (:func:`guard.detect.layer_features` of the served forward) of
-        inputs the served model predicts as ``labels`` ``(B,)``."""
+        inputs the served model predicts as ``labels`` ``(B,)``; with an amplification, ``consistency_`` ``(B,)`` is
+        :func:`guard.detect.consistency` of the same inputs under ``amplification.copies(model)``."""
         if not isinstance(features, dict) or set(features) != set(self.layers):
             got = sorted(features) if isinstance(features, dict) else type(features).__name__
             raise ValueError(f"features must be a dict of layers {list(self.layers)}, got {got}")
@@ -238,7 +260,14 @@ class TriggerDetector:
             if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape != (batch, dim):
                 got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
                 raise ValueError(f"features[{name!r}] must be ({batch}, {dim}) for {batch} labels, got {got}")
-        score = layered_score(dict(zip(self.layers, self.gaussians)), features, labels).cpu()
+        score = layered_score(dict(zip(self.layers, self.gaussians)), features, labels)
+        if self.amplification is not None:
+            if not isinstance(consistency_, torch.Tensor) or consistency_.shape != (batch,):
+                got = tuple(consistency_.shape) if isinstance(consistency_, torch.Tensor) else consistency_
+                raise ValueError(f"this detector joins the amplified copies' consistency: expected a ({batch},) "
+                                 f"tensor for {batch} labels, got {got!r}")
+            score = self.amplification.join(score, consistency_)
+        score = score.cpu()
         return TriggerScores(score, score > self.threshold, self.threshold)
 
     def to(self, device: str | torch.device) -> "TriggerDetector":
@@ -251,7 +280,8 @@ class TriggerDetector:
         return {"layers": list(self.layers), "threshold": self.threshold,
                 "false_positive_rate": self.false_positive_rate, "calibration_images": self.calibration_images,
                 "num_classes": self.num_classes, "feature_dims": self.feature_dims,
-                "log_mean": [g.log_mean for g in self.gaussians], "log_std": [g.log_std for g in self.gaussians]}
+                "log_mean": [g.log_mean for g in self.gaussians], "log_std": [g.log_std for g in self.gaussians],
+                "amplification": None if self.amplification is None else dataclasses.asdict(self.amplification)}
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write a safetensors file: each layer's means and precision, and the rest as its metadata."""
@@ -290,9 +320,11 @@ class TriggerDetector:
                                                        "calibration_images", "log_mean", "log_std")}
             gaussians = tuple(LayerGaussian(tensors[f"means.{i}"], tensors[f"precision.{i}"], values["log_mean"][i],
                                             values["log_std"][i]) for i in range(len(values["layers"])))
-        except (KeyError, IndexError, TypeError, json.JSONDecodeError) as exc:
+            amplification = json.loads(meta.get("amplification", "null"))
+            amplification = None if amplification is None else Amplification(**amplification)
+        except (KeyError, IndexError, TypeError, ValueError, json.JSONDecodeError) as exc:
             raise ValueError(f"{path}: missing or malformed tensors or metadata ({exc})") from exc
         if len(tensors) != 2 * len(gaussians):
             raise ValueError(f"{path}: expected {2 * len(gaussians)} tensors, got {sorted(tensors)}")
         return cls(tuple(values["layers"]), gaussians, values["threshold"], values["false_positive_rate"],
-                   values["calibration_images"])
+                   values["calibration_images"], amplification)

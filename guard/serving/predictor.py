@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .. import models
-from ..detect import RequestScorer, RequestScores, TriggerDetector, TriggerScores, layer_features
+from ..detect import RequestScorer, RequestScores, TriggerDetector, TriggerScores, consistency, layer_features
 from ..rescaler import Adaptation, ReScaler
 from .config import MANIFEST_NAME, REFUSED_STATUS, ArchiveManifest, GuardConfig
 from .decode import BadRequest
@@ -78,6 +78,9 @@ class GuardedClassifier:
         self.rescaler = (ReScaler(model, config.rescaler.eps, config.rescaler.alpha, config.rescaler.steps)
                          if config.enabled else None)
         self.scorer = scorer
+        # the trigger detector's amplified copies of the served model, built once (none without an amplification)
+        self.amplified = ([] if detector is None or detector.amplification is None
+                          else detector.amplification.copies(self.model))
         self.detector = detector
 
     @classmethod
@@ -142,12 +145,17 @@ class GuardedClassifier:
                 result = Adaptation(logits=logits, original_logits=logits, scalars=logits.new_zeros(logits.shape[0], 0))
         return result, {name: values[0] for name, values in captured.items()}
 
-    def detect(self, result: Adaptation, features: dict[str, torch.Tensor]) -> TriggerScores | None:
-        """The archive's trigger detector on :meth:`observe`'s features (classes: the undefended labels), or
-        ``None`` when the archive has none."""
+    def detect(self, result: Adaptation, features: dict[str, torch.Tensor], images: torch.Tensor
+               ) -> TriggerScores | None:
+        """The archive's trigger detector on :meth:`observe`'s features of ``images`` (classes: the undefended
+        labels) — with an amplification, one more forward pass of ``images`` per amplified copy — or ``None`` when
+        the archive has none."""
         if self.detector is None:
             return None
-        return self.detector.score(features, result.original_labels)
+        if not self.amplified:
+            return self.detector.score(features, result.original_labels)
+        labels = result.original_labels
+        return self.detector.score(features, labels, consistency(self.amplified, images.to(self.device), labels))
 
     def score(self, images: torch.Tensor, result: Adaptation) -> RequestScores | None:
         """Per-request backdoor scores of a classified batch against the archive's repaired model (one

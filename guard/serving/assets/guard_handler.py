@@ -163,7 +163,7 @@ class GuardHandler(BaseHandler):
         if scores is not None:
             self._emit(LATENCY, time.perf_counter() - start, "score")
         start = time.perf_counter()
-        trigger = self.classifier.detect(result, features)
+        trigger = self.classifier.detect(result, features, images)
         if trigger is not None:
             self._emit(LATENCY, time.perf_counter() - start, "detect")
         return result, scores, trigger
