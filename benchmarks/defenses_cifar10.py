@@ -1,15 +1,16 @@
 """Every repair defense of the registry on strong CIFAR-10 victims: remaining ASR within the CDA budget.
 
 What:     per attack (--attacks) a strong victim from the shared cache (benchmarks/victims.py: the pretrained
-          ResNet-20 fine-tuned on the full poisoned training set, undefended non-target ASR >= 0.9), repaired by
-          every repair defense of guard.repair (--defenses; default list_defenses("repair")) with a
-          class-stratified --trusted-fraction of the clean training set (1 %: v_1% of pick_your_poison.txt
-          Table 3). Each defense runs its registry defaults (Table 5 / the original papers), its step budgets
-          multiplied by --scale; CDA is measured on the first HELDOUT_IMAGES lossless test images, ASR (PyP's
-          M2) on the same images stamped with the trigger. Per defense: the remaining ASR at the chosen point
+          ResNet-20 fine-tuned on the full poisoned training set; undefended non-target ASR >= 0.9 for BadNets
+          and Blend, A-Blend 0.80 by design, WaNet 0.78 after 8 epochs), repaired by every repair defense of
+          guard.repair (--defenses; default list_defenses("repair")) with a class-stratified --trusted-fraction
+          of the clean training set (1 %: v_1% of pick_your_poison.txt Table 3). Each defense runs its registry
+          defaults (Table 5 / the original papers), its step budgets multiplied by --scale; CDA is measured on
+          the first HELDOUT_IMAGES lossless test images, ASR (PyP's M2) on the same images stamped with the
+          trigger. Per defense: the remaining ASR at the chosen point
           within the 2-point CDA budget (v_r, M10), its CDA, the whole trade-off curve and the wall time; the
-          papers' figures beside them: Table 3 (Ours = Pivotal Tuning, WD, FP, NAD, NC; BadNets row) and MOTH's
-          Table 8 (FP, MCR; Blend row, accuracy / ASR after repair on ResNet-20).
+          papers' figures beside them: Table 3 (Ours = Pivotal Tuning, WD, FP, NAD, NC; BadNets, A-Blend and
+          WaNet rows) and MOTH's Table 8 (FP, MCR; Blend row, accuracy / ASR after repair on ResNet-20).
 Hardware: one job per (attack, defense), run as a guard.sweep grid: Ray tasks of --threads CPUs each (and one
           GPU each when CUDA is available) on a local Ray or --address; --serial runs them here one by one.
 Output:   benchmarks/results/defenses_cifar10.json and .png (trade-off curves per attack, v_r bars), or --out;
@@ -44,11 +45,15 @@ from victims import (DEFENSE_VICTIMS, add_sweep_arguments, data_root, job_resour
 
 SEED = 0
 HELDOUT_IMAGES = 1000
-ATTACKS = {name: DEFENSE_VICTIMS[name] for name in ("badnets", "blend")}
+ATTACKS = {name: DEFENSE_VICTIMS[name] for name in ("badnets", "blend", "adaptive-blend", "wanet")}
 #: pick_your_poison.txt Table 3, CIFAR-10, v_1% (ALGORITHMS.md T3); moth_supplementary.txt Table 8, CIFAR-10
 #: ResNet-20 Blend, (accuracy, ASR) after repair (T8)
 PAPER = {"badnets": {"table3_v1": {"pivotal": 0.03, "weight-decay": 0.13, "fine-pruning": 0.69, "nad": 0.98,
                                    "nc": 0.13}},
+         "adaptive-blend": {"table3_v1": {"pivotal": 0.00, "weight-decay": 0.45, "fine-pruning": 1.00, "nad": 1.00,
+                                          "nc": 0.72}},
+         "wanet": {"table3_v1": {"pivotal": 0.04, "weight-decay": 0.14, "fine-pruning": 0.14, "nad": 0.28,
+                                 "nc": 0.28}},
          "blend": {"table8_acc_asr": {"fine-pruning": (0.8775, 0.0363), "mcr": (0.8553, 0.6358),
                                       "moth": (0.8908, 0.0)}}}
 #: the step budgets of each config that --scale shrinks (eval_every is kept; steps round to a multiple of it)
