@@ -558,13 +558,15 @@ class Amplification:
 
     @classmethod
     def fit(cls, model: GuardModel, clean: torch.Tensor, labels: torch.Tensor, feature_scores: torch.Tensor, *,
-            copies: int, factor: float = 1.5, error: float = 0.6, batch_size: int = 256) -> "Amplification":
+            copies: int, factor: float = 1.5, error: float = 0.6, batch_size: int = 256
+            ) -> tuple["Amplification", list[nn.Module], torch.Tensor]:
         """IBD-PSC's depth search on ``clean`` (:class:`IBDPSC` with ``copies`` models), and the clean scale of both
         views: ``feature_scores`` (the clean images' out-of-fold feature scores) and the consistency of ``clean``
-        with their predicted ``labels``."""
+        with their predicted ``labels``. Returns the amplification, its copies of ``model`` and that clean
+        consistency ``(N,)``, so a caller neither rebuilds the copies nor repeats their passes."""
         psc = IBDPSC(models=copies, factor=factor, error=error, batch_size=batch_size).fit(model, clean)
         log = consistency(psc.amplified, clean, labels.to(clean.device), batch_size)
-        return cls(psc.depths, factor, _location_scale(feature_scores), _location_scale(log))
+        return cls(psc.depths, factor, _location_scale(feature_scores), _location_scale(log)), psc.amplified, log
 
     def copies(self, model: nn.Module) -> list[nn.Module]:
         """The amplified copies of ``model`` (built once, then used on every batch)."""
@@ -669,9 +671,9 @@ class ReScalerScore(InputDetector):
                                                     folds=self.config.folds, generator=generator)
         self.amplification = self.copies = None
         if self.config.amplified:
-            self.amplification = Amplification.fit(self.model, clean, labels, combined(terms, self.config.combine),
-                                                   copies=self.config.amplified, batch_size=self.config.batch_size)
-            self.copies = self.amplification.copies(self.model)
+            self.amplification, self.copies, _ = Amplification.fit(
+                self.model, clean, labels, combined(terms, self.config.combine), copies=self.config.amplified,
+                batch_size=self.config.batch_size)
 
     def _score(self, images: torch.Tensor) -> torch.Tensor:
         out, features = self._adapt(images)

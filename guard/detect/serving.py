@@ -40,7 +40,7 @@ import torch
 from .._validation import check_images, is_number
 from ..models import GuardModel, create
 from .base import ScanReport, calibrate_threshold
-from .inputs import (Amplification, LayerGaussian, consistency, feature_layers, fit_layer_gaussians, layer_features,
+from .inputs import (Amplification, LayerGaussian, feature_layers, fit_layer_gaussians, layer_features,
                      layered_score)
 
 __all__ = ["RequestScorer", "RequestScores", "TriggerDetector", "TriggerScores"]
@@ -225,8 +225,9 @@ class TriggerDetector:
         scores, amplification = terms.sum(0), None
         if amplified:
             clean, labels = clean.to(device), labels.to(device)
-            amplification = Amplification.fit(model, clean, labels, scores, copies=amplified, batch_size=batch_size)
-            scores = amplification.join(scores, consistency(amplification.copies(model), clean, labels, batch_size))
+            amplification, _, clean_consistency = Amplification.fit(model, clean, labels, scores, copies=amplified,
+                                                                    batch_size=batch_size)
+            scores = amplification.join(scores, clean_consistency)
         return cls(layers, tuple(gaussians[n] for n in layers), calibrate_threshold(scores.cpu(), false_positive_rate),
                    false_positive_rate, len(labels), amplification)
 
