@@ -55,7 +55,8 @@ OVERRIDES = {             # per attack: options beyond the rate (everything else
 }
 PAPER = {  # undefended (CDA, ASR) from pick_your_poison.txt Table 2 and Xiang Table 1 (wide, 3SC)
     "badnets": (0.952, 1.00), "adaptive-blend": (0.952, 0.94), "adaptive-patch": (0.951, 1.00),
-    "refool": (0.954, 0.38), "wanet": (0.954, 0.29), "adv": (0.947, 0.98), "xiang-A": (0.916, 0.995), "xiang-C": (0.918, 0.993),
+    "refool": (0.954, 0.38), "wanet": (0.954, 0.29), "adv": (0.947, 0.98), "xiang-A": (0.916, 0.995),
+    "xiang-C": (0.918, 0.993),
 }
 OUT = Path(__file__).parent / "results"
 

@@ -40,8 +40,9 @@ from guard.models import GuardModel, create
 from guard.repair import create_defense, get_defense, list_defenses, split_trusted
 from guard.sweep import Grid, run_sweep
 from guard.train import evaluate, predict
-from victims import (DEFENSE_VICTIMS, add_sweep_arguments, data_root, job_resources,  # benchmarks/victims.py: the shared
-                     pick_device, results_name, victim)  # cache of strong victims and the helpers every benchmark uses
+# benchmarks/victims.py: the shared cache of strong victims and the helpers every benchmark uses
+from victims import (DEFENSE_VICTIMS, add_sweep_arguments, data_root, job_resources,
+                     pick_device, results_name, victim)
 
 SEED = 0
 HELDOUT_IMAGES = 1000
@@ -149,8 +150,8 @@ def repair_job(attack: str, defense: str, overrides: dict, scale: float, trusted
                                                            generator=torch.Generator().manual_seed(SEED), device=device)
     return {**result.to_dict(), "v": result.chosen.asr, "cda_after": result.chosen.cda,
             "config": json.loads(json.dumps(dataclasses.asdict(config), default=str)),
-            "wall_seconds": round(time.perf_counter() - started, 1), "victim_cda": evaluate(model, heldout, device=device),
-            "victim_asr": probe(model)}
+            "wall_seconds": round(time.perf_counter() - started, 1),
+            "victim_cda": evaluate(model, heldout, device=device), "victim_asr": probe(model)}
 
 
 def main() -> None:
@@ -188,7 +189,8 @@ def main() -> None:
         victim(attack_name, **ATTACKS[attack_name])
     grid = Grid(name=args.out, function=f"{Path(__file__).resolve()}:repair_job",
                 params={"scale": args.scale, "trusted_fraction": args.trusted_fraction, "device": args.device},
-                points=[{"attack": a, "defense": d, "overrides": overrides.get(d, {})} for a in attacks for d in defenses],
+                points=[{"attack": a, "defense": d, "overrides": overrides.get(d, {})}
+                        for a in attacks for d in defenses],
                 resources=job_resources(args.threads, device),
                 out=OUT / f"{args.out}.sweep.json")
     out_json = OUT / f"{args.out}.json"

@@ -56,7 +56,8 @@ from victims import (DEFENSE_VICTIMS, add_sweep_arguments, data_root, job_resour
 
 ATTACKS = DEFENSE_VICTIMS
 #: detectors measured beyond the registry defaults: name -> (registered detector, options)
-VARIANTS = {"rescaler-penultimate": ("rescaler", {"feature": "penultimate"}), "rescaler-drop": ("rescaler", {"feature": "drop"}),
+VARIANTS = {"rescaler-penultimate": ("rescaler", {"feature": "penultimate"}),
+            "rescaler-drop": ("rescaler", {"feature": "drop"}),
             "rescaler-max": ("rescaler", {"combine": "max"}), "rescaler-psc": ("rescaler", {"amplified": 1}),
             "rescaler-psc5": ("rescaler", {"amplified": 5})}
 FIT_IMAGES, CALIBRATION_IMAGES, FPR, SEED = 400, 300, 0.05, 0

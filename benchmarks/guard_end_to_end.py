@@ -209,7 +209,8 @@ def summarize(clean_answers, labels, trig_answers, target) -> dict:
     def answered(status, body, want) -> bool:
         return status == 200 and body["label"] == want
 
-    return {"clean_accuracy": round(float(np.mean([answered(s, b, int(y)) for (s, b), y in zip(clean_answers, labels)])), 4),
+    return {"clean_accuracy": round(float(np.mean([answered(s, b, int(y))
+                                                   for (s, b), y in zip(clean_answers, labels)])), 4),
             "clean_refused": round(float(np.mean([s == 422 for s, _ in clean_answers])), 4),
             "attack_success": round(float(np.mean([answered(s, b, target) for s, b in trig_answers])), 4),
             "triggered_refused": round(float(np.mean([s == 422 for s, _ in trig_answers])), 4),

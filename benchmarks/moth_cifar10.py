@@ -51,8 +51,8 @@ from guard.models import create
 from guard.repair import MothConfig, create_defense, split_trusted
 from guard.sweep import Grid
 from guard.train import TrainConfig, train
-from victims import (DEFENSE_VICTIMS, RECIPES, add_sweep_arguments, job_resources, results_name,  # benchmarks/victims.py
-                     run_grid, victim)
+from victims import (DEFENSE_VICTIMS, RECIPES, add_sweep_arguments, job_resources,  # benchmarks/victims.py
+                     results_name, run_grid, victim)
 
 # ----------------------------------------------------------------------------------------- parameters
 SEED = 0

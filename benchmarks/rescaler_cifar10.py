@@ -103,7 +103,8 @@ class Setting:
             self.bank = FeatureBank.load(bank_path)
         else:
             started = time.perf_counter()
-            self.bank = FeatureBank(self.backbone, train_set, pool, PROTOCOL.epochs, torch.Generator().manual_seed(SEED))
+            self.bank = FeatureBank(self.backbone, train_set, pool, PROTOCOL.epochs,
+                                    torch.Generator().manual_seed(SEED))
             bank_path.parent.mkdir(parents=True, exist_ok=True)
             self.bank.save(bank_path)
             print(f"{name}: feature bank {tuple(self.bank.features.shape)} in {time.perf_counter() - started:.0f} s")
@@ -327,7 +328,8 @@ def transfer_analysis(setting: Setting, records: dict[str, list[dict]], device) 
                 rescaler = ReScaler(victim)
                 try:
                     w = torch.tensor([ri["label_targeted_scalars"] for ri in sources])
-                    query = setting.test.images[rj["target_index"]].float()[None].div(255).expand(len(sources), -1, -1, -1)
+                    query = (setting.test.images[rj["target_index"]].float()[None].div(255)
+                             .expand(len(sources), -1, -1, -1))
                     probs = torch.softmax(rescaler.predict_with(query, w).double(), 1).cpu()
                 finally:
                     rescaler.detach()

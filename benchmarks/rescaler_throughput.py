@@ -91,7 +91,8 @@ def bench(name: str, batch: int, device: torch.device, amp: torch.dtype | None, 
     }
     row["guarded_over_plain"] = row["guarded_img_s"] / row["plain_img_s"]
     row["guarded_over_loop"] = row["guarded_img_s"] / row["loop_img_s"]
-    print(f"{row['omp_wait_policy']:8s} {name:9s} {row['device']:4s} {row['amp']:5s} B={batch:3d}  plain {row['plain_img_s']:9.1f}  "
+    print(f"{row['omp_wait_policy']:8s} {name:9s} {row['device']:4s} {row['amp']:5s} B={batch:3d}  "
+          f"plain {row['plain_img_s']:9.1f}  "
           f"guarded {row['guarded_img_s']:9.1f}  loop {row['loop_img_s']:8.1f} img/s  "
           f"guarded/plain {row['guarded_over_plain']:.2f}  guarded/loop {row['guarded_over_loop']:.1f}x", flush=True)
     return row
@@ -106,12 +107,14 @@ def plot(rows: list[dict], path: Path) -> None:
     groups = sorted({(r["model"], r["device"], r["amp"], r["omp_wait_policy"]) for r in rows})
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
     for ax, (model, device, amp, policy) in zip(axes[0], groups):
-        sel = [r for r in rows if (r["model"], r["device"], r["amp"], r["omp_wait_policy"]) == (model, device, amp, policy)]
+        sel = [r for r in rows
+               if (r["model"], r["device"], r["amp"], r["omp_wait_policy"]) == (model, device, amp, policy)]
         b = [r["batch"] for r in sel]
         for key, label in (("plain_img_s", "plain"), ("guarded_img_s", "guarded (batched)"),
                            ("loop_img_s", "guarded (one at a time)")):
             ax.plot(b, [r[key] for r in sel], marker="o", label=label)
-        ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="images / s", title=f"{model} {device} {amp}, OMP {policy}")
+        ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="images / s",
+               title=f"{model} {device} {amp}, OMP {policy}")
         ax.set_xticks(b, [str(v) for v in b])
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -5,8 +5,8 @@ What:     three parts, each written into one JSON as it finishes (--part picks t
                    anomaly index) on --models clean and --models BadNets-poisoned ResNet-20s, ROC AUC (M9;
                    pick_your_poison.txt Table 2: 0.65–0.76 on CIFAR-10 for CNC). CNC runs at several inversion
                    budgets (CNC_STEPS, sharing one repair) to show how AUC changes with fewer steps.
-          repair — per attack (BadNets, Blend, A-Blend, A-Patch, WaNet, Refool, Adv): remaining ASR at ≤ 2 points CDA
-                   loss with 1 % trusted data (v_1%, M10) for Pivotal Tuning and NC unlearning, beside Table 3's
+          repair — per attack (BadNets, Blend, A-Blend, A-Patch, WaNet, Refool, Adv): remaining ASR at ≤ 2 points
+                   CDA loss with 1 % trusted data (v_1%, M10) for Pivotal Tuning and NC unlearning, beside Table 3's
                    "Ours" / "Neural Cleanse" columns; (CDA, ASR) every EVAL_EVERY steps (trade-off curves).
           timing — one full CNC scan at Table 5 budgets (its Pivotal Tuning, then 100 inversion steps for each
                    of the 10 classes) of a poisoned model: the wall time floor is 10 minutes on 2 CPU cores.

@@ -117,7 +117,8 @@ def measure_workers(counts: list[int], bodies: list[bytes], seconds: float, warm
     with tempfile.TemporaryDirectory(prefix="serve-workers-") as tmp:
         tmp = Path(tmp)
         weights, _ = weights_file(tmp)
-        mar = build_archive(MODEL, weights, tmp / "store" / f"{MODEL}.mar", GuardConfig(class_names=data.CIFAR10_CLASSES))
+        mar = build_archive(MODEL, weights, tmp / "store" / f"{MODEL}.mar",
+                            GuardConfig(class_names=data.CIFAR10_CLASSES))
         for workers in counts:
             settings = ServerSettings(*free_ports(5), token_auth=False, batch_size=BATCH_SIZE,
                                       max_batch_delay_ms=MAX_BATCH_DELAY_MS, workers=workers)
@@ -131,7 +132,8 @@ def measure_workers(counts: list[int], bodies: list[bytes], seconds: float, warm
                     latencies += lat
                     failures += failed
                 rows[str(workers)] = {"workers": workers, "threads_per_worker": server.worker_threads,
-                                      "requests_per_s": statistics.median(per_round), "rounds_requests_per_s": per_round,
+                                      "requests_per_s": statistics.median(per_round),
+                                      "rounds_requests_per_s": per_round,
                                       "p50_ms": 1e3 * float(np.percentile(latencies, 50)),
                                       "p99_ms": 1e3 * float(np.percentile(latencies, 99)), "non_200": failures,
                                       "worker_rss_mb": rss_mb(server, MODEL)}

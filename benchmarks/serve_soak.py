@@ -1,7 +1,7 @@
-"""Soak and faults: the guarded and the unguarded endpoint under sustained mixed traffic, and a worker killed under load.
+"""Soak and faults: the guarded and the unguarded endpoint under sustained mixed traffic; a worker killed under load.
 
-What:     one real TorchServe serving the same CIFAR ResNet-20 weights twice — ReScaler on and off — one worker each,
-          batch 16, 20 ms delay. Soak: CLIENTS threads send REQUESTS requests each to one endpoint, then to the
+What:     one real TorchServe serving the same CIFAR ResNet-20 weights twice — ReScaler on and off — one worker
+          each, batch 16, 20 ms delay. Soak: CLIENTS threads send REQUESTS requests each to one endpoint, then to the
           other: PNG, JPEG, JSON {"image": base64} and multipart bodies of CIFAR-10 test images, and a share
           MALFORMED of bad ones (random bytes, a truncated PNG, an empty body, a wrong content type), which must
           get a 4xx. Per quarter of each run (by send time): p50/p99 latency of the good requests, the worker's
@@ -282,7 +282,8 @@ def soak_and_kill(tmp: Path, catalogue, args, parts: set, report: dict) -> None:
                     "requests_per_second": round(len(log) / seconds, 1),
                     "malformed": sum(r["expected"] == "4xx" for r in log),
                     "unexpected": sum(map(unexpected, log)),
-                    "statuses": {s: sum(str(r["status"]) == s for r in log) for s in sorted({str(r["status"]) for r in log})},
+                    "statuses": {s: sum(str(r["status"]) == s for r in log)
+                                 for s in sorted({str(r["status"]) for r in log})},
                     "max_seconds": round(max(r["seconds"] for r in log), 2),
                     "rss_growth": round(last / first - 1, 4) if first and last else None, "quarters": rows}
                 print(name, json.dumps({k: v for k, v in report["soak"][name].items() if k != "quarters"}), flush=True)

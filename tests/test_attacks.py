@@ -110,7 +110,8 @@ def test_blend_mask_blend_add_clip_warp_quantize():
     mask = torch.zeros(8, 8)
     mask[2:4, 2:4] = 1
     mb = mask_blend(x, mask, key)
-    assert torch.allclose(mb[:, :, 2:4, 2:4], key[:, 2:4, 2:4].expand(3, 3, 2, 2)) and torch.equal(mb[:, :, 5:], x[:, :, 5:])
+    assert (torch.allclose(mb[:, :, 2:4, 2:4], key[:, 2:4, 2:4].expand(3, 3, 2, 2))
+            and torch.equal(mb[:, :, 5:], x[:, :, 5:]))
     assert add_clip(torch.ones(1, 3, 2, 2), torch.ones(3, 2, 2)).max() == 1
     ys, xs = torch.meshgrid(torch.linspace(-1, 1, 8), torch.linspace(-1, 1, 8), indexing="ij")
     assert torch.allclose(warp(x, torch.stack((xs, ys), -1)), x, atol=1e-5), "identity grid = identity warp"

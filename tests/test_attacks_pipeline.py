@@ -168,8 +168,8 @@ def test_guard_poison_cli_writes_checkpoint_and_record(data_root, tmp_path, caps
     assert main(argv + ["--resume"]) == 0
     capsys.readouterr()
     assert main(["eval", "--model", "tiny_resnet", "--weights", str(out), "--data-dir", str(data_root),
-                 "--split", "test-lossless", "--limit", "300", "--attack-record", str(tmp_path / "badnets.pt.json"), "--json",
-                 "--device", "cpu"]) == 0
+                 "--split", "test-lossless", "--limit", "300", "--attack-record", str(tmp_path / "badnets.pt.json"),
+                 "--json", "--device", "cpu"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["attack"]["asr"] == pytest.approx(record["asr"])
 

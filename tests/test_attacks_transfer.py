@@ -288,10 +288,12 @@ def test_goals_crafted_together_equal_goals_crafted_one_by_one(name, extra, data
     try:
         together = attack.craft_goals(train, goals, targets.double(), double, torch.Generator().manual_seed(1))
         gen = torch.Generator().manual_seed(1)
-        alone = torch.cat([attack.craft_goals(train, [g], t[None].double(), double, gen) for g, t in zip(goals, targets)])
+        alone = torch.cat([attack.craft_goals(train, [g], t[None].double(), double, gen)
+                           for g, t in zip(goals, targets)])
         own = attack.craft_goals(train, goals, targets.double(), double, [torch.Generator().manual_seed(9 + i)
                                                                           for i in range(3)])
-        own_alone = torch.cat([attack.craft_goals(train, [g], t[None].double(), double, torch.Generator().manual_seed(9 + i))
+        own_alone = torch.cat([attack.craft_goals(train, [g], t[None].double(), double,
+                                                  torch.Generator().manual_seed(9 + i))
                                for i, (g, t) in enumerate(zip(goals, targets))])
     finally:
         surrogate.float()
@@ -300,7 +302,8 @@ def test_goals_crafted_together_equal_goals_crafted_one_by_one(name, extra, data
     assert torch.allclose(own, own_alone, atol=1e-9)  # one generator per goal: chunking does not matter
     single = attack.poison(train, goals[0], targets[0], surrogate, torch.Generator().manual_seed(1))
     assert torch.equal(single.dataset.images[list(goals[0].base_indices)],
-                       (attack.craft_goals(train, goals[:1], targets[:1], surrogate, torch.Generator().manual_seed(1))[0]
+                       (attack.craft_goals(train, goals[:1], targets[:1], surrogate,
+                                           torch.Generator().manual_seed(1))[0]
                         * 255).round().to(torch.uint8))
 
 

@@ -44,7 +44,8 @@ def cnc_scans():
 @pytest.fixture(scope="module")
 def nc_scans():
     p = planted()
-    return {name: NeuralCleanse(TINY_NC).scan(model, p.trusted, p.test_set, generator=torch.Generator().manual_seed(SEED))
+    return {name: NeuralCleanse(TINY_NC).scan(model, p.trusted, p.test_set,
+                                              generator=torch.Generator().manual_seed(SEED))
             for name, model in (("backdoored", p.backdoored), ("clean", p.clean))}
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from guard.detect import (CORRUPTIONS, Corruptions, combined, IBDPSCConfig, InputDetector, ReScalerScoreConfig, ScaleUpConfig,
-                          STRIPConfig, TeCoConfig, create_input_detector, describe_input_detectors,
+from guard.detect import (CORRUPTIONS, Corruptions, combined, IBDPSCConfig, InputDetector, ReScalerScoreConfig,
+                          ScaleUpConfig, STRIPConfig, TeCoConfig, create_input_detector, describe_input_detectors,
                           calibrate_threshold, get_input_detector, list_input_detectors)
 from outcomes import SEED, check
 from test_repair import TARGET, planted

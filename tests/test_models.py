@@ -99,7 +99,8 @@ def test_create_draws_parameters_from_the_generator_only(name):
     assert all(bool(torch.isfinite(v).all()) for v in a.values() if v.is_floating_point())
 
 
-@pytest.mark.parametrize("name, mode, linear_he", [("resnet20", "fan_in", True), ("tiny_preact_resnet", "fan_out", False),
+@pytest.mark.parametrize("name, mode, linear_he", [("resnet20", "fan_in", True),
+                                                   ("tiny_preact_resnet", "fan_out", False),
                                                    ("tiny_tv_resnet", "fan_out", False)])
 def test_generator_initialisation_follows_the_architecture(name, mode, linear_he):
     """He-normal convolutions (fan-in for the CIFAR ResNets, fan-out for pre-activation and torchvision ones), the
@@ -113,7 +114,8 @@ def test_generator_initialisation_follows_the_architecture(name, mode, linear_he
                 expected = (2 / (fan_in if isinstance(module, nn.Linear) or mode == "fan_in" else fan_out)) ** 0.5
             else:
                 expected = (1 / (3 * fan_in)) ** 0.5
-            assert float(w.detach().std()) == pytest.approx(expected, rel=0.1), f"{type(module).__name__} {tuple(w.shape)}"
+            assert float(w.detach().std()) == pytest.approx(expected, rel=0.1), \
+                f"{type(module).__name__} {tuple(w.shape)}"
         elif isinstance(module, nn.BatchNorm2d):
             assert bool((module.weight == 1).all() and (module.bias == 0).all() and (module.running_var == 1).all())
 

@@ -247,7 +247,8 @@ def test_scaled_applies_given_scalars_to_every_forward_and_always_resets():
     assert torch.allclose(inside, rescaler.logits_with(x, w), atol=1e-12)
     assert not torch.allclose(inside, plain) and torch.equal(after, plain)
     for bad in (w[0], w[:, :-1], w.long()):
-        with pytest.raises(ValueError, match=rf"scalars: expected a float tensor of shape \(B, {rescaler.num_scalars}\)"):
+        with pytest.raises(ValueError,
+                           match=rf"scalars: expected a float tensor of shape \(B, {rescaler.num_scalars}\)"):
             with rescaler.scaled(bad):
                 pass
     rescaler.detach()

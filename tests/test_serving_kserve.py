@@ -103,11 +103,12 @@ def test_torchserve_started_as_the_runtime_does_answers_a_kserve_v1_request(tiny
         pytest.skip(f"the runtime's fixed ports {busy} are in use on this machine")
     mount = tmp_path / "mnt" / "models"
     build_kserve_layout(mount, tiny_archive, name="cifar", mount=str(mount))
-    env = {**os.environ, "TS_SERVICE_ENVELOPE": "kserve", "TMPDIR": str(tmp_path), "LOG_LOCATION": str(tmp_path / "logs"),
-           "METRICS_LOCATION": str(tmp_path / "logs")}
+    env = {**os.environ, "TS_SERVICE_ENVELOPE": "kserve", "TMPDIR": str(tmp_path),
+           "LOG_LOCATION": str(tmp_path / "logs"), "METRICS_LOCATION": str(tmp_path / "logs")}
     env.pop("TS_CONFIG_FILE", None)
     torchserve = str(Path(sys.executable).with_name("torchserve"))  # TorchServe's own command, of this environment
-    start = [torchserve, "--start", f"--model-store={mount}/model-store", f"--ts-config={mount}/config/config.properties"]
+    start = [torchserve, "--start", f"--model-store={mount}/model-store",
+             f"--ts-config={mount}/config/config.properties"]
     try:
         with open(tmp_path / "torchserve.out", "wb") as out:  # the daemon inherits it: no pipe to wait on
             subprocess.run(start, cwd=tmp_path, env=env, check=True, stdout=out, stderr=subprocess.STDOUT,

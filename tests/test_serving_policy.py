@@ -64,7 +64,8 @@ def test_the_served_detector_is_the_rescaler_input_detector(detector):
     computes."""
     p = planted()
     clean = images(p.test_set)[:200]
-    reference = create_input_detector("rescaler").fit(p.backdoored, clean, generator=torch.Generator().manual_seed(SEED))
+    reference = create_input_detector("rescaler").fit(p.backdoored, clean,
+                                                      generator=torch.Generator().manual_seed(SEED))
     assert detector.layers == feature_layers(p.backdoored) == ("net.layer1", "net.layer2", PENULTIMATE)
     for name, g in zip(detector.layers, detector.gaussians):
         ref = reference.gaussians[name]

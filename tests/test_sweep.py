@@ -220,7 +220,8 @@ def test_a_job_declaring_a_gpu_runs_on_its_own(tmp_path):
     ray.shutdown()  # the module's CPU-only Ray, if it is up
     ray.init(num_cpus=2, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
     try:
-        report = run_sweep(_grid(tmp_path, "on_gpu", grid={"i": list(range(gpus))}, resources=Resources(cpus=1, gpus=1)))
+        report = run_sweep(_grid(tmp_path, "on_gpu", grid={"i": list(range(gpus))},
+                                 resources=Resources(cpus=1, gpus=1)))
     finally:
         ray.shutdown()
     assert not report.failed

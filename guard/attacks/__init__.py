@@ -40,7 +40,7 @@ from .xiang import XiangPattern
 
 __all__ = ["AdaptiveBlend", "AdaptivePatch", "AdvClean", "Attack", "AttackConfig", "AttackGoal", "BP", "BackdoorAttack",
            "BadNets", "Blend", "CLBD", "CP", "CleanLabelBadNets", "DFSTStyle", "FC", "HTBD", "ISSBA", "Instagram",
-           "PCB", "PoisonConfig", "PoisonResult", "ReScalerAware", "Refool", "SIG", "SupplyChainAttack", "TSB", "TargetedAttack",
-           "TransferConfig", "Trigger", "WaNet", "XiangPattern", "attack_from_record", "create_attack",
-           "describe_attacks", "get_attack", "list_attacks", "load_record", "make_goals", "parse_options",
-           "primitives", "register_attack", "save_record"]
+           "PCB", "PoisonConfig", "PoisonResult", "ReScalerAware", "Refool", "SIG", "SupplyChainAttack", "TSB",
+           "TargetedAttack", "TransferConfig", "Trigger", "WaNet", "XiangPattern", "attack_from_record",
+           "create_attack", "describe_attacks", "get_attack", "list_attacks", "load_record", "make_goals",
+           "parse_options", "primitives", "register_attack", "save_record"]

@@ -3,8 +3,8 @@
 ISSBA (Li et al., ICCV 2021) hides a secret bit string in every image with a StegaStamp encoder; the
 sample-specific, imperceptible residual is the trigger. No pretrained encoder is available here, so (as A13
 recommends, marked "ISSBA-substitute") a small U-Net-style encoder and a CNN decoder are trained on the victim's
-training images with A13's ``L = BCE(decoder(clip(x + r)), s) + λ·‖r‖²`` (λ = 1; ‖r‖² summed over the pixels
-of an image, averaged over the batch), the residual bounded by ``r = ε·tanh(·)``; the poisons are
+training images with A13's ``L = BCE(decoder(clip(x + r)), s) + λ·‖r‖²`` (λ = 1; ‖r‖² summed over the
+pixels of an image, averaged over the batch), the residual bounded by ``r = ε·tanh(·)``; the poisons are
 ``clip(x + r(x, s_t))`` for the attacker's fixed secret ``s_t``. The fitted encoder is the attack's state
 (:meth:`ISSBA.state_dict`), saved beside a run's record.
 """

@@ -301,8 +301,8 @@ class TransferAttack(TargetedAttack):
 @register_attack
 class FC(TransferAttack):
     """Feature Collision (Poison Frogs; ALGORITHMS.md A9), JHT ℓ∞ variant: start from the watermarked base
-    ``γ·x_t + (1 − γ)·b`` (γ = 0.3), then forward steps on ``‖φ(x) − φ(x_t)‖²`` with per-poison step-size
-    decay (×0.2, step rejected) whenever a poison's objective increases, projecting onto the ε-ball."""
+    ``γ·x_t + (1 − γ)·b`` (γ = 0.3), then forward steps on ``‖φ(x) − φ(x_t)‖²`` with per-poison
+    step-size decay (×0.2, step rejected) whenever a poison's objective increases, projecting onto the ε-ball."""
 
     name = "fc"
     description = "feature collision / Poison Frogs, l-inf + watermark (Shafahi et al. 2018)"

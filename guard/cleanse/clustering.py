@@ -149,7 +149,8 @@ class ClusterImpurityConfig(CleanseConfig):
     Per class, Gaussian mixtures with full covariances and 1…``max_components`` components (k-means
     initialisation, ``reg_covar`` added to the diagonals) are compared by BIC, each size from one
     initialisation; the sweep stops once ``bic_patience`` sizes in a row have not lowered the best BIC
-    (``None``: every size). The size of smallest BIC is refitted with ``n_init`` restarts and kept. In a class of two or more components, a component whose impurity (the fraction of its images whose
+    (``None``: every size). The size of smallest BIC is refitted with ``n_init`` restarts and kept.
+    In a class of two or more components, a component whose impurity (the fraction of its images whose
     predicted label changes under a ``blur_size``×``blur_size`` box blur) exceeds ``impurity_threshold`` is
     removed whole; 0.65 is Xiang's threshold for the compact ResNet-18 (0.62 wide, 0.36 MobileNetV2, 0.46
     DenseNet). A class kept as one component is not tested: removing it would remove the class.

@@ -14,17 +14,19 @@ Example::
     scan.report.save("report.json"); scan.report.summary; scan.trigger_image(c)
 """
 
-from .base import (Detector, MADResult, ScanReport, ScanResult, calibrate_threshold, create_detector, describe_detectors, get_detector,
-                   list_detectors, mad_anomaly_index, register_detector, register_report_method, report_methods,
-                   save_trigger_png, separation_index)
+from .base import (Detector, MADResult, ScanReport, ScanResult, calibrate_threshold, create_detector,
+                   describe_detectors, get_detector, list_detectors, mad_anomaly_index, register_detector,
+                   register_report_method, report_methods, save_trigger_png, separation_index)
 from .corruptions import CORRUPTIONS, Corruptions
 from .cnc import CalibratedTriggerInversion, CNCConfig
 from .distance import ClassDistance, ClassDistanceConfig, DistanceResult
 from .inversion import (AdditiveTrigger, CostSchedule, FixedSteps, InversionConfig, InversionResult, InversionTask,
                         LogSurrogate, MaskPatternTrigger, Objective, TargetCrossEntropy, TriggerForm, TriggeredBatch,
                         UntilSuccess, apply_mask_pattern, class_tasks, frozen, invert, pair_tasks, tanh_bounded)
-from .inputs import (COMBINE, FEATURE_LAYERS, IBDPSC, Amplification, amplify_batchnorm, consistency, label_log_odds, PENULTIMATE, STRIP, LayerGaussian, class_gaussians, combined, feature_layers,
-                     fit_layer_gaussians, layer_features, layered_score, mahalanobis, IBDPSCConfig, InputDetector, ReScalerScore, ReScalerScoreConfig, ScaleUp,
+from .inputs import (COMBINE, FEATURE_LAYERS, IBDPSC, Amplification, amplify_batchnorm, consistency, label_log_odds,
+                     PENULTIMATE, STRIP, LayerGaussian, class_gaussians, combined, feature_layers,
+                     fit_layer_gaussians, layer_features, layered_score, mahalanobis, IBDPSCConfig, InputDetector,
+                     ReScalerScore, ReScalerScoreConfig, ScaleUp,
                      ScaleUpConfig, STRIPConfig, TeCo, TeCoConfig, create_input_detector, describe_input_detectors,
                      get_input_detector, list_input_detectors, register_input_detector)
 from .neural_cleanse import NeuralCleanse, NeuralCleanseConfig
@@ -33,7 +35,8 @@ from .serving import RequestScorer, RequestScores, TriggerDetector, TriggerScore
 __all__ = ["CORRUPTIONS", "Corruptions", "IBDPSC", "IBDPSCConfig", "InputDetector", "ReScalerScore",
            "ReScalerScoreConfig", "STRIP", "STRIPConfig", "ScaleUp", "ScaleUpConfig", "TeCo", "TeCoConfig",
            "create_input_detector", "describe_input_detectors", "get_input_detector",
-           "list_input_detectors", "register_input_detector", "FEATURE_LAYERS", "PENULTIMATE", "LayerGaussian", "class_gaussians", "feature_layers",
+           "list_input_detectors", "register_input_detector", "FEATURE_LAYERS", "PENULTIMATE",
+           "LayerGaussian", "class_gaussians", "feature_layers",
            "COMBINE", "combined", "Amplification", "amplify_batchnorm", "consistency", "label_log_odds",
            "fit_layer_gaussians", "layer_features", "layered_score", "mahalanobis",
            "TriggerDetector", "TriggerScores",

@@ -28,9 +28,9 @@ from ..models import GuardModel
 from ..registry import Configured, Registry
 from .inversion import TriggerForm
 
-__all__ = ["Detector", "MADResult", "ScanReport", "ScanResult", "calibrate_threshold", "create_detector", "describe_detectors",
-           "get_detector", "list_detectors", "mad_anomaly_index", "register_detector", "register_report_method",
-           "report_methods", "save_trigger_png",
+__all__ = ["Detector", "MADResult", "ScanReport", "ScanResult", "calibrate_threshold", "create_detector",
+           "describe_detectors", "get_detector", "list_detectors", "mad_anomaly_index", "register_detector",
+           "register_report_method", "report_methods", "save_trigger_png",
            "separation_index"]
 
 #: a top class "stands out" when its score's MAD anomaly index among the class scores exceeds this (the

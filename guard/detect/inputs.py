@@ -46,7 +46,8 @@ from .corruptions import CORRUPTIONS, Corruptions
 logger = logging.getLogger(__name__)
 
 __all__ = ["FEATURE_LAYERS", "LayerGaussian", "PENULTIMATE", "class_gaussians", "feature_layers", "fit_layer_gaussians",
-           "layer_features", "layered_score", "mahalanobis", "IBDPSC", "IBDPSCConfig", "InputDetector", "ReScalerScore", "ReScalerScoreConfig", "STRIP", "STRIPConfig",
+           "layer_features", "layered_score", "mahalanobis", "IBDPSC", "IBDPSCConfig", "InputDetector",
+           "ReScalerScore", "ReScalerScoreConfig", "STRIP", "STRIPConfig",
            "ScaleUp", "ScaleUpConfig", "TeCo", "TeCoConfig", "create_input_detector", "describe_input_detectors",
            "get_input_detector", "list_input_detectors", "register_input_detector"]
 
@@ -639,7 +640,8 @@ class ReScalerScore(InputDetector):
     triggered input's sit far from those of clean inputs of its predicted (target) class — per layer the
     class-conditional Mahalanobis distance with one shared Ledoit–Wolf covariance (Lee et al., NeurIPS 2018),
     fitted on the clean images (:func:`fit_layer_gaussians`). ``drop``: ReScaler's own signal,
-    ``p(y₀|x) − p_w(y₀|x)``. The endpoint serves the feature score calibrated (:class:`guard.detect.TriggerDetector`)."""
+    ``p(y₀|x) − p_w(y₀|x)``. The endpoint serves the feature score calibrated
+    (:class:`guard.detect.TriggerDetector`)."""
 
     name = "rescaler"
     config_class = ReScalerScoreConfig

@@ -315,7 +315,8 @@ class TriggerDetector:
             raise ValueError(f"{path} is not a safetensors file ({exc})") from exc
         if meta.get("format") != DETECTOR_FORMAT or meta.get("version") != str(DETECTOR_VERSION):
             raise ValueError(f"{path} is not a guard trigger detector version {DETECTOR_VERSION} (format "
-                             f"{meta.get('format')!r}, version {meta.get('version')!r}); write it with `guard calibrate`")
+                             f"{meta.get('format')!r}, version {meta.get('version')!r}); "
+                             "write it with `guard calibrate`")
         try:
             values = {k: json.loads(meta[k]) for k in ("layers", "threshold", "false_positive_rate",
                                                        "calibration_images", "log_mean", "log_std")}

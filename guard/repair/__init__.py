@@ -40,7 +40,8 @@ __all__ = ["ANP_THRESHOLDS", "AdversarialNeuronPruning", "AdversarialNeuronPruni
            "AttentionDistillation", "AttentionDistillationConfig", "Defense", "FinePruning",
            "FinePruningConfig", "FineTuning", "FineTuningConfig", "ModeConnectivityConfig", "ModeConnectivityRepair",
            "Moth", "MothConfig", "NeuralCleanseUnlearning",
-           "PivotalTuning", "PivotalTuningConfig", "PypUnlearning", "PypUnlearningConfig", "RepairPoint", "RepairResult", "TrustedTuningConfig",
+           "PivotalTuning", "PivotalTuningConfig", "PypUnlearning", "PypUnlearningConfig", "RepairPoint",
+           "RepairResult", "TrustedTuningConfig",
            "UnlearningConfig", "WeightDecay", "WeightDecayConfig", "attention_map", "bezier", "channel_activations",
            "create_defense", "describe_defenses", "get_defense", "list_defenses", "parameter_distance",
            "register_defense", "slol", "split_trusted", "trusted_finetune"]

@@ -64,7 +64,8 @@ class ModeConnectivityConfig(TrustedTuningConfig):
 
 
 def bezier(t: float | torch.Tensor, start: torch.Tensor, middle: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
-    """The quadratic Bézier point ``(1−t)²·start + 2t(1−t)·middle + t²·end`` (moth_supplementary.txt eq. 14)."""
+    """The quadratic Bézier point ``(1−t)²·start + 2t(1−t)·middle + t²·end``
+    (moth_supplementary.txt eq. 14)."""
     return (1 - t) ** 2 * start + 2 * t * (1 - t) * middle + t ** 2 * end
 
 

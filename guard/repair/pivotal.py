@@ -51,8 +51,8 @@ def slol(pivot_features: torch.Tensor, features: torch.Tensor, labels: torch.Ten
     Class centroids ``C_i`` of the pivot's latents and ``Ĉ_i`` of the repaired model's latents are taken
     over the classes present in the batch. ``variant="paper"``:
     ``Σ_{i<j} cos(C_i − C_j, Ĉ_i − Ĉ_j) + cos(Ĉ_i, Ĉ_j)``. ``variant="code"`` (the authors' code,
-    ALGORITHMS.md §7 item 7): the same cross-model term plus ``‖ĈᵀĈ/K_b − diag(ĈᵀĈ/K_b)‖_F``, the diagonal
-    broadcast along rows as in that code. Gradients flow into ``features`` only; with fewer than two classes
+    ALGORITHMS.md §7 item 7): the same cross-model term plus ``‖ĈᵀĈ/K_b − diag(ĈᵀĈ/K_b)‖_F``, the
+    diagonal broadcast along rows as in that code. Gradients flow into ``features`` only; with fewer than two classes
     in the batch there is no pair and the loss is 0.
     """
     if variant not in _SLOL_VARIANTS:

@@ -197,7 +197,8 @@ class AdversarialNeuronPruning(Defense):
     perturbed loss rides on ``extra_loss`` with weight (1 − α)/α and the learning rate is scaled by α — the
     same SGD steps as minimising α·L_clean + (1 − α)·L_perturbed at ``lr`` — and the masks are projected onto
     [0, 1] before every forward pass. As in the ANP code the masks are learnt in training mode (batch
-    statistics) and the pruning applies to the model's own running statistics, restored afterwards. Pruning zeroes the BatchNorm weight γ of every neuron whose mask is
+    statistics) and the pruning applies to the model's own running statistics, restored afterwards.
+    Pruning zeroes the BatchNorm weight γ of every neuron whose mask is
     below the threshold; the chosen point is the lowest-ASR admissible threshold when ASR is measured, else the
     configured ``threshold`` (or the largest admissible one below it). The history holds the input model
     (step 0) and one point per threshold of :data:`ANP_THRESHOLDS`, whose ``step`` is the number of neurons it

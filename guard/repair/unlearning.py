@@ -102,8 +102,8 @@ class PypUnlearningConfig(TrustedTuningConfig):
     ALGORITHMS.md D4 "PyP variant"): per class an additive, mask-free trigger initialised U(−0.005, 0.005),
     ``inversion_steps`` N1 = 100 Adam steps (``inversion_lr`` 0.01, betas (0.5, 0.9)) of batches of
     ``batch_size`` trusted images not of that class (random horizontal flip) on ``CE(f(clip(x + T)), c) +
-    l1_weight · ‖clip(x + T) − x‖₁`` (λ_N = 0.02); then 1,000 repair steps of SGD at lr 1e-3, alternating clean
-    batches and batches stamped with the smallest-norm trigger (true labels kept)."""
+    l1_weight · ‖clip(x + T) − x‖₁`` (λ_N = 0.02); then 1,000 repair steps of SGD at lr 1e-3, alternating
+    clean batches and batches stamped with the smallest-norm trigger (true labels kept)."""
 
     inversion_steps: int = 100
     inversion_lr: float = 0.01
@@ -133,7 +133,8 @@ class PypUnlearning(Defense):
     config_class = PypUnlearningConfig
     kind = "repair"
     needs_all_classes = True
-    description = "Neural Cleanse as Pick your Poison runs it: additive triggers, unlearning on alternate batches (Alg. 6)"
+    description = ("Neural Cleanse as Pick your Poison runs it: additive triggers, unlearning on alternate batches "
+                   "(Alg. 6)")
 
     def _defend(self, model: GuardModel, trusted: ImageTensorDataset, *, eval_set: torch.utils.data.Dataset,
                 asr: AsrProbe | None, generator: torch.Generator, device: torch.device,

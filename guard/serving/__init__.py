@@ -17,8 +17,8 @@ from .config import (ANSWERS, DETECTOR_NAME, MANIFEST_NAME, ON_TRIGGER, REFUSED_
                      SCAN_NAME, ArchiveManifest, GuardConfig)
 from .decode import BadRequest, decode_request, reject_form_encoding, select_field
 from .metrics import (BACKDOOR_SCORE, BAD_REQUESTS, BATCH_SIZE, DISAGREEMENTS, ESTIMATED_ASR, FLAGGED, LATENCY,
-                      METRICS, REQUESTS, REVERTED, SCAN_BACKDOORED, SCAN_SCORE, STAGES, TRIGGER_SCORE, TRIGGER_THRESHOLD,
-                      MetricSpec)
+                      METRICS, REQUESTS, REVERTED, SCAN_BACKDOORED, SCAN_SCORE, STAGES, TRIGGER_SCORE,
+                      TRIGGER_THRESHOLD, MetricSpec)
 from .kserve import KSERVE_MOUNT, build_kserve_layout
 from .monitor import RevertMonitor
 from .predictor import GuardedClassifier, WeightsMismatchError, sha256_file
@@ -26,7 +26,8 @@ from .resources import HANDLER_FILE, METRICS_FILE, TS_CONFIG_FILE
 from .server import PORT_NAMES, ServerError, ServerSettings, TorchServe, free_ports
 
 __all__ = ["ANSWERS", "DETECTOR_NAME", "FLAGGED", "ON_TRIGGER", "REFUSED_STATUS", "TRIGGER_SCORE",
-           "TRIGGER_THRESHOLD", "free_ports", "ArchiveManifest", "BACKDOOR_SCORE", "BAD_REQUESTS", "BATCH_SIZE", "BadRequest",
+           "TRIGGER_THRESHOLD", "free_ports", "ArchiveManifest", "BACKDOOR_SCORE", "BAD_REQUESTS", "BATCH_SIZE",
+           "BadRequest",
            "DISAGREEMENTS", "ESTIMATED_ASR", "GuardConfig", "GuardedClassifier", "HANDLER_FILE", "LATENCY",
            "MANIFEST_NAME", "METRICS", "METRICS_FILE", "MetricSpec", "PORT_NAMES", "REPAIRED_STEM", "REQUESTS",
            "RESIZE_MODES", "REVERTED", "RevertMonitor", "SCAN_BACKDOORED", "SCAN_NAME", "SCAN_SCORE", "STAGES",

@@ -2,10 +2,11 @@
 
 ``observe`` (``classify``) is the one call per server batch: ReScaler adapts the whole batch with one forward and
 one backward pass (rescaler_main.txt §3, eq. 3) and returns defended and undefended logits together, plus the
-features its first forward computed at the layers the trigger detector reads; ``score`` adds, when the archive carries a repaired model, one
-batched forward of it for the per-request backdoor score (:class:`guard.detect.RequestScorer`); ``detect`` scores
-the features with the archive's trigger detector (:class:`guard.detect.TriggerDetector`, no extra pass);
-``describe`` applies the endpoint policy of the guard config and turns all of it into the per-request answers.
+features its first forward computed at the layers the trigger detector reads; ``score`` adds, when the
+archive carries a repaired model, one batched forward of it for the per-request backdoor score
+(:class:`guard.detect.RequestScorer`); ``detect`` scores the features with the archive's trigger detector
+(:class:`guard.detect.TriggerDetector`, no extra pass); ``describe`` applies the endpoint policy of the guard
+config and turns all of it into the per-request answers.
 """
 
 from __future__ import annotations

@@ -65,8 +65,8 @@ class ServerSettings:
     ``batch_size`` / ``max_batch_delay_ms`` / ``workers`` apply to every served model.
     ``token_auth=False`` disables TorchServe's token authorization (tests and local demos only).
     ``threads``: intra-op threads of each worker (``OMP_NUM_THREADS``); default: with ``workers``, the cores
-    divided among a model's workers (no oversubscription under load), else PyTorch's (one per core). On a machine with several
-    GPUs TorchServe gives each worker its own (``gpu_id``, round robin), which the handler runs on.
+    divided among a model's workers (no oversubscription under load), else PyTorch's (one per core). On a machine with
+    several GPUs TorchServe gives each worker its own (``gpu_id``, round robin), which the handler runs on.
     """
 
     inference_port: int | None = None

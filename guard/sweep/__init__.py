@@ -16,5 +16,5 @@ from .commands import commands
 from .grid import Grid, Job, Resources, job_key, load_grid, resolve_function
 from .runner import SWEEP_METRICS, JobResult, SweepReport, execute, iter_sweep, run_sweep
 
-__all__ = ["SWEEP_METRICS", "Grid", "Job", "JobResult", "Resources", "SweepReport", "commands", "execute", "iter_sweep", "job_key",
-           "load_grid", "resolve_function", "run_sweep"]
+__all__ = ["SWEEP_METRICS", "Grid", "Job", "JobResult", "Resources", "SweepReport", "commands", "execute", "iter_sweep",
+           "job_key", "load_grid", "resolve_function", "run_sweep"]

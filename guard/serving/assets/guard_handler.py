@@ -6,11 +6,12 @@ TorchServe loads it from there by path.
 Thin by design: ``initialize`` loads the archive once through :class:`guard.serving.GuardedClassifier`
 (which checks the weights' SHA-256 and refuses a mismatch); ``preprocess`` decodes each request on its
 own, turning bad input into a per-request 4xx; ``inference`` runs one ReScaler pass over the decodable
-part of the server batch (in halves when it runs out of memory: :mod:`guard.serving.memory`) — plus, when the archive carries a repaired model, one forward of it for the
-per-request backdoor score, and, when it carries a trigger detector, the score of the features that pass
-computed; ``postprocess`` answers every request under the endpoint policy (a refused request gets its own
-4xx, its batch-mates their answers) and updates the guard metrics. An archive's scan report is exported once
-at load as per-class anomaly gauges and a verdict, its trigger detector's threshold as a gauge.
+part of the server batch (in halves when it runs out of memory: :mod:`guard.serving.memory`) — plus, when
+the archive carries a repaired model, one forward of it for the per-request backdoor score, and, when it
+carries a trigger detector, the score of the features that pass computed; ``postprocess`` answers every
+request under the endpoint policy (a refused request gets its own 4xx, its batch-mates their answers) and
+updates the guard metrics. An archive's scan report is exported once at load as per-class anomaly gauges and
+a verdict, its trigger detector's threshold as a gauge.
 """
 
 from __future__ import annotations
