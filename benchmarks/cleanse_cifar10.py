@@ -62,7 +62,7 @@ from guard.data import load_dataset
 from guard.metrics import cleansing_rates, evaluate_backdoor
 from guard.models import create, save_weights
 from guard.sweep import Grid
-from guard.train import TrainConfig, evaluate, train
+from guard.train import TrainConfig, evaluate, predict, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from victims import (CACHE, RECIPES, WEIGHTS, add_sweep_arguments, data_root, job_resources,  # noqa: E402
@@ -181,6 +181,25 @@ def step0(suspect, record, args, root: Path):
     return model, seconds
 
 
+def step0_fit(model, suspect, poison_indices: torch.Tensor, target: int, true: torch.Tensor | None) -> dict:
+    """What eq. 12's removal rests on: Step 0's accuracy on the target's clean training images and, for
+    Xiang's patterns, eq. 12 with the true pattern v* (the share of those images, and of the poisons, whose label
+    changes when v* is subtracted: the FPR and TPR of a perfect estimate)."""
+    clean = torch.ones(len(suspect), dtype=torch.bool)
+    clean[poison_indices] = False
+    images = suspect.subset(((suspect.labels == target) & clean).nonzero().squeeze(1))
+    device = next(model.parameters()).device
+    out = {"target_train_accuracy": (predict(model, images, device=device) == target).double().mean().item()}
+    if true is not None:
+        v = true.to(device)
+        subtracted = lambda x: model((x - v).clamp(0, 1))  # noqa: E731
+        out["true_pattern_fpr"] = (predict(model, images, device=device, defense=subtracted)
+                                   != target).double().mean().item()
+        out["true_pattern_tpr"] = (predict(model, suspect.subset(poison_indices), device=device, defense=subtracted)
+                                   != target).double().mean().item()
+    return out
+
+
 def retrain(kept, root: Path, epochs: int, attack, test_set, device, victims: str = "finetune") -> dict:
     """The victims' recipe on the cleansed set (see the header)."""
     config = train_config(victims, epochs=epochs)
@@ -218,6 +237,8 @@ def run_row(row: dict, spec, args, train_set, test_set, root: Path, work: Path, 
 
     defender, row["fit_seconds"] = step0(suspect, record, args, root)
     row["step0"] = asr_of(defender, attack, test_set) if attack is not None else {"cda": evaluate(defender, test_set)}
+    if target is not None:
+        row["step0"].update(step0_fit(defender, suspect, poison_indices, target, true_pattern(attack, suspect)))
     print(f"[{name}] Step 0 model {row['step0']} ({row['fit_seconds']} s)", flush=True)
     n_target = int((suspect.labels == target).sum()) if target is not None else None
     row["methods"] = {}
