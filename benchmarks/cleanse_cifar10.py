@@ -23,7 +23,8 @@ Defender:  RE's Step 0 (§5.2.1: the victim's training, without augmentation, so
            The recipe model inherits the pretrained backbone's tolerance to shifts, so it answers the chessboard
            A's negative (its one-pixel shift minus a constant) and RE's estimate mixes the two: on A1 eq. 12 then
            removes 63–85 % of the poisons; the scratch model carries the pattern itself (93–98 %). Step 0 models
-           are cached beside the victims.
+           are cached beside the victims. Each row records Step 0's accuracy on the target's clean training
+           images and eq. 12 with the true pattern (the TPR/FPR a perfect estimate would reach on that model).
 Methods:   library defaults; SS and AC are given the true target for TPR/FPR (Xiang's comparison; SS removes 1000
            images of it), AC's detection outcome is its own silhouette test; RE and CI use their own detection.
 Retrain:   the victims' recipe (pretrained ResNet-20, SGD lr 0.01, the row victim's epochs, augmentation) on the
