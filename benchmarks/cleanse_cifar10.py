@@ -268,13 +268,14 @@ def run_row(row: dict, spec, args, train_set, test_set, root: Path, work: Path, 
             row["patterns"] = {"estimated": rounded(result.pattern), "true": None if true is None else rounded(true)}
             if true is not None:
                 entry["pattern_mse_per_pixel"] = float((result.pattern - true).square().mean())
+        row["methods"][method] = entry
+        print(f"[{name}] {method}: {entry}", flush=True)
         if args.retrain and method in args.retrain_methods:
             entry["retrained"] = (retrain(removal.cleansed(suspect), root, args.retrain_epochs, attack, test_set,
                                           args.device, args.victims) if removal.removed.numel() else
                                   {**undefended, "note": "nothing removed: the undefended model"})
-        row["methods"][method] = entry
+            print(f"[{name}] {method} retrained: {entry['retrained']}", flush=True)
         save()
-        print(f"[{name}] {method}: {entry}", flush=True)
     row["complete"] = True
     save()
 
