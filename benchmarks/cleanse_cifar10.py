@@ -74,6 +74,8 @@ SEED = 0
 METHODS = ("re", "ss", "ac", "ci")
 #: --step0 scratch's default epochs
 SCRATCH_EPOCHS = 12
+#: eq. 12 is also measured with the estimate scaled by these factors (how far the removal is from its norm)
+SUBTRACT_SCALES = (1.25, 1.5)
 #: --quick: RE's code path at a tiny budget (a smoke test, not a measurement)
 RE_QUICK = {"max_steps": 3, "batch_size_per_class": 8, "max_images": 50}
 #: row -> (attack, options); None = the clean training set
@@ -184,21 +186,32 @@ def step0(suspect, record, args, root: Path):
 
 def step0_fit(model, suspect, poison_indices: torch.Tensor, target: int, true: torch.Tensor | None) -> dict:
     """What eq. 12's removal rests on: Step 0's accuracy on the target's clean training images and, for
-    Xiang's patterns, eq. 12 with the true pattern v* (the share of those images, and of the poisons, whose label
-    changes when v* is subtracted: the FPR and TPR of a perfect estimate)."""
+    Xiang's patterns, eq. 12 with the true pattern v* (the TPR/FPR of a perfect estimate)."""
     clean = torch.ones(len(suspect), dtype=torch.bool)
     clean[poison_indices] = False
     images = suspect.subset(((suspect.labels == target) & clean).nonzero().squeeze(1))
     device = next(model.parameters()).device
     out = {"target_train_accuracy": (predict(model, images, device=device) == target).double().mean().item()}
     if true is not None:
-        v = true.to(device)
-        subtracted = lambda x: model((x - v).clamp(0, 1))  # noqa: E731
-        out["true_pattern_fpr"] = (predict(model, images, device=device, defense=subtracted)
-                                   != target).double().mean().item()
-        out["true_pattern_tpr"] = (predict(model, suspect.subset(poison_indices), device=device, defense=subtracted)
-                                   != target).double().mean().item()
+        out["true_pattern_tpr"], out["true_pattern_fpr"] = subtraction_rates(model, suspect, poison_indices, target,
+                                                                             true)
     return out
+
+
+def subtraction_rates(model, suspect, poison_indices: torch.Tensor, target: int,
+                      pattern: torch.Tensor) -> tuple[float, float]:
+    """Eq. 12 with ``pattern``: the share of the poisons (TPR) and of the target's clean images (FPR) whose label
+    changes when it is subtracted."""
+    clean = torch.ones(len(suspect), dtype=torch.bool)
+    clean[poison_indices] = False
+    device = next(model.parameters()).device
+    v = pattern.to(device)
+    subtracted = lambda x: model((x - v).clamp(0, 1))  # noqa: E731
+    rates = []
+    for index in (poison_indices, ((suspect.labels == target) & clean).nonzero().squeeze(1)):
+        labels = predict(model, suspect.subset(index), device=device, defense=subtracted)
+        rates.append((labels != target).double().mean().item())
+    return rates[0], rates[1]
 
 
 def retrain(kept, root: Path, epochs: int, attack, test_set, device, victims: str = "finetune") -> dict:
@@ -268,6 +281,9 @@ def run_row(row: dict, spec, args, train_set, test_set, root: Path, work: Path, 
             row["patterns"] = {"estimated": rounded(result.pattern), "true": None if true is None else rounded(true)}
             if true is not None:
                 entry["pattern_mse_per_pixel"] = float((result.pattern - true).square().mean())
+            if poison_indices is not None and result.target_class == target:  # eq. 12 along the estimate's ray
+                entry["scaled_estimate"] = {str(k): dict(zip(("tpr", "fpr"), subtraction_rates(
+                    defender, suspect, poison_indices, target, k * result.pattern))) for k in SUBTRACT_SCALES}
         row["methods"][method] = entry
         print(f"[{name}] {method}: {entry}", flush=True)
         if args.retrain and method in args.retrain_methods:
