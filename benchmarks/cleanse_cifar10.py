@@ -200,18 +200,13 @@ def step0_fit(model, suspect, poison_indices: torch.Tensor, target: int, true: t
 
 def subtraction_rates(model, suspect, poison_indices: torch.Tensor, target: int,
                       pattern: torch.Tensor) -> tuple[float, float]:
-    """Eq. 12 with ``pattern``: the share of the poisons (TPR) and of the target's clean images (FPR) whose label
-    changes when it is subtracted."""
-    clean = torch.ones(len(suspect), dtype=torch.bool)
-    clean[poison_indices] = False
+    """(TPR, FPR) of eq. 12 with ``pattern``: remove the images labelled ``target`` whose label changes when it is
+    subtracted."""
     device = next(model.parameters()).device
     v = pattern.to(device)
-    subtracted = lambda x: model((x - v).clamp(0, 1))  # noqa: E731
-    rates = []
-    for index in (poison_indices, ((suspect.labels == target) & clean).nonzero().squeeze(1)):
-        labels = predict(model, suspect.subset(index), device=device, defense=subtracted)
-        rates.append((labels != target).double().mean().item())
-    return rates[0], rates[1]
+    index = (suspect.labels == target).nonzero().squeeze(1)
+    labels = predict(model, suspect.subset(index), device=device, defense=lambda x: model((x - v).clamp(0, 1)))
+    return cleansing_rates(index[labels != target], poison_indices, suspect.labels, target)
 
 
 def retrain(kept, root: Path, epochs: int, attack, test_set, device, victims: str = "finetune") -> dict:
