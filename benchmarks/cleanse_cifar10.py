@@ -27,6 +27,7 @@ Defender:  RE's Step 0 (§5.2.1: the victim's training, without augmentation, so
            images and eq. 12 with the true pattern (the TPR/FPR a perfect estimate would reach on that model).
 Methods:   library defaults; SS and AC are given the true target for TPR/FPR (Xiang's comparison; SS removes 1000
            images of it), AC's detection outcome is its own silhouette test; RE and CI use their own detection.
+           ``--re-subtract-scale K``: RE's eq. 12 subtracts K times its estimate (``subtract_scale``; default 1).
 Retrain:   the victims' recipe (pretrained ResNet-20, SGD lr 0.01, the row victim's epochs, augmentation) on the
            cleansed set — the same training that implants the backdoor on the full set; CDA and ASR on test-lossless
            (ASR: source classes for Xiang's patterns, M2'; non-target images otherwise). A method that removes
@@ -36,10 +37,10 @@ Output:    benchmarks/results/cleanse_cifar10.json and .png (rows, timings, hard
 Rows:      one guard.sweep job per row: Ray tasks of --threads CPUs each (one GPU each when CUDA is available)
            on a local Ray or --address (a cluster runs the rows side by side); --serial runs them here in turn.
 Run:       GUARD_DATA_DIR=../shared/data python benchmarks/cleanse_cifar10.py [--rows A1,C3] [--methods re,ac]
-           [--no-retrain | --retrain-methods re] [--threads 2] [--device cuda] [--out NAME] [--serial];  a rerun
-           with the same --out resumes after the finished rows; --merge A.json B.json ... --out NAME gathers the
-           rows of earlier runs split over machines; --quick: a smoke run on 5000 images with tiny budgets
-           (numbers are not comparable with the tables).
+           [--no-retrain | --retrain-methods re] [--re-subtract-scale 1.25] [--threads 2] [--device cuda]
+           [--out NAME] [--serial];  a rerun with the same --out resumes after the finished rows; --merge A.json
+           B.json ... --out NAME gathers the rows of earlier runs split over machines; --quick: a smoke run on 5000
+           images with tiny budgets (numbers are not comparable with the tables).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ from pathlib import Path
 import torch
 
 from guard.attacks import attack_from_record, create_attack
-from guard.cleanse import create_cleanser, suspect_from_record
+from guard.cleanse import create_cleanser, subtraction_removal, suspect_from_record
 from guard.data import load_dataset
 from guard.metrics import cleansing_rates, evaluate_backdoor
 from guard.models import create, save_weights
@@ -74,7 +75,8 @@ SEED = 0
 METHODS = ("re", "ss", "ac", "ci")
 #: --step0 scratch's default epochs
 SCRATCH_EPOCHS = 12
-#: eq. 12 is also measured with the estimate scaled by these factors (how far the removal is from its norm)
+#: eq. 12 is also measured with the estimate scaled by these factors (how far the removal is from its norm), and
+#: by 1 when --re-subtract-scale is not 1
 SUBTRACT_SCALES = (1.25, 1.5)
 #: --quick: RE's code path at a tiny budget (a smoke test, not a measurement)
 RE_QUICK = {"max_steps": 3, "batch_size_per_class": 8, "max_images": 50}
@@ -200,13 +202,9 @@ def step0_fit(model, suspect, poison_indices: torch.Tensor, target: int, true: t
 
 def subtraction_rates(model, suspect, poison_indices: torch.Tensor, target: int,
                       pattern: torch.Tensor) -> tuple[float, float]:
-    """(TPR, FPR) of eq. 12 with ``pattern``: remove the images labelled ``target`` whose label changes when it is
-    subtracted."""
-    device = next(model.parameters()).device
-    v = pattern.to(device)
-    index = (suspect.labels == target).nonzero().squeeze(1)
-    labels = predict(model, suspect.subset(index), device=device, defense=lambda x: model((x - v).clamp(0, 1)))
-    return cleansing_rates(index[labels != target], poison_indices, suspect.labels, target)
+    """(TPR, FPR) of eq. 12 with ``pattern`` (guard.cleanse.subtraction_removal)."""
+    removed = subtraction_removal(model, suspect, target, pattern, device=next(model.parameters()).device)
+    return cleansing_rates(removed, poison_indices, suspect.labels, target)
 
 
 def retrain(kept, root: Path, epochs: int, attack, test_set, device, victims: str = "finetune") -> dict:
@@ -253,6 +251,8 @@ def run_row(row: dict, spec, args, train_set, test_set, root: Path, work: Path, 
     row["methods"] = {}
     for method in args.methods:
         options = dict(RE_QUICK if (args.quick and method == "re") else {})
+        if method == "re":
+            options["subtract_scale"] = args.re_subtract_scale
         if method == "ss" and target is not None:
             options.update(target=target, eps=min(1.0, 1000 / (1.5 * n_target)))
         cleanser = create_cleanser(method, **options)
@@ -277,8 +277,9 @@ def run_row(row: dict, spec, args, train_set, test_set, root: Path, work: Path, 
             if true is not None:
                 entry["pattern_mse_per_pixel"] = float((result.pattern - true).square().mean())
             if poison_indices is not None and result.target_class == target:  # eq. 12 along the estimate's ray
+                scales = sorted({1.0, *SUBTRACT_SCALES} - {args.re_subtract_scale})
                 entry["scaled_estimate"] = {str(k): dict(zip(("tpr", "fpr"), subtraction_rates(
-                    defender, suspect, poison_indices, target, k * result.pattern))) for k in SUBTRACT_SCALES}
+                    defender, suspect, poison_indices, target, k * result.pattern))) for k in scales}
         row["methods"][method] = entry
         print(f"[{name}] {method}: {entry}", flush=True)
         if args.retrain and method in args.retrain_methods:
@@ -406,6 +407,8 @@ def main() -> None:
                              "(both without augmentation; see step0())")
     parser.add_argument("--step0-epochs", type=int, default=None,
                         help=f"Step 0's epochs (default: the row victim's for recipe, {SCRATCH_EPOCHS} for scratch)")
+    parser.add_argument("--re-subtract-scale", type=float, default=1.0,
+                        help="RE's subtract_scale: eq. 12 subtracts this multiple of the estimate (default 1: eq. 12)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of each row's job (its declared CPUs)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
     add_sweep_arguments(parser)
@@ -436,6 +439,7 @@ def main() -> None:
         rows = ["A1", "clean"]
     results = {"benchmark": "cleanse_cifar10", "quick": args.quick, "seed": SEED,
                "step0": {"model": args.step0, "epochs": args.step0_epochs}, "victims": args.victims,
+               "re_subtract_scale": args.re_subtract_scale,
                "recipe": RECIPES[args.victims],
                "retrain_epochs": retrain_epochs, "paper_compact": PAPER, "hardware": hardware_of(device), "rows": []}
     if out_json.is_file() and not args.quick:  # resume: keep the rows already measured
@@ -448,7 +452,8 @@ def main() -> None:
                 row_victim(row, args.victims)
     settings = {"methods": methods, "retrain": args.retrain, "retrain_methods": retrain_methods,
                 "retrain_epochs": retrain_epochs, "step0": args.step0, "step0_epochs": args.step0_epochs,
-                "quick": args.quick, "device": args.device, "victims": args.victims}
+                "quick": args.quick, "device": args.device, "victims": args.victims,
+                "re_subtract_scale": args.re_subtract_scale}
     grid = Grid(name=name, function=f"{Path(__file__).resolve()}:row_job", params={"settings": settings},
                 points=[{"row": r} for r in rows if r not in done],
                 resources=job_resources(args.threads, device),

@@ -22,7 +22,7 @@ from guard.attacks import create_attack
 from guard.cleanse import (ActivationClusteringConfig, CleanseResult, Cleanser, ClusterImpurityConfig,
                            SpectralSignaturesConfig, box_blur, cleanser_from_dict, create_cleanser, describe_cleansers,
                            extract_features, get_cleanser, list_cleansers, order_statistic_test, register_cleanser,
-                           suspect_from_record)
+                           subtraction_removal, suspect_from_record)
 from guard.cleanse.clustering import bic_mixture, class_mixtures
 from guard.data import ImageTensorDataset
 from guard.metrics import cleansing_rates
@@ -131,7 +131,8 @@ BAD_OPTIONS = [
     ("re", {"max_steps": 0}, "max_steps"), ("re", {"max_images": 0}, "max_images"),
     ("re", {"batch_size_per_class": 2.5}, "batch_size_per_class"), ("re", {"refine_step_size": 0}, "refine_step_size"),
     ("re", {"refine_batch_size_per_class": 0}, "refine_batch_size_per_class"),
-    ("re", {"chunk_size": 0}, "chunk_size"),
+    ("re", {"chunk_size": 0}, "chunk_size"), ("re", {"subtract_scale": 0.0}, "subtract_scale"),
+    ("re", {"subtract_scale": "1.5"}, "subtract_scale"),
 ]
 
 
@@ -414,6 +415,56 @@ def test_re_removes_the_poisons_by_eq_12():
     check("RE TPR (eq. 12)", tpr, low=0.8)  # 0.89–1.0 over seeds 0–4
     check("RE FPR (eq. 12)", fpr, high=0.05)
     assert (result.dataset.labels[poisoned.removed] == TARGET).all()
+    model = xiang_suspects(SEED)[2]
+    assert torch.equal(poisoned.removed, subtraction_removal(model, result.dataset, TARGET, poisoned.pattern))
+
+
+@pytest.mark.outcome
+def test_re_subtracts_the_configured_multiple_of_its_pattern():
+    poisoned, _ = re_results()
+    result, _, model, *_ = xiang_suspects(SEED)
+    scaled = create_cleanser("re", **RE_OPTIONS, subtract_scale=1.5).cleanse(
+        model, result.dataset, generator=torch.Generator().manual_seed(SEED))
+    assert torch.equal(scaled.pattern, poisoned.pattern)  # the scale changes the removal only
+    assert torch.equal(scaled.removed, subtraction_removal(model, result.dataset, TARGET, 1.5 * poisoned.pattern))
+    assert torch.equal(scaled.removed, subtraction_removal(model, result.dataset, TARGET, poisoned.pattern, scale=1.5))
+
+
+class _Brightness(torch.nn.Module):
+    """Class 1 iff an image's mean pixel exceeds 0.5, else class 0 (of three)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.tensor(4.0))
+
+    def forward(self, x):
+        m = (x.mean((1, 2, 3)) - 0.5) * self.gain
+        return torch.stack([-m, m, torch.full_like(m, -1e3)], 1)
+
+
+def test_subtraction_removal_is_eq_12_at_any_scale():
+    grey = torch.tensor([140, 160, 200, 140, 255, 90], dtype=torch.uint8)   # 0.549, 0.627, 0.784, …, 1.0, 0.353
+    labels = torch.tensor([1, 1, 1, 0, 1, 2])
+    data = ImageTensorDataset(grey[:, None, None, None].expand(-1, 3, 4, 4).contiguous(), labels, ("a", "b", "c"))
+    model = _Brightness().train()
+    before = copy.deepcopy(model.state_dict())
+    v = torch.full((3, 4, 4), 0.1)
+    # x − v: 0.449 → class 0 (removed); 0.527 and 0.684 stay 1; image 3 is labelled 0, not a candidate
+    assert subtraction_removal(model, data, 1, v).tolist() == [0]
+    # x − 2v: 0.349 and 0.427 flip, 0.584 and 0.8 stay
+    assert subtraction_removal(model, data, 1, v, scale=2.0, batch_size=2).tolist() == [0, 1]
+    assert torch.equal(subtraction_removal(model, data, 1, v, scale=2.0), subtraction_removal(model, data, 1, 2 * v))
+    # [x + v]_c is clipped: a negative pattern cannot push the white image past 1
+    assert subtraction_removal(model, data, 1, -v, scale=10.0).numel() == 0
+    # eq. 12 tests the label after the subtraction only: an image the model never assigns its label is removed
+    assert subtraction_removal(model, data, 2, v).tolist() == [5]
+    assert model.training and all(torch.equal(before[k], t) for k, t in model.state_dict().items())
+    with pytest.raises(ValueError, match=r"target must be a class index in \[0, 2\], got 3"):
+        subtraction_removal(model, data, 3, v)
+    with pytest.raises(ValueError, match=r"pattern must be a tensor shaped like one image \(3, 4, 4\), got \(4, 4\)"):
+        subtraction_removal(model, data, 1, v[0])
+    with pytest.raises(ValueError, match="scale must be a number > 0"):
+        subtraction_removal(model, data, 1, v, scale=0)
 
 
 @pytest.mark.outcome

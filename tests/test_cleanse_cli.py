@@ -177,9 +177,14 @@ def test_re_command_writes_the_pattern_beside_the_true_one(xiang_run, capsys):
     report = json.loads(out.read_text())
     assert report["attack"]["target_detected"] and report["attack"]["tpr"] >= 0.9, report["attack"]  # 0.96
     assert report["details"]["source_class"] == 1 and len(report["pattern"]) == 3
+    assert report["config"]["subtract_scale"] == 1.0  # eq. 12 as stated unless --subtract-scale says otherwise
     png = Image.open(report["pattern_png"])
     assert png.size == (4 * (16 + 2 + 16), 4 * 16)  # estimated | gap | true, 4× enlarged
     assert main(["cleanse", "--method", "ac", "--pair-batch-size", "8", "--model", "tiny_resnet", "--weights",
                  str(run["weights"]), "--dataset", "imagefolder", "--data-dir", str(run["data"]), "--out",
                  str(out)]) == 2
     assert "--pair-batch-size applies to --method re, not ac" in capsys.readouterr().err
+    assert main(["cleanse", "--method", "re", "--subtract-scale", "0", "--model", "tiny_resnet", "--weights",
+                 str(run["weights"]), "--dataset", "imagefolder", "--data-dir", str(run["data"]), "--out",
+                 str(out)]) == 2
+    assert "subtract_scale must be a number > 0" in capsys.readouterr().err

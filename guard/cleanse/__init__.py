@@ -19,7 +19,8 @@ from .base import (REPORT_KIND, CleanseConfig, CleanseResult, Cleanser, FeatureS
                    list_cleansers, register_cleanser, suspect_from_record)
 from .clustering import (ActivationClustering, ActivationClusteringConfig, ClusterImpurity, ClusterImpurityConfig,
                          box_blur)
-from .reverse import PairPatterns, ReverseEngineering, ReverseEngineeringConfig, order_statistic_test
+from .reverse import (PairPatterns, ReverseEngineering, ReverseEngineeringConfig, order_statistic_test,
+                      subtraction_removal)
 from .spectral import SpectralSignatures, SpectralSignaturesConfig
 
 __all__ = ["ActivationClustering", "ActivationClusteringConfig", "CleanseConfig", "CleanseResult", "Cleanser",
@@ -27,4 +28,4 @@ __all__ = ["ActivationClustering", "ActivationClusteringConfig", "CleanseConfig"
            "ReverseEngineering", "ReverseEngineeringConfig", "SpectralSignatures", "SpectralSignaturesConfig",
            "box_blur", "check_training_set", "cleanser_from_dict", "create_cleanser", "describe_cleansers",
            "extract_features", "get_cleanser", "list_cleansers", "order_statistic_test", "register_cleanser",
-           "suspect_from_record"]
+           "subtraction_removal", "suspect_from_record"]

@@ -41,6 +41,7 @@ _OPTION_FLAGS = {
     "pair_batch_size": {"re": "batch_size_per_class"},
     "max_steps": {"re": "max_steps"},
     "chunk_size": {"re": "chunk_size"},
+    "subtract_scale": {"re": "subtract_scale"},
 }
 
 
@@ -76,6 +77,9 @@ def add_parser(subparsers) -> None:
     g.add_argument("--chunk-size", type=int,
                    help="re: most images in one forward/backward pass, shared by many class pairs "
                         "(default: 128 on a CPU, 4096 on a GPU)")
+    g.add_argument("--subtract-scale", type=float,
+                   help="re: eq. 12 subtracts this multiple of the estimated pattern (default 1, eq. 12 as stated; "
+                        "> 1 removes more poisons and more clean images)")
     f = p.add_argument_group("the defender's model (RE Step 0)")
     f.add_argument("--fit-epochs", type=int, default=None,
                    help="first train --model on the suspect set for N epochs without augmentation (from --weights "
