@@ -189,6 +189,46 @@ def test_extra_loss_is_added_to_every_batch(train_set):
     assert len(shapes) == 7 and shapes[0] == ((32, 3, 16, 16), torch.float32, (32,), (32, 4))
 
 
+def conv_layouts(model: nn.Module) -> set[str]:
+    return {"standard" if w.is_contiguous() else "channels-last" for w in model.parameters() if w.dim() == 4}
+
+
+def test_channels_last_changes_the_speed_not_the_training(train_set):
+    """The channels-last run (the CPU default) and the standard-layout run take the same steps up to float
+    rounding (compared over 3 steps: rounding differences grow chaotically over a long run), and both hand the
+    model back in the standard layout."""
+    inputs, default, standard = [], tiny(), tiny()
+
+    def record(x, y, logits):
+        inputs.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        return torch.zeros(())
+
+    config = fast(epochs=1, steps_per_epoch=3)
+    a = train(default, train_set, config, generator=torch.Generator().manual_seed(3), progress=False,
+              extra_loss=record)
+    b = train(standard, train_set, config, generator=torch.Generator().manual_seed(3), progress=False,
+              channels_last=False)
+    assert inputs == [True] * 3
+    assert conv_layouts(default) == conv_layouts(standard) == {"standard"}
+    for (name, wa), wb in zip(default.state_dict().items(), standard.state_dict().values()):
+        torch.testing.assert_close(wa, wb, rtol=1e-4, atol=1e-4, msg=name)
+    assert a.last.loss == pytest.approx(b.last.loss, rel=1e-5)
+    with pytest.raises(TypeError, match="channels_last must be None or a bool, got str"):
+        train(tiny(), train_set, fast(), progress=False, channels_last="yes")
+
+
+def test_a_failed_run_hands_back_the_standard_layout(train_set):
+    model = tiny()
+
+    def fail(x, y, logits):
+        assert all(not w.is_contiguous() for w in model.parameters() if w.dim() == 4)  # channels-last inside
+        raise RuntimeError("injected")
+
+    with pytest.raises(RuntimeError, match="injected"):
+        train(model, train_set, fast(), progress=False, extra_loss=fail)
+    assert conv_layouts(model) == {"standard"} and not model.training
+
+
 def test_steps_per_epoch_streams_across_passes(train_set):
     seen = []
     result = train(tiny(), train_set, fast(epochs=3, steps_per_epoch=3, batch_size=50),
