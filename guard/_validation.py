@@ -5,12 +5,15 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib.util
+import logging
 import math
 import types
 import typing
 from typing import Any, Sequence
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def check_images(x: object, input_size: tuple[int, int, int] | None = None, *, name: str = "images",
@@ -51,6 +54,25 @@ def is_int(value: object) -> bool:
 def is_number(value: object) -> bool:
     """A finite ``int`` or ``float`` that is not a ``bool``."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def resolve_generator(generator: object) -> torch.Generator:
+    """The CPU ``torch.Generator`` a procedure draws its randomness from: ``generator`` itself, or a freshly
+    seeded one when it is ``None`` (the seed is logged so the run can be repeated)."""
+    if generator is None:
+        generator = torch.Generator()
+        logger.info("no generator given; seeded a fresh one with %d", generator.seed())
+    if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
+        raise TypeError(f"generator must be a CPU torch.Generator, got {generator!r}")
+    return generator
+
+
+def check_betas(value: object) -> tuple[float, float]:
+    """Adam's ``betas``: two numbers in [0, 1); a list is accepted and returned as a tuple."""
+    betas = tuple(value) if isinstance(value, (tuple, list)) else value
+    if not isinstance(betas, tuple) or len(betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {value!r}")
+    return betas
 
 
 class MissingExtraError(ImportError):

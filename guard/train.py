@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._validation import is_int, is_number
+from ._validation import is_int, is_number, resolve_generator
 from .data import ImageTensorDataset, random_crop_flip
 from .models import GuardModel, load_weights, save_weights
 
@@ -354,11 +354,7 @@ def train(model: nn.Module, train_set: torch.utils.data.Dataset, config: TrainCo
     _check_dataset(train_set, "train_set")
     if eval_set is not None:
         _check_dataset(eval_set, "eval_set")
-    if generator is None:
-        generator = torch.Generator()
-        logger.info("no generator given; seeded a fresh one with %d", generator.seed())
-    if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
-        raise TypeError(f"generator must be a CPU torch.Generator, got {generator!r}")
+    generator = resolve_generator(generator)
     if checkpoint is not None:
         checkpoint = Path(checkpoint)
         if not isinstance(model, GuardModel):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -25,12 +24,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._validation import is_int, is_number
+from .._validation import is_int, is_number, resolve_generator
 from ..data import ImageTensorDataset
 from ..detect.base import register_report_method
 from ..registry import Configured, Registry
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["CleanseConfig", "CleanseResult", "Cleanser", "FeatureSet", "check_training_set", "cleanser_from_dict",
            "create_cleanser", "describe_cleansers", "extract_features", "get_cleanser", "inference_copy",
@@ -346,12 +343,7 @@ class Cleanser(Configured):
         raise NotImplementedError
 
     def _generator(self, generator: torch.Generator | None) -> torch.Generator:
-        if generator is None:
-            generator = torch.Generator()
-            logger.info("no generator given; seeded a fresh one with %d", generator.seed())
-        if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
-            raise TypeError(f"generator must be a CPU torch.Generator, got {generator!r}")
-        return generator
+        return resolve_generator(generator)
 
     def _config_dict(self) -> dict[str, Any]:
         return {"name": self.name, **dataclasses.asdict(self.config)}

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
+from .._validation import resolve_generator
 from ..data import ImageTensorDataset
 from ..models import GuardModel
-
-logger = logging.getLogger(__name__)
 
 
 def check_dataset(dataset: object, name: str) -> ImageTensorDataset:
@@ -24,12 +21,7 @@ def check_scan_inputs(model: object, generator: torch.Generator | None) -> torch
     """The checks every scan starts with; returns the generator (a freshly seeded one, logged, if ``None``)."""
     if not isinstance(model, GuardModel):
         raise TypeError(f"model must be a guard.models.GuardModel, got {type(model).__name__}")
-    if generator is None:
-        generator = torch.Generator()
-        logger.info("no generator given; seeded a fresh one with %d", generator.seed())
-    if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
-        raise TypeError(f"generator must be a CPU torch.Generator, got {generator!r}")
-    return generator
+    return resolve_generator(generator)
 
 
 def check_classes(classes: object) -> tuple[int, ...] | None:

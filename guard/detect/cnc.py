@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validation import is_int, is_number
+from .._validation import check_betas, is_int, is_number
 from ..data import ImageTensorDataset
 from ..models import GuardModel
 from ..repair.pivotal import PivotalTuning, PivotalTuningConfig
@@ -108,10 +108,7 @@ class CNCConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if not is_number(self.lr) or self.lr <= 0:
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
-        betas = tuple(self.betas) if isinstance(self.betas, (tuple, list)) else self.betas
-        if not isinstance(betas, tuple) or len(betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
-        object.__setattr__(self, "betas", betas)
+        object.__setattr__(self, "betas", check_betas(self.betas))
         if not is_number(self.init_scale) or self.init_scale < 0:
             raise ValueError(f"init_scale must be a finite number >= 0, got {self.init_scale!r}")
         if not is_number(self.repaired_weight) or self.repaired_weight < 0:

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .._validation import is_int
+from .._validation import is_int, resolve_generator
 from ..data import ImageTensorDataset
 from ..models import GuardModel
 from ._checks import check_dataset
@@ -183,9 +183,7 @@ class ClassDistance:
         if not isinstance(model, GuardModel):
             raise TypeError(f"model must be a guard.models.GuardModel, got {type(model).__name__}")
         check_dataset(dataset, "dataset")
-        if generator is None:
-            generator = torch.Generator()
-            logger.info("no generator given; seeded a fresh one with %d", generator.seed())
+        generator = resolve_generator(generator)
         k = model.num_classes
         pairs = cfg.pairs if cfg.pairs is not None else tuple((s, t) for s in range(k) for t in range(k) if s != t)
         outside = [p for p in pairs if max(p) >= k]

@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._validation import is_int, is_number
+from .._validation import check_betas, is_int, is_number
 
 logger = logging.getLogger(__name__)
 
@@ -584,10 +584,7 @@ class InversionConfig:
             raise ValueError(f"optimizer must be one of {_OPTIMIZERS}, got {self.optimizer!r}")
         if not is_number(self.lr) or self.lr <= 0:
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
-        betas = tuple(self.betas) if isinstance(self.betas, (tuple, list)) else self.betas
-        if not isinstance(betas, tuple) or len(betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
-        object.__setattr__(self, "betas", betas)
+        object.__setattr__(self, "betas", check_betas(self.betas))
 
 
 #: images per forward/backward pass when ``InversionConfig.chunk_size`` is None: CPU caches favour small passes

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import logging
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -22,11 +21,10 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
+from .._validation import resolve_generator
 from ..data import ImageTensorDataset
 from ..models import GuardModel
 from ..registry import Configured, Registry
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["AsrProbe", "Defense", "RepairPoint", "RepairResult", "create_defense", "describe_defenses",
            "get_defense", "list_defenses", "register_defense"]
@@ -117,11 +115,7 @@ class Defense(Configured, ABC):
         if missing and self.needs_all_classes:
             raise ValueError(f"{self.name} needs trusted images of every class; classes {missing} have none "
                              f"(the trusted set holds {sorted(present)})")
-        if generator is None:
-            generator = torch.Generator()
-            logger.info("no generator given; seeded a fresh one with %d", generator.seed())
-        if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
-            raise TypeError(f"generator must be a CPU torch.Generator, got {generator!r}")
+        generator = resolve_generator(generator)
         device = torch.device(device) if device is not None else next(model.parameters()).device
         started = time.perf_counter()
         working = copy.deepcopy(model).to(device)
