@@ -83,6 +83,8 @@ def test_bad_input_is_refused_clearly():
         ClassDistance(steps=1).measure(p.clean, p.test_set.subset(torch.arange(0)))
     with pytest.raises(TypeError, match="GuardModel"):
         ClassDistance(steps=1).measure(torch.nn.Linear(2, 2), p.test_set)
+    with pytest.raises(TypeError, match="generator must be a CPU torch.Generator, got 0"):
+        ClassDistance(steps=1).measure(p.clean, p.test_set, generator=0)
     for bad, match in [({"steps": 0}, "steps"), ({"images_per_class": 0}, "images_per_class"),
                        ({"attack_threshold": 1.5}, "attack_threshold"), ({"pairs": ((1, 1),)}, "pairs"),
                        ({"multiplier": 1.0}, "multiplier"), ({"seeds": 0}, "seeds")]:
