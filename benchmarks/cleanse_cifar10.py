@@ -27,7 +27,9 @@ Defender:  RE's Step 0 (§5.2.1: the victim's training, without augmentation, so
            images and eq. 12 with the true pattern (the TPR/FPR a perfect estimate would reach on that model).
 Methods:   library defaults; SS and AC are given the true target for TPR/FPR (Xiang's comparison; SS removes 1000
            images of it), AC's detection outcome is its own silhouette test; RE and CI use their own detection.
-           ``--re-subtract-scale K``: RE's eq. 12 subtracts K times its estimate (``subtract_scale``; default 1).
+           ``--re-subtract-scale K``: RE's eq. 12 subtracts K times its estimate (``subtract_scale``; default 1);
+           ``--re-removal-pi P``: the smallest multiple that sends P of the source class to the target
+           (``removal_pi``). Without it each row also records eq. 12 at removal_pi 0.999 (``removal_pi_estimate``).
 Retrain:   the victims' recipe (pretrained ResNet-20, SGD lr 0.01, the row victim's epochs, augmentation) on the
            cleansed set — the same training that implants the backdoor on the full set; CDA and ASR on test-lossless
            (ASR: source classes for Xiang's patterns, M2'; non-target images otherwise). A method that removes
@@ -59,7 +61,7 @@ from pathlib import Path
 import torch
 
 from guard.attacks import attack_from_record, create_attack
-from guard.cleanse import create_cleanser, subtraction_removal, suspect_from_record
+from guard.cleanse import create_cleanser, removal_scale, subtraction_removal, suspect_from_record
 from guard.data import load_dataset
 from guard.metrics import cleansing_rates, evaluate_backdoor
 from guard.models import create, save_weights
@@ -78,6 +80,8 @@ SCRATCH_EPOCHS = 12
 #: eq. 12 is also measured with the estimate scaled by these factors (how far the removal is from its norm), and
 #: by 1 when --re-subtract-scale is not 1
 SUBTRACT_SCALES = (1.25, 1.5)
+#: the removal_pi each row probes when RE runs without one
+REMOVAL_PI_PROBE = 0.999
 #: --quick: RE's code path at a tiny budget (a smoke test, not a measurement)
 RE_QUICK = {"max_steps": 3, "batch_size_per_class": 8, "max_images": 50}
 #: row -> (attack, options); None = the clean training set
@@ -253,6 +257,8 @@ def run_row(row: dict, spec, args, train_set, test_set, root: Path, work: Path, 
         options = dict(RE_QUICK if (args.quick and method == "re") else {})
         if method == "re":
             options["subtract_scale"] = args.re_subtract_scale
+            if getattr(args, "re_removal_pi", None) is not None:
+                options["removal_pi"] = args.re_removal_pi
         if method == "ss" and target is not None:
             options.update(target=target, eps=min(1.0, 1000 / (1.5 * n_target)))
         cleanser = create_cleanser(method, **options)
@@ -272,6 +278,8 @@ def run_row(row: dict, spec, args, train_set, test_set, root: Path, work: Path, 
             entry.update(tpr=tpr, fpr=fpr)
         if result.pattern is not None:
             entry["pattern_norm"] = float(result.pattern.norm())
+            entry["subtract_scale"] = result.details["subtract_scale"]
+            entry["removal_source_rate"] = result.details["removal_source_rate"]
             true = true_pattern(attack, suspect)
             row["patterns"] = {"estimated": rounded(result.pattern), "true": None if true is None else rounded(true)}
             if true is not None:
@@ -280,6 +288,12 @@ def run_row(row: dict, spec, args, train_set, test_set, root: Path, work: Path, 
                 scales = sorted({1.0, *SUBTRACT_SCALES} - {args.re_subtract_scale})
                 entry["scaled_estimate"] = {str(k): dict(zip(("tpr", "fpr"), subtraction_rates(
                     defender, suspect, poison_indices, target, k * result.pattern))) for k in scales}
+                if getattr(args, "re_removal_pi", None) is None:
+                    k, rate = removal_scale(defender, suspect, result.details["source_class"], target, result.pattern,
+                                            REMOVAL_PI_PROBE)
+                    rates = subtraction_rates(defender, suspect, poison_indices, target, k * result.pattern)
+                    entry["removal_pi_estimate"] = {"removal_pi": REMOVAL_PI_PROBE, "scale": k, "source_rate": rate,
+                                                    "tpr": rates[0], "fpr": rates[1]}
         row["methods"][method] = entry
         print(f"[{name}] {method}: {entry}", flush=True)
         if args.retrain and method in args.retrain_methods:
@@ -409,6 +423,9 @@ def main() -> None:
                         help=f"Step 0's epochs (default: the row victim's for recipe, {SCRATCH_EPOCHS} for scratch)")
     parser.add_argument("--re-subtract-scale", type=float, default=1.0,
                         help="RE's subtract_scale: eq. 12 subtracts this multiple of the estimate (default 1: eq. 12)")
+    parser.add_argument("--re-removal-pi", type=float, default=None,
+                        help="RE's removal_pi: eq. 12 subtracts the smallest multiple of the estimate that sends this "
+                             "fraction of the source class to the target")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of each row's job (its declared CPUs)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
     add_sweep_arguments(parser)
@@ -439,7 +456,7 @@ def main() -> None:
         rows = ["A1", "clean"]
     results = {"benchmark": "cleanse_cifar10", "quick": args.quick, "seed": SEED,
                "step0": {"model": args.step0, "epochs": args.step0_epochs}, "victims": args.victims,
-               "re_subtract_scale": args.re_subtract_scale,
+               "re_subtract_scale": args.re_subtract_scale, "re_removal_pi": args.re_removal_pi,
                "recipe": RECIPES[args.victims],
                "retrain_epochs": retrain_epochs, "paper_compact": PAPER, "hardware": hardware_of(device), "rows": []}
     if out_json.is_file() and not args.quick:  # resume: keep the rows already measured
@@ -453,7 +470,7 @@ def main() -> None:
     settings = {"methods": methods, "retrain": args.retrain, "retrain_methods": retrain_methods,
                 "retrain_epochs": retrain_epochs, "step0": args.step0, "step0_epochs": args.step0_epochs,
                 "quick": args.quick, "device": args.device, "victims": args.victims,
-                "re_subtract_scale": args.re_subtract_scale}
+                "re_subtract_scale": args.re_subtract_scale, "re_removal_pi": args.re_removal_pi}
     grid = Grid(name=name, function=f"{Path(__file__).resolve()}:row_job", params={"settings": settings},
                 points=[{"row": r} for r in rows if r not in done],
                 resources=job_resources(args.threads, device),

@@ -22,7 +22,7 @@ from guard.attacks import create_attack
 from guard.cleanse import (ActivationClusteringConfig, CleanseResult, Cleanser, ClusterImpurityConfig,
                            SpectralSignaturesConfig, box_blur, cleanser_from_dict, create_cleanser, describe_cleansers,
                            extract_features, get_cleanser, list_cleansers, order_statistic_test, register_cleanser,
-                           subtraction_removal, suspect_from_record)
+                           removal_scale, subtraction_removal, suspect_from_record)
 from guard.cleanse.clustering import bic_mixture, class_mixtures
 from guard.data import ImageTensorDataset
 from guard.metrics import cleansing_rates
@@ -132,7 +132,9 @@ BAD_OPTIONS = [
     ("re", {"batch_size_per_class": 2.5}, "batch_size_per_class"), ("re", {"refine_step_size": 0}, "refine_step_size"),
     ("re", {"refine_batch_size_per_class": 0}, "refine_batch_size_per_class"),
     ("re", {"chunk_size": 0}, "chunk_size"), ("re", {"subtract_scale": 0.0}, "subtract_scale"),
-    ("re", {"subtract_scale": "1.5"}, "subtract_scale"),
+    ("re", {"subtract_scale": "1.5"}, "subtract_scale"), ("re", {"removal_pi": 0.0}, "removal_pi"),
+    ("re", {"removal_pi": 1.01}, "removal_pi"),
+    ("re", {"removal_pi": 0.99, "subtract_scale": 1.5}, "leave subtract_scale"),
 ]
 
 
@@ -421,16 +423,24 @@ def test_re_removes_the_poisons_by_eq_12():
 
 
 @pytest.mark.outcome
-def test_re_subtracts_the_configured_multiple_of_its_pattern():
+@pytest.mark.parametrize("margin", [{"subtract_scale": 1.5}, {"removal_pi": 0.999}], ids=lambda m: next(iter(m)))
+def test_re_subtracts_the_configured_multiple_of_its_pattern(margin):
     poisoned, _ = re_results()
     result, _, model, *_ = xiang_suspects(SEED)
-    scaled = create_cleanser("re", **RE_OPTIONS, subtract_scale=1.5).cleanse(
+    scaled = create_cleanser("re", **RE_OPTIONS, **margin).cleanse(
         model, result.dataset, generator=torch.Generator().manual_seed(SEED))
-    # the scale changes the removal only; the estimation repeats up to float rounding (the last bit can differ
+    # the margin changes the removal only; the estimation repeats up to float rounding (the last bit can differ
     # from one run to the next on a CPU)
     torch.testing.assert_close(scaled.pattern, poisoned.pattern, rtol=1e-4, atol=1e-6)
-    assert torch.equal(scaled.removed, subtraction_removal(model, result.dataset, TARGET, 1.5 * scaled.pattern))
-    assert torch.equal(scaled.removed, subtraction_removal(model, result.dataset, TARGET, scaled.pattern, scale=1.5))
+    scale, rate = scaled.details["subtract_scale"], scaled.details["removal_source_rate"]
+    if "removal_pi" in margin:  # the smallest multiple that moves 99.9 % of the source class
+        assert (scale, rate) == removal_scale(model, result.dataset, scaled.details["source_class"], TARGET,
+                                              scaled.pattern, margin["removal_pi"])
+    else:
+        assert (scale, rate) == (1.5, None)
+    assert torch.equal(scaled.removed, subtraction_removal(model, result.dataset, TARGET, scale * scaled.pattern))
+    assert torch.equal(scaled.removed, subtraction_removal(model, result.dataset, TARGET, scaled.pattern, scale=scale))
+    assert (poisoned.details["subtract_scale"], poisoned.details["removal_source_rate"]) == (1.0, None)
 
 
 class _Brightness(torch.nn.Module):
@@ -468,6 +478,31 @@ def test_subtraction_removal_is_eq_12_at_any_scale():
         subtraction_removal(model, data, 1, v[0])
     with pytest.raises(ValueError, match="scale must be a number > 0"):
         subtraction_removal(model, data, 1, v, scale=0)
+
+
+def test_removal_scale_is_the_smallest_multiple_that_moves_the_source_class():
+    grey = torch.tensor([100, 110, 120, 126, 200], dtype=torch.uint8)   # 0.392, 0.431, 0.471, 0.494, 0.784
+    labels = torch.tensor([0, 0, 0, 0, 1])
+    data = ImageTensorDataset(grey[:, None, None, None].expand(-1, 3, 4, 4).contiguous(), labels, ("a", "b", "c"))
+    model = _Brightness().train()
+    before = copy.deepcopy(model.state_dict())
+    v = torch.full((3, 4, 4), 0.05)
+    needed = [(0.5 - g / 255) / 0.05 for g in (100, 110)]   # k that moves 100/255 (2.157) and 110/255 (1.373)
+    k, rate = removal_scale(model, data, 0, 1, v, 1.0)   # all four: x + k·v > 0.5 for the darkest
+    assert needed[0] < k <= needed[0] + 0.01 and rate == 1.0
+    k, rate = removal_scale(model, data, 0, 1, v, 0.75)   # three of four
+    assert needed[1] < k <= needed[1] + 0.01 and rate == 0.75
+    assert removal_scale(model, data, 0, 1, v, 0.5) == (1.0, 0.5)   # k = 1 moves 120/255 and 126/255 already
+    assert removal_scale(model, data, 0, 1, v / 10, 1.0) == (4.0, 0.25)   # the cap, and its rate (126/255 only)
+    assert model.training and all(torch.equal(before[n], t) for n, t in model.state_dict().items())
+    with pytest.raises(ValueError, match=r"source must be a class index in \[0, 2\], got 5"):
+        removal_scale(model, data, 5, 1, v, 0.9)
+    with pytest.raises(ValueError, match="no images are labelled 2"):
+        removal_scale(model, data, 2, 1, v, 0.9)
+    with pytest.raises(ValueError, match="fraction must be a number in"):
+        removal_scale(model, data, 0, 1, v, 0.0)
+    with pytest.raises(ValueError, match="pattern must be a tensor shaped like one image"):
+        removal_scale(model, data, 0, 1, v[0], 0.9)
 
 
 @pytest.mark.outcome

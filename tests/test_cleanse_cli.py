@@ -188,3 +188,7 @@ def test_re_command_writes_the_pattern_beside_the_true_one(xiang_run, capsys):
                  str(run["weights"]), "--dataset", "imagefolder", "--data-dir", str(run["data"]), "--out",
                  str(out)]) == 2
     assert "subtract_scale must be a number > 0" in capsys.readouterr().err
+    assert main(["cleanse", "--method", "re", "--removal-pi", "0.99", "--subtract-scale", "1.5", "--model",
+                 "tiny_resnet", "--weights", str(run["weights"]), "--dataset", "imagefolder", "--data-dir",
+                 str(run["data"]), "--out", str(out)]) == 2
+    assert "removal_pi chooses eq. 12's multiple of v̂ itself; leave subtract_scale at 1" in capsys.readouterr().err

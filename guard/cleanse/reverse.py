@@ -39,7 +39,11 @@ furthest past the boundary. ``subtract_scale`` multiplies v̂ in eq. 12 (1.0, th
 On a CIFAR-10 ResNet-20 with pattern A (benchmarks/cleanse_cifar10.py, 30-epoch Step 0) the estimate had ℓ2
 norm 0.17 against the planted 0.31, and eq. 12 removed 88.4 % of the poisons at 3.0 % FPR; ×1.25 removed
 94.2 % at 6.6 %, ×1.5 98.0 % at 11.9 %. The step rule is not the cause: the paper's own (plain δ = 1e-4 steps,
-256 images, ρ over all of D_s) stopped that pair at norm 0.152 (eq. 12: 79.6 % at 1.6 %).
+256 images, ρ over all of D_s) stopped that pair at norm 0.152 (eq. 12: 79.6 % at 1.6 %). ``removal_pi`` sets
+the margin from the data instead of a fixed factor: eq. 12 subtracts the smallest multiple k ≥ 1 of v̂ that sends
+that fraction of *all* of D_ŝ to t̂ (:func:`removal_scale`), a pattern as strong on the source class as the
+planted one, which moves all of it. On the pattern-A model above, ρ over D_ŝ is 0.983 at k = 1, 0.999 at
+k ≈ 1.3 (eq. 12: 95.4 % at 7.4 %), 1.000 at 1.75.
 """
 
 from __future__ import annotations
@@ -64,11 +68,14 @@ from .base import (CleanseConfig, CleanseResult, Cleanser, _device_of, check_fin
 logger = logging.getLogger(__name__)
 
 __all__ = ["PairPatterns", "ReverseEngineering", "ReverseEngineeringConfig", "order_statistic_test",
-           "subtraction_removal"]
+           "removal_scale", "subtraction_removal"]
 
 _STEPS = {"normalized": "normalized", "plain": "sgd"}
 #: the smallest positive double: a p-value below it underflows to 0 and is reported as this bound
 _TINY = 5e-324
+#: removal_scale's search: multiples of v̂ in [1, _MAX_REMOVAL_SCALE], to within _REMOVAL_SCALE_TOLERANCE
+_MAX_REMOVAL_SCALE = 4.0
+_REMOVAL_SCALE_TOLERANCE = 0.01
 
 
 @dataclass(frozen=True)
@@ -85,7 +92,8 @@ class ReverseEngineeringConfig(CleanseConfig):
     :func:`guard.detect.inversion.default_chunk_size`). ``refine_step_size``/``refine_batch_size_per_class``:
     the same step rule, finer, for the detected pair's pattern that eq. 12 subtracts (``None``: the coarse
     pattern). ``subtract_scale``: eq. 12 subtracts ``subtract_scale``·v̂ (1.0: eq. 12 as stated; see the module's
-    "Removal margin").
+    "Removal margin"). ``removal_pi``: eq. 12 subtracts the smallest multiple of v̂ that sends this fraction of
+    all of D_ŝ to t̂ instead (:func:`removal_scale`; ``None``: ``subtract_scale``, which must then stay 1).
     """
 
     pi: float = 0.95
@@ -101,6 +109,7 @@ class ReverseEngineeringConfig(CleanseConfig):
     refine_step_size: float | None = 0.02
     refine_batch_size_per_class: int = 64
     subtract_scale: float = 1.0
+    removal_pi: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -119,6 +128,11 @@ class ReverseEngineeringConfig(CleanseConfig):
         if not is_number(self.subtract_scale) or self.subtract_scale <= 0:
             raise ValueError(f"subtract_scale must be a number > 0 (the factor on v̂ in eq. 12), "
                              f"got {self.subtract_scale!r}")
+        if self.removal_pi is not None:
+            check_fraction("removal_pi", self.removal_pi)
+            if self.subtract_scale != 1.0:
+                raise ValueError(f"removal_pi chooses eq. 12's multiple of v̂ itself; leave subtract_scale at 1, "
+                                 f"got subtract_scale={self.subtract_scale!r} with removal_pi={self.removal_pi!r}")
         if self.chunk_size is not None and (not is_int(self.chunk_size) or self.chunk_size < 1):
             raise ValueError(f"chunk_size must be None or an int >= 1, got {self.chunk_size!r}")
         for name in ("batch_size_per_class", "max_steps", "refine_batch_size_per_class"):
@@ -274,8 +288,12 @@ class ReverseEngineering(Cleanser):
             if math.isfinite(float(refined.norms[source, target])):
                 pattern = refined.patterns[(source, target)]
         removed = torch.zeros(0, dtype=torch.int64)
+        scale, source_rate = cfg.subtract_scale, None
         if detected:
-            removed = subtraction_removal(model, train_set, target, pattern, scale=cfg.subtract_scale,
+            if cfg.removal_pi is not None:
+                scale, source_rate = removal_scale(model, train_set, source, target, pattern, cfg.removal_pi,
+                                                   batch_size=cfg.batch_size, device=device)
+            removed = subtraction_removal(model, train_set, target, pattern, scale=scale,
                                           batch_size=cfg.batch_size, device=device, progress=progress)
         r = pairs.reciprocals
         stats_per_class, scores = {}, {}
@@ -304,6 +322,7 @@ class ReverseEngineering(Cleanser):
                      "norms": norms, "steps": pairs.steps.tolist(), "pairs": k * (k - 1),
                      "pair_seconds": round(pairs.seconds, 3),
                      "coarse_pattern_norm": float(pairs.norms[source, target]) if detected else None,
+                     "subtract_scale": scale if detected else None, "removal_source_rate": source_rate,
                      "refined_steps": None if refined is None else int(refined.steps[source, target]),
                      "refined_found": None if refined is None else math.isfinite(
                          float(refined.norms[source, target]))},
@@ -316,30 +335,80 @@ def subtraction_removal(model, train_set: ImageTensorDataset, target: int, patte
     """Eq. 12: the sorted indices of the images of ``train_set`` labelled ``target`` whose label under ``model``
     changes when the pattern is subtracted, ``f([x − scale·v̂]_c) ≠ target`` (``scale`` 1: eq. 12 as stated).
     ``pattern`` is ``(C, H, W)`` in the [0, 1] pixel scale."""
-    if not is_int(target) or not 0 <= target < train_set.num_classes:
-        raise ValueError(f"target must be a class index in [0, {train_set.num_classes - 1}], got {target!r}")
-    if not isinstance(pattern, torch.Tensor) or tuple(pattern.shape) != tuple(train_set.images.shape[1:]):
-        got = tuple(pattern.shape) if isinstance(pattern, torch.Tensor) else type(pattern).__name__
-        raise ValueError(f"pattern must be a tensor shaped like one image {tuple(train_set.images.shape[1:])}, "
-                         f"got {got}")
+    _check_pattern_classes(train_set, pattern, target=target)
     if not is_number(scale) or scale <= 0:
         raise ValueError(f"scale must be a number > 0, got {scale!r}")
     if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    index = (train_set.labels == target).nonzero().squeeze(1)
+    if index.numel() == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    preds = _shifted_predictions(model, train_set.images[index], -scale * pattern, batch_size=batch_size,
+                                 device=device, progress=progress)
+    return index[preds != target].sort().values
+
+
+def removal_scale(model, train_set: ImageTensorDataset, source: int, target: int, pattern: torch.Tensor,
+                  fraction: float, *, batch_size: int = 128, device=None) -> tuple[float, float]:
+    """The smallest multiple k ≥ 1 of ``pattern`` (to within 0.01, at most 4) whose addition sends ``fraction`` of
+    *all* the images labelled ``source`` to ``target``, ``ρ(k) = mean f([x + k·v̂]_c) = target``, and ρ there.
+
+    Bisection on k (ρ rises along the estimate's ray; at most 11 passes over the source class). ρ(1) ≥
+    ``fraction`` returns 1; a ray that never reaches it returns 4 and ρ(4) (a warning is logged)."""
+    _check_pattern_classes(train_set, pattern, source=source, target=target)
+    check_fraction("fraction", fraction)
+    images = train_set.images[train_set.labels == source]
+    if len(images) == 0:
+        raise ValueError(f"no images are labelled {source}: the source class's rate is undefined")
+
+    def rate(k: float) -> float:
+        preds = _shifted_predictions(model, images, k * pattern, batch_size=batch_size, device=device)
+        return float((preds == target).double().mean())
+
+    low, high = 1.0, _MAX_REMOVAL_SCALE
+    at_low = rate(low)
+    if at_low >= fraction:
+        return low, at_low
+    at_high = rate(high)
+    if at_high < fraction:
+        logger.warning("RE: %g·v̂ sends only %.4f of class %d to %d, short of %g; eq. 12 subtracts %g·v̂",
+                       high, at_high, source, target, fraction, high)
+        return high, at_high
+    while high - low > _REMOVAL_SCALE_TOLERANCE:
+        middle = (low + high) / 2
+        at_middle = rate(middle)
+        if at_middle >= fraction:
+            high, at_high = middle, at_middle
+        else:
+            low = middle
+    return round(high, 6), at_high
+
+
+def _check_pattern_classes(train_set: ImageTensorDataset, pattern: object, **classes: object) -> None:
+    """The named class indices lie in the set's classes and ``pattern`` is shaped like one of its images."""
+    for name, cls in classes.items():
+        if not is_int(cls) or not 0 <= cls < train_set.num_classes:
+            raise ValueError(f"{name} must be a class index in [0, {train_set.num_classes - 1}], got {cls!r}")
+    if not isinstance(pattern, torch.Tensor) or tuple(pattern.shape) != tuple(train_set.images.shape[1:]):
+        got = tuple(pattern.shape) if isinstance(pattern, torch.Tensor) else type(pattern).__name__
+        raise ValueError(f"pattern must be a tensor shaped like one image {tuple(train_set.images.shape[1:])}, "
+                         f"got {got}")
+
+
+@torch.inference_mode()
+def _shifted_predictions(model, images: torch.Tensor, shift: torch.Tensor, *, batch_size: int, device,
+                         progress: bool = False) -> torch.Tensor:
+    """``argmax f([x + shift]_c)`` for uint8 ``images``, in eval mode (the model's mode is restored)."""
     device = _device_of(model, device)
     was_training = model.training
     model.eval()
     dtype = next(model.parameters()).dtype
-    v = pattern.to(device, dtype) * scale
-    index = (train_set.labels == target).nonzero().squeeze(1)
+    shift = shift.to(device, dtype)
     preds = []
     try:
-        for chunk in tqdm(train_set.images[index].split(batch_size), desc="re cleansing", unit="batch",
-                          disable=not progress, leave=False):
-            x = chunk.to(device, dtype).div_(255)
-            preds.append(model((x - v).clamp(0, 1)).argmax(1).cpu())
+        for chunk in tqdm(images.split(batch_size), desc="re cleansing", unit="batch", disable=not progress,
+                          leave=False):
+            preds.append(model((chunk.to(device, dtype).div_(255) + shift).clamp(0, 1)).argmax(1).cpu())
     finally:
         model.train(was_training)
-    if not preds:
-        return torch.zeros(0, dtype=torch.int64)
-    return index[torch.cat(preds) != target].sort().values
+    return torch.cat(preds)

@@ -42,6 +42,7 @@ _OPTION_FLAGS = {
     "max_steps": {"re": "max_steps"},
     "chunk_size": {"re": "chunk_size"},
     "subtract_scale": {"re": "subtract_scale"},
+    "removal_pi": {"re": "removal_pi"},
 }
 
 
@@ -80,6 +81,9 @@ def add_parser(subparsers) -> None:
     g.add_argument("--subtract-scale", type=float,
                    help="re: eq. 12 subtracts this multiple of the estimated pattern (default 1, eq. 12 as stated; "
                         "> 1 removes more poisons and more clean images)")
+    g.add_argument("--removal-pi", type=float,
+                   help="re: eq. 12 subtracts the smallest multiple of the estimate that sends this fraction of all "
+                        "the source class's images to the target (e.g. 0.999; default: --subtract-scale)")
     f = p.add_argument_group("the defender's model (RE Step 0)")
     f.add_argument("--fit-epochs", type=int, default=None,
                    help="first train --model on the suspect set for N epochs without augmentation (from --weights "
