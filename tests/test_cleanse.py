@@ -503,6 +503,8 @@ def test_removal_scale_is_the_smallest_multiple_that_moves_the_source_class():
         removal_scale(model, data, 0, 1, v, 0.0)
     with pytest.raises(ValueError, match="pattern must be a tensor shaped like one image"):
         removal_scale(model, data, 0, 1, v[0], 0.9)
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
+        removal_scale(model, data, 0, 1, v, 0.9, batch_size=0)
 
 
 @pytest.mark.outcome

@@ -335,11 +335,9 @@ def subtraction_removal(model, train_set: ImageTensorDataset, target: int, patte
     """Eq. 12: the sorted indices of the images of ``train_set`` labelled ``target`` whose label under ``model``
     changes when the pattern is subtracted, ``f([x − scale·v̂]_c) ≠ target`` (``scale`` 1: eq. 12 as stated).
     ``pattern`` is ``(C, H, W)`` in the [0, 1] pixel scale."""
-    _check_pattern_classes(train_set, pattern, target=target)
+    _check_removal_inputs(train_set, pattern, batch_size, target=target)
     if not is_number(scale) or scale <= 0:
         raise ValueError(f"scale must be a number > 0, got {scale!r}")
-    if not is_int(batch_size) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     index = (train_set.labels == target).nonzero().squeeze(1)
     if index.numel() == 0:
         return torch.zeros(0, dtype=torch.int64)
@@ -355,7 +353,7 @@ def removal_scale(model, train_set: ImageTensorDataset, source: int, target: int
 
     Bisection on k (ρ rises along the estimate's ray; at most 11 passes over the source class). ρ(1) ≥
     ``fraction`` returns 1; a ray that never reaches it returns 4 and ρ(4) (a warning is logged)."""
-    _check_pattern_classes(train_set, pattern, source=source, target=target)
+    _check_removal_inputs(train_set, pattern, batch_size, source=source, target=target)
     check_fraction("fraction", fraction)
     images = train_set.images[train_set.labels == source]
     if len(images) == 0:
@@ -384,8 +382,10 @@ def removal_scale(model, train_set: ImageTensorDataset, source: int, target: int
     return round(high, 6), at_high
 
 
-def _check_pattern_classes(train_set: ImageTensorDataset, pattern: object, **classes: object) -> None:
-    """The named class indices lie in the set's classes and ``pattern`` is shaped like one of its images."""
+def _check_removal_inputs(train_set: ImageTensorDataset, pattern: object, batch_size: object,
+                          **classes: object) -> None:
+    """The named class indices lie in the set's classes, ``pattern`` is shaped like one of its images and
+    ``batch_size`` is a positive int."""
     for name, cls in classes.items():
         if not is_int(cls) or not 0 <= cls < train_set.num_classes:
             raise ValueError(f"{name} must be a class index in [0, {train_set.num_classes - 1}], got {cls!r}")
@@ -393,6 +393,8 @@ def _check_pattern_classes(train_set: ImageTensorDataset, pattern: object, **cla
         got = tuple(pattern.shape) if isinstance(pattern, torch.Tensor) else type(pattern).__name__
         raise ValueError(f"pattern must be a tensor shaped like one image {tuple(train_set.images.shape[1:])}, "
                          f"got {got}")
+    if not is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
 
 
 @torch.inference_mode()
