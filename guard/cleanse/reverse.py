@@ -44,6 +44,7 @@ the margin from the data instead of a fixed factor: eq. 12 subtracts the smalles
 that fraction of *all* of D_ŝ to t̂ (:func:`removal_scale`), a pattern as strong on the source class as the
 planted one, which moves all of it. On the pattern-A model above, ρ over D_ŝ is 0.983 at k = 1 and reaches
 0.99 at k = 1.05 (eq. 12: 90.4 % at 3.7 %), 0.995 at 1.13 (92.6 % at 4.7 %), 0.999 at 1.33 (96.4 % at 7.7 %).
+On pattern C1 the ray never reaches 0.999 (0.998 at the cap ×4: 98.8 % at 38.3 %), so no margin is the default.
 """
 
 from __future__ import annotations
