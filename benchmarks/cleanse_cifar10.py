@@ -27,9 +27,11 @@ Defender:  RE's Step 0 (§5.2.1: the victim's training, without augmentation, so
            images and eq. 12 with the true pattern (the TPR/FPR a perfect estimate would reach on that model).
 Methods:   library defaults; SS and AC are given the true target for TPR/FPR (Xiang's comparison; SS removes 1000
            images of it), AC's detection outcome is its own silhouette test; RE and CI use their own detection.
-           ``--re-subtract-scale K``: RE's eq. 12 subtracts K times its estimate (``subtract_scale``; default 1);
-           ``--re-removal-pi P``: the smallest multiple that sends P of the source class to the target
-           (``removal_pi``). Without it each row also records eq. 12 at removal_pi 0.999 (``removal_pi_estimate``).
+           ``--re-removal-pi P``: RE's eq. 12 subtracts the smallest multiple of its estimate that sends P of the
+           source class to the target (``removal_pi``, default the library's 0.995); ``--re-subtract-scale K``: a
+           fixed K times the estimate instead (``subtract_scale``; 1 is eq. 12 as the paper states it). Each RE
+           row also records eq. 12 at the other margins on the same estimate: the fixed multiples 1, 1.25, 1.5
+           (``scaled_estimate``) and removal_pi 0.99, 0.995, 0.999 (``removal_pi_estimate``).
 Retrain:   the victims' recipe (pretrained ResNet-20, SGD lr 0.01, the row victim's epochs, augmentation) on the
            cleansed set — the same training that implants the backdoor on the full set; CDA and ASR on test-lossless
            (ASR: source classes for Xiang's patterns, M2'; non-target images otherwise). A method that removes
@@ -39,7 +41,7 @@ Output:    benchmarks/results/cleanse_cifar10.json and .png (rows, timings, hard
 Rows:      one guard.sweep job per row: Ray tasks of --threads CPUs each (one GPU each when CUDA is available)
            on a local Ray or --address (a cluster runs the rows side by side); --serial runs them here in turn.
 Run:       GUARD_DATA_DIR=../shared/data python benchmarks/cleanse_cifar10.py [--rows A1,C3] [--methods re,ac]
-           [--no-retrain | --retrain-methods re] [--re-subtract-scale 1.25] [--threads 2] [--device cuda]
+           [--no-retrain | --retrain-methods re] [--re-removal-pi 0.99] [--threads 2] [--device cuda]
            [--out NAME] [--serial];  a rerun with the same --out resumes after the finished rows; --merge A.json
            B.json ... --out NAME gathers the rows of earlier runs split over machines; --quick: a smoke run on 5000
            images with tiny budgets (numbers are not comparable with the tables).
@@ -61,7 +63,8 @@ from pathlib import Path
 import torch
 
 from guard.attacks import attack_from_record, create_attack
-from guard.cleanse import create_cleanser, removal_scale, subtraction_removal, suspect_from_record
+from guard.cleanse import (ReverseEngineeringConfig, create_cleanser, removal_scale, subtraction_removal,
+                           suspect_from_record)
 from guard.data import load_dataset
 from guard.metrics import cleansing_rates, evaluate_backdoor
 from guard.models import create, save_weights
@@ -77,11 +80,10 @@ SEED = 0
 METHODS = ("re", "ss", "ac", "ci")
 #: --step0 scratch's default epochs
 SCRATCH_EPOCHS = 12
-#: eq. 12 is also measured with the estimate scaled by these factors (how far the removal is from its norm), and
-#: by 1 when --re-subtract-scale is not 1
-SUBTRACT_SCALES = (1.25, 1.5)
-#: the removal_pi each row probes when RE runs without one
-REMOVAL_PI_PROBE = 0.999
+#: eq. 12 is also measured at these fixed multiples of the estimate (1: eq. 12 as stated) ...
+SUBTRACT_SCALES = (1.0, 1.25, 1.5)
+#: ... and at these removal_pi (each but the one the run uses)
+REMOVAL_PIS = (0.99, 0.995, 0.999)
 #: --quick: RE's code path at a tiny budget (a smoke test, not a measurement)
 RE_QUICK = {"max_steps": 3, "batch_size_per_class": 8, "max_images": 50}
 #: row -> (attack, options); None = the clean training set
@@ -256,9 +258,7 @@ def run_row(row: dict, spec, args, train_set, test_set, root: Path, work: Path, 
     for method in args.methods:
         options = dict(RE_QUICK if (args.quick and method == "re") else {})
         if method == "re":
-            options["subtract_scale"] = args.re_subtract_scale
-            if getattr(args, "re_removal_pi", None) is not None:
-                options["removal_pi"] = args.re_removal_pi
+            options.update(removal_pi=args.re_removal_pi, subtract_scale=args.re_subtract_scale)
         if method == "ss" and target is not None:
             options.update(target=target, eps=min(1.0, 1000 / (1.5 * n_target)))
         cleanser = create_cleanser(method, **options)
@@ -285,15 +285,19 @@ def run_row(row: dict, spec, args, train_set, test_set, root: Path, work: Path, 
             if true is not None:
                 entry["pattern_mse_per_pixel"] = float((result.pattern - true).square().mean())
             if poison_indices is not None and result.target_class == target:  # eq. 12 along the estimate's ray
-                scales = sorted({1.0, *SUBTRACT_SCALES} - {args.re_subtract_scale})
+                fixed = args.re_subtract_scale
                 entry["scaled_estimate"] = {str(k): dict(zip(("tpr", "fpr"), subtraction_rates(
-                    defender, suspect, poison_indices, target, k * result.pattern))) for k in scales}
-                if getattr(args, "re_removal_pi", None) is None:
+                    defender, suspect, poison_indices, target, k * result.pattern)))
+                    for k in SUBTRACT_SCALES if k != fixed}
+                entry["removal_pi_estimate"] = {}
+                for pi in REMOVAL_PIS:
+                    if fixed is None and pi == args.re_removal_pi:
+                        continue
                     k, rate = removal_scale(defender, suspect, result.details["source_class"], target, result.pattern,
-                                            REMOVAL_PI_PROBE)
+                                            pi)
                     rates = subtraction_rates(defender, suspect, poison_indices, target, k * result.pattern)
-                    entry["removal_pi_estimate"] = {"removal_pi": REMOVAL_PI_PROBE, "scale": k, "source_rate": rate,
-                                                    "tpr": rates[0], "fpr": rates[1]}
+                    entry["removal_pi_estimate"][str(pi)] = {"scale": k, "source_rate": rate, "tpr": rates[0],
+                                                             "fpr": rates[1]}
         row["methods"][method] = entry
         print(f"[{name}] {method}: {entry}", flush=True)
         if args.retrain and method in args.retrain_methods:
@@ -421,11 +425,12 @@ def main() -> None:
                              "(both without augmentation; see step0())")
     parser.add_argument("--step0-epochs", type=int, default=None,
                         help=f"Step 0's epochs (default: the row victim's for recipe, {SCRATCH_EPOCHS} for scratch)")
-    parser.add_argument("--re-subtract-scale", type=float, default=1.0,
-                        help="RE's subtract_scale: eq. 12 subtracts this multiple of the estimate (default 1: eq. 12)")
-    parser.add_argument("--re-removal-pi", type=float, default=None,
+    parser.add_argument("--re-removal-pi", type=float, default=ReverseEngineeringConfig.removal_pi,
                         help="RE's removal_pi: eq. 12 subtracts the smallest multiple of the estimate that sends this "
-                             "fraction of the source class to the target")
+                             "fraction of the source class to the target (default: the library's, %(default)s)")
+    parser.add_argument("--re-subtract-scale", type=float, default=None,
+                        help="RE's subtract_scale: eq. 12 subtracts this fixed multiple of the estimate instead "
+                             "(1: eq. 12 as the paper states it)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of each row's job (its declared CPUs)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
     add_sweep_arguments(parser)

@@ -20,9 +20,10 @@ import torch
 
 from guard.attacks import create_attack
 from guard.cleanse import (ActivationClusteringConfig, CleanseResult, Cleanser, ClusterImpurityConfig,
-                           SpectralSignaturesConfig, box_blur, cleanser_from_dict, create_cleanser, describe_cleansers,
-                           extract_features, get_cleanser, list_cleansers, order_statistic_test, register_cleanser,
-                           removal_scale, subtraction_removal, suspect_from_record)
+                           ReverseEngineeringConfig, SpectralSignaturesConfig, box_blur, cleanser_from_dict,
+                           create_cleanser, describe_cleansers, extract_features, get_cleanser, list_cleansers,
+                           order_statistic_test, register_cleanser, removal_scale, subtraction_removal,
+                           suspect_from_record)
 from guard.cleanse.clustering import bic_mixture, class_mixtures
 from guard.data import ImageTensorDataset
 from guard.metrics import cleansing_rates
@@ -133,8 +134,7 @@ BAD_OPTIONS = [
     ("re", {"refine_batch_size_per_class": 0}, "refine_batch_size_per_class"),
     ("re", {"chunk_size": 0}, "chunk_size"), ("re", {"subtract_scale": 0.0}, "subtract_scale"),
     ("re", {"subtract_scale": "1.5"}, "subtract_scale"), ("re", {"removal_pi": 0.0}, "removal_pi"),
-    ("re", {"removal_pi": 1.01}, "removal_pi"),
-    ("re", {"removal_pi": 0.99, "subtract_scale": 1.5}, "leave subtract_scale"),
+    ("re", {"removal_pi": 1.01}, "removal_pi"), ("re", {"removal_pi": None}, "removal_pi"),
 ]
 
 
@@ -419,28 +419,33 @@ def test_re_removes_the_poisons_by_eq_12():
     check("RE FPR (eq. 12)", fpr, high=0.05)
     assert (result.dataset.labels[poisoned.removed] == TARGET).all()
     model = xiang_suspects(SEED)[2]
-    assert torch.equal(poisoned.removed, subtraction_removal(model, result.dataset, TARGET, poisoned.pattern))
+    # the default margin: the smallest multiple of v̂ that moves 99.5 % of the source class
+    scale, rate = poisoned.details["subtract_scale"], poisoned.details["removal_source_rate"]
+    assert (scale, rate) == removal_scale(model, result.dataset, poisoned.details["source_class"], TARGET,
+                                          poisoned.pattern, ReverseEngineeringConfig().removal_pi)
+    assert torch.equal(poisoned.removed, subtraction_removal(model, result.dataset, TARGET, poisoned.pattern,
+                                                             scale=scale))
 
 
 @pytest.mark.outcome
-@pytest.mark.parametrize("margin", [{"subtract_scale": 1.5}, {"removal_pi": 0.999}], ids=lambda m: next(iter(m)))
+@pytest.mark.parametrize("margin", [{"subtract_scale": 1.0}, {"subtract_scale": 1.5}, {"removal_pi": 0.999}],
+                         ids=lambda m: "-".join(f"{k}={v}" for k, v in m.items()))
 def test_re_subtracts_the_configured_multiple_of_its_pattern(margin):
     poisoned, _ = re_results()
     result, _, model, *_ = xiang_suspects(SEED)
     scaled = create_cleanser("re", **RE_OPTIONS, **margin).cleanse(
         model, result.dataset, generator=torch.Generator().manual_seed(SEED))
-    # the margin changes the removal only; the estimation repeats up to float rounding (the last bit can differ
-    # from one run to the next on a CPU)
-    torch.testing.assert_close(scaled.pattern, poisoned.pattern, rtol=1e-4, atol=1e-6)
+    # the margin changes the removal only; the estimation repeats up to float rounding, which a CPU's threads can
+    # order differently from one run to the next and the gradient steps carry along (7e-6 on one pixel, seed 4)
+    assert (scaled.pattern - poisoned.pattern).norm() <= 1e-3 * poisoned.pattern.norm()
     scale, rate = scaled.details["subtract_scale"], scaled.details["removal_source_rate"]
     if "removal_pi" in margin:  # the smallest multiple that moves 99.9 % of the source class
         assert (scale, rate) == removal_scale(model, result.dataset, scaled.details["source_class"], TARGET,
                                               scaled.pattern, margin["removal_pi"])
-    else:
-        assert (scale, rate) == (1.5, None)
+    else:  # a fixed multiple; 1.0 is eq. 12 as the paper states it
+        assert (scale, rate) == (margin["subtract_scale"], None)
     assert torch.equal(scaled.removed, subtraction_removal(model, result.dataset, TARGET, scale * scaled.pattern))
     assert torch.equal(scaled.removed, subtraction_removal(model, result.dataset, TARGET, scaled.pattern, scale=scale))
-    assert (poisoned.details["subtract_scale"], poisoned.details["removal_source_rate"]) == (1.0, None)
 
 
 class _Brightness(torch.nn.Module):
@@ -564,8 +569,6 @@ def test_order_statistic_test_follows_eqs_10_and_11():
 
 
 def test_re_default_and_paper_settings_map_onto_the_engine():
-    from guard.cleanse import ReverseEngineeringConfig
-
     default = ReverseEngineeringConfig().inversion()
     assert (default.optimizer, default.lr, default.batch_size, default.schedule.measure) == \
         ("normalized", 0.2, 32, "batches")

@@ -177,7 +177,9 @@ def test_re_command_writes_the_pattern_beside_the_true_one(xiang_run, capsys):
     report = json.loads(out.read_text())
     assert report["attack"]["target_detected"] and report["attack"]["tpr"] >= 0.9, report["attack"]  # 0.96
     assert report["details"]["source_class"] == 1 and len(report["pattern"]) == 3
-    assert report["config"]["subtract_scale"] == 1.0  # eq. 12 as stated unless --subtract-scale says otherwise
+    # eq. 12's multiple of the estimate is set by removal_pi unless --subtract-scale fixes it
+    assert (report["config"]["removal_pi"], report["config"]["subtract_scale"]) == (0.995, None)
+    assert report["details"]["subtract_scale"] >= 1 and report["details"]["removal_source_rate"] >= 0.995
     png = Image.open(report["pattern_png"])
     assert png.size == (4 * (16 + 2 + 16), 4 * 16)  # estimated | gap | true, 4× enlarged
     assert main(["cleanse", "--method", "ac", "--pair-batch-size", "8", "--model", "tiny_resnet", "--weights",
@@ -187,8 +189,9 @@ def test_re_command_writes_the_pattern_beside_the_true_one(xiang_run, capsys):
     assert main(["cleanse", "--method", "re", "--subtract-scale", "0", "--model", "tiny_resnet", "--weights",
                  str(run["weights"]), "--dataset", "imagefolder", "--data-dir", str(run["data"]), "--out",
                  str(out)]) == 2
-    assert "subtract_scale must be a number > 0" in capsys.readouterr().err
-    assert main(["cleanse", "--method", "re", "--removal-pi", "0.99", "--subtract-scale", "1.5", "--model",
-                 "tiny_resnet", "--weights", str(run["weights"]), "--dataset", "imagefolder", "--data-dir",
-                 str(run["data"]), "--out", str(out)]) == 2
-    assert "removal_pi chooses eq. 12's multiple of v̂ itself; leave subtract_scale at 1" in capsys.readouterr().err
+    assert "subtract_scale must be None (the multiple of v̂ set by removal_pi) or a number > 0" in \
+        capsys.readouterr().err
+    assert main(["cleanse", "--method", "re", "--removal-pi", "1.5", "--model", "tiny_resnet", "--weights",
+                 str(run["weights"]), "--dataset", "imagefolder", "--data-dir", str(run["data"]), "--out",
+                 str(out)]) == 2
+    assert "removal_pi must be a number in (0, 1], got 1.5" in capsys.readouterr().err

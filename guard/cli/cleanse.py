@@ -78,12 +78,12 @@ def add_parser(subparsers) -> None:
     g.add_argument("--chunk-size", type=int,
                    help="re: most images in one forward/backward pass, shared by many class pairs "
                         "(default: 128 on a CPU, 4096 on a GPU)")
-    g.add_argument("--subtract-scale", type=float,
-                   help="re: eq. 12 subtracts this multiple of the estimated pattern (default 1, eq. 12 as stated; "
-                        "> 1 removes more poisons and more clean images)")
     g.add_argument("--removal-pi", type=float,
                    help="re: eq. 12 subtracts the smallest multiple of the estimate that sends this fraction of all "
-                        "the source class's images to the target (e.g. 0.999; default: --subtract-scale)")
+                        "the source class's images to the target (default 0.995)")
+    g.add_argument("--subtract-scale", type=float,
+                   help="re: eq. 12 subtracts this fixed multiple of the estimate instead (1: eq. 12 as the paper "
+                        "states it; larger removes more poisons and more clean images)")
     f = p.add_argument_group("the defender's model (RE Step 0)")
     f.add_argument("--fit-epochs", type=int, default=None,
                    help="first train --model on the suspect set for N epochs without augmentation (from --weights "
