@@ -35,7 +35,7 @@ Methods:   library defaults; SS and AC are given the true target for TPR/FPR (Xi
 Retrain:   the victims' recipe (pretrained ResNet-20, SGD lr 0.01, the row victim's epochs, augmentation) on the
            cleansed set — the same training that implants the backdoor on the full set; CDA and ASR on test-lossless
            (ASR: source classes for Xiang's patterns, M2'; non-target images otherwise). A method that removes
-           nothing keeps the undefended numbers.
+           nothing keeps the undefended numbers. ``--retrain-seeds N``: N trainings with seeds 0..N-1, medians.
 Output:    benchmarks/results/cleanse_cifar10.json and .png (rows, timings, hardware, versions; RE's estimated
            patterns beside the true ones with their per-pixel MSE, as Xiang reports it).
 Rows:      one guard.sweep job per row: Ray tasks of --threads CPUs each (one GPU each when CUDA is available)
@@ -55,6 +55,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -213,16 +214,24 @@ def subtraction_rates(model, suspect, poison_indices: torch.Tensor, target: int,
     return cleansing_rates(removed, poison_indices, suspect.labels, target)
 
 
-def retrain(kept, root: Path, epochs: int, attack, test_set, device, victims: str = "finetune") -> dict:
-    """The victims' recipe on the cleansed set (see the header)."""
+def retrain(kept, root: Path, epochs: int, attack, test_set, device, victims: str = "finetune",
+            seeds: int = 1) -> dict:
+    """The victims' recipe on the cleansed set (see the header), once per training seed SEED, SEED+1, …; with
+    several seeds CDA and ASR are their medians and ``runs`` holds each."""
     config = train_config(victims, epochs=epochs)
-    model = create("resnet20", weights=root / WEIGHTS if config.mode == "finetune" else None,
-                   generator=torch.Generator().manual_seed(SEED)).to(device)
-    started = time.perf_counter()
-    train(model, kept, config, generator=torch.Generator().manual_seed(SEED), progress=True)
-    sync(device)
-    out = asr_of(model, attack, test_set) if attack is not None else {"cda": evaluate(model, test_set)}
-    return {**out, "train_images": len(kept), "seconds": round(time.perf_counter() - started, 1)}
+    runs = []
+    for seed in range(SEED, SEED + seeds):
+        model = create("resnet20", weights=root / WEIGHTS if config.mode == "finetune" else None,
+                       generator=torch.Generator().manual_seed(seed)).to(device)
+        started = time.perf_counter()
+        train(model, kept, config, generator=torch.Generator().manual_seed(seed), progress=True)
+        sync(device)
+        out = asr_of(model, attack, test_set) if attack is not None else {"cda": evaluate(model, test_set)}
+        runs.append({**out, "seed": seed, "seconds": round(time.perf_counter() - started, 1)})
+    if seeds == 1:
+        return {**{k: v for k, v in runs[0].items() if k != "seed"}, "train_images": len(kept)}
+    medians = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k not in ("seed", "seconds")}
+    return {**medians, "train_images": len(kept), "seconds": round(sum(r["seconds"] for r in runs), 1), "runs": runs}
 
 
 def run_row(row: dict, spec, args, train_set, test_set, root: Path, work: Path, save) -> None:
@@ -302,7 +311,8 @@ def run_row(row: dict, spec, args, train_set, test_set, root: Path, work: Path, 
         print(f"[{name}] {method}: {entry}", flush=True)
         if args.retrain and method in args.retrain_methods:
             entry["retrained"] = (retrain(removal.cleansed(suspect), root, args.retrain_epochs, attack, test_set,
-                                          args.device, args.victims) if removal.removed.numel() else
+                                          args.device, args.victims, args.retrain_seeds)
+                                  if removal.removed.numel() else
                                   {**undefended, "note": "nothing removed: the undefended model"})
             print(f"[{name}] {method} retrained: {entry['retrained']}", flush=True)
         save()
@@ -417,6 +427,8 @@ def main() -> None:
     parser.add_argument("--retrain-epochs", type=int, default=None,
                         help="epochs of the retraining (default: those of the row's victim)")
     parser.add_argument("--retrain-methods", default=",".join(METHODS), help="methods whose cleansed set is retrained")
+    parser.add_argument("--retrain-seeds", type=int, default=1,
+                        help="retrain each cleansed set with this many training seeds and report the medians")
     parser.add_argument("--victims", choices=sorted(RECIPES), default="finetune",
                         help="the victims' recipe (benchmarks/victims.py): fine-tuned from the pretrained ResNet-20 "
                              "(default) or trained from scratch; Step 0 recipe and the retraining follow it")
@@ -447,6 +459,8 @@ def main() -> None:
     unknown = [r for r in rows if r not in ROWS] + [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown rows/methods {unknown}")
+    if args.retrain_seeds < 1:
+        parser.error(f"--retrain-seeds must be >= 1, got {args.retrain_seeds}")
     name = args.out or ("cleanse_cifar10_quick" if args.quick else "cleanse_cifar10")
     out_json = RESULTS / f"{name}.json"
     if args.merge:
@@ -463,7 +477,8 @@ def main() -> None:
                "step0": {"model": args.step0, "epochs": args.step0_epochs}, "victims": args.victims,
                "re_subtract_scale": args.re_subtract_scale, "re_removal_pi": args.re_removal_pi,
                "recipe": RECIPES[args.victims],
-               "retrain_epochs": retrain_epochs, "paper_compact": PAPER, "hardware": hardware_of(device), "rows": []}
+               "retrain_epochs": retrain_epochs, "retrain_seeds": args.retrain_seeds, "paper_compact": PAPER,
+               "hardware": hardware_of(device), "rows": []}
     if out_json.is_file() and not args.quick:  # resume: keep the rows already measured
         results["rows"] = [r for r in json.loads(out_json.read_text())["rows"] if r["row"] in ROWS]
     results["rows"] = [r for r in results["rows"] if r.get("complete")]
@@ -473,7 +488,8 @@ def main() -> None:
             if ROWS[row] is not None and row not in done:
                 row_victim(row, args.victims)
     settings = {"methods": methods, "retrain": args.retrain, "retrain_methods": retrain_methods,
-                "retrain_epochs": retrain_epochs, "step0": args.step0, "step0_epochs": args.step0_epochs,
+                "retrain_epochs": retrain_epochs, "retrain_seeds": args.retrain_seeds, "step0": args.step0,
+                "step0_epochs": args.step0_epochs,
                 "quick": args.quick, "device": args.device, "victims": args.victims,
                 "re_subtract_scale": args.re_subtract_scale, "re_removal_pi": args.re_removal_pi}
     grid = Grid(name=name, function=f"{Path(__file__).resolve()}:row_job", params={"settings": settings},
