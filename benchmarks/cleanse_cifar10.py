@@ -34,8 +34,9 @@ Methods:   library defaults; SS and AC are given the true target for TPR/FPR (Xi
            (``scaled_estimate``) and removal_pi 0.99, 0.995, 0.999 (``removal_pi_estimate``).
 Retrain:   the victims' recipe (pretrained ResNet-20, SGD lr 0.01, the row victim's epochs, augmentation) on the
            cleansed set — the same training that implants the backdoor on the full set; CDA and ASR on test-lossless
-           (ASR: source classes for Xiang's patterns, M2'; non-target images otherwise). A method that removes
-           nothing keeps the undefended numbers. ``--retrain-seeds N``: N trainings with seeds 0..N-1, medians.
+           (ASR: source classes for Xiang's patterns, M2'; non-target images otherwise; recorded with its number
+           of images and exact 95 % interval). A method that removes nothing keeps the undefended numbers.
+           ``--retrain-seeds N``: N trainings with seeds 0..N-1, medians (each run keeps its interval).
 Output:    benchmarks/results/cleanse_cifar10.json and .png (rows, timings, hardware, versions; RE's estimated
            patterns beside the true ones with their per-pixel MSE, as Xiang reports it).
 Rows:      one guard.sweep job per row: Ray tasks of --threads CPUs each (one GPU each when CUDA is available)
@@ -67,7 +68,7 @@ from guard.attacks import attack_from_record, create_attack
 from guard.cleanse import (ReverseEngineeringConfig, create_cleanser, removal_scale, subtraction_removal,
                            suspect_from_record)
 from guard.data import load_dataset
-from guard.metrics import cleansing_rates, evaluate_backdoor
+from guard.metrics import Rate, cleansing_rates, evaluate_backdoor
 from guard.models import create, save_weights
 from guard.sweep import Grid
 from guard.train import TrainConfig, evaluate, predict, train
@@ -160,9 +161,17 @@ def quick_victim(attack_name: str, options: dict, train_set, root: Path, work: P
 
 
 def asr_of(model, attack, test_set) -> dict:
+    """CDA and ASR (M2' on the source classes for Xiang's patterns, else on the non-target images), with the
+    number of triggered images behind the ASR and its exact 95 % interval: one source class of test-lossless has
+    only 86–112 images, so one image moves the ASR by about 1 point."""
     scores = evaluate_backdoor(model, attack, test_set)
-    asr = scores.get("asr_source", scores["asr_nontarget"])
-    return {"cda": scores["cda"], "asr": asr}
+    sources = getattr(attack.config, "sources", None)
+    labels = test_set.labels
+    if sources:
+        asr, n = scores["asr_source"], int(torch.isin(labels, torch.as_tensor(list(sources))).sum())
+    else:
+        asr, n = scores["asr_nontarget"], int((labels != attack.config.target).sum())
+    return {"cda": scores["cda"], "asr": asr, "asr_images": n, "asr_ci95": list(Rate(asr, n).interval())}
 
 
 def step0(suspect, record, args, root: Path):
@@ -230,7 +239,10 @@ def retrain(kept, root: Path, epochs: int, attack, test_set, device, victims: st
         runs.append({**out, "seed": seed, "seconds": round(time.perf_counter() - started, 1)})
     if seeds == 1:
         return {**{k: v for k, v in runs[0].items() if k != "seed"}, "train_images": len(kept)}
-    medians = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k not in ("seed", "seconds")}
+    medians = {k: statistics.median(r[k] for r in runs) for k in runs[0]  # each run keeps its interval
+               if k not in ("seed", "seconds", "asr_images", "asr_ci95")}
+    if "asr_images" in runs[0]:
+        medians["asr_images"] = runs[0]["asr_images"]  # one test set for every run
     return {**medians, "train_images": len(kept), "seconds": round(sum(r["seconds"] for r in runs), 1), "runs": runs}
 
 
@@ -522,9 +534,12 @@ def summarize(results: dict, out_json: Path) -> None:
         for method, e in row.get("methods", {}).items():
             paper = PAPER.get(row["row"], {}).get(method)
             rates = f"{100 * e['tpr']:.1f}/{100 * e['fpr']:.1f}" if "tpr" in e else "–"
-            asr = e.get("retrained", {}).get("asr")
-            print(f"{row['row']:<8} {method:<3} {e['outcome']:<4} TPR/FPR {rates:<12} retrained ASR "
-                  f"{'–' if asr is None else f'{100 * asr:.1f}'}  {e['seconds']:.0f}s   paper: {paper}")
+            retrained = e.get("retrained", {})
+            asr = "–" if "asr" not in retrained else f"{100 * retrained['asr']:.1f}"
+            if "asr_images" in retrained:
+                asr += f" of {retrained['asr_images']}"
+            print(f"{row['row']:<8} {method:<3} {e['outcome']:<4} TPR/FPR {rates:<12} retrained ASR {asr}  "
+                  f"{e['seconds']:.0f}s   paper: {paper}")
     print(f"wrote {out_json} and .png")
 
 

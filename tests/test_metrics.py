@@ -104,3 +104,15 @@ def test_data_efficiency_respects_the_cda_budget():
 
 def test_rate_stderr():
     assert Rate(0.5, 4).stderr == pytest.approx(0.25)
+
+
+def test_rate_interval_is_clopper_pearson():
+    # k = 0 and k = n have closed forms: the bound is (α/2)^(1/n) away from the observed end
+    assert Rate(0.0, 89).interval() == (0.0, pytest.approx(1 - 0.025 ** (1 / 89)))
+    assert Rate(1.0, 20).interval(0.9) == (pytest.approx(0.05 ** (1 / 20)), 1.0)
+    low, high = Rate(5 / 89, 89).interval()
+    assert low < 5 / 89 < high and (round(low, 3), round(high, 3)) == (0.018, 0.126)
+    assert Rate(5 / 89, 89).interval(0.5)[1] < high, "a lower level gives a narrower interval"
+    assert all(math.isnan(v) for v in Rate(math.nan, 0).interval())
+    with pytest.raises(ValueError, match=r"level must be in \(0, 1\), got 1.5"):
+        Rate(0.5, 4).interval(1.5)
