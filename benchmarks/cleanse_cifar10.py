@@ -37,8 +37,9 @@ Retrain:   the victims' recipe (pretrained ResNet-20, SGD lr 0.01, the row victi
            (ASR: source classes for Xiang's patterns, M2'; non-target images otherwise; recorded with its number
            of images and exact 95 % interval). A method that removes nothing keeps the undefended numbers.
            ``--retrain-seeds N``: N trainings with seeds 0..N-1, medians (each run keeps its interval).
-Output:    benchmarks/results/cleanse_cifar10.json and .png (rows, timings, hardware, versions; RE's estimated
-           patterns beside the true ones with their per-pixel MSE, as Xiang reports it).
+Output:    benchmarks/results/cleanse_cifar10.json and .png (rows, timings, hardware, versions; each method's
+           per-class statistic; RE's estimated patterns beside the true ones with their per-pixel MSE, as Xiang
+           reports it).
 Rows:      one guard.sweep job per row: Ray tasks of --threads CPUs each (one GPU each when CUDA is available)
            on a local Ray or --address (a cluster runs the rows side by side); --serial runs them here in turn.
 Run:       GUARD_DATA_DIR=../shared/data python benchmarks/cleanse_cifar10.py [--rows A1,C3] [--methods re,ac]
@@ -288,7 +289,8 @@ def run_row(row: dict, spec, args, train_set, test_set, root: Path, work: Path, 
         sync(args.device)
         seconds = time.perf_counter() - started
         entry = {"outcome": outcome(result, target), "detected": result.detected, "target_class": result.target_class,
-                 "statistic": result.statistic, "removed": int(result.removed.numel()), "seconds": round(seconds, 1)}
+                 "statistic": result.statistic, "removed": int(result.removed.numel()), "seconds": round(seconds, 1),
+                 "class_scores": {str(c): round(float(v), 4) for c, v in sorted(result.class_scores.items())}}
         removal = result
         if method == "ac" and target is not None and result.target_class != target:
             removal = create_cleanser("ac", target=target).cleanse(defender, suspect,
