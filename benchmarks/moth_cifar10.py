@@ -270,9 +270,9 @@ def plot(results: dict, path: Path) -> None:
     ax.scatter([x[i].item() - 0.1 for i in controlled],
                [rows[names[i]]["fine_tune_control"]["asr_after"] for i in controlled], marker="_", s=300,
                color="r", zorder=3, label="ASR after fine-tuning alone")
-    ax.set_xticks(x.tolist(), names)
+    ax.set_xticks(x.tolist(), names, rotation=20, ha="right", fontsize=8)
     ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3)
     ax.set_title("MOTH on strong victims (non-target ASR)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
