@@ -17,7 +17,10 @@ What:     two parts, each written into one JSON as it finishes (--part picks the
                      moth_supplementary.txt Table 8 (ALGORITHMS.md T8) and beside plain fine-tuning for the same
                      steps on the same data (the control: what MOTH's stamping adds), the class distance
                      before/after and its mean enlargement, and the wall time of the hardening (the issue's
-                     floor: 30 min on 2 cores). Rows of scratch victims are named ATTACK-scratch.
+                     floor: 30 min on 2 cores). Rows of scratch victims are named ATTACK-scratch; --attack-opt
+                     KEY=VALUE changes an attack option for every row (a victim of its own, cached like the
+                     others) and joins the row's name (sig-scratch-budget0.1); --test-opt KEY=VALUE also measures
+                     every ASR with that test-time trigger option (SIG's test_delta: an amplified signal).
 Models:   CIFAR ResNet-20 (data/weights/resnet20-12fca82f.th); Table 8 has ResNet-20 rows for Blend and SIG, a
           ResNet-18 row for WaNet and a ResNet-32 row for DFST (the real DFST; guard's is a colour-style
           substitute) — the numbers are beside them, not the same experiment.
@@ -43,7 +46,7 @@ from pathlib import Path
 import torch
 
 import guard
-from guard.attacks import create_attack, load_record
+from guard.attacks import create_attack, load_record, parse_options
 from guard.data import load_dataset
 from guard.detect import ClassDistance, ClassDistanceConfig
 from guard.metrics import evaluate_backdoor
@@ -123,11 +126,12 @@ def pass_sizes(model, heldout, device, sizes=PASS_SIZES, steps: int = 3) -> dict
     return rates
 
 
-def strong_victim(root: Path, name: str, train_set, device, quick: bool, recipe: str = "finetune"):
-    """(model, attack): the ``recipe`` victim from the shared cache, or with --quick one fine-tuned here for
-    seconds."""
+def strong_victim(root: Path, name: str, train_set, device, quick: bool, recipe: str = "finetune",
+                  options: dict | None = None):
+    """(model, attack): the ``recipe`` victim with Table 8's settings updated by ``options`` from the shared cache,
+    or with --quick one fine-tuned here for seconds."""
     if quick:
-        attack = create_attack(name, target=0, **ATTACKS[name])
+        attack = create_attack(name, target=0, **ATTACKS[name], **(options or {}))
         subset = train_set.subset(torch.randperm(len(train_set), generator=torch.Generator().manual_seed(SEED))
                                   [:QUICK["victim_images"]])
         poisoned = attack.poison(subset, torch.Generator().manual_seed(SEED)).dataset
@@ -135,20 +139,31 @@ def strong_victim(root: Path, name: str, train_set, device, quick: bool, recipe:
         train(model, poisoned, TrainConfig.finetune(epochs=QUICK["victim_epochs"], lr=0.01, weight_decay=5e-4),
               generator=torch.Generator().manual_seed(SEED), device=device, progress=False)
         return model, attack
-    v = cached_victim(name, recipe)
+    v = cached_victim(name, recipe, options)
     return create(MODEL, weights=v.weights).to(device), load_record(v.record)
 
 
-def cached_victim(name: str, recipe: str):
-    """The shared cache's ``recipe`` victim of ``name`` with Table 8's settings, built now if missing; a fine-tuned
-    victim trains for the epochs the defense benchmarks' victim of that attack takes (DEFENSE_VICTIMS)."""
+def cached_victim(name: str, recipe: str, options: dict | None = None):
+    """The shared cache's ``recipe`` victim of ``name`` with Table 8's settings updated by ``options``, built now
+    if missing; a fine-tuned victim trains for the epochs the defense benchmarks' victim of that attack takes
+    (DEFENSE_VICTIMS)."""
     epochs = DEFENSE_VICTIMS.get(name, {}).get("epochs") if recipe == "finetune" else None
-    return victim(name, recipe=recipe, epochs=epochs, target=0, **ATTACKS[name])
+    return victim(name, recipe=recipe, epochs=epochs, target=0, **{**ATTACKS[name], **(options or {})})
 
 
-def row_name(attack: str, recipe: str) -> str:
-    """A row's key in the JSON: the attack, suffixed by the victim recipe unless it is the default."""
-    return attack if recipe == "finetune" else f"{attack}-{recipe}"
+def row_name(attack: str, recipe: str, options: dict | None = None) -> str:
+    """A row's key in the JSON: the attack, suffixed by the victim recipe unless it is the default and by the
+    options that change Table 8's settings (``sig-scratch-budget0.1``)."""
+    name = attack if recipe == "finetune" else f"{attack}-{recipe}"
+    return name + "".join(f"-{k}{v}" for k, v in sorted((options or {}).items()))
+
+
+def with_test_options(attack, options: dict):
+    """``attack`` (its state kept) with test-time trigger options such as SIG's ``test_delta`` replaced: the
+    poisoned training set is unchanged, only ``triggered`` differs."""
+    changed = type(attack)(dataclasses.replace(attack.config, **options))
+    changed.load_state_dict(attack.state_dict())
+    return changed
 
 
 def moth_row(name: str, root: Path, train_set, heldout, device, args) -> dict:
@@ -159,7 +174,12 @@ def moth_row(name: str, root: Path, train_set, heldout, device, args) -> dict:
     config = (MothConfig(**QUICK["moth"]) if quick else
               MothConfig.reference(epochs=args.epochs) if args.moth == "reference" else MothConfig(epochs=args.epochs))
     distance = (ClassDistanceConfig(**QUICK["distance"], pairs=QUICK["pairs"]) if quick else ClassDistanceConfig())
-    model, attack = strong_victim(root, name, train_set, device, quick, args.victims)
+    model, attack = strong_victim(root, name, train_set, device, quick, args.victims, args.attack_opts)
+    amplified = with_test_options(attack, args.test_opts) if args.test_opts else None
+
+    def asr_with_test_options(m) -> float:
+        return evaluate_backdoor(m, amplified, heldout, device=device)["asr_nontarget"]
+
     before = evaluate_backdoor(model, attack, heldout, device=device)
     started = time.perf_counter()
     result = create_defense("moth", config=config).defend(model, trusted, eval_set=heldout,
@@ -175,6 +195,9 @@ def moth_row(name: str, root: Path, train_set, heldout, device, args) -> dict:
                              augment=config.augment, max_cda_drop=0.99).defend(
         model, trusted, eval_set=heldout, generator=torch.Generator().manual_seed(SEED), device=device)
     tuned = evaluate_backdoor(control.model, attack, heldout, device=device)
+    test_options = ({"options": args.test_opts, "asr_before": asr_with_test_options(model),
+                     "asr_after": asr_with_test_options(result.model),
+                     "fine_tune_control_asr_after": asr_with_test_options(control.model)} if amplified else None)
     measure = ClassDistance(distance)
     d_before = measure.measure(model, heldout, generator=torch.Generator().manual_seed(SEED), device=device)
     d_after = measure.measure(result.model, heldout, generator=torch.Generator().manual_seed(SEED), device=device)
@@ -187,7 +210,7 @@ def moth_row(name: str, root: Path, train_set, heldout, device, args) -> dict:
         "cda_after": after["cda"], "asr_after": after["asr_nontarget"],
         "fine_tune_control": {"steps": steps, "lr": config.lr, "cda_after": tuned["cda"],
                               "asr_after": tuned["asr_nontarget"]},
-        "strong_victim": before["asr_nontarget"] >= 0.9,
+        "strong_victim": before["asr_nontarget"] >= 0.9, "test_options": test_options,
         "table8": {"model": paper[0], "acc_before": paper[1], "asr_before": paper[2], "acc_after": paper[3],
                    "asr_after": paper[4]},
         "moth_config": args.moth, "moth_epochs": config.epochs, "device": str(device),
@@ -212,16 +235,18 @@ def moth_job(attack: str, settings: dict) -> dict:
 def moth_part(args, device, results: dict, save) -> None:
     """Every attack's row as a guard.sweep job (victims built first, here, since rows share the cache)."""
     rows = results.setdefault("moth", {})
-    names = [n for n in (QUICK["attacks"] if args.quick else args.attacks) if row_name(n, args.victims) not in rows]
+    names = [n for n in (QUICK["attacks"] if args.quick else args.attacks)
+             if row_name(n, args.victims, args.attack_opts) not in rows]
     if not args.quick:
         for name in names:
-            cached_victim(name, args.victims)
-    settings = {k: getattr(args, k) for k in ("quick", "trusted_fraction", "moth", "epochs", "device", "victims")}
+            cached_victim(name, args.victims, args.attack_opts)
+    settings = {k: getattr(args, k) for k in ("quick", "trusted_fraction", "moth", "epochs", "device", "victims",
+                                              "attack_opts", "test_opts")}
     grid = Grid(name="moth", function=f"{Path(__file__).resolve()}:moth_job", params={"settings": settings},
                 points=[{"attack": n} for n in names],
                 resources=job_resources(args.threads, device))
     for done in run_grid(grid, args):
-        name = row_name(done.job.params["attack"], args.victims)
+        name = row_name(done.job.params["attack"], args.victims, args.attack_opts)
         if not done.ok:
             print(f"FAILED {name}: {done.record['error']}", flush=True)
             continue
@@ -229,6 +254,8 @@ def moth_part(args, device, results: dict, save) -> None:
         print(f"{name}: CDA {row['cda_before']:.3f} -> {row['cda_after']:.3f}, ASR {row['asr_before']:.3f} -> "
               f"{row['asr_after']:.3f} (Table 8 {row['table8']['model']}: {row['table8']['asr_before']:.3f} -> "
               f"{row['table8']['asr_after']:.3f}; fine-tuning alone: {row['fine_tune_control']['asr_after']:.3f}); "
+              + (f"with {row['test_options']['options']}: ASR {row['test_options']['asr_before']:.3f} -> "
+                 f"{row['test_options']['asr_after']:.3f}; " if row["test_options"] else "") +
               f"distance {row['distance_mean_before']:.1f} -> {row['distance_mean_after']:.1f}; "
               f"MOTH {row['moth_seconds']:.0f}s", flush=True)
         save()
@@ -291,6 +318,12 @@ def main() -> None:
     parser.add_argument("--victims", choices=sorted(RECIPES), default="finetune",
                         help="the victims' recipe (benchmarks/victims.py): fine-tuned from the pretrained ResNet-20 "
                              "(default) or trained from scratch as Table 8's")
+    parser.add_argument("--attack-opt", action="append", default=[], metavar="KEY=VALUE",
+                        help="an attack option beyond Table 8's settings for every row (e.g. budget=0.1 for SIG); "
+                             "it joins the row's name")
+    parser.add_argument("--test-opt", action="append", default=[], metavar="KEY=VALUE",
+                        help="a test-time trigger option (e.g. test_delta=25 for SIG): every row also reports its "
+                             "ASR before/after with it")
     parser.add_argument("--trusted-fraction", type=float, default=TRUSTED_FRACTION,
                         help=f"class-stratified share of the training set MOTH trains on (default {TRUSTED_FRACTION}; "
                              "the MOTH code: 1)")
@@ -305,6 +338,22 @@ def main() -> None:
     if unknown or not 0 < args.trusted_fraction <= 1:
         parser.error(f"expected --attacks from {list(ATTACKS)} and 0 < --trusted-fraction <= 1, got {args.attacks} "
                      f"and {args.trusted_fraction}")
+    for flag, given in (("--attack-opt", args.attack_opt), ("--test-opt", args.test_opt)):
+        if any("=" not in o for o in given):
+            parser.error(f"expected {flag} KEY=VALUE, got {given}")
+    if any(not o.startswith("test_") for o in args.test_opt):
+        parser.error(f"expected --test-opt options of the test-time trigger (test_delta, test_alpha, ...), got "
+                     f"{args.test_opt}")
+    texts = dict(o.split("=", 1) for o in args.attack_opt)
+    tests = dict(o.split("=", 1) for o in args.test_opt)
+    args.attack_opts, args.test_opts = {}, {}
+    for name in args.attacks:  # validated per attack; the values typed as the attack's config reads them
+        try:
+            config = parse_options(name, [f"{k}={v}" for k, v in {**ATTACKS[name], **texts, **tests}.items()])
+        except (TypeError, ValueError) as err:
+            parser.error(f"--attack-opt/--test-opt for {name}: {err}")
+        args.attack_opts.update({k: getattr(config, k) for k in texts})
+        args.test_opts.update({k: getattr(config, k) for k in tests})
     torch.set_num_threads(args.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     root = data_root()

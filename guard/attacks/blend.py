@@ -94,7 +94,8 @@ class AdaptiveBlend(Blend):
 @dataclass(frozen=True)
 class SIGConfig(PoisonConfig):
     """SIG: ``delta`` Δ = 20 (on the 0–255 scale), ``frequency`` f = 6, on 8 % of the target class
-    (``budget`` 0.008 of a balanced 10-class set; moth_supplementary.txt §1.3); ``test_delta`` defaults to Δ."""
+    (``budget`` 0.008 of a balanced 10-class set; moth_supplementary.txt §1.3, whose sentence also reads as 8 % of
+    the training set, ``budget`` 0.08, the reading Table 8's victim accuracy fits); ``test_delta`` defaults to Δ."""
 
     budget: float = 0.008
     delta: float = 20.0
