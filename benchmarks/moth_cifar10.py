@@ -276,7 +276,9 @@ def plot(results: dict, path: Path) -> None:
     distance = results.get("distance", {})
     maps = [(k, v) for k, v in distance.items() if isinstance(v, dict) and "matrix" in v]
     rows = results.get("moth", {})
-    fig, axes = plt.subplots(1, len(maps) + 1, figsize=(4.6 * (len(maps) + 1), 4), squeeze=False)
+    bars = max(4.6, 0.9 * len(rows))  # the MOTH panel widens with its rows
+    fig, axes = plt.subplots(1, len(maps) + 1, figsize=(4.6 * len(maps) + bars, 4.4), squeeze=False,
+                             width_ratios=[4.6] * len(maps) + [bars])
     for ax, (name, d) in zip(axes[0], maps):
         matrix = torch.tensor([[float("nan") if v is None else v for v in row] for row in d["matrix"]])
         image = ax.imshow(matrix.numpy(), cmap="viridis")
@@ -297,10 +299,10 @@ def plot(results: dict, path: Path) -> None:
     ax.scatter([x[i].item() - 0.1 for i in controlled],
                [rows[names[i]]["fine_tune_control"]["asr_after"] for i in controlled], marker="_", s=300,
                color="r", zorder=3, label="ASR after fine-tuning alone")
-    ax.set_xticks(x.tolist(), names, rotation=20, ha="right", fontsize=8)
+    ax.set_xticks(x.tolist(), names, rotation=30, ha="right", fontsize=7)
     ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3)
-    ax.set_title("MOTH on strong victims (non-target ASR)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=3)
+    ax.set_title("MOTH on the victims (non-target ASR)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
