@@ -131,7 +131,7 @@ def strong_victim(root: Path, name: str, train_set, device, quick: bool, recipe:
     """(model, attack): the ``recipe`` victim with Table 8's settings updated by ``options`` from the shared cache,
     or with --quick one fine-tuned here for seconds."""
     if quick:
-        attack = create_attack(name, target=0, **ATTACKS[name], **(options or {}))
+        attack = create_attack(name, target=0, **{**ATTACKS[name], **(options or {})})
         subset = train_set.subset(torch.randperm(len(train_set), generator=torch.Generator().manual_seed(SEED))
                                   [:QUICK["victim_images"]])
         poisoned = attack.poison(subset, torch.Generator().manual_seed(SEED)).dataset
