@@ -131,7 +131,7 @@ def strong_victim(root: Path, name: str, train_set, device, quick: bool, recipe:
     """(model, attack): the ``recipe`` victim with Table 8's settings updated by ``options`` from the shared cache,
     or with --quick one fine-tuned here for seconds."""
     if quick:
-        attack = create_attack(name, target=0, **{**ATTACKS[name], **(options or {})})
+        attack = create_attack(name, target=0, **attack_settings(name, options))
         subset = train_set.subset(torch.randperm(len(train_set), generator=torch.Generator().manual_seed(SEED))
                                   [:QUICK["victim_images"]])
         poisoned = attack.poison(subset, torch.Generator().manual_seed(SEED)).dataset
@@ -148,7 +148,12 @@ def cached_victim(name: str, recipe: str, options: dict | None = None):
     if missing; a fine-tuned victim trains for the epochs the defense benchmarks' victim of that attack takes
     (DEFENSE_VICTIMS)."""
     epochs = DEFENSE_VICTIMS.get(name, {}).get("epochs") if recipe == "finetune" else None
-    return victim(name, recipe=recipe, epochs=epochs, target=0, **{**ATTACKS[name], **(options or {})})
+    return victim(name, recipe=recipe, epochs=epochs, target=0, **attack_settings(name, options))
+
+
+def attack_settings(name: str, options: dict | None) -> dict:
+    """Table 8's settings of ``name`` (ATTACKS) updated by ``options`` (--attack-opt)."""
+    return {**ATTACKS[name], **(options or {})}
 
 
 def row_name(attack: str, recipe: str, options: dict | None = None) -> str:
