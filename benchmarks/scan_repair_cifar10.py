@@ -1,10 +1,15 @@
 """Scan and repair on real CIFAR-10: CNC and Neural Cleanse detection, Pivotal Tuning and NC repair.
 
-What:     three parts, each written into one JSON as it finishes (--part picks them):
+What:     four parts, each written into one JSON as it finishes (--part picks them):
           detect — detection scores of CNC (max calibrated class score, code and paper forms) and NC (MAD
                    anomaly index) on --models clean and --models BadNets-poisoned ResNet-20s, ROC AUC (M9;
-                   pick_your_poison.txt Table 2: 0.65–0.76 on CIFAR-10 for CNC). CNC runs at several inversion
-                   budgets (CNC_STEPS, sharing one repair) to show how AUC changes with fewer steps.
+                   pick_your_poison.txt Table 2: 0.65–0.76 on CIFAR-10 for CNC). CNC runs with the detector's
+                   default repair at several inversion budgets (CNC_STEPS, sharing one repair) to show how AUC
+                   changes with fewer steps; the clean models calibrate the default verdict threshold.
+          strong — CNC with every default (guard scan's) on the strong victims the defense benchmarks share
+                   (benchmarks/victims.py, fine-tuned 3 epochs on the full poisoned training set), at the default
+                   repair grain and at the defaults before (STRONG_OLD_*), with guard scan's trusted set and
+                   with the detect part's: is the target flagged, and does the scan say when it cannot tell?
           repair — per attack (BadNets, Blend, A-Blend, A-Patch, WaNet, Refool, Adv): remaining ASR at ≤ 2 points
                    CDA loss with 1 % trusted data (v_1%, M10) for Pivotal Tuning and NC unlearning, beside Table 3's
                    "Ours" / "Neural Cleanse" columns; (CDA, ASR) every EVAL_EVERY steps (trade-off curves).
@@ -24,11 +29,13 @@ Device:   CPU with --threads threads (2 on the reference machine), or CUDA when 
 Output:   benchmarks/results/scan_repair_cifar10.json and .png (trade-off curves, CNC score distributions,
           reversed triggers next to the true one).
 Run:      GUARD_DATA_DIR=../shared/data python benchmarks/scan_repair_cifar10.py [--part detect] [--models 10]
+          (the strong part builds missing victims first: about 6 min each on 2 CPU cores)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
 import json
 import platform
@@ -39,7 +46,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from guard.attacks import create_attack
+from guard.attacks import create_attack, load_record
 from guard.data import load_dataset
 from guard.detect import (CNCConfig, CalibratedTriggerInversion, NeuralCleanse, NeuralCleanseConfig,
                           calibrate_threshold, save_trigger_png)
@@ -48,7 +55,8 @@ from guard.models import create
 from guard.repair import PivotalTuning, PivotalTuningConfig, UnlearningConfig, create_defense, split_trusted
 from guard.sweep import Grid
 from guard.train import TrainConfig, evaluate, predict, train
-from victims import add_sweep_arguments, data_root, job_resources, pick_device, run_grid  # shared helpers
+from victims import (DEFENSE_VICTIMS, add_sweep_arguments, data_root, job_resources, pick_device,  # shared helpers
+                     run_grid, victim)
 
 MODEL = "resnet20"
 WEIGHTS = "weights/resnet20-12fca82f.th"
@@ -60,14 +68,20 @@ FT_POISON_RATE = 0.05
 TRUSTED_FRACTION = 0.01
 HELDOUT_IMAGES = 1000
 EVAL_EVERY = 50
-# detect: one Pivotal Tuning per model (stops at the CDA budget), then trigger inversion at each budget
-DETECT_REPAIR_STEPS = 100
+# detect: one Pivotal Tuning per model (CNC's default repair), then trigger inversion at each budget
 CNC_STEPS = (5, 15)
 CNC_BATCH = 64
 NC_STEPS = 5
 NC_SAMPLES_PER_STEP = 256
 # repair
 REPAIR_STEPS = 300
+# strong: the shared victims scanned with CNC's defaults, and with the defaults before (repair evaluated every 50
+# steps, threshold calibrated at that grain: detect.summary.cnc_threshold_fpr10_steps5 of that run)
+STRONG_ATTACKS = ("badnets", "blend", "adaptive-blend", "wanet")
+STRONG_OLD_EVAL_EVERY = 50
+STRONG_OLD_THRESHOLD = 0.25808249721293197
+# the trusted sets: guard scan's (1 % of the training set drawn with --seed 0) and the detect part's
+STRONG_SPLITS = ("scan", "detect")
 NC_REPAIR_STEPS = 15
 NC_UNLEARN_STEPS = 300
 # Adv: PyP's independent ImageNet model is not reachable; the pretrained CIFAR ResNet-56 stands in, pushing
@@ -82,7 +96,7 @@ PAPER_V1 = {"badnets": (0.03, 0.13), "adaptive-blend": (0.00, 0.72), "adaptive-p
             "refool": (0.03, 0.26), "wanet": (0.04, 0.28), "adv": (0.01, 0.95), "blend": (None, None)}
 OUT = Path(__file__).parent / "results"
 OUT_JSON = OUT / "scan_repair_cifar10.json"
-PARTS = ("detect", "repair", "timing")
+PARTS = ("detect", "strong", "repair", "timing")
 TRIGGER_PNG = OUT / "scan_repair_cifar10_cnc_trigger.png"
 
 
@@ -129,7 +143,6 @@ def detect_job(i: int, poisoned: bool) -> dict:
     bench = Bench(data_root(), pick_device("auto"))
     attack = poisoning_attack("badnets", patch_size=3)
     probe = bench.asr_probe(attack)
-    repair = PivotalTuningConfig(steps=DETECT_REPAIR_STEPS, eval_every=EVAL_EVERY)
     nc = NeuralCleanseConfig(steps=NC_STEPS, samples_per_step=NC_SAMPLES_PER_STEP)
     name = f"{'badnets' if poisoned else 'clean'}-{i}"
     started = time.perf_counter()
@@ -138,7 +151,7 @@ def detect_job(i: int, poisoned: bool) -> dict:
            "cda": evaluate(model, bench.test, device=bench.device), "asr": probe(model), "cnc": {}}
     repaired = None
     for steps in CNC_STEPS:
-        config = CNCConfig(steps_per_class=steps, batch_size=CNC_BATCH, repair=repair)
+        config = CNCConfig(steps_per_class=steps, batch_size=CNC_BATCH)
         started = time.perf_counter()
         scan = CalibratedTriggerInversion(config).scan(model, bench.trusted, bench.test, reference=repaired,
                                                        generator=torch.Generator().manual_seed(i),
@@ -161,17 +174,24 @@ def detect_job(i: int, poisoned: bool) -> dict:
     return row
 
 
+def finished_jobs(part: str, function: str, points: list[dict], args):
+    """The part's jobs (``function`` of this file at each of ``points``) run by guard.sweep, as they finish; a
+    failed job is printed and skipped."""
+    grid = Grid(name=part, function=f"{Path(__file__).resolve()}:{function}", points=points,
+                resources=job_resources(args.threads, pick_device("auto")))
+    for finished in run_grid(grid, args):
+        if not finished.ok:
+            print(f"FAILED {part} {finished.job.params}: {finished.record['error']}", flush=True)
+            continue
+        yield finished
+
+
 def detect(args, results: dict, save) -> None:
     rows = results.setdefault("detect", {"models": []})["models"]
     done = {row["name"] for row in rows}
     points = [{"i": i, "poisoned": poisoned} for i in range(args.models) for poisoned in (True, False)
               if f"{'badnets' if poisoned else 'clean'}-{i}" not in done]
-    grid = Grid(name="detect", function=f"{Path(__file__).resolve()}:detect_job", points=points,
-                resources=job_resources(args.threads, pick_device("auto")))
-    for finished in run_grid(grid, args):
-        if not finished.ok:
-            print(f"FAILED detect {finished.job.params}: {finished.record['error']}", flush=True)
-            continue
+    for finished in finished_jobs("detect", "detect_job", points, args):
         row = finished.result
         rows.append(row)
         cnc_text = ", ".join(f"N={s}: {row['cnc'][str(s)]['max_score']:.3f} (class "
@@ -204,6 +224,70 @@ def detect(args, results: dict, save) -> None:
         print(json.dumps(summary, indent=2), flush=True)
 
 
+def target_rank(scores: dict[int, float], target: int) -> int:
+    """The target's rank among the class scores, ties counted against it (all scores 0: last)."""
+    return 1 + sum(score >= scores[target] for c, score in scores.items() if c != target)
+
+
+def strong_job(name: str, eval_every: int, split: str) -> dict:
+    """One strong row, run by the sweep: the shared victim of attack ``name`` scanned by CNC with its defaults but
+    the repair's evaluation grain ``eval_every`` (and, at STRONG_OLD_EVAL_EVERY, the threshold calibrated there),
+    on the trusted set ``split`` (one of STRONG_SPLITS)."""
+    bench = Bench(data_root(), pick_device("auto"))
+    trusted = bench.trusted if split == "detect" else split_trusted(
+        load_dataset("cifar10", bench.root, split="train"), TRUSTED_FRACTION, torch.Generator().manual_seed(0))
+    built = victim(name, progress=False, **DEFENSE_VICTIMS[name])
+    attack = load_record(built.record)
+    model = create(MODEL, weights=built.weights).to(bench.device)
+    defaults = CNCConfig()
+    config = defaults if eval_every == defaults.repair.eval_every else dataclasses.replace(
+        defaults, repair=dataclasses.replace(defaults.repair, eval_every=eval_every), threshold=STRONG_OLD_THRESHOLD)
+    started = time.perf_counter()
+    scan = CalibratedTriggerInversion(config).scan(model, trusted, bench.test,
+                                                   generator=torch.Generator().manual_seed(0), device=bench.device)
+    seconds = time.perf_counter() - started
+    report, record = scan.report, scan.report.details["repair"]
+    probe = bench.asr_probe(attack)
+    return {"attack": name, "eval_every": eval_every, "split": split,
+            "default_grain": eval_every == defaults.repair.eval_every,
+            "target": attack.config.target, "victim_cda": built.cda, "victim_asr": probe(model),
+            "repair_step": record["chosen"]["step"], "repair_cda": record["chosen"]["cda"],
+            "repaired_asr": probe(scan.reference), "scores": {str(c): v for c, v in report.scores.items()},
+            "top_class": report.details["top_class"], "max_score": report.max_score, "threshold": report.threshold,
+            "separation": report.separation, "backdoored": report.backdoored, "flagged_class": report.flagged_class,
+            "target_rank": target_rank(report.scores, attack.config.target),
+            "summary": report.summary, "seconds": round(seconds, 1)}
+
+
+def strong(args, results: dict, save) -> None:
+    rows = results.setdefault("strong", {"rows": []})["rows"]
+    done = {(row["attack"], row["eval_every"], row["split"]) for row in rows}
+    for name in STRONG_ATTACKS:  # build missing victims once, before the jobs that share them
+        victim(name, **DEFENSE_VICTIMS[name])
+    grains = (CNCConfig().repair.eval_every, STRONG_OLD_EVAL_EVERY)
+    points = [{"name": n, "eval_every": e, "split": t} for t in STRONG_SPLITS for n in STRONG_ATTACKS for e in grains
+              if (n, e, t) not in done]
+    for finished in finished_jobs("strong", "strong_job", points, args):
+        row = finished.result
+        rows.append(row)
+        print(f"{row['attack']} ({row['split']} split, repair every {row['eval_every']}): repair step "
+              f"{row['repair_step']} CDA {row['repair_cda']:.3f} ASR {row['victim_asr']:.3f} -> "
+              f"{row['repaired_asr']:.3f} | target rank "
+              f"{row['target_rank']}, max {row['max_score']:.3f} (class {row['top_class']}) | {row['summary']}",
+              flush=True)
+        save()
+    summary = results["strong"]["summary"] = {}
+    for grain in ("default", "old"):
+        for split in STRONG_SPLITS:
+            picked = [r for r in rows if r["default_grain"] == (grain == "default") and r["split"] == split]
+            summary[f"{grain}_{split}"] = {
+                "victims": len(picked), "target_flagged": sum(r["flagged_class"] == r["target"] for r in picked),
+                "target_ranked_first": sum(r["target_rank"] == 1 for r in picked),
+                "wrong_class_flagged": sum(r["flagged_class"] not in (None, r["target"]) for r in picked),
+                "victim_kept": sum(r["repair_step"] == 0 for r in picked)}
+    save()
+
+
 def repair_job(j: int, name: str) -> dict:
     """One repair row, run by the sweep: the victim of attack ``name`` repaired by Pivotal Tuning and NC."""
     bench = Bench(data_root(), pick_device("auto"))
@@ -232,14 +316,9 @@ def repair_job(j: int, name: str) -> dict:
 
 def repair_part(args, results: dict, save) -> None:
     rows = results.setdefault("repair", {})
-    grid = Grid(name="repair", function=f"{Path(__file__).resolve()}:repair_job",
-                points=[{"j": j, "name": n} for j, n in enumerate(REPAIR_ATTACKS) if n not in rows],
-                resources=job_resources(args.threads, pick_device("auto")))
-    for finished in run_grid(grid, args):
+    points = [{"j": j, "name": n} for j, n in enumerate(REPAIR_ATTACKS) if n not in rows]
+    for finished in finished_jobs("repair", "repair_job", points, args):
         name = finished.job.params["name"]
-        if not finished.ok:
-            print(f"FAILED repair {name}: {finished.record['error']}", flush=True)
-            continue
         row = rows[name] = finished.result
         print(f"{name}: CDA {row['cda']:.3f} ASR {row['asr']:.3f} -> Pivotal v_1% {row['pivotal']['v_1']:.3f} "
               f"(CDA {row['pivotal']['chosen']['cda']:.3f}), NC v_1% {row['nc']['v_1']:.3f} (CDA "
@@ -297,7 +376,21 @@ def plot(results: dict, bench: Bench) -> None:
     for poisoned, marker in ((True, "o"), (False, "x")):
         ax.scatter([len(CNC_STEPS) + (0.1 if poisoned else -0.1)] * len(values[poisoned]), values[poisoned],
                    marker=marker, color="C3" if poisoned else "C0")
-    ax.set_xticks(range(len(CNC_STEPS) + 1), [f"CNC N={s}" for s in CNC_STEPS] + ["NC index / 10"], fontsize=7)
+    ticks = [f"CNC N={s}" for s in CNC_STEPS] + ["NC index / 10"]
+    strong_rows = [r for r in results.get("strong", {}).get("rows", []) if r["default_grain"]]
+    if strong_rows:  # the shared strong victims under guard scan's defaults: the target's score, labelled
+        x = len(ticks)
+        for r in strong_rows:  # * guard scan's trusted set (labelled), + the detect part's
+            scan_split = r["split"] == "scan"
+            ax.scatter([x + (0 if scan_split else 0.15)], [r["scores"][str(r["target"])]],
+                       marker="*" if scan_split else "+", color="C3")
+            if scan_split:
+                ax.annotate(r["attack"], (x, r["scores"][str(r["target"])]), fontsize=5, xytext=(-4, 0),
+                            textcoords="offset points", ha="right")
+        ax.hlines(strong_rows[0]["threshold"], -0.3, x + 0.3, color="grey", ls="--", lw=0.8,
+                  label="default threshold (N=5)")
+        ticks.append("strong victims, target\n(* scan's, + detect's trusted)")
+    ax.set_xticks(range(len(ticks)), ticks, fontsize=7)
     ax.set_title("detection scores per model", fontsize=8)
     ax.legend(fontsize=7)
     attack = poisoning_attack("badnets", patch_size=3)
@@ -341,7 +434,8 @@ def main() -> None:
         "device": str(device), "torch": torch.__version__, "platform": platform.platform(),
         "params": {"ft_images": FT_IMAGES, "ft_epochs": FT_EPOCHS, "ft_lr": FT_LR, "poison_rate": FT_POISON_RATE,
                    "trusted_images": len(bench.trusted), "heldout_images": HELDOUT_IMAGES, "eval_every": EVAL_EVERY,
-                   "detect_repair_steps": DETECT_REPAIR_STEPS, "cnc_steps": CNC_STEPS, "cnc_batch": CNC_BATCH,
+                   "detect_repair": dataclasses.asdict(CNCConfig().repair), "cnc_steps": CNC_STEPS,
+                   "cnc_batch": CNC_BATCH,
                    "nc_steps": NC_STEPS, "nc_samples_per_step": NC_SAMPLES_PER_STEP, "repair_steps": REPAIR_STEPS,
                    "nc_repair_steps": NC_REPAIR_STEPS, "nc_unlearn_steps": NC_UNLEARN_STEPS}})
 
@@ -357,6 +451,8 @@ def main() -> None:
 
     if "detect" in parts:
         detect(args, results, save)
+    if "strong" in parts:
+        strong(args, results, save)
     if "repair" in parts:
         repair_part(args, results, save)
     if "timing" in parts:

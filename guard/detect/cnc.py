@@ -14,20 +14,23 @@ makes it the default) and the authors' code ``S_c = Acc(pivot says c) − Acc(re
 held-out images not of class c. The default here is the code form because it separates clean from
 backdoored models better: over 10 clean and 10 BadNets CIFAR-10 ResNet-20s
 (``benchmarks/results/scan_repair_cifar10.json``, ``detect.summary``) its detection ROC AUC was 1.00 at
-N = 5 and at N = 15 inversion steps per class, the paper form's 0.89 and 0.75. The paper form is also high
+N = 5 and at N = 15 inversion steps per class, the paper form's 0.95 and 0.67. The paper form is also high
 when a trigger pushes the repaired model to any wrong class, which a clean model's universal perturbations
 readily do. ``score_variant="paper"`` selects it; both rates are in every report.
 
 Budget and threshold. The defaults are the benchmark's short budget — N = 5 inversion steps of 64 images
-per class after 100 Pivotal Tuning steps — which ranked the target first on 10 of 10 BadNets models (and
-made the target stand out on 9) and scans a CIFAR ResNet-20 in about 1.5 min on one CPU core (Table 5's
-budgets, N = 100 per class, took 7–12 min on two cores and lost the separation: all ten scores between 0.81
-and 0.93, the target second). The verdict threshold is
-calibrated on clean models at that budget: the 90th percentile of the max score of the 10 clean models
-(:func:`calibrate_threshold` at a 10 % false-positive rate), which flagged 10 of 10 BadNets models; the
-config keeps its value and source (``threshold``, ``threshold_source``). Change the budget and recalibrate
-with the benchmark. A model above the threshold whose top class does not stand out from the others (see
-:class:`~guard.detect.ScanReport`) is reported as backdoored *without* a flagged class.
+per class after 100 Pivotal Tuning steps evaluated every 10 — which ranked the target first on 9 of 10 BadNets
+models (all 9 standing out; the tenth flagged class 1, the target second) and scans a CIFAR ResNet-20 in about
+2 min on one CPU core (Table 5's budgets, N = 100 per class, took 7–12 min on two cores and lost the
+separation: all ten scores between 0.81 and 0.93, the target second). The repair is evaluated every 10 steps,
+not PyP's 50, because a strongly backdoored model (fine-tuned on the full poisoned set) loses the 2-point CDA
+budget within its first 50 steps: P4 then keeps the model itself, and the scan compares the model with itself
+(the report's ``caveat`` says so). The verdict threshold is calibrated on clean models at that budget: the 90th
+percentile of the max score of the 10 clean models (:func:`calibrate_threshold` at a 10 % false-positive
+rate), which flagged 10 of 10 BadNets models; the config keeps its value and source (``threshold``,
+``threshold_source``). Change the budget and recalibrate with the benchmark. A model above the threshold whose
+top class does not stand out from the others (see :class:`~guard.detect.ScanReport`) is reported as
+backdoored *without* a flagged class.
 
 Example::
 
@@ -60,12 +63,12 @@ __all__ = ["CNCConfig", "CalibratedTriggerInversion"]
 
 _SCORE_VARIANTS = ("paper", "code")
 #: the default verdict threshold and where it comes from (see the module docstring)
-CALIBRATED_THRESHOLD = 0.25808249721293197
+CALIBRATED_THRESHOLD = 0.2809364548494983
 CALIBRATED_THRESHOLD_SOURCE = (
     "benchmarks/results/scan_repair_cifar10.json detect.summary.cnc_threshold_fpr10_steps5: 90th percentile "
     "of the max code-form score of 10 clean CIFAR-10 ResNet-20s (pretrained, fine-tuned 2 epochs on 5000 "
-    "images) at steps_per_class=5, batch_size=64, 100 Pivotal Tuning steps, 500 trusted and 1000 lossless "
-    "held-out test images")
+    "images) at steps_per_class=5, batch_size=64, 100 Pivotal Tuning steps evaluated every 10, 500 trusted and "
+    "1000 lossless held-out test images")
 
 
 @dataclass(frozen=True)
@@ -77,8 +80,8 @@ class CNCConfig:
     trusted images not of the candidate class, randomly flipped; trigger initialised U[0, ``init_scale``).
     ``repaired_weight`` weighs the repaired model's CE (paper 1.0, code 0.5). ``score_variant``,
     ``threshold`` and ``threshold_source``: see the module docstring. ``repair`` configures the Pivotal
-    Tuning that produces the repaired model (default 100 steps; Table 5: 2,000). ``classes``: the candidate
-    classes to scan (``None``: all). :meth:`table5` gives the paper's budgets.
+    Tuning that produces the repaired model (default 100 steps evaluated every 10; Table 5: 2,000 every 50).
+    ``classes``: the candidate classes to scan (``None``: all). :meth:`table5` gives the paper's budgets.
     """
 
     steps_per_class: int = 5
@@ -92,7 +95,7 @@ class CNCConfig:
     threshold_source: str = CALIBRATED_THRESHOLD_SOURCE
     flip: bool = True
     classes: tuple[int, ...] | None = None
-    repair: PivotalTuningConfig = field(default_factory=lambda: PivotalTuningConfig(steps=100, eval_every=50))
+    repair: PivotalTuningConfig = field(default_factory=lambda: PivotalTuningConfig(steps=100, eval_every=10))
 
     @classmethod
     def table5(cls, **overrides) -> "CNCConfig":
