@@ -70,11 +70,20 @@ def defender_data(trusted_fraction: float) -> tuple[ImageTensorDataset, ImageTen
     return split_trusted(train_set, trusted_fraction, torch.Generator().manual_seed(SEED)), heldout
 
 
-def victim_model(attack_name: str, heldout: ImageTensorDataset, device: torch.device, options: dict | None = None
-                 ) -> tuple[GuardModel, Callable[[GuardModel], float]]:
-    """The cached strong victim of ``attack_name`` (built with ``options``, default ATTACKS') and its ASR probe
-    on the triggered ``heldout``."""
-    v = victim(attack_name, **(ATTACKS[attack_name] if options is None else options))
+def victim_options(attack_name: str, recipe: str = "finetune", options: dict | None = None) -> dict:
+    """The options ``attack_name``'s victim is built with (default ATTACKS'); the scratch recipe keeps its own
+    epochs."""
+    options = dict(ATTACKS[attack_name] if options is None else options)
+    if recipe != "finetune":
+        options.pop("epochs", None)
+    return options
+
+
+def victim_model(attack_name: str, heldout: ImageTensorDataset, device: torch.device, options: dict | None = None,
+                 recipe: str = "finetune") -> tuple[GuardModel, Callable[[GuardModel], float]]:
+    """The cached strong victim of ``attack_name`` (built by ``recipe`` with :func:`victim_options`) and its ASR
+    probe on the triggered ``heldout``."""
+    v = victim(attack_name, recipe=recipe, **victim_options(attack_name, recipe, options))
     attack = load_record(v.record)
     triggered = attack.triggered(heldout)
 

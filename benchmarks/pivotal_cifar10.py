@@ -8,12 +8,15 @@ What:     pick_your_poison.txt chose Table 5's CIFAR-10 values (lr 0.01, λ_S 0.
           (CDA, ASR) curve is recorded every eval_every steps. From each curve: v_1% as the P4 loop reports it
           (the curve cut at the first point below CDA_0 − 2; M10), the lowest ASR anywhere within the budget
           (what a later evaluation would have found), and the CDA dip. Table 5's own point is always included.
+          --recipe scratch searches on the victim trained from scratch on the same poisoned set instead (the
+          paper's setting; RECIPES in benchmarks/victims.py), to tell the model's capacity from the victim's.
 Hardware: one job per configuration, run as a guard.sweep grid: Ray tasks of --threads CPUs each (one GPU each
           when CUDA is available) on a local Ray or --address; --serial runs them here one by one.
 Output:   benchmarks/results/pivotal_cifar10.json and .png (curves per lr; v_1% over λ_S × λ_R); the JSON
           accumulates: a configuration already measured is not run again.
 Run:      GUARD_DATA_DIR=../shared/data python benchmarks/pivotal_cifar10.py
           [--grid "lr=0.01,0.001;slol_lambda=0.05,0;param_lambda=20000"] [--steps 500] [--attack badnets]
+          [--recipe scratch --out pivotal_cifar10_scratch]
 """
 
 from __future__ import annotations
@@ -30,11 +33,11 @@ import torch
 
 import guard
 from defenses_cifar10 import (ATTACKS, HELDOUT_IMAGES, SEED,  # the same victims, split and held-out set
-                              defender_data, victim_model)
+                              defender_data, victim_model, victim_options)
 from guard.repair import PivotalTuningConfig, create_defense
 from guard.sweep import Grid
 from guard.train import evaluate
-from victims import add_sweep_arguments, job_resources, pick_device, results_name, run_grid
+from victims import RECIPES, add_sweep_arguments, job_resources, pick_device, results_name, run_grid
 
 OUT = Path(__file__).parent / "results"
 DEFAULT_GRID = "lr=0.01,0.001;slol_lambda=0.1,0.01,0.001,0;param_lambda=20000,1000000"
@@ -86,7 +89,7 @@ def plot(results: dict, path: Path) -> None:
             if r["options"].get("lr", PivotalTuningConfig.lr) != lr:
                 continue
             label = ", ".join(f"{k.removesuffix('_lambda')} {v:g}" if isinstance(v, float) else f"{k} {v}"
-                              for k, v in sorted(r["options"].items()) if k != "lr")
+                              for k, v in sorted(r["options"].items()) if k != "lr") or f"{r['steps']} steps"
             ax.plot([100 * p["cda"] for p in r["history"]], [100 * p["asr"] for p in r["history"]], marker=".",
                     label=label, lw=0.9)
         ax.axvline(100 * (cda0 - BUDGET), color="grey", ls="--", lw=0.8)
@@ -108,11 +111,12 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def tune_job(attack: str, options: dict, steps: int, trusted_fraction: float, device: str) -> dict:
+def tune_job(attack: str, options: dict, steps: int, trusted_fraction: float, device: str,
+             recipe: str = "finetune") -> dict:
     """One configuration of the grid, run by the sweep (a Ray task or the serial loop): the whole curve."""
     device = pick_device(device)
     trusted, heldout = defender_data(trusted_fraction)
-    model, probe = victim_model(attack, heldout, device)
+    model, probe = victim_model(attack, heldout, device, recipe=recipe)
     config = PivotalTuningConfig(**{**options, "steps": steps, "max_cda_drop": 0.5})
     started = time.perf_counter()
     result = create_defense("pivotal", config=config).defend(
@@ -125,6 +129,8 @@ def tune_job(attack: str, options: dict, steps: int, trusted_fraction: float, de
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--attack", default="badnets", choices=sorted(ATTACKS))
+    parser.add_argument("--recipe", default="finetune", choices=sorted(RECIPES),
+                        help="how the victim was trained (benchmarks/victims.py RECIPES; default finetune)")
     parser.add_argument("--grid", default=DEFAULT_GRID, help=f"FIELD=v1,v2;... (default {DEFAULT_GRID!r})")
     parser.add_argument("--steps", type=int, default=500, help="steps per configuration (Table 5: 2,000)")
     parser.add_argument("--trusted-fraction", type=float, default=0.01)
@@ -142,17 +148,20 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     trusted, heldout = defender_data(args.trusted_fraction)
-    model, probe = victim_model(args.attack, heldout, device)
+    model, probe = victim_model(args.attack, heldout, device, recipe=args.recipe)
 
     out_json = OUT / f"{args.out}.json"
     results = json.loads(out_json.read_text()) if out_json.is_file() else {}
-    if results.get("attack", args.attack) != args.attack:
-        raise SystemExit(f"{out_json} holds the {results['attack']} victim; pass --out for another attack")
+    stored = (results.get("attack", args.attack), results.get("recipe", "finetune" if results else args.recipe))
+    if stored != (args.attack, args.recipe):
+        raise SystemExit(f"{out_json} holds the {results['attack']} victim ({results.get('recipe', 'finetune')}); "
+                         f"pass --out for another attack or recipe")
     results.update({
         "what": __doc__.splitlines()[0], "device": str(device), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "guard": guard.__version__, "platform": platform.platform(),
-        "attack": args.attack, "victim": {"cda": evaluate(model, heldout, device=device), "asr": probe(model),
-                                          "options": ATTACKS[args.attack]},
+        "attack": args.attack, "recipe": args.recipe,
+        "victim": {"cda": evaluate(model, heldout, device=device), "asr": probe(model),
+                   "options": victim_options(args.attack, args.recipe)},
         "params": {"trusted_fraction": args.trusted_fraction, "trusted_images": len(trusted),
                    "heldout_images": HELDOUT_IMAGES, "seed": SEED, "budget": BUDGET,
                    "model_parameters": sum(p.numel() for p in model.parameters())},
@@ -161,7 +170,7 @@ def main() -> None:
     runs = results.setdefault("runs", {})
     sweep = Grid(name=args.out, function=f"{Path(__file__).resolve()}:tune_job",
                  params={"attack": args.attack, "steps": args.steps, "trusted_fraction": args.trusted_fraction,
-                         "device": args.device},
+                         "device": args.device, "recipe": args.recipe},
                  points=[{"options": options} for options in grid if key({**options, "steps": args.steps}) not in runs],
                  resources=job_resources(args.threads, device),
                  out=OUT / f"{args.out}.sweep.json")
