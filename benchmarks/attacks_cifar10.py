@@ -32,12 +32,11 @@ from guard.metrics import evaluate_backdoor
 from guard.models import create
 from guard.sweep import Grid
 from guard.train import TrainConfig, train
-from victims import add_sweep_arguments, data_root, job_resources, pick_device, run_grid  # shared helpers
+from victims import WEIGHTS, add_sweep_arguments, data_root, job_resources, pick_device, run_grid  # shared helpers
 
 # ----------------------------------------------------------------------------------------- parameters
 TORCH_THREADS = 2
 SEED = 0
-WEIGHTS = "weights/resnet20-12fca82f.th"
 # (1) backdoors: fine-tune all weights of the pretrained ResNet-20 on a poisoned subset
 BACKDOOR_TRAIN_IMAGES = 2000
 BACKDOOR_EPOCHS = 2

@@ -80,17 +80,17 @@ def victim_options(attack_name: str, recipe: str = "finetune", options: dict | N
 
 
 def victim_model(attack_name: str, heldout: ImageTensorDataset, device: torch.device, options: dict | None = None,
-                 recipe: str = "finetune") -> tuple[GuardModel, Callable[[GuardModel], float]]:
-    """The cached strong victim of ``attack_name`` (built by ``recipe`` with :func:`victim_options`) and its ASR
-    probe on the triggered ``heldout``."""
-    v = victim(attack_name, recipe=recipe, **victim_options(attack_name, recipe, options))
+                 recipe: str = "finetune", model: str = "resnet20") -> tuple[GuardModel, Callable[[GuardModel], float]]:
+    """The cached strong victim of ``attack_name`` (``model`` built by ``recipe`` with :func:`victim_options`)
+    and its ASR probe on the triggered ``heldout``."""
+    v = victim(attack_name, recipe=recipe, model=model, **victim_options(attack_name, recipe, options))
     attack = load_record(v.record)
     triggered = attack.triggered(heldout)
 
     def probe(m: GuardModel) -> float:
         return attack_success_rate(predict(m, triggered, device=device), triggered.labels, attack.config.target)
 
-    return create("resnet20", weights=v.weights).to(device), probe
+    return create(v.model, weights=v.weights).to(device), probe
 
 
 def scaled(name: str, scale: float):

@@ -54,13 +54,12 @@ from guard.models import create
 from guard.repair import MothConfig, create_defense, split_trusted
 from guard.sweep import Grid
 from guard.train import TrainConfig, train
-from victims import (DEFENSE_VICTIMS, RECIPES, add_sweep_arguments, job_resources,  # benchmarks/victims.py
+from victims import (DEFENSE_VICTIMS, RECIPES, WEIGHTS, add_sweep_arguments, job_resources,  # benchmarks/victims.py
                      results_name, run_grid, victim)
 
 # ----------------------------------------------------------------------------------------- parameters
 SEED = 0
 MODEL = "resnet20"
-WEIGHTS = "weights/resnet20-12fca82f.th"
 HELDOUT_IMAGES = 1000          # the first 1000 test images (lossless): MOTH's K·100 for the distances
 TRUSTED_FRACTION = 0.1         # MOTH trains on the defender's clean data: 10 % of CIFAR-10's training set
 PUBLISHED_DISTANCE = (61.31, 4.50)  # CIFAR-10 ResNet-20, MOTH Supplementary.md (100 sets of 200 samples)

@@ -9,14 +9,19 @@ What:     pick_your_poison.txt chose Table 5's CIFAR-10 values (lr 0.01, λ_S 0.
           (the curve cut at the first point below CDA_0 − 2; M10), the lowest ASR anywhere within the budget
           (what a later evaluation would have found), and the CDA dip. Table 5's own point is always included.
           --recipe scratch searches on the victim trained from scratch on the same poisoned set instead (the
-          paper's setting; RECIPES in benchmarks/victims.py), to tell the model's capacity from the victim's.
+          paper's setting; RECIPES in benchmarks/victims.py), to tell the model's capacity from the victim's;
+          --model resnet32|44|56 runs it on the same attack fine-tuned into a deeper pretrained CIFAR ResNet
+          (0.46M-0.85M parameters), the capacity axis itself; --compare NAME,NAME,... puts finished results
+          side by side (per configuration: v_1% against the model's parameters, and the curves; no run).
 Hardware: one job per configuration, run as a guard.sweep grid: Ray tasks of --threads CPUs each (one GPU each
           when CUDA is available) on a local Ray or --address; --serial runs them here one by one.
 Output:   benchmarks/results/pivotal_cifar10.json and .png (curves per lr; v_1% over λ_S × λ_R); the JSON
-          accumulates: a configuration already measured is not run again.
+          accumulates: a configuration already measured is not run again. With --compare: --out's JSON holds each
+          result's victim and summaries, its PNG the comparison.
 Run:      GUARD_DATA_DIR=../shared/data python benchmarks/pivotal_cifar10.py
           [--grid "lr=0.01,0.001;slol_lambda=0.05,0;param_lambda=20000"] [--steps 500] [--attack badnets]
-          [--recipe scratch --out pivotal_cifar10_scratch]
+          [--recipe scratch --out pivotal_cifar10_scratch] [--model resnet56 --out pivotal_cifar10_resnet56]
+          --compare pivotal_cifar10_depth_resnet20,pivotal_cifar10_depth_resnet56 --out pivotal_cifar10_depth
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from defenses_cifar10 import (ATTACKS, HELDOUT_IMAGES, SEED,  # the same victims
 from guard.repair import PivotalTuningConfig, create_defense
 from guard.sweep import Grid
 from guard.train import evaluate
-from victims import RECIPES, add_sweep_arguments, job_resources, pick_device, results_name, run_grid
+from victims import PRETRAINED, RECIPES, add_sweep_arguments, job_resources, pick_device, results_name, run_grid
 
 OUT = Path(__file__).parent / "results"
 DEFAULT_GRID = "lr=0.01,0.001;slol_lambda=0.1,0.01,0.001,0;param_lambda=20000,1000000"
@@ -111,12 +116,68 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def compare(names: list[str], out: str) -> None:
+    """Finished results side by side: per configuration measured in all of them, v_1% (P4 and best admissible)
+    against the victim's parameter count, and each result's curves in CDA drop; written to ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loaded = {}
+    for name in names:
+        path = OUT / f"{name}.json"
+        if not path.is_file():
+            raise SystemExit(f"--compare: expected finished results benchmarks/results/{name}.json, got no such file")
+        loaded[name] = json.loads(path.read_text())
+    shared = sorted(set.intersection(*(set(r["runs"]) for r in loaded.values())))
+    if not shared:
+        raise SystemExit(f"--compare: expected a configuration measured in all of {names}, got none in common")
+    rows = {name: {"model": r.get("model", "resnet20"), "recipe": r.get("recipe", "finetune"), "attack": r["attack"],
+                   "parameters": r["params"]["model_parameters"], "victim": r["victim"],
+                   "summaries": {c: r["runs"][c]["summary"] for c in shared}} for name, r in loaded.items()}
+    order = sorted(rows, key=lambda n: rows[n]["parameters"])
+    fig, axes = plt.subplots(1, len(shared) + 1, figsize=(5 * (len(shared) + 1), 4.2))
+    ax = axes[0]
+    for config, marker in zip(shared, "osD^v"):
+        x = [rows[n]["parameters"] / 1e6 for n in order]
+        ax.plot(x, [100 * rows[n]["summaries"][config]["v_best"] for n in order], marker=marker, label=f"{config}: "
+                "best within the budget")
+        ax.plot(x, [100 * rows[n]["summaries"][config]["v_p4"] for n in order], marker=marker, ls=":",
+                label=f"{config}: P4")
+    ax.set(xlabel="model parameters (M)", ylabel="remaining ASR % (v_1%)", title="v_1% against capacity")
+    ax.legend(fontsize=6)
+    for ax, config in zip(axes[1:], shared):
+        for n in order:
+            history = loaded[n]["runs"][config]["history"]
+            ax.plot([100 * (p["cda"] - history[0]["cda"]) for p in history], [100 * p["asr"] for p in history],
+                    marker=".", lw=0.9, label=f"{rows[n]['model']} {rows[n]['attack']} ({rows[n]['recipe']})")
+        ax.axvline(-100 * BUDGET, color="grey", ls="--", lw=0.8)
+        ax.set(title=config, xlabel="CDA change (points)", ylabel="ASR %")
+        ax.invert_xaxis()
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(OUT / f"{out}.png", dpi=120)
+    plt.close(fig)
+    (OUT / f"{out}.json").write_text(json.dumps({"what": "Pivotal Tuning's search compared across victims",
+                                                 "configurations": shared, "results": rows}, indent=1))
+    for config in shared:
+        print(config)
+        for n in order:
+            s = rows[n]["summaries"][config]
+            print(f"  {rows[n]['model']:9s} {rows[n]['attack']} {rows[n]['recipe']} "
+                  f"{rows[n]['parameters'] / 1e6:.2f}M CDA {rows[n]['victim']['cda']:.3f} "
+                  f"ASR {rows[n]['victim']['asr']:.3f} -> v_p4 {s['v_p4']:.3f} best {s['v_best']:.3f} "
+                  f"@{s['step_best']} min CDA {s['min_cda']:.3f}")
+    print(f"wrote {OUT / out}.json and .png")
+
+
 def tune_job(attack: str, options: dict, steps: int, trusted_fraction: float, device: str,
-             recipe: str = "finetune") -> dict:
+             recipe: str = "finetune", model: str = "resnet20") -> dict:
     """One configuration of the grid, run by the sweep (a Ray task or the serial loop): the whole curve."""
     device = pick_device(device)
     trusted, heldout = defender_data(trusted_fraction)
-    model, probe = victim_model(attack, heldout, device, recipe=recipe)
+    model, probe = victim_model(attack, heldout, device, recipe=recipe, model=model)
     config = PivotalTuningConfig(**{**options, "steps": steps, "max_cda_drop": 0.5})
     started = time.perf_counter()
     result = create_defense("pivotal", config=config).defend(
@@ -131,6 +192,8 @@ def main() -> None:
     parser.add_argument("--attack", default="badnets", choices=sorted(ATTACKS))
     parser.add_argument("--recipe", default="finetune", choices=sorted(RECIPES),
                         help="how the victim was trained (benchmarks/victims.py RECIPES; default finetune)")
+    parser.add_argument("--model", default="resnet20", choices=sorted(PRETRAINED),
+                        help="the victim's architecture (a pretrained CIFAR ResNet; default resnet20)")
     parser.add_argument("--grid", default=DEFAULT_GRID, help=f"FIELD=v1,v2;... (default {DEFAULT_GRID!r})")
     parser.add_argument("--steps", type=int, default=500, help="steps per configuration (Table 5: 2,000)")
     parser.add_argument("--trusted-fraction", type=float, default=0.01)
@@ -139,7 +202,12 @@ def main() -> None:
     add_sweep_arguments(parser)
     parser.add_argument("--out", type=results_name,
                         default="pivotal_cifar10", help="results name in benchmarks/results/")
+    parser.add_argument("--compare", default=None, metavar="NAME,NAME,...",
+                        help="put finished results side by side in --out instead of running")
     args = parser.parse_args()
+    if args.compare:
+        compare([results_name(n) for n in args.compare.split(",")], args.out)
+        return
     grid = parse_grid(args.grid)
     table5 = {"lr": PivotalTuningConfig.lr, "slol_lambda": PivotalTuningConfig.slol_lambda,
               "param_lambda": PivotalTuningConfig.param_lambda}
@@ -148,18 +216,19 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     trusted, heldout = defender_data(args.trusted_fraction)
-    model, probe = victim_model(args.attack, heldout, device, recipe=args.recipe)
+    model, probe = victim_model(args.attack, heldout, device, recipe=args.recipe, model=args.model)
 
     out_json = OUT / f"{args.out}.json"
     results = json.loads(out_json.read_text()) if out_json.is_file() else {}
-    stored = (results.get("attack", args.attack), results.get("recipe", "finetune" if results else args.recipe))
-    if stored != (args.attack, args.recipe):
-        raise SystemExit(f"{out_json} holds the {results['attack']} victim ({results.get('recipe', 'finetune')}); "
-                         f"pass --out for another attack or recipe")
+    stored = (results.get("attack", args.attack), results.get("recipe", "finetune" if results else args.recipe),
+              results.get("model", "resnet20" if results else args.model))
+    if stored != (args.attack, args.recipe, args.model):
+        raise SystemExit(f"{out_json} holds the {' '.join(stored)} victim; pass --out for another attack, recipe "
+                         f"or model")
     results.update({
         "what": __doc__.splitlines()[0], "device": str(device), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "guard": guard.__version__, "platform": platform.platform(),
-        "attack": args.attack, "recipe": args.recipe,
+        "attack": args.attack, "recipe": args.recipe, "model": args.model,
         "victim": {"cda": evaluate(model, heldout, device=device), "asr": probe(model),
                    "options": victim_options(args.attack, args.recipe)},
         "params": {"trusted_fraction": args.trusted_fraction, "trusted_images": len(trusted),
@@ -170,7 +239,7 @@ def main() -> None:
     runs = results.setdefault("runs", {})
     sweep = Grid(name=args.out, function=f"{Path(__file__).resolve()}:tune_job",
                  params={"attack": args.attack, "steps": args.steps, "trusted_fraction": args.trusted_fraction,
-                         "device": args.device, "recipe": args.recipe},
+                         "device": args.device, "recipe": args.recipe, "model": args.model},
                  points=[{"options": options} for options in grid if key({**options, "steps": args.steps}) not in runs],
                  resources=job_resources(args.threads, device),
                  out=OUT / f"{args.out}.sweep.json")

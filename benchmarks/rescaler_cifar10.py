@@ -48,7 +48,8 @@ from guard.models import create
 from guard.rescaler import ReScaler
 from guard.sweep import Grid
 from guard.train import predict
-from victims import add_sweep_arguments, data_root, job_resources, run_grid  # benchmarks/victims.py: shared helpers
+from victims import (PRETRAINED, add_sweep_arguments, data_root, job_resources,  # benchmarks/victims.py: shared
+                     run_grid)
 
 # ----------------------------------------------------------------------------------------- parameters
 SEED = 0
@@ -58,8 +59,7 @@ POISONS = 5                                # 1 % of the fine-tuning set
 # keeps the head's optimisation budget comparable (1,120 steps): at batch 128 the fresh head never fits 5 poisons
 PROTOCOL = GoalProtocol()                  # 500 images, 35 epochs, SGD 0.01, batch 16
 POOL = 560                                 # clean pool the fine-tuning sets are drawn from
-MODELS = {"resnet20": ("weights/resnet20-12fca82f.th", 50), "resnet32": ("weights/resnet32-d509ac18.th", 20),
-          "resnet56": ("weights/resnet56-4bfd9763.th", 20)}
+GOALS = {"resnet20": 50, "resnet32": 20, "resnet56": 20}   # target images per model (its pretrained file: PRETRAINED)
 # CP and BP with features from several layers ("end-to-end", rescaler_appendix.txt §A): every stage's output
 LAYERS = ("layer1", "layer2")              # + layer3 through the penultimate features
 ATTACKS = {"fc": {}, "bp": {"layers": LAYERS}, "clbd": {},
@@ -94,7 +94,7 @@ class Setting:
 
     def __init__(self, name: str, train_set, test_set, goals_n: int, device: torch.device) -> None:
         self.name = name
-        self.backbone = create(name, weights=data_root() / MODELS[name][0]).to(device).eval()
+        self.backbone = create(name, weights=data_root() / PRETRAINED[name]).to(device).eval()
         self.goals = make_goals(train_set, test_set, goals_n, POISONS, torch.Generator().manual_seed(SEED))
         self.test = test_set
         bank_path = CACHE / name / "bank.pt"
@@ -415,9 +415,9 @@ def fmt(v) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=list(GOALS), choices=list(GOALS))
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS))
-    parser.add_argument("--goals", type=int, default=None, help="goals per cell (default: see MODELS)")
+    parser.add_argument("--goals", type=int, default=None, help="goals per cell (default: see GOALS)")
     parser.add_argument("--report-only", action="store_true", help="report the cached goals, craft nothing new")
     parser.add_argument("--chunk", type=int, default=CHUNK, help=f"goals crafted in one batch (default {CHUNK})")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of each chunk's job")
@@ -443,7 +443,7 @@ def main() -> None:
             report[key] = {m: v for m, v in previous.get(key, {}).items() if m not in args.models}
     settings, chunks = {}, []
     for model in args.models:  # feature banks are built here, once, before the chunks that share them run
-        n = args.goals or MODELS[model][1]
+        n = args.goals or GOALS[model]
         settings[model] = Setting(model, train_set, test_set, n, device)
         if not args.report_only:
             chunks += pending_chunks(model, args.attacks, n, args.chunk)
@@ -458,7 +458,7 @@ def main() -> None:
               f"{done.result['successes']} successes, {done.result['still_poisoned']} still poisoned under "
               f"ReScaler [{done.record['seconds']:.0f} s]", flush=True)
     for model in args.models:
-        n, setting = args.goals or MODELS[model][1], settings[model]
+        n, setting = args.goals or GOALS[model], settings[model]
         records = {}
         for attack in args.attacks:
             paths = [goal_path(model, attack, i) for i in range(n)]

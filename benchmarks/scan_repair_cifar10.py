@@ -55,11 +55,10 @@ from guard.models import create
 from guard.repair import PivotalTuning, PivotalTuningConfig, UnlearningConfig, create_defense, split_trusted
 from guard.sweep import Grid
 from guard.train import TrainConfig, evaluate, predict, train
-from victims import (DEFENSE_VICTIMS, add_sweep_arguments, data_root, job_resources, pick_device,  # shared helpers
-                     run_grid, victim)
+from victims import (DEFENSE_VICTIMS, WEIGHTS, add_sweep_arguments, data_root, job_resources,  # shared helpers
+                     pick_device, run_grid, victim)
 
 MODEL = "resnet20"
-WEIGHTS = "weights/resnet20-12fca82f.th"
 TARGET = 0
 FT_IMAGES = 5000
 FT_EPOCHS = 2
@@ -101,11 +100,11 @@ TRIGGER_PNG = OUT / "scan_repair_cifar10_cnc_trigger.png"
 
 
 class Bench:
-    """The data every part shares and the victims it trains."""
+    """The data every part shares (the training set, held-out images, trusted split) and the victims it trains."""
 
     def __init__(self, root: Path, device: torch.device) -> None:
         self.root, self.device = root, device
-        full = load_dataset("cifar10", root, split="train")
+        self.train = full = load_dataset("cifar10", root, split="train")
         self.test = load_dataset("cifar10", root, split="test-lossless").subset(range(HELDOUT_IMAGES))
         # trusted: 10 % of a random tenth of the training set (1 % of it); victims draw from the other 90 %
         g = torch.Generator().manual_seed(0)
@@ -198,7 +197,7 @@ def detect(args, results: dict, save) -> None:
                              f"{row['cnc'][str(s)]['top_class']})" for s in CNC_STEPS)
         print(f"{row['name']}: CDA {row['cda']:.3f} ASR {row['asr']:.3f} | CNC {cnc_text} | NC index "
               f"{row['nc']['anomaly_index']:.2f} (class {row['nc']['flagged_class']})", flush=True)
-        save()
+        save("detect")
     bad = [r for r in rows if r["poisoned"]]
     clean = [r for r in rows if not r["poisoned"]]
     if bad and clean:
@@ -235,7 +234,7 @@ def strong_job(name: str, eval_every: int, split: str) -> dict:
     on the trusted set ``split`` (one of STRONG_SPLITS)."""
     bench = Bench(data_root(), pick_device("auto"))
     trusted = bench.trusted if split == "detect" else split_trusted(
-        load_dataset("cifar10", bench.root, split="train"), TRUSTED_FRACTION, torch.Generator().manual_seed(0))
+        bench.train, TRUSTED_FRACTION, torch.Generator().manual_seed(0))
     built = victim(name, progress=False, **DEFENSE_VICTIMS[name])
     attack = load_record(built.record)
     model = create(MODEL, weights=built.weights).to(bench.device)
@@ -275,7 +274,7 @@ def strong(args, results: dict, save) -> None:
               f"{row['repaired_asr']:.3f} | target rank "
               f"{row['target_rank']}, max {row['max_score']:.3f} (class {row['top_class']}) | {row['summary']}",
               flush=True)
-        save()
+        save("strong")
     summary = results["strong"]["summary"] = {}
     for grain in ("default", "old"):
         for split in STRONG_SPLITS:
@@ -323,7 +322,7 @@ def repair_part(args, results: dict, save) -> None:
         print(f"{name}: CDA {row['cda']:.3f} ASR {row['asr']:.3f} -> Pivotal v_1% {row['pivotal']['v_1']:.3f} "
               f"(CDA {row['pivotal']['chosen']['cda']:.3f}), NC v_1% {row['nc']['v_1']:.3f} (CDA "
               f"{row['nc']['chosen']['cda']:.3f}); paper {PAPER_V1[name]}", flush=True)
-        save()
+        save("repair")
 
 
 def timing(bench: Bench, results: dict, save) -> None:
@@ -342,7 +341,7 @@ def timing(bench: Bench, results: dict, save) -> None:
                          "threads": torch.get_num_threads(),
                          "max_score": scan.report.max_score, "flagged_class": scan.report.flagged_class,
                          "target_score": scan.report.scores[TARGET], "floor_seconds": 600}
-    save()
+    save("timing")
     print(f"full CNC scan: {seconds:.0f} s (repair {record['seconds']:.0f} s, stopped at step "
           f"{record['chosen']['step']}); target score {scan.report.scores[TARGET]:.3f}, max "
           f"{scan.report.max_score:.3f}", flush=True)
@@ -439,13 +438,15 @@ def main() -> None:
                    "nc_steps": NC_STEPS, "nc_samples_per_step": NC_SAMPLES_PER_STEP, "repair_steps": REPAIR_STEPS,
                    "nc_repair_steps": NC_REPAIR_STEPS, "nc_unlearn_steps": NC_UNLEARN_STEPS}})
 
-    def save() -> None:
-        """Write this run's parts into the JSON, keeping the parts another run (maybe running now) wrote."""
+    def save(ran: str | None = None) -> None:
+        """Write this run's parts into the JSON, keeping the parts another run (maybe running now) wrote; ``ran``:
+        the part that just measured a row, with --threads threads."""
         with open(OUT / ".scan_repair_cifar10.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             current = json.loads(OUT_JSON.read_text()) if OUT_JSON.exists() else {}
             current.update({k: v for k, v in results.items() if k not in PARTS or k in parts})
-            current.setdefault("threads_per_part", {}).update({part: args.threads for part in parts})
+            if ran is not None:
+                current.setdefault("threads_per_part", {})[ran] = args.threads
             OUT_JSON.write_text(json.dumps(current, indent=2, allow_nan=False))
             results.update({k: v for k, v in current.items() if k not in parts})
 

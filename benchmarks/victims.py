@@ -15,9 +15,10 @@ Cache:    benchmarks/results/victims/<attack>-<hash>.pt and .pt.json, keyed by t
 Shared:   the helpers every benchmark uses: data_root, pick_device, and how a benchmark runs its grid through
           guard.sweep (add_sweep_arguments: --serial / --address; job_resources; run_grid).
 Use:      from victims import DEFENSE_VICTIMS, victim
-          v = victim("badnets", **DEFENSE_VICTIMS["badnets"])  # Victim(weights, record, cda, asr, asr_nontarget)
+          v = victim("badnets", **DEFENSE_VICTIMS["badnets"])  # Victim(model, weights, record, cda, asr, ...)
           python benchmarks/victims.py badnets target=0 budget=0.01 [--epochs 3]   # build one from the shell
           python benchmarks/victims.py blend --recipe scratch                      # trained from scratch
+          python benchmarks/victims.py badnets target=0 budget=0.01 --model resnet56  # a deeper pretrained ResNet
 """
 
 from __future__ import annotations
@@ -39,7 +40,10 @@ from guard.sweep import Grid, JobResult, Resources, iter_sweep
 from guard.train import TrainConfig
 
 CACHE = Path(__file__).parent / "results" / "victims"
-WEIGHTS = "weights/resnet20-12fca82f.th"
+#: the pretrained CIFAR ResNets of GUARD_DATA_DIR the finetune recipe starts from (--model; ResNet-20 by default)
+PRETRAINED = {"resnet20": "weights/resnet20-12fca82f.th", "resnet32": "weights/resnet32-d509ac18.th",
+              "resnet44": "weights/resnet44-014dd654.th", "resnet56": "weights/resnet56-4bfd9763.th"}
+WEIGHTS = PRETRAINED["resnet20"]
 RECIPE = {"model": "resnet20", "mode": "finetune", "epochs": 3, "lr": 0.01, "momentum": 0.9,
           "weight_decay": 5e-4, "batch_size": 128, "schedule": "cosine", "seed": 0, "eval_split": "test-lossless"}
 #: the victim recipes by name: the default fine-tunes the pretrained weights; scratch trains from initialization
@@ -57,6 +61,7 @@ DEFENSE_VICTIMS = {"badnets": {"target": 0, "budget": 0.01}, "blend": {"target":
 
 @dataclass(frozen=True)
 class Victim:
+    model: str
     weights: Path
     record: Path
     cda: float
@@ -129,13 +134,15 @@ def cache_key(attack: str, options: dict, recipe: dict) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:10]
 
 
-def victim(attack: str, *, recipe: str = "finetune", epochs: int | None = None, progress: bool = True,
-           **options) -> Victim:
-    """The cached victim of ``attack`` with ``options``, trained by ``recipe`` (a name of RECIPES) for ``epochs``
-    (default: the recipe's), built now if missing; see the module docstring."""
+def victim(attack: str, *, recipe: str = "finetune", model: str = "resnet20", epochs: int | None = None,
+           progress: bool = True, **options) -> Victim:
+    """The cached victim of ``attack`` with ``options``, a ``model`` (a name of PRETRAINED) trained by ``recipe``
+    (a name of RECIPES) for ``epochs`` (default: the recipe's), built now if missing; see the module docstring."""
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {recipe!r}")
-    training = dict(RECIPES[recipe], **({} if epochs is None else {"epochs": epochs}))
+    if model not in PRETRAINED:
+        raise ValueError(f"model must be one of {sorted(PRETRAINED)} (a pretrained CIFAR ResNet), got {model!r}")
+    training = dict(RECIPES[recipe], model=model, **({} if epochs is None else {"epochs": epochs}))
     out = CACHE / f"{attack}-{cache_key(attack, options, training)}.pt"
     record = out.with_name(out.name + ".json")
     done = record.is_file() and "cda" in json.loads(record.read_text())
@@ -144,7 +151,7 @@ def victim(attack: str, *, recipe: str = "finetune", epochs: int | None = None, 
         CACHE.mkdir(parents=True, exist_ok=True)
         argv = ["poison", "--attack", attack, *(a for k, v in options.items() for a in ("--attack-opt", f"{k}={v}")),
                 "--model", training["model"], "--mode", training["mode"],
-                *(["--weights", str(root / WEIGHTS)] if training["mode"] == "finetune" else []),
+                *(["--weights", str(root / PRETRAINED[model])] if training["mode"] == "finetune" else []),
                 "--data-dir", str(root), "--eval-split", training["eval_split"], "--seed", str(training["seed"]),
                 "--out", str(out), "--json", *([] if progress else ["--no-progress"])]
         for flag in ("epochs", "lr", "momentum", "weight_decay", "batch_size", "schedule"):
@@ -154,7 +161,7 @@ def victim(attack: str, *, recipe: str = "finetune", epochs: int | None = None, 
         if guard_main(argv) != 0:
             raise RuntimeError(f"building the {attack} victim failed: guard {' '.join(argv)}")
     data = json.loads(record.read_text())
-    return Victim(out, record, data["cda"], data["asr"], data["asr_nontarget"])
+    return Victim(model, out, record, data["cda"], data["asr"], data["asr_nontarget"])
 
 
 def main() -> None:
@@ -162,10 +169,11 @@ def main() -> None:
     parser.add_argument("attack")
     parser.add_argument("options", nargs="*", metavar="KEY=VALUE")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="finetune")
+    parser.add_argument("--model", choices=sorted(PRETRAINED), default="resnet20")
     parser.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
     args = parser.parse_args()
     options = dict(o.split("=", 1) for o in args.options)
-    print(victim(args.attack, recipe=args.recipe, epochs=args.epochs, **options))
+    print(victim(args.attack, recipe=args.recipe, model=args.model, epochs=args.epochs, **options))
 
 
 if __name__ == "__main__":
