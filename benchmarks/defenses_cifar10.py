@@ -62,12 +62,13 @@ STEP_FIELDS = ("steps", "teacher_steps", "endpoint_steps")
 OUT = Path(__file__).parent / "results"
 
 
-def defender_data(trusted_fraction: float) -> tuple[ImageTensorDataset, ImageTensorDataset]:
-    """The defender's class-stratified trusted split of the clean training set and the held-out images."""
+def defender_data(trusted_fraction: float, seed: int = SEED) -> tuple[ImageTensorDataset, ImageTensorDataset]:
+    """The defender's class-stratified trusted split (drawn by ``seed``) of the clean training set and the held-out
+    images."""
     root = data_root()
     train_set = load_dataset("cifar10", root, split="train")
     heldout = load_dataset("cifar10", root, split="test-lossless").subset(range(HELDOUT_IMAGES))
-    return split_trusted(train_set, trusted_fraction, torch.Generator().manual_seed(SEED)), heldout
+    return split_trusted(train_set, trusted_fraction, torch.Generator().manual_seed(seed)), heldout
 
 
 def victim_options(attack_name: str, recipe: str = "finetune", options: dict | None = None) -> dict:

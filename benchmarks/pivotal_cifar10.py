@@ -31,6 +31,7 @@ import dataclasses
 import itertools
 import json
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -117,8 +118,9 @@ def plot(results: dict, path: Path) -> None:
 
 
 def compare(names: list[str], out: str) -> None:
-    """Finished results side by side: per configuration measured in all of them, v_1% (P4 and best admissible)
-    against the victim's parameter count, and each result's curves in CDA drop; written to ``out``."""
+    """Finished results side by side, grouped by victim (attack, recipe, model) over their seeds: per configuration
+    measured in all of them, the best admissible ASR (v_1%) against the model's parameters (median, range and each
+    seed), and every curve in CDA change; written to ``out``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,25 +135,41 @@ def compare(names: list[str], out: str) -> None:
     shared = sorted(set.intersection(*(set(r["runs"]) for r in loaded.values())))
     if not shared:
         raise SystemExit(f"--compare: expected a configuration measured in all of {names}, got none in common")
-    rows = {name: {"model": r.get("model", "resnet20"), "recipe": r.get("recipe", "finetune"), "attack": r["attack"],
-                   "parameters": r["params"]["model_parameters"], "victim": r["victim"],
-                   "summaries": {c: r["runs"][c]["summary"] for c in shared}} for name, r in loaded.items()}
-    order = sorted(rows, key=lambda n: rows[n]["parameters"])
+    groups: dict[str, dict] = {}
+    for name, r in loaded.items():
+        label = f"{r.get('model', 'resnet20')} {r['attack']} ({r.get('recipe', 'finetune')})"
+        g = groups.setdefault(label, {"parameters": r["params"]["model_parameters"], "victim": r["victim"],
+                                      "results": [], "seeds": [], "summaries": {c: [] for c in shared}})
+        g["results"].append(name)
+        g["seeds"].append(r["params"]["seed"])
+        for c in shared:
+            g["summaries"][c].append(r["runs"][c]["summary"])
+    for g in groups.values():
+        g["v_best"] = {c: {"median": statistics.median(s["v_best"] for s in g["summaries"][c]),
+                           "min": min(s["v_best"] for s in g["summaries"][c]),
+                           "max": max(s["v_best"] for s in g["summaries"][c])} for c in shared}
+    order = sorted(groups, key=lambda n: groups[n]["parameters"])
     fig, axes = plt.subplots(1, len(shared) + 1, figsize=(5 * (len(shared) + 1), 4.2))
     ax = axes[0]
     for config, marker in zip(shared, "osD^v"):
-        x = [rows[n]["parameters"] / 1e6 for n in order]
-        ax.plot(x, [100 * rows[n]["summaries"][config]["v_best"] for n in order], marker=marker, label=f"{config}: "
-                "best within the budget")
-        ax.plot(x, [100 * rows[n]["summaries"][config]["v_p4"] for n in order], marker=marker, ls=":",
-                label=f"{config}: P4")
-    ax.set(xlabel="model parameters (M)", ylabel="remaining ASR % (v_1%)", title="v_1% against capacity")
+        x = [groups[n]["parameters"] / 1e6 for n in order]
+        v = [groups[n]["v_best"][config] for n in order]
+        line = ax.errorbar(x, [100 * m["median"] for m in v], marker=marker, capsize=3, label=f"{config} (median, "
+                           "range over seeds)", yerr=[[100 * (m["median"] - m["min"]) for m in v],
+                                                      [100 * (m["max"] - m["median"]) for m in v]])
+        for n in order:
+            ax.scatter([groups[n]["parameters"] / 1e6] * len(groups[n]["seeds"]),
+                       [100 * s["v_best"] for s in groups[n]["summaries"][config]], s=10,
+                       color=line[0].get_color(), alpha=0.5)
+    ax.set(xlabel="model parameters (M)", ylabel="best ASR % within 2 points CDA (v_1%)", title="v_1% against capacity")
     ax.legend(fontsize=6)
+    colors = dict(zip(order, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4))
     for ax, config in zip(axes[1:], shared):
         for n in order:
-            history = loaded[n]["runs"][config]["history"]
-            ax.plot([100 * (p["cda"] - history[0]["cda"]) for p in history], [100 * p["asr"] for p in history],
-                    marker=".", lw=0.9, label=f"{rows[n]['model']} {rows[n]['attack']} ({rows[n]['recipe']})")
+            for i, name in enumerate(groups[n]["results"]):
+                history = loaded[name]["runs"][config]["history"]
+                ax.plot([100 * (p["cda"] - history[0]["cda"]) for p in history], [100 * p["asr"] for p in history],
+                        marker=".", lw=0.8, color=colors[n], label=n if i == 0 else None)
         ax.axvline(-100 * BUDGET, color="grey", ls="--", lw=0.8)
         ax.set(title=config, xlabel="CDA change (points)", ylabel="ASR %")
         ax.invert_xaxis()
@@ -160,28 +178,27 @@ def compare(names: list[str], out: str) -> None:
     fig.savefig(OUT / f"{out}.png", dpi=120)
     plt.close(fig)
     (OUT / f"{out}.json").write_text(json.dumps({"what": "Pivotal Tuning's search compared across victims",
-                                                 "configurations": shared, "results": rows}, indent=1))
+                                                 "configurations": shared, "groups": groups}, indent=1))
     for config in shared:
         print(config)
         for n in order:
-            s = rows[n]["summaries"][config]
-            print(f"  {rows[n]['model']:9s} {rows[n]['attack']} {rows[n]['recipe']} "
-                  f"{rows[n]['parameters'] / 1e6:.2f}M CDA {rows[n]['victim']['cda']:.3f} "
-                  f"ASR {rows[n]['victim']['asr']:.3f} -> v_p4 {s['v_p4']:.3f} best {s['v_best']:.3f} "
-                  f"@{s['step_best']} min CDA {s['min_cda']:.3f}")
+            g, m = groups[n], groups[n]["v_best"][config]
+            print(f"  {n:32s} {g['parameters'] / 1e6:.2f}M CDA {g['victim']['cda']:.3f} ASR {g['victim']['asr']:.3f}"
+                  f" -> v_1% median {m['median']:.3f} (range {m['min']:.3f}-{m['max']:.3f}, seeds {g['seeds']}; steps "
+                  f"{[s['step_best'] for s in g['summaries'][config]]})")
     print(f"wrote {OUT / out}.json and .png")
 
 
 def tune_job(attack: str, options: dict, steps: int, trusted_fraction: float, device: str,
-             recipe: str = "finetune", model: str = "resnet20") -> dict:
+             recipe: str = "finetune", model: str = "resnet20", seed: int = SEED) -> dict:
     """One configuration of the grid, run by the sweep (a Ray task or the serial loop): the whole curve."""
     device = pick_device(device)
-    trusted, heldout = defender_data(trusted_fraction)
+    trusted, heldout = defender_data(trusted_fraction, seed)
     model, probe = victim_model(attack, heldout, device, recipe=recipe, model=model)
     config = PivotalTuningConfig(**{**options, "steps": steps, "max_cda_drop": 0.5})
     started = time.perf_counter()
     result = create_defense("pivotal", config=config).defend(
-        model, trusted, eval_set=heldout, asr=probe, generator=torch.Generator().manual_seed(SEED), device=device)
+        model, trusted, eval_set=heldout, asr=probe, generator=torch.Generator().manual_seed(seed), device=device)
     history = [dataclasses.asdict(p) for p in result.history]
     return {"history": history, "summary": summarize(history, history[0]["cda"]),
             "wall_seconds": round(time.perf_counter() - started, 1)}
@@ -197,6 +214,8 @@ def main() -> None:
     parser.add_argument("--grid", default=DEFAULT_GRID, help=f"FIELD=v1,v2;... (default {DEFAULT_GRID!r})")
     parser.add_argument("--steps", type=int, default=500, help="steps per configuration (Table 5: 2,000)")
     parser.add_argument("--trusted-fraction", type=float, default=0.01)
+    parser.add_argument("--seed", type=int, default=SEED, help=f"the trusted split's and the tuning's seed "
+                        f"(default {SEED}, the defense table's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
     add_sweep_arguments(parser)
@@ -215,16 +234,17 @@ def main() -> None:
         grid.insert(0, dict(table5))
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    trusted, heldout = defender_data(args.trusted_fraction)
+    trusted, heldout = defender_data(args.trusted_fraction, args.seed)
     model, probe = victim_model(args.attack, heldout, device, recipe=args.recipe, model=args.model)
 
     out_json = OUT / f"{args.out}.json"
     results = json.loads(out_json.read_text()) if out_json.is_file() else {}
     stored = (results.get("attack", args.attack), results.get("recipe", "finetune" if results else args.recipe),
-              results.get("model", "resnet20" if results else args.model))
-    if stored != (args.attack, args.recipe, args.model):
-        raise SystemExit(f"{out_json} holds the {' '.join(stored)} victim; pass --out for another attack, recipe "
-                         f"or model")
+              results.get("model", "resnet20" if results else args.model),
+              results.get("params", {}).get("seed", args.seed))
+    if stored != (args.attack, args.recipe, args.model, args.seed):
+        raise SystemExit(f"{out_json} holds the {' '.join(stored[:3])} victim tuned with seed {stored[3]}; pass --out "
+                         f"for another attack, recipe, model or seed")
     results.update({
         "what": __doc__.splitlines()[0], "device": str(device), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "guard": guard.__version__, "platform": platform.platform(),
@@ -232,14 +252,15 @@ def main() -> None:
         "victim": {"cda": evaluate(model, heldout, device=device), "asr": probe(model),
                    "options": victim_options(args.attack, args.recipe)},
         "params": {"trusted_fraction": args.trusted_fraction, "trusted_images": len(trusted),
-                   "heldout_images": HELDOUT_IMAGES, "seed": SEED, "budget": BUDGET,
+                   "heldout_images": HELDOUT_IMAGES, "seed": args.seed, "budget": BUDGET,
                    "model_parameters": sum(p.numel() for p in model.parameters())},
         "table5": table5,
     })
     runs = results.setdefault("runs", {})
     sweep = Grid(name=args.out, function=f"{Path(__file__).resolve()}:tune_job",
                  params={"attack": args.attack, "steps": args.steps, "trusted_fraction": args.trusted_fraction,
-                         "device": args.device, "recipe": args.recipe, "model": args.model},
+                         "device": args.device, "recipe": args.recipe, "model": args.model,
+                         "seed": args.seed},
                  points=[{"options": options} for options in grid if key({**options, "steps": args.steps}) not in runs],
                  resources=job_resources(args.threads, device),
                  out=OUT / f"{args.out}.sweep.json")
