@@ -145,9 +145,10 @@ def compare(names: list[str], out: str) -> None:
         for c in shared:
             g["summaries"][c].append(r["runs"][c]["summary"])
     for g in groups.values():
-        g["v_best"] = {c: {"median": statistics.median(s["v_best"] for s in g["summaries"][c]),
-                           "min": min(s["v_best"] for s in g["summaries"][c]),
-                           "max": max(s["v_best"] for s in g["summaries"][c])} for c in shared}
+        for v in ("v_best", "v_p4"):
+            g[v] = {c: {"median": statistics.median(s[v] for s in g["summaries"][c]),
+                        "min": min(s[v] for s in g["summaries"][c]),
+                        "max": max(s[v] for s in g["summaries"][c])} for c in shared}
     order = sorted(groups, key=lambda n: groups[n]["parameters"])
     fig, axes = plt.subplots(1, len(shared) + 1, figsize=(5 * (len(shared) + 1), 4.2))
     ax = axes[0]
@@ -183,9 +184,11 @@ def compare(names: list[str], out: str) -> None:
         print(config)
         for n in order:
             g, m = groups[n], groups[n]["v_best"][config]
+            p4 = g["v_p4"][config]
             print(f"  {n:32s} {g['parameters'] / 1e6:.2f}M CDA {g['victim']['cda']:.3f} ASR {g['victim']['asr']:.3f}"
                   f" -> v_1% median {m['median']:.3f} (range {m['min']:.3f}-{m['max']:.3f}, seeds {g['seeds']}; steps "
-                  f"{[s['step_best'] for s in g['summaries'][config]]})")
+                  f"{[s['step_best'] for s in g['summaries'][config]]}); P4 median {p4['median']:.3f} "
+                  f"({p4['min']:.3f}-{p4['max']:.3f})")
     print(f"wrote {OUT / out}.json and .png")
 
 
