@@ -8,7 +8,8 @@ What:     a victim is the pretrained CIFAR ResNet-20 fine-tuned (every weight; S
           epochs (about 2 min per epoch on 2 cores). ``recipe="scratch"`` trains the same ResNet-20 from its
           initialization instead (SGD lr 0.1, cosine, 30 epochs by default: about an hour on 2 cores), as the
           papers' victims are: a backdoor fine-tuned into the pretrained model is not the same experiment as
-          one learned with the features (MOTH's Table 8 victims are trained from scratch).
+          one learned with the features (MOTH's Table 8 victims are trained from scratch). ``model`` fine-tunes
+          a deeper pretrained CIFAR ResNet (PRETRAINED) instead, with the same recipe.
 Cache:    benchmarks/results/victims/<attack>-<hash>.pt and .pt.json, keyed by the attack, the options that differ
           from its defaults (as validated: "0.05" and 0.05 are one option) and the recipe (cache_key); an
           interrupted build resumes from its checkpoint; a finished one is reused as it is.
