@@ -1,16 +1,17 @@
-"""Every repair defense of the registry on strong CIFAR-10 victims: remaining ASR within the CDA budget.
+"""Every defense of the registry on strong CIFAR-10 victims: remaining ASR within the CDA budget.
 
 What:     per attack (--attacks) a strong victim from the shared cache (benchmarks/victims.py: the pretrained
           ResNet-20 fine-tuned on the full poisoned training set; undefended non-target ASR >= 0.9 for BadNets
-          and Blend, A-Blend 0.80 by design, WaNet 0.78 after 8 epochs), repaired by every repair defense of
-          guard.repair (--defenses; default list_defenses("repair")) with a class-stratified --trusted-fraction
-          of the clean training set (1 %: v_1% of pick_your_poison.txt Table 3). Each defense runs its registry
-          defaults (Table 5 / the original papers), its step budgets multiplied by --scale; CDA is measured on
-          the first HELDOUT_IMAGES lossless test images, ASR (PyP's M2) on the same images stamped with the
-          trigger. Per defense: the remaining ASR at the chosen point
+          and Blend, A-Blend 0.80 by design, WaNet 0.78 after 8 epochs), defended by every defense of
+          guard.repair (--defenses; default list_defenses(): the repairs and MOTH) with a class-stratified
+          --trusted-fraction of the clean training set (1 %: v_1% of pick_your_poison.txt Table 3). Each defense
+          runs its registry defaults (Table 5 / the original papers), its step budgets multiplied by --scale
+          (MOTH's budget is its epochs over the trusted set, which --scale leaves; it keeps its final model); CDA
+          is measured on the first HELDOUT_IMAGES lossless test images, ASR (PyP's M2) on the same images stamped
+          with the trigger. Per defense: the remaining ASR at the chosen point
           within the 2-point CDA budget (v_r, M10), its CDA, the whole trade-off curve and the wall time; the
           papers' figures beside them: Table 3 (Ours = Pivotal Tuning, WD, FP, NAD, NC; BadNets, A-Blend and
-          WaNet rows) and MOTH's Table 8 (FP, MCR; Blend row, accuracy / ASR after repair on ResNet-20).
+          WaNet rows) and MOTH's Table 8 (FP, MCR, MOTH; Blend row, accuracy / ASR after repair on ResNet-20).
 Hardware: one job per (attack, defense), run as a guard.sweep grid: Ray tasks of --threads CPUs each (and one
           GPU each when CUDA is available) on a local Ray or --address; --serial runs them here one by one.
 Output:   benchmarks/results/defenses_cifar10.json and .png (trade-off curves per attack, v_r bars), or --out;
@@ -167,7 +168,7 @@ def repair_job(attack: str, defense: str, overrides: dict, scale: float, trusted
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--attacks", default=",".join(ATTACKS))
-    parser.add_argument("--defenses", default=",".join(list_defenses("repair")))
+    parser.add_argument("--defenses", default=",".join(list_defenses()))
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every step budget (default 1: Table 5)")
     parser.add_argument("--opt", action="append", default=[], metavar="DEFENSE.FIELD=VALUE",
                         help="override a defense's config field (repeatable), e.g. anp.eps=0.1")
