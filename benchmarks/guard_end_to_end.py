@@ -11,9 +11,10 @@ Policies: plain            guard off, no detector: the undefended model
           rescaler         ReScaler's label, no detector (the endpoint before the policy)
           detect-refuse    guard off (one forward) with the detector: flagged requests get a 422
           rescaler-refuse  ReScaler's label with the detector: flagged requests get a 422
-          repaired         guard off, the label of the victim repaired by --repair (a registered repair defense
-                           on a class-stratified --trusted-fraction of the clean training set, its CDA budget
-                           on the calibration images; no trigger known, so the last point within the budget)
+          repaired         guard off, the label of the victim repaired by --repair (a registered repair defense,
+                           or several joined by + run in order, on a class-stratified --trusted-fraction of the
+                           clean training set, each with its CDA budget on the calibration images; no trigger
+                           known, so the last point within the budget)
           repaired-refuse  the repaired label with the detector: flagged requests get a 422
 Reports:  per victim and policy: the clean accuracy clients receive (a refused clean request is a wrong answer)
           and its loss against plain, the attack success clients receive (the target label answered to a
@@ -28,7 +29,7 @@ Output:   benchmarks/results/guard_end_to_end.json and .png; the JSON accumulate
           measured with the same options, false-positive rate, every asked policy and the same repair is kept); the
           repaired weights are cached in runs/end_to_end/ATTACK/, named after the victim they repair.
 Run:      GUARD_DATA_DIR=../shared/data python benchmarks/guard_end_to_end.py [--attacks badnets,blend] [--fpr 0.01]
-          [--policies plain,repaired,repaired-refuse] [--repair nc-pyp] [--trusted-fraction 0.01] [--scale 0.25]
+          [--policies plain,repaired,repaired-refuse] [--repair nc-pyp|nc+nad] [--trusted-fraction 0.01] [--scale 0.25]
 """
 
 from __future__ import annotations
@@ -113,22 +114,44 @@ def traffic(v, test) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     return evaluation.images, evaluation.labels, stamp_sources(attack, evaluation).images, attack.config.target
 
 
-def repaired_weights(v, method: str, trusted_fraction: float, scale: float, heldout, run: Path) -> tuple[Path, dict]:
-    """Victim ``v`` repaired by the registered defense ``method`` (its defaults, step budgets times ``scale``:
-    defenses_cifar10.scaled) with a class-stratified ``trusted_fraction`` of the clean training set, the CDA
-    budget measured on ``heldout``; no ASR probe (the defender does not know the trigger), so the last point
-    within the budget. Cached in ``run``, named after the victim's weights."""
-    out = run / f"repaired-{method}-{trusted_fraction:g}-{scale:g}-{v.weights.stem}.pt"
-    record = out.with_name(out.name + ".json")
-    if not record.is_file():
-        train_set = load_dataset("cifar10", data_root(), split="train")
-        trusted = split_trusted(train_set, trusted_fraction, torch.Generator().manual_seed(SEED))
-        model = create("resnet20", weights=v.weights)
-        result = get_defense(method)(scaled(method, scale)).defend(model, trusted, eval_set=heldout,
-                                                                    generator=torch.Generator().manual_seed(SEED))
-        save_weights(result.model, out)
-        record.write_text(json.dumps({**result.to_dict(), "trusted_images": len(trusted)}, indent=1))
-    return out, json.loads(record.read_text())
+def repaired_weights(v, repair: str, trusted_fraction: float, scale: float, heldout, run: Path) -> tuple[Path, dict]:
+    """Victim ``v`` repaired by ``repair``: a registered repair defense, or several joined by ``+`` run in order,
+    each on the model the one before returned (``nc+nad``). Each runs its defaults with the step budgets times
+    ``scale`` (defenses_cifar10.scaled) on a class-stratified ``trusted_fraction`` of the clean training set, its
+    CDA budget measured on ``heldout`` against its own input (a chain's costs add up; the clients' clean accuracy
+    is what the benchmark reports); no ASR probe (the defender does not know the trigger), so the last point
+    within the budget. Each stage is cached in ``run``, named after the chain so far and the victim's weights
+    (a chain reuses the cached repair of its first defense)."""
+    methods, weights, stages = repair.split("+"), v.weights, []
+    for i, method in enumerate(methods):
+        out = run / f"repaired-{'+'.join(methods[:i + 1])}-{trusted_fraction:g}-{scale:g}-{v.weights.stem}.pt"
+        record = out.with_name(out.name + ".json")
+        if not record.is_file():
+            train_set = load_dataset("cifar10", data_root(), split="train")
+            trusted = split_trusted(train_set, trusted_fraction, torch.Generator().manual_seed(SEED))
+            model = create("resnet20", weights=weights)
+            result = get_defense(method)(scaled(method, scale)).defend(model, trusted, eval_set=heldout,
+                                                                        generator=torch.Generator().manual_seed(SEED))
+            save_weights(result.model, out)
+            record.write_text(json.dumps({**result.to_dict(), "trusted_images": len(trusted)}, indent=1))
+        stage = json.loads(record.read_text())
+        stages.append({"method": method, "cda0": stage["cda0"], "cda": stage["chosen"]["cda"],
+                       "step": stage["chosen"]["step"], "stopped_early": stage["stopped_early"],
+                       "seconds": round(stage["seconds"], 1), "trusted_images": stage["trusted_images"]})
+        weights = out
+    return weights, {"cda0": stages[0]["cda0"], "cda": stages[-1]["cda"], "step": stages[-1]["step"],
+                     "stopped_early": any(s["stopped_early"] for s in stages),
+                     "seconds": round(sum(s["seconds"] for s in stages), 1),
+                     "trusted_images": stages[0]["trusted_images"], **({"stages": stages} if len(stages) > 1 else {})}
+
+
+def repair_chain(text: str) -> str:
+    """``--repair``: a registered repair defense, or several joined by ``+``."""
+    unknown = [m for m in text.split("+") if m not in list_defenses("repair")]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown repair defenses {unknown} in {text!r}; choose from "
+                                         f"{list_defenses('repair')}, joined by '+' to run several in order")
+    return text
 
 
 def measure(attack_name: str, test, fpr: float, options: dict | None = None, label: str | None = None,
@@ -136,8 +159,8 @@ def measure(attack_name: str, test, fpr: float, options: dict | None = None, lab
             trusted_fraction: float = 0.01, scale: float = 1.0, amplified: int = 0) -> dict:
     """``policies`` (``plain`` among them) on the cached victim of ``attack_name`` built with ``options`` (default:
     ATTACKS'), served from runs/end_to_end/``label`` (default: the attack's name); the ``answer="repaired"``
-    policies answer with the victim repaired by the defense ``repair`` (:func:`repaired_weights`); the detector
-    joins ``amplified`` amplified copies."""
+    policies answer with the victim repaired by ``repair`` (one defense or a chain: :func:`repaired_weights`);
+    the detector joins ``amplified`` amplified copies."""
     if "plain" not in policies:
         raise ValueError(f"the policies must include 'plain', the baseline of every other; got {list(policies)}")
     needs_repair = [p for p in policies if p in REPAIRED_POLICIES]
@@ -163,7 +186,7 @@ def measure(attack_name: str, test, fpr: float, options: dict | None = None, lab
         build_archive("resnet20", v.weights, store / f"{policy}.mar", config, force=True,
                       detector=detector_file if with_detector else None,
                       repaired=repaired if answers_repaired else None,
-                      repaired_method=repair if answers_repaired else None)
+                      repaired_method=repair.split("+")[-1] if answers_repaired else None)
     settings = ServerSettings(*free_ports(5), token_auth=False, batch_size=8, max_batch_delay_ms=20, threads=2)
     rows = {}
     with TorchServe(run / "server", store, {p: f"{p}.mar" for p in policies}, settings) as server:
@@ -197,11 +220,7 @@ def measure(attack_name: str, test, fpr: float, options: dict | None = None, lab
             "requests": {"clean": len(clean), "triggered": len(triggered)}, "took_hold": took_hold,
             "detector": {**detector.metadata(), "calibrate_seconds": round(calibrate_seconds, 2)},
             "repair": None if repair_record is None else {
-                "method": repair, "trusted_fraction": trusted_fraction, "scale": scale,
-                "trusted_images": repair_record["trusted_images"], "cda0": repair_record["cda0"],
-                "cda": repair_record["chosen"]["cda"],
-                "step": repair_record["chosen"]["step"], "stopped_early": repair_record["stopped_early"],
-                "seconds": round(repair_record["seconds"], 1)},
+                "method": repair, "trusted_fraction": trusted_fraction, "scale": scale, **repair_record},
             "estimated_asr_truth": round(truth, 4), "policies": rows}
 
 
@@ -249,8 +268,9 @@ def main() -> None:
     parser.add_argument("--amplified", type=int, default=0,
                         help="the detector's amplified copies (guard calibrate --amplified; default 0)")
     parser.add_argument("--policies", default=",".join(POLICIES), help=f"a comma list of {list(POLICIES)}")
-    parser.add_argument("--repair", default="nc-pyp", choices=list_defenses("repair"),
-                        help="the repair defense of the repaired policies (its registry defaults)")
+    parser.add_argument("--repair", default="nc-pyp", type=repair_chain,
+                        help=f"the repair defense of the repaired policies (its registry defaults), one of "
+                             f"{list_defenses('repair')}, or several joined by '+' to run in order (nc+nad)")
     parser.add_argument("--trusted-fraction", type=float, default=0.01,
                         help="the share of the clean training set the repair trusts (default 0.01)")
     parser.add_argument("--scale", type=float, default=1.0,
