@@ -122,13 +122,14 @@ def repaired_weights(v, repair: str, trusted_fraction: float, scale: float, held
     is what the benchmark reports); no ASR probe (the defender does not know the trigger), so the last point
     within the budget. Each stage is cached in ``run``, named after the chain so far and the victim's weights
     (a chain reuses the cached repair of its first defense)."""
-    methods, weights, stages = repair.split("+"), v.weights, []
+    methods, weights, stages, trusted = repair.split("+"), v.weights, [], None
     for i, method in enumerate(methods):
         out = run / f"repaired-{'+'.join(methods[:i + 1])}-{trusted_fraction:g}-{scale:g}-{v.weights.stem}.pt"
         record = out.with_name(out.name + ".json")
         if not record.is_file():
-            train_set = load_dataset("cifar10", data_root(), split="train")
-            trusted = split_trusted(train_set, trusted_fraction, torch.Generator().manual_seed(SEED))
+            if trusted is None:   # the same trusted images for every stage, loaded once
+                train_set = load_dataset("cifar10", data_root(), split="train")
+                trusted = split_trusted(train_set, trusted_fraction, torch.Generator().manual_seed(SEED))
             model = create("resnet20", weights=weights)
             result = get_defense(method)(scaled(method, scale)).defend(model, trusted, eval_set=heldout,
                                                                         generator=torch.Generator().manual_seed(SEED))
