@@ -113,6 +113,21 @@ def scaled(name: str, scale: float):
     return dataclasses.replace(config, **changes)
 
 
+def parse_overrides(opts: list[str], defenses: list[str]) -> dict[str, dict]:
+    """``--opt DEFENSE.FIELD=VALUE`` (repeatable) as ``{defense: {field: value}}``, each value of its field's
+    type; a defense not in ``defenses`` or a field its config lacks stops the run with both named."""
+    overrides: dict[str, dict] = {}
+    for opt in opts:
+        target, _, value = opt.partition("=")
+        name, _, field = target.partition(".")
+        default = getattr(get_defense(name).config_class(), field, None) if name in defenses else None
+        if not value or default is None:
+            raise SystemExit(f"--opt {opt!r}: expected DEFENSE.FIELD=VALUE for a field of one of {defenses}")
+        overrides.setdefault(name, {})[field] = (value.lower() in ("1", "true") if isinstance(default, bool)
+                                                 else type(default)(value))
+    return overrides
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -183,15 +198,7 @@ def main() -> None:
     unknown = [a for a in attacks if a not in ATTACKS] + [d for d in defenses if d not in list_defenses()]
     if unknown:
         raise SystemExit(f"unknown attacks/defenses {unknown}; attacks: {list(ATTACKS)}, defenses: {list_defenses()}")
-    overrides: dict[str, dict] = {}
-    for opt in args.opt:
-        target, _, value = opt.partition("=")
-        name, _, field = target.partition(".")
-        default = getattr(get_defense(name).config_class(), field, None) if name in defenses else None
-        if not value or default is None:
-            raise SystemExit(f"--opt {opt!r}: expected DEFENSE.FIELD=VALUE for a field of one of {defenses}")
-        overrides.setdefault(name, {})[field] = (value.lower() in ("1", "true") if isinstance(default, bool)
-                                                 else type(default)(value))
+    overrides = parse_overrides(args.opt, defenses)
     if not 0 < args.scale <= 1:
         raise SystemExit(f"--scale must be in (0, 1], got {args.scale}")
     torch.set_num_threads(args.threads)

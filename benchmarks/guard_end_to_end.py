@@ -12,7 +12,8 @@ Policies: plain            guard off, no detector: the undefended model
           detect-refuse    guard off (one forward) with the detector: flagged requests get a 422
           rescaler-refuse  ReScaler's label with the detector: flagged requests get a 422
           repaired         guard off, the label of the victim repaired by --repair (a registered repair defense,
-                           or several joined by + run in order, on a class-stratified --trusted-fraction of the
+                           or several joined by + run in order, each at its defaults with the step budgets
+                           times --scale and the --opt overrides, on a class-stratified --trusted-fraction of the
                            clean training set, each with its CDA budget on the calibration images; no trigger
                            known, so the last point within the budget)
           repaired-refuse  the repaired label with the detector: flagged requests get a 422
@@ -30,11 +31,13 @@ Output:   benchmarks/results/guard_end_to_end.json and .png; the JSON accumulate
           repaired weights are cached in runs/end_to_end/ATTACK/, named after the victim they repair.
 Run:      GUARD_DATA_DIR=../shared/data python benchmarks/guard_end_to_end.py [--attacks badnets,blend] [--fpr 0.01]
           [--policies plain,repaired,repaired-refuse] [--repair nc-pyp|nc+nad] [--trusted-fraction 0.01] [--scale 0.25]
+          [--opt fine-tune.steps=1000]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import platform
@@ -57,7 +60,7 @@ from guard.repair import get_defense, list_defenses, split_trusted
 from guard.serving import GuardConfig, ServerSettings, TorchServe, build_archive, free_ports
 # benchmarks/victims.py: the shared cache of strong victims and the benchmarks' helpers
 from victims import DEFENSE_VICTIMS, data_root, results_name, stamp_sources, victim
-from defenses_cifar10 import scaled   # a defense's defaults with its step budgets shrunk
+from defenses_cifar10 import parse_overrides, scaled   # --opt; a defense's defaults with its step budgets shrunk
 
 ATTACKS = DEFENSE_VICTIMS
 #: policy -> (guard config, archive carries the detector); an ``answer="repaired"`` archive also carries the
@@ -114,29 +117,40 @@ def traffic(v, test) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     return evaluation.images, evaluation.labels, stamp_sources(attack, evaluation).images, attack.config.target
 
 
-def repaired_weights(v, repair: str, trusted_fraction: float, scale: float, heldout, run: Path) -> tuple[Path, dict]:
+def stage_name(method: str, overrides: dict[str, dict]) -> str:
+    """A chain stage as the cache and the results name it: ``fine-tune[steps=1000]`` with ``--opt`` overrides."""
+    fields = overrides.get(method, {})
+    return method + (f"[{','.join(f'{k}={v}' for k, v in sorted(fields.items()))}]" if fields else "")
+
+
+def repaired_weights(v, repair: str, trusted_fraction: float, scale: float, heldout, run: Path,
+                     overrides: dict[str, dict] | None = None) -> tuple[Path, dict]:
     """Victim ``v`` repaired by ``repair``: a registered repair defense, or several joined by ``+`` run in order,
     each on the model the one before returned (``nc+nad``). Each runs its defaults with the step budgets times
-    ``scale`` (defenses_cifar10.scaled) on a class-stratified ``trusted_fraction`` of the clean training set, its
+    ``scale`` (defenses_cifar10.scaled), then its ``overrides`` (``{defense: {field: value}}``, ``--opt``), on a
+    class-stratified ``trusted_fraction`` of the clean training set, its
     CDA budget measured on ``heldout`` against its own input (a chain's costs add up; the clients' clean accuracy
     is what the benchmark reports); no ASR probe (the defender does not know the trigger), so the last point
     within the budget. Each stage is cached in ``run``, named after the chain so far and the victim's weights
     (a chain reuses the cached repair of its first defense)."""
+    overrides = overrides or {}
     methods, weights, stages, trusted = repair.split("+"), v.weights, [], None
+    names = [stage_name(m, overrides) for m in methods]
     for i, method in enumerate(methods):
-        out = run / f"repaired-{'+'.join(methods[:i + 1])}-{trusted_fraction:g}-{scale:g}-{v.weights.stem}.pt"
+        out = run / f"repaired-{'+'.join(names[:i + 1])}-{trusted_fraction:g}-{scale:g}-{v.weights.stem}.pt"
         record = out.with_name(out.name + ".json")
         if not record.is_file():
             if trusted is None:   # the same trusted images for every stage, loaded once
                 train_set = load_dataset("cifar10", data_root(), split="train")
                 trusted = split_trusted(train_set, trusted_fraction, torch.Generator().manual_seed(SEED))
             model = create("resnet20", weights=weights)
-            result = get_defense(method)(scaled(method, scale)).defend(model, trusted, eval_set=heldout,
-                                                                        generator=torch.Generator().manual_seed(SEED))
+            config = dataclasses.replace(scaled(method, scale), **overrides.get(method, {}))
+            result = get_defense(method)(config).defend(model, trusted, eval_set=heldout,
+                                                        generator=torch.Generator().manual_seed(SEED))
             save_weights(result.model, out)
             record.write_text(json.dumps({**result.to_dict(), "trusted_images": len(trusted)}, indent=1))
         stage = json.loads(record.read_text())
-        stages.append({"method": method, "cda0": stage["cda0"], "cda": stage["chosen"]["cda"],
+        stages.append({"method": names[i], "cda0": stage["cda0"], "cda": stage["chosen"]["cda"],
                        "step": stage["chosen"]["step"], "stopped_early": stage["stopped_early"],
                        "seconds": round(stage["seconds"], 1), "trusted_images": stage["trusted_images"]})
         weights = out
@@ -157,11 +171,12 @@ def repair_chain(text: str) -> str:
 
 def measure(attack_name: str, test, fpr: float, options: dict | None = None, label: str | None = None,
             policies: tuple[str, ...] = SERVED_POLICIES, repair: str | None = None,
-            trusted_fraction: float = 0.01, scale: float = 1.0, amplified: int = 0) -> dict:
+            trusted_fraction: float = 0.01, scale: float = 1.0, amplified: int = 0,
+            overrides: dict[str, dict] | None = None) -> dict:
     """``policies`` (``plain`` among them) on the cached victim of ``attack_name`` built with ``options`` (default:
     ATTACKS'), served from runs/end_to_end/``label`` (default: the attack's name); the ``answer="repaired"``
     policies answer with the victim repaired by ``repair`` (one defense or a chain: :func:`repaired_weights`);
-    the detector joins ``amplified`` amplified copies."""
+    ``overrides`` change the repair stages' configs; the detector joins ``amplified`` amplified copies."""
     if "plain" not in policies:
         raise ValueError(f"the policies must include 'plain', the baseline of every other; got {list(policies)}")
     needs_repair = [p for p in policies if p in REPAIRED_POLICIES]
@@ -178,8 +193,8 @@ def measure(attack_name: str, test, fpr: float, options: dict | None = None, lab
     calibrate_seconds = time.perf_counter() - started
     run = RUNS / (label or attack_name)
     detector_file = detector.save(run / "detector.safetensors")
-    repaired, repair_record = (repaired_weights(v, repair, trusted_fraction, scale, calibration, run) if needs_repair
-                               else (None, None))
+    repaired, repair_record = (repaired_weights(v, repair, trusted_fraction, scale, calibration, run, overrides)
+                               if needs_repair else (None, None))
     store = run / "store"
     for policy in policies:
         config, with_detector = POLICIES[policy]
@@ -221,7 +236,8 @@ def measure(attack_name: str, test, fpr: float, options: dict | None = None, lab
             "requests": {"clean": len(clean), "triggered": len(triggered)}, "took_hold": took_hold,
             "detector": {**detector.metadata(), "calibrate_seconds": round(calibrate_seconds, 2)},
             "repair": None if repair_record is None else {
-                "method": repair, "trusted_fraction": trusted_fraction, "scale": scale, **repair_record},
+                "method": repair, "trusted_fraction": trusted_fraction, "scale": scale,
+                "overrides": overrides or {}, **repair_record},
             "estimated_asr_truth": round(truth, 4), "policies": rows}
 
 
@@ -276,6 +292,9 @@ def main() -> None:
                         help="the share of the clean training set the repair trusts (default 0.01)")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply the repair's step budgets (default 1: its registry defaults)")
+    parser.add_argument("--opt", action="append", default=[], metavar="DEFENSE.FIELD=VALUE",
+                        help="override a repair stage's config field after --scale (repeatable), e.g. "
+                             "fine-tune.steps=1000")
     parser.add_argument("--out", type=results_name,
                         default="guard_end_to_end", help="results name in benchmarks/results/")
     args = parser.parse_args()
@@ -288,6 +307,7 @@ def main() -> None:
     if "plain" not in policies:
         policies = ("plain", *policies)   # the baseline of every other policy
     repair = args.repair if set(policies) & set(REPAIRED_POLICIES) else None
+    overrides = parse_overrides(args.opt, repair.split("+") if repair else [])
     test = load_dataset("cifar10", data_root(), split="test-lossless")
     out_json = OUT / f"{args.out}.json"
     results = json.loads(out_json.read_text()) if out_json.is_file() else {}
@@ -307,10 +327,10 @@ def main() -> None:
         if row and set(policies) <= set(row["policies"]) and (
                 repair is None or (row.get("repair") or {}).get("method") == repair
                 and row["repair"]["trusted_fraction"] == args.trusted_fraction
-                and row["repair"].get("scale") == args.scale):
+                and row["repair"].get("scale") == args.scale and row["repair"].get("overrides", {}) == overrides):
             continue
         measured = measure(attack_name, test, args.fpr, amplified=args.amplified, policies=policies, repair=repair,
-                           trusted_fraction=args.trusted_fraction, scale=args.scale)
+                           trusted_fraction=args.trusted_fraction, scale=args.scale, overrides=overrides)
         if row:   # the policies measured before and not now stay (their answers are the same model's)
             measured["policies"] = {**row["policies"], **measured["policies"]}
             measured["repair"] = measured["repair"] or row.get("repair")
