@@ -18,12 +18,14 @@ Policies: plain            guard off, no detector: the undefended model
                            known, so the last point within the budget)
           repaired-refuse  the repaired label with the detector: flagged requests get a 422
 Reports:  per victim and policy: the clean accuracy clients receive (a refused clean request is a wrong answer)
-          and its loss against plain, the attack success clients receive (the target label answered to a
-          triggered request; a refusal is a failure), refusal rates, images/s through the endpoint, and the
-          target class's guard_estimated_asr after each phase beside its truth (the share of the window's
-          requests the undefended model sent to the target that carry a successful trigger). The goal:
-          at most 5 % attack success at at most 2 points of clean accuracy, on every attack that took hold
-          (undefended attack success >= 0.5).
+          and its loss against plain (with its paired standard error), the attack success clients receive (the
+          target label answered to a triggered request; a refusal is a failure), refusal rates, images/s through
+          the endpoint, and the target class's guard_estimated_asr after each phase beside its truth (the share
+          of the window's requests the undefended model sent to the target that carry a successful trigger). The
+          goal: at most 5 % attack success at at most 2 points of clean accuracy, on every attack that took
+          hold (undefended attack success >= 0.5). Beside the served window, --splits random calibration/traffic
+          splits of the same 1,000 images, replayed in process with the served models and the handler's calls:
+          the median and range of the guard-off policies' clean loss and attack success.
 Hardware: CPU (the project's 2 cores: the server and the clients share them); TorchServe uses a GPU when one is
           visible.
 Output:   benchmarks/results/guard_end_to_end.json and .png; the JSON accumulates over runs (a victim already
@@ -31,7 +33,7 @@ Output:   benchmarks/results/guard_end_to_end.json and .png; the JSON accumulate
           repaired weights are cached in runs/end_to_end/ATTACK/, named after the victim they repair.
 Run:      GUARD_DATA_DIR=../shared/data python benchmarks/guard_end_to_end.py [--attacks badnets,blend] [--fpr 0.01]
           [--policies plain,repaired,repaired-refuse] [--repair nc-pyp|nc+nad] [--trusted-fraction 0.01] [--scale 0.25]
-          [--opt fine-tune.steps=1000]
+          [--opt fine-tune.steps=1000] [--splits 10]
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from PIL import Image
 import guard
 from guard.attacks import load_record
 from guard.data import load_dataset
-from guard.detect import TriggerDetector
+from guard.detect import TriggerDetector, consistency, layer_features
 from guard.models import create, save_weights
 from guard.repair import get_defense, list_defenses, split_trusted
 from guard.serving import GuardConfig, ServerSettings, TorchServe, build_archive, free_ports
@@ -110,11 +112,60 @@ def target_gauge(server: TorchServe, name: str, target: int) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def traffic(v, test) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """(clean images, their labels, triggered images of the non-target/source classes, target) for victim ``v``."""
+def traffic(v, test, indices=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(clean images, their labels, triggered images of the non-target/source classes, target) for victim ``v``:
+    the test images ``indices`` (default: those after the calibration images)."""
     attack = load_record(v.record)
-    evaluation = test.subset(range(CALIBRATION_IMAGES, len(test)))
+    evaluation = test.subset(range(CALIBRATION_IMAGES, len(test)) if indices is None else indices)
     return evaluation.images, evaluation.labels, stamp_sources(attack, evaluation).images, attack.config.target
+
+
+def replay_splits(v, test, fpr: float, amplified: int, repaired: Path | None, splits: int) -> dict:
+    """What the guard-off policies would give on ``splits`` random calibration/traffic splits of the same test
+    images (CALIBRATION_IMAGES to calibrate, the rest as traffic), replayed in process with the calls the
+    handler makes (:meth:`guard.detect.TriggerDetector.score` of the served forward's features, the repaired
+    model's label): the spread one fixed 300-image window hides. The repaired model is the served one; its CDA
+    budget was measured on the served window's calibration images, some of which a random split sends as
+    traffic. ``{policy: {"clean_accuracy_loss", "attack_success": {"median", "min", "max"}}}``."""
+    model = create("resnet20", weights=v.weights).eval()
+    repaired_model = None if repaired is None else create("resnet20", weights=repaired).eval()
+    outcomes: dict[str, dict[str, list[float]]] = {}
+    for split in range(splits):
+        order = torch.randperm(len(test), generator=torch.Generator().manual_seed(split))
+        calibration, rest = order[:CALIBRATION_IMAGES], order[CALIBRATION_IMAGES:]
+        detector = TriggerDetector.calibrate(model, test.images[calibration].float() / 255, false_positive_rate=fpr,
+                                             amplified=amplified, generator=torch.Generator().manual_seed(SEED))
+        copies = [] if detector.amplification is None else detector.amplification.copies(model)
+        clean, labels, triggered, target = traffic(v, test, rest)
+
+        def answer(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            x = images.float() / 255
+            with torch.no_grad(), layer_features(model, detector.layers) as captured:
+                original = model(x).argmax(1)
+            features = {name: torch.cat(values) for name, values in captured.items()}
+            flagged = detector.score(features, original,
+                                     consistency(copies, x, original) if copies else None).flagged
+            with torch.no_grad():
+                fixed = original if repaired_model is None else repaired_model(x).argmax(1)
+            return original, fixed, flagged
+
+        clean_plain, clean_fixed, clean_flagged = answer(clean)
+        trig_plain, trig_fixed, trig_flagged = answer(triggered)
+        plain_accuracy = (clean_plain == labels).float().mean().item()
+        policies = {"detect-refuse": (clean_plain, trig_plain, True)}
+        if repaired_model is not None:
+            policies.update({"repaired": (clean_fixed, trig_fixed, False),
+                             "repaired-refuse": (clean_fixed, trig_fixed, True)})
+        for policy, (clean_label, trig_label, refuses) in policies.items():
+            keep_clean = ~clean_flagged if refuses else torch.ones_like(clean_flagged)
+            keep_trig = ~trig_flagged if refuses else torch.ones_like(trig_flagged)
+            row = outcomes.setdefault(policy, {"clean_accuracy_loss": [], "attack_success": []})
+            accuracy = ((clean_label == labels) & keep_clean).float().mean().item()
+            row["clean_accuracy_loss"].append(plain_accuracy - accuracy)
+            row["attack_success"].append(((trig_label == target) & keep_trig).float().mean().item())
+    return {policy: {name: {"median": round(float(np.median(values)), 4), "min": round(min(values), 4),
+                            "max": round(max(values), 4)} for name, values in row.items()}
+            for policy, row in outcomes.items()}
 
 
 def stage_name(method: str, overrides: dict[str, dict]) -> str:
@@ -172,11 +223,12 @@ def repair_chain(text: str) -> str:
 def measure(attack_name: str, test, fpr: float, options: dict | None = None, label: str | None = None,
             policies: tuple[str, ...] = SERVED_POLICIES, repair: str | None = None,
             trusted_fraction: float = 0.01, scale: float = 1.0, amplified: int = 0,
-            overrides: dict[str, dict] | None = None) -> dict:
+            overrides: dict[str, dict] | None = None, splits: int = 0) -> dict:
     """``policies`` (``plain`` among them) on the cached victim of ``attack_name`` built with ``options`` (default:
     ATTACKS'), served from runs/end_to_end/``label`` (default: the attack's name); the ``answer="repaired"``
     policies answer with the victim repaired by ``repair`` (one defense or a chain: :func:`repaired_weights`);
-    ``overrides`` change the repair stages' configs; the detector joins ``amplified`` amplified copies."""
+    ``overrides`` change the repair stages' configs; the detector joins ``amplified`` amplified copies; ``splits``
+    random calibration/traffic splits are replayed in process (:func:`replay_splits`)."""
     if "plain" not in policies:
         raise ValueError(f"the policies must include 'plain', the baseline of every other; got {list(policies)}")
     needs_repair = [p for p in policies if p in REPAIRED_POLICIES]
@@ -228,25 +280,36 @@ def measure(attack_name: str, test, fpr: float, options: dict | None = None, lab
     truth = sum(y == target for y in plain_trig) / max(to_target, 1)
     plain = rows["plain"]
     took_hold = plain["attack_success"] >= TOOK_HOLD
+    replayed = replay_splits(v, test, fpr, amplified, repaired, splits) if splits else {}
+    for policy, row in replayed.items():
+        print(f"{attack_name:15s} {policy:16s} over {splits} splits: clean loss median "
+              f"{row['clean_accuracy_loss']['median']:+.3f} ({row['clean_accuracy_loss']['min']:+.3f}.."
+              f"{row['clean_accuracy_loss']['max']:+.3f}), ASR median {row['attack_success']['median']:.3f} "
+              f"({row['attack_success']['min']:.3f}..{row['attack_success']['max']:.3f})", flush=True)
     for row in rows.values():
         row["clean_accuracy_loss"] = round(plain["clean_accuracy"] - row["clean_accuracy"], 4)
+        # paired over the same clean requests: the standard error of the loss (the window is a few hundred images)
+        lost = np.asarray(plain["clean_correct"], float) - np.asarray(row["clean_correct"], float)
+        row["clean_accuracy_loss_se"] = round(float(lost.std(ddof=1) / np.sqrt(len(lost))), 4)
         row["meets_goal"] = bool(row["attack_success"] <= GOAL_ASR and row["clean_accuracy_loss"] <= GOAL_CLEAN_LOSS)
-        row.pop("answers")
+    for row in rows.values():
+        row.pop("answers"), row.pop("clean_correct")
     return {"options": options, "target": target, "victim": {"cda": v.cda, "asr": v.asr},
             "requests": {"clean": len(clean), "triggered": len(triggered)}, "took_hold": took_hold,
             "detector": {**detector.metadata(), "calibrate_seconds": round(calibrate_seconds, 2)},
             "repair": None if repair_record is None else {
                 "method": repair, "trusted_fraction": trusted_fraction, "scale": scale,
                 "overrides": overrides or {}, **repair_record},
-            "estimated_asr_truth": round(truth, 4), "policies": rows}
+            "estimated_asr_truth": round(truth, 4), "policies": rows,
+            **({"splits": {"count": splits, "policies": replayed}} if splits else {})}
 
 
 def summarize(clean_answers, labels, trig_answers, target) -> dict:
     def answered(status, body, want) -> bool:
         return status == 200 and body["label"] == want
 
-    return {"clean_accuracy": round(float(np.mean([answered(s, b, int(y))
-                                                   for (s, b), y in zip(clean_answers, labels)])), 4),
+    correct = [answered(s, b, int(y)) for (s, b), y in zip(clean_answers, labels)]
+    return {"clean_accuracy": round(float(np.mean(correct)), 4), "clean_correct": correct,
             "clean_refused": round(float(np.mean([s == 422 for s, _ in clean_answers])), 4),
             "attack_success": round(float(np.mean([answered(s, b, target) for s, b in trig_answers])), 4),
             "triggered_refused": round(float(np.mean([s == 422 for s, _ in trig_answers])), 4),
@@ -267,13 +330,20 @@ def plot(results: dict, path: Path) -> None:
         rows = [results["attacks"][a]["policies"].get(policy, {}) for a in attacks]
         axes[0].bar(xs, [r.get("attack_success", np.nan) for r in rows], width, label=policy)
         axes[1].bar(xs, [100 * r.get("clean_accuracy_loss", np.nan) for r in rows], width, label=policy)
+        replayed = [results["attacks"][a].get("splits", {}).get("policies", {}).get(policy) for a in attacks]
+        for ax, key, unit in ((axes[0], "attack_success", 1), (axes[1], "clean_accuracy_loss", 100)):
+            spread = [(unit * r[key]["median"], unit * r[key]["min"], unit * r[key]["max"]) if r else (np.nan,) * 3
+                      for r in replayed]
+            median, low, high = (np.array(v) for v in zip(*spread))
+            ax.errorbar(xs, median, yerr=(median - low, high - median), fmt="o", color="k", ms=3, lw=0.8,
+                        label="median and range over the splits" if k == 0 else None)
     axes[0].axhline(GOAL_ASR, color="k", ls="--", lw=1, label="goal")
     axes[1].axhline(100 * GOAL_CLEAN_LOSS, color="k", ls="--", lw=1, label="goal")
     for ax, title in zip(axes, ("attack success received by clients", "clean accuracy loss vs plain (points)")):
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(attacks))], attacks, rotation=20)
         ax.set_title(title)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(POLICIES) + 1, fontsize=8)
-    fig.suptitle(f"guard end to end through TorchServe (trigger detector at {results['params']['fpr']:.0%} FPR)")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(POLICIES) + 2, fontsize=8)
+    fig.suptitle(f"guard end to end through TorchServe (trigger detector at {results['params']['fpr']:.1%} FPR)")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=120)
 
@@ -295,6 +365,9 @@ def main() -> None:
     parser.add_argument("--opt", action="append", default=[], metavar="DEFENSE.FIELD=VALUE",
                         help="override a repair stage's config field after --scale (repeatable), e.g. "
                              "fine-tune.steps=1000")
+    parser.add_argument("--splits", type=int, default=10,
+                        help="random calibration/traffic splits replayed in process beside the served window "
+                             "(default 10; 0: none)")
     parser.add_argument("--out", type=results_name,
                         default="guard_end_to_end", help="results name in benchmarks/results/")
     args = parser.parse_args()
@@ -304,6 +377,8 @@ def main() -> None:
         raise SystemExit(f"unknown attacks or policies {unknown}; choose from {list(ATTACKS)} and {list(POLICIES)}")
     if not 0 < args.scale <= 1:
         raise SystemExit(f"--scale must be in (0, 1], got {args.scale}")
+    if args.splits < 0:
+        raise SystemExit(f"--splits must be >= 0, got {args.splits}")
     if "plain" not in policies:
         policies = ("plain", *policies)   # the baseline of every other policy
     repair = args.repair if set(policies) & set(REPAIRED_POLICIES) else None
@@ -327,10 +402,12 @@ def main() -> None:
         if row and set(policies) <= set(row["policies"]) and (
                 repair is None or (row.get("repair") or {}).get("method") == repair
                 and row["repair"]["trusted_fraction"] == args.trusted_fraction
-                and row["repair"].get("scale") == args.scale and row["repair"].get("overrides", {}) == overrides):
+                and row["repair"].get("scale") == args.scale and row["repair"].get("overrides", {}) == overrides) and (
+                not args.splits or row.get("splits", {}).get("count") == args.splits):
             continue
         measured = measure(attack_name, test, args.fpr, amplified=args.amplified, policies=policies, repair=repair,
-                           trusted_fraction=args.trusted_fraction, scale=args.scale, overrides=overrides)
+                           trusted_fraction=args.trusted_fraction, scale=args.scale, overrides=overrides,
+                           splits=args.splits)
         if row:   # the policies measured before and not now stay (their answers are the same model's)
             measured["policies"] = {**row["policies"], **measured["policies"]}
             measured["repair"] = measured["repair"] or row.get("repair")
