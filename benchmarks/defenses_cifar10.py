@@ -123,8 +123,12 @@ def parse_overrides(opts: list[str], defenses: list[str]) -> dict[str, dict]:
         default = getattr(get_defense(name).config_class(), field, None) if name in defenses else None
         if not value or default is None:
             raise SystemExit(f"--opt {opt!r}: expected DEFENSE.FIELD=VALUE for a field of one of {defenses}")
-        overrides.setdefault(name, {})[field] = (value.lower() in ("1", "true") if isinstance(default, bool)
-                                                 else type(default)(value))
+        try:
+            overrides.setdefault(name, {})[field] = (value.lower() in ("1", "true") if isinstance(default, bool)
+                                                     else type(default)(value))
+        except ValueError:
+            raise SystemExit(f"--opt {opt!r}: {name}.{field} takes a {type(default).__name__} like "
+                             f"{default!r}, got {value!r}") from None
     return overrides
 
 
