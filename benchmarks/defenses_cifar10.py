@@ -127,7 +127,7 @@ def parse_overrides(opts: list[str], defenses: list[str]) -> dict[str, dict]:
             overrides.setdefault(name, {})[field] = (value.lower() in ("1", "true") if isinstance(default, bool)
                                                      else type(default)(value))
         except ValueError:
-            raise SystemExit(f"--opt {opt!r}: {name}.{field} takes a {type(default).__name__} like "
+            raise SystemExit(f"--opt {opt!r}: {name}.{field} takes {type(default).__name__} values like "
                              f"{default!r}, got {value!r}") from None
     return overrides
 
