@@ -25,7 +25,10 @@ Reports:  per victim and policy: the clean accuracy clients receive (a refused c
           goal: at most 5 % attack success at at most 2 points of clean accuracy, on every attack that took
           hold (undefended attack success >= 0.5). Beside the served window, --splits random calibration/traffic
           splits of the same 1,000 images, replayed in process with the served models and the handler's calls:
-          the median and range of the guard-off policies' clean loss and attack success.
+          the median and range of the guard-off policies' clean loss and attack success. And --unseen test images
+          outside those 1,000 (the shared data's JPEG-decoded test set: traffic none of the served parts saw, from
+          a shifted distribution), the first 700 of them set apart, replayed the same way with the served detector
+          and with one refitted on those 700: do the false-positive rate and the goal hold there?
 Hardware: CPU (the project's 2 cores: the server and the clients share them); TorchServe uses a GPU when one is
           visible.
 Output:   benchmarks/results/guard_end_to_end.json and .png; the JSON accumulates over runs (a victim already
@@ -33,7 +36,7 @@ Output:   benchmarks/results/guard_end_to_end.json and .png; the JSON accumulate
           repaired weights are cached in runs/end_to_end/ATTACK/, named after the victim they repair.
 Run:      GUARD_DATA_DIR=../shared/data python benchmarks/guard_end_to_end.py [--attacks badnets,blend] [--fpr 0.01]
           [--policies plain,repaired,repaired-refuse] [--repair nc-pyp|nc+nad] [--trusted-fraction 0.01] [--scale 0.25]
-          [--opt fine-tune.steps=1000] [--splits 10]
+          [--opt fine-tune.steps=1000] [--splits 10] [--unseen 9000]
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ POLICIES = {"plain": (GuardConfig(enabled=False), False), "rescaler": (GuardConf
 REPAIRED_POLICIES = tuple(p for p, (config, _) in POLICIES.items() if config.answer == "repaired")
 SERVED_POLICIES = tuple(p for p in POLICIES if p not in REPAIRED_POLICIES)
 CALIBRATION_IMAGES, CLIENTS, SEED = 700, 8, 0
+REPLAY_CHUNK = 500   # images per in-process forward of the replays
 GOAL_ASR, GOAL_CLEAN_LOSS, TOOK_HOLD = 0.05, 0.02, 0.5
 OUT = Path(__file__).parent / "results"
 RUNS = Path(__file__).resolve().parents[1] / "runs" / "end_to_end"
@@ -120,13 +124,53 @@ def traffic(v, test, indices=None) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return evaluation.images, evaluation.labels, stamp_sources(attack, evaluation).images, attack.config.target
 
 
+def guard_off_outcomes(model, repaired_model, detector: TriggerDetector, clean: torch.Tensor, labels: torch.Tensor,
+                       triggered: torch.Tensor, target: int) -> dict[str, dict[str, float]]:
+    """The guard-off policies replayed in process on ``clean`` (with ``labels``) and ``triggered`` uint8 images,
+    with the calls the handler makes (:meth:`guard.detect.TriggerDetector.score` of the served forward's features,
+    the repaired model's label), ``plain`` among them: ``{policy: {"clean_accuracy", "clean_accuracy_loss",
+    "attack_success", "clean_refused"}}``."""
+    copies = [] if detector.amplification is None else detector.amplification.copies(model)
+
+    def answer_chunk(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = images.float() / 255
+        with torch.no_grad(), layer_features(model, detector.layers) as captured:
+            original = model(x).argmax(1)
+        features = {name: torch.cat(values) for name, values in captured.items()}
+        flagged = detector.score(features, original, consistency(copies, x, original) if copies else None).flagged
+        with torch.no_grad():
+            fixed = original if repaired_model is None else repaired_model(x).argmax(1)
+        return original, fixed, flagged
+
+    def answer(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        chunks = [answer_chunk(chunk) for chunk in images.split(REPLAY_CHUNK)]
+        return tuple(torch.cat(parts) for parts in zip(*chunks))
+
+    clean_plain, clean_fixed, clean_flagged = answer(clean)
+    trig_plain, trig_fixed, trig_flagged = answer(triggered)
+    plain_accuracy = (clean_plain == labels).float().mean().item()
+    policies = {"plain": (clean_plain, trig_plain, False), "detect-refuse": (clean_plain, trig_plain, True)}
+    if repaired_model is not None:
+        policies.update({"repaired": (clean_fixed, trig_fixed, False),
+                         "repaired-refuse": (clean_fixed, trig_fixed, True)})
+    outcomes = {}
+    for policy, (clean_label, trig_label, refuses) in policies.items():
+        keep_clean = ~clean_flagged if refuses else torch.ones_like(clean_flagged)
+        keep_trig = ~trig_flagged if refuses else torch.ones_like(trig_flagged)
+        accuracy = ((clean_label == labels) & keep_clean).float().mean().item()
+        outcomes[policy] = {"clean_accuracy": accuracy, "clean_accuracy_loss": plain_accuracy - accuracy,
+                            "attack_success": ((trig_label == target) & keep_trig).float().mean().item(),
+                            "clean_refused": (~keep_clean).float().mean().item()}
+    return outcomes
+
+
 def replay_splits(v, test, fpr: float, amplified: int, repaired: Path | None, splits: int) -> dict:
     """What the guard-off policies would give on ``splits`` random calibration/traffic splits of the same test
-    images (CALIBRATION_IMAGES to calibrate, the rest as traffic), replayed in process with the calls the
-    handler makes (:meth:`guard.detect.TriggerDetector.score` of the served forward's features, the repaired
-    model's label): the spread one fixed 300-image window hides. The repaired model is the served one; its CDA
-    budget was measured on the served window's calibration images, some of which a random split sends as
-    traffic. ``{policy: {"clean_accuracy_loss", "attack_success": {"median", "min", "max"}}}``."""
+    images (CALIBRATION_IMAGES to calibrate, the rest as traffic), replayed in process
+    (:func:`guard_off_outcomes`): the spread one fixed 300-image window hides. The repaired model is the served
+    one; its CDA budget was measured on the served window's calibration images, some of which a random split
+    sends as traffic. ``{policy: {quantity: {"median", "min", "max"}}}`` over the quantities of
+    :func:`guard_off_outcomes`."""
     model = create("resnet20", weights=v.weights).eval()
     repaired_model = None if repaired is None else create("resnet20", weights=repaired).eval()
     outcomes: dict[str, dict[str, list[float]]] = {}
@@ -135,37 +179,56 @@ def replay_splits(v, test, fpr: float, amplified: int, repaired: Path | None, sp
         calibration, rest = order[:CALIBRATION_IMAGES], order[CALIBRATION_IMAGES:]
         detector = TriggerDetector.calibrate(model, test.images[calibration].float() / 255, false_positive_rate=fpr,
                                              amplified=amplified, generator=torch.Generator().manual_seed(SEED))
-        copies = [] if detector.amplification is None else detector.amplification.copies(model)
-        clean, labels, triggered, target = traffic(v, test, rest)
-
-        def answer(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            x = images.float() / 255
-            with torch.no_grad(), layer_features(model, detector.layers) as captured:
-                original = model(x).argmax(1)
-            features = {name: torch.cat(values) for name, values in captured.items()}
-            flagged = detector.score(features, original,
-                                     consistency(copies, x, original) if copies else None).flagged
-            with torch.no_grad():
-                fixed = original if repaired_model is None else repaired_model(x).argmax(1)
-            return original, fixed, flagged
-
-        clean_plain, clean_fixed, clean_flagged = answer(clean)
-        trig_plain, trig_fixed, trig_flagged = answer(triggered)
-        plain_accuracy = (clean_plain == labels).float().mean().item()
-        policies = {"detect-refuse": (clean_plain, trig_plain, True)}
-        if repaired_model is not None:
-            policies.update({"repaired": (clean_fixed, trig_fixed, False),
-                             "repaired-refuse": (clean_fixed, trig_fixed, True)})
-        for policy, (clean_label, trig_label, refuses) in policies.items():
-            keep_clean = ~clean_flagged if refuses else torch.ones_like(clean_flagged)
-            keep_trig = ~trig_flagged if refuses else torch.ones_like(trig_flagged)
-            row = outcomes.setdefault(policy, {"clean_accuracy_loss": [], "attack_success": []})
-            accuracy = ((clean_label == labels) & keep_clean).float().mean().item()
-            row["clean_accuracy_loss"].append(plain_accuracy - accuracy)
-            row["attack_success"].append(((trig_label == target) & keep_trig).float().mean().item())
+        for policy, row in guard_off_outcomes(model, repaired_model, detector, *traffic(v, test, rest)).items():
+            for name, value in row.items():
+                outcomes.setdefault(policy, {}).setdefault(name, []).append(value)
     return {policy: {name: {"median": round(float(np.median(values)), 4), "min": round(min(values), 4),
                             "max": round(max(values), 4)} for name, values in row.items()}
             for policy, row in outcomes.items()}
+
+
+def unseen_test(root: Path, test, images: int):
+    """``images`` test images drawn at random (seed SEED) from the full test split minus the first 1,000, the
+    lossless ones (``test``) every other request comes from: traffic the served detector and repair never saw. In the
+    shared data's npz layout the full test split is decoded from JPEG (lossy, its ``jpg_set_index`` locating the
+    lossless 1,000 in it), so this traffic is also shifted; in torchvision's layout it is the exact test set."""
+    full = load_dataset("cifar10", root, split="test")
+    seen = torch.arange(len(test))
+    for folder in (root / "cifar10", root):
+        if (path := folder / "cifar10_test_lossless_first1000.npz").is_file():
+            with np.load(path, allow_pickle=False) as f:
+                seen = torch.from_numpy(f["jpg_set_index"].astype(np.int64))
+            break
+    if len(seen) != len(test):
+        raise ValueError(f"expected one position in the full test split per lossless test image ({len(test)}), "
+                         f"got {len(seen)}")
+    others = torch.ones(len(full), dtype=torch.bool)
+    others[seen] = False
+    pool = torch.nonzero(others)[:, 0]
+    if not CALIBRATION_IMAGES < images <= len(pool):
+        raise SystemExit(f"--unseen must be 0 or in {CALIBRATION_IMAGES + 1}..{len(pool)} (the test images outside "
+                         f"the lossless 1,000; the first {CALIBRATION_IMAGES} refit the detector), got {images}")
+    return full.subset(pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(SEED))[:images]])
+
+
+def replay_unseen(v, unseen, served: TriggerDetector, fpr: float, amplified: int, repaired: Path | None) -> dict:
+    """The guard-off policies on the ``unseen`` images after their first CALIBRATION_IMAGES (:func:`unseen_test`),
+    replayed in process (:func:`guard_off_outcomes`) with two detectors: the ``served`` one, fitted on lossless
+    images, and one fitted and calibrated the same way on those first CALIBRATION_IMAGES unseen images, i.e. on
+    the traffic's own distribution. ``{"images", "calibration", "traffic": {"clean", "triggered"},
+    "detectors": {"served" | "refitted": {policy: {quantity: value}}}}``."""
+    model = create("resnet20", weights=v.weights).eval()
+    repaired_model = None if repaired is None else create("resnet20", weights=repaired).eval()
+    calibration = unseen.subset(range(CALIBRATION_IMAGES))
+    refitted = TriggerDetector.calibrate(model, calibration.images.float() / 255, false_positive_rate=fpr,
+                                         amplified=amplified, generator=torch.Generator().manual_seed(SEED))
+    clean, labels, triggered, target = traffic(v, unseen)
+    rows = {name: guard_off_outcomes(model, repaired_model, detector, clean, labels, triggered, target)
+            for name, detector in (("served", served), ("refitted", refitted))}
+    return {"images": len(unseen), "calibration": CALIBRATION_IMAGES,
+            "traffic": {"clean": len(clean), "triggered": len(triggered)},
+            "detectors": {name: {p: {k: round(x, 4) for k, x in row.items()} for p, row in by_policy.items()}
+                          for name, by_policy in rows.items()}}
 
 
 def stage_name(method: str, overrides: dict[str, dict]) -> str:
@@ -223,12 +286,13 @@ def repair_chain(text: str) -> str:
 def measure(attack_name: str, test, fpr: float, options: dict | None = None, label: str | None = None,
             policies: tuple[str, ...] = SERVED_POLICIES, repair: str | None = None,
             trusted_fraction: float = 0.01, scale: float = 1.0, amplified: int = 0,
-            overrides: dict[str, dict] | None = None, splits: int = 0) -> dict:
+            overrides: dict[str, dict] | None = None, splits: int = 0, unseen=None) -> dict:
     """``policies`` (``plain`` among them) on the cached victim of ``attack_name`` built with ``options`` (default:
     ATTACKS'), served from runs/end_to_end/``label`` (default: the attack's name); the ``answer="repaired"``
     policies answer with the victim repaired by ``repair`` (one defense or a chain: :func:`repaired_weights`);
     ``overrides`` change the repair stages' configs; the detector joins ``amplified`` amplified copies; ``splits``
-    random calibration/traffic splits are replayed in process (:func:`replay_splits`)."""
+    random calibration/traffic splits are replayed in process (:func:`replay_splits`), and so is the ``unseen``
+    dataset (:func:`unseen_test`), with the served detector and one refitted on it (:func:`replay_unseen`)."""
     if "plain" not in policies:
         raise ValueError(f"the policies must include 'plain', the baseline of every other; got {list(policies)}")
     needs_repair = [p for p in policies if p in REPAIRED_POLICIES]
@@ -286,6 +350,13 @@ def measure(attack_name: str, test, fpr: float, options: dict | None = None, lab
               f"{row['clean_accuracy_loss']['median']:+.3f} ({row['clean_accuracy_loss']['min']:+.3f}.."
               f"{row['clean_accuracy_loss']['max']:+.3f}), ASR median {row['attack_success']['median']:.3f} "
               f"({row['attack_success']['min']:.3f}..{row['attack_success']['max']:.3f})", flush=True)
+    unseen_rows = replay_unseen(v, unseen, detector, fpr, amplified, repaired) if unseen is not None else {}
+    for detector_name, by_policy in unseen_rows.get("detectors", {}).items():
+        for policy, row in by_policy.items():
+            print(f"{attack_name:15s} {policy:16s} on {unseen_rows['traffic']['clean']} unseen test images, "
+                  f"{detector_name} detector: clean acc {row['clean_accuracy']:.3f} (loss "
+                  f"{row['clean_accuracy_loss']:+.3f}, refused {row['clean_refused']:.3f}), ASR "
+                  f"{row['attack_success']:.3f}", flush=True)
     for row in rows.values():
         row["clean_accuracy_loss"] = round(plain["clean_accuracy"] - row["clean_accuracy"], 4)
         # paired over the same clean requests: the standard error of the loss (the window is a few hundred images)
@@ -301,7 +372,8 @@ def measure(attack_name: str, test, fpr: float, options: dict | None = None, lab
                 "method": repair, "trusted_fraction": trusted_fraction, "scale": scale,
                 "overrides": overrides or {}, **repair_record},
             "estimated_asr_truth": round(truth, 4), "policies": rows,
-            **({"splits": {"count": splits, "policies": replayed}} if splits else {})}
+            **({"splits": {"count": splits, "policies": replayed}} if splits else {}),
+            **({"unseen": unseen_rows} if unseen is not None else {})}
 
 
 def summarize(clean_answers, labels, trig_answers, target) -> dict:
@@ -337,14 +409,19 @@ def plot(results: dict, path: Path) -> None:
             median, low, high = (np.array(v) for v in zip(*spread))
             ax.errorbar(xs, median, yerr=(median - low, high - median), fmt="o", color="k", ms=3, lw=0.8,
                         label="median and range over the splits" if k == 0 else None)
+        unseen = [results["attacks"][a].get("unseen", {}).get("detectors", {}).get("refitted", {}).get(policy)
+                  for a in attacks]
+        for ax, key, unit in ((axes[0], "attack_success", 1), (axes[1], "clean_accuracy_loss", 100)):
+            ax.scatter(xs, [unit * r[key] if r else np.nan for r in unseen], marker="x", color="r", s=18, zorder=3,
+                       label="unseen test images, detector refitted on them" if k == 0 else None)
     axes[0].axhline(GOAL_ASR, color="k", ls="--", lw=1, label="goal")
     axes[1].axhline(100 * GOAL_CLEAN_LOSS, color="k", ls="--", lw=1, label="goal")
     for ax, title in zip(axes, ("attack success received by clients", "clean accuracy loss vs plain (points)")):
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(attacks))], attacks, rotation=20)
         ax.set_title(title)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(POLICIES) + 2, fontsize=8)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=5, fontsize=8)
     fig.suptitle(f"guard end to end through TorchServe (trigger detector at {results['params']['fpr']:.1%} FPR)")
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=120)
 
 
@@ -368,6 +445,10 @@ def main() -> None:
     parser.add_argument("--splits", type=int, default=10,
                         help="random calibration/traffic splits replayed in process beside the served window "
                              "(default 10; 0: none)")
+    parser.add_argument("--unseen", type=int, default=9000,
+                        help="test images outside the lossless 1,000 (JPEG-decoded in the shared data) replayed in "
+                             "process with the served models, the served detector and one refitted on the first "
+                             f"{CALIBRATION_IMAGES} of them (default 9000: all; 0: none)")
     parser.add_argument("--out", type=results_name,
                         default="guard_end_to_end", help="results name in benchmarks/results/")
     args = parser.parse_args()
@@ -384,6 +465,7 @@ def main() -> None:
     repair = args.repair if set(policies) & set(REPAIRED_POLICIES) else None
     overrides = parse_overrides(args.opt, repair.split("+") if repair else [])
     test = load_dataset("cifar10", data_root(), split="test-lossless")
+    unseen = unseen_test(data_root(), test, args.unseen) if args.unseen else None
     out_json = OUT / f"{args.out}.json"
     results = json.loads(out_json.read_text()) if out_json.is_file() else {}
     earlier = results.get("params", {})
@@ -403,11 +485,12 @@ def main() -> None:
                 repair is None or (row.get("repair") or {}).get("method") == repair
                 and row["repair"]["trusted_fraction"] == args.trusted_fraction
                 and row["repair"].get("scale") == args.scale and row["repair"].get("overrides", {}) == overrides) and (
-                not args.splits or row.get("splits", {}).get("count") == args.splits):
+                not args.splits or row.get("splits", {}).get("count") == args.splits) and (
+                not args.unseen or row.get("unseen", {}).get("images") == args.unseen):
             continue
         measured = measure(attack_name, test, args.fpr, amplified=args.amplified, policies=policies, repair=repair,
                            trusted_fraction=args.trusted_fraction, scale=args.scale, overrides=overrides,
-                           splits=args.splits)
+                           splits=args.splits, unseen=unseen)
         if row:   # the policies measured before and not now stay (their answers are the same model's)
             measured["policies"] = {**row["policies"], **measured["policies"]}
             measured["repair"] = measured["repair"] or row.get("repair")
