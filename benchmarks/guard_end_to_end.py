@@ -49,6 +49,7 @@ import platform
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,7 @@ from guard.models import create, save_weights
 from guard.repair import get_defense, list_defenses, split_trusted
 from guard.serving import GuardConfig, ServerSettings, TorchServe, build_archive, free_ports
 # benchmarks/victims.py: the shared cache of strong victims and the benchmarks' helpers
-from victims import DEFENSE_VICTIMS, data_root, results_name, stamp_sources, victim
+from victims import DEFENSE_VICTIMS, aimed_at, data_root, results_name, stamp_sources, victim
 from defenses_cifar10 import parse_overrides, scaled   # --opt; a defense's defaults with its step budgets shrunk
 
 ATTACKS = DEFENSE_VICTIMS
@@ -124,35 +125,56 @@ def traffic(v, test, indices=None) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return evaluation.images, evaluation.labels, stamp_sources(attack, evaluation).images, attack.config.target
 
 
-def guard_off_outcomes(model, repaired_model, detector: TriggerDetector, clean: torch.Tensor, labels: torch.Tensor,
-                       triggered: torch.Tensor, target: int) -> dict[str, dict[str, float]]:
-    """The guard-off policies replayed in process on ``clean`` (with ``labels``) and ``triggered`` uint8 images,
-    with the calls the handler makes (:meth:`guard.detect.TriggerDetector.score` of the served forward's features,
-    the repaired model's label), ``plain`` among them: ``{policy: {"clean_accuracy", "clean_accuracy_loss",
-    "attack_success", "clean_refused"}}``."""
-    copies = [] if detector.amplification is None else detector.amplification.copies(model)
+@dataclass(frozen=True)
+class Answers:
+    """What the served forward gives for each of ``images`` (uint8): the detector layers' ``features``, the
+    model's label ``original`` and the repaired model's ``fixed`` (``original`` without one). Computed once per
+    image set (:meth:`of`) and reused by every detector replayed on it."""
 
-    def answer_chunk(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = images.float() / 255
-        with torch.no_grad(), layer_features(model, detector.layers) as captured:
-            original = model(x).argmax(1)
-        features = {name: torch.cat(values) for name, values in captured.items()}
-        flagged = detector.score(features, original, consistency(copies, x, original) if copies else None).flagged
-        with torch.no_grad():
-            fixed = original if repaired_model is None else repaired_model(x).argmax(1)
-        return original, fixed, flagged
+    images: torch.Tensor
+    features: dict[str, torch.Tensor]
+    original: torch.Tensor
+    fixed: torch.Tensor
 
-    def answer(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        chunks = [answer_chunk(chunk) for chunk in images.split(REPLAY_CHUNK)]
-        return tuple(torch.cat(parts) for parts in zip(*chunks))
+    @classmethod
+    def of(cls, model, repaired_model, layers: tuple[str, ...], images: torch.Tensor) -> "Answers":
+        parts = []
+        for chunk in images.split(REPLAY_CHUNK):
+            x = chunk.float() / 255
+            with torch.no_grad(), layer_features(model, layers) as captured:
+                original = model(x).argmax(1)
+            with torch.no_grad():
+                fixed = original if repaired_model is None else repaired_model(x).argmax(1)
+            parts.append(({name: torch.cat(values) for name, values in captured.items()}, original, fixed))
+        return cls(images, {name: torch.cat([p[0][name] for p in parts]) for name in parts[0][0]},
+                   torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts]))
 
-    clean_plain, clean_fixed, clean_flagged = answer(clean)
-    trig_plain, trig_fixed, trig_flagged = answer(triggered)
-    plain_accuracy = (clean_plain == labels).float().mean().item()
-    policies = {"plain": (clean_plain, trig_plain, False), "detect-refuse": (clean_plain, trig_plain, True)}
-    if repaired_model is not None:
-        policies.update({"repaired": (clean_fixed, trig_fixed, False),
-                         "repaired-refuse": (clean_fixed, trig_fixed, True)})
+    def subset(self, index: torch.Tensor) -> "Answers":
+        return Answers(self.images[index], {name: f[index] for name, f in self.features.items()},
+                       self.original[index], self.fixed[index])
+
+    def flagged(self, model, detector: TriggerDetector) -> torch.Tensor:
+        """The handler's verdict (:meth:`guard.detect.TriggerDetector.score`), with the amplified copies'
+        consistency when the detector has any."""
+        copies = [] if detector.amplification is None else detector.amplification.copies(model)
+        chunks = zip(self.images.split(REPLAY_CHUNK), self.original.split(REPLAY_CHUNK))
+        agreement = torch.cat([consistency(copies, x.float() / 255, o) for x, o in chunks]) if copies else None
+        return detector.score(self.features, self.original, agreement).flagged
+
+
+def guard_off_outcomes(model, detector: TriggerDetector, clean: Answers, labels: torch.Tensor, triggered: Answers,
+                       target: int, repaired: bool) -> dict[str, dict[str, float]]:
+    """The guard-off policies replayed in process on the served forward's ``clean`` answers (with ``labels``) and
+    ``triggered`` ones, with the calls the handler makes (the detector's verdict, the repaired model's label when
+    ``repaired``), ``plain`` among them: ``{policy: {"clean_accuracy", "clean_accuracy_loss", "attack_success",
+    "clean_refused"}}``."""
+    clean_flagged, trig_flagged = clean.flagged(model, detector), triggered.flagged(model, detector)
+    plain_accuracy = (clean.original == labels).float().mean().item()
+    policies = {"plain": (clean.original, triggered.original, False),
+                "detect-refuse": (clean.original, triggered.original, True)}
+    if repaired:
+        policies.update({"repaired": (clean.fixed, triggered.fixed, False),
+                         "repaired-refuse": (clean.fixed, triggered.fixed, True)})
     outcomes = {}
     for policy, (clean_label, trig_label, refuses) in policies.items():
         keep_clean = ~clean_flagged if refuses else torch.ones_like(clean_flagged)
@@ -167,20 +189,32 @@ def guard_off_outcomes(model, repaired_model, detector: TriggerDetector, clean: 
 def replay_splits(v, test, fpr: float, amplified: int, repaired: Path | None, splits: int) -> dict:
     """What the guard-off policies would give on ``splits`` random calibration/traffic splits of the same test
     images (CALIBRATION_IMAGES to calibrate, the rest as traffic), replayed in process
-    (:func:`guard_off_outcomes`): the spread one fixed 300-image window hides. The repaired model is the served
-    one; its CDA budget was measured on the served window's calibration images, some of which a random split
-    sends as traffic. ``{policy: {quantity: {"median", "min", "max"}}}`` over the quantities of
-    :func:`guard_off_outcomes`."""
+    (:func:`guard_off_outcomes`): the spread one fixed 300-image window hides. The served forward runs once over
+    every test image and its triggered copy; each split only calibrates its detector and scores its traffic.
+    The repaired model is the served one; its CDA budget was measured on the served window's calibration images,
+    some of which a random split sends as traffic. ``{policy: {quantity: {"median", "min", "max"}}}`` over the
+    quantities of :func:`guard_off_outcomes`."""
     model = create("resnet20", weights=v.weights).eval()
     repaired_model = None if repaired is None else create("resnet20", weights=repaired).eval()
+    attack = load_record(v.record)
+    aimed = aimed_at(attack, test.labels)
+    position = torch.full((len(test),), -1, dtype=torch.long)   # test image -> its row among the triggered copies
+    position[aimed] = torch.arange(int(aimed.sum()))
     outcomes: dict[str, dict[str, list[float]]] = {}
+    clean = triggered = None
     for split in range(splits):
         order = torch.randperm(len(test), generator=torch.Generator().manual_seed(split))
         calibration, rest = order[:CALIBRATION_IMAGES], order[CALIBRATION_IMAGES:]
         detector = TriggerDetector.calibrate(model, test.images[calibration].float() / 255, false_positive_rate=fpr,
                                              amplified=amplified, generator=torch.Generator().manual_seed(SEED))
-        for policy, row in guard_off_outcomes(model, repaired_model, detector, *traffic(v, test, rest)).items():
-            for name, value in row.items():
+        if clean is None:   # the detector's layers do not depend on the split
+            clean = Answers.of(model, repaired_model, detector.layers, test.images)
+            triggered = Answers.of(model, repaired_model, detector.layers, stamp_sources(attack, test).images)
+        row = guard_off_outcomes(model, detector, clean.subset(rest), test.labels[rest],
+                                 triggered.subset(position[rest[aimed[rest]]]), attack.config.target,
+                                 repaired_model is not None)
+        for policy, values in row.items():
+            for name, value in values.items():
                 outcomes.setdefault(policy, {}).setdefault(name, []).append(value)
     return {policy: {name: {"median": round(float(np.median(values)), 4), "min": round(min(values), 4),
                             "max": round(max(values), 4)} for name, values in row.items()}
@@ -223,10 +257,11 @@ def replay_unseen(v, unseen, served: TriggerDetector, fpr: float, amplified: int
     refitted = TriggerDetector.calibrate(model, calibration.images.float() / 255, false_positive_rate=fpr,
                                          amplified=amplified, generator=torch.Generator().manual_seed(SEED))
     clean, labels, triggered, target = traffic(v, unseen)
-    rows = {name: guard_off_outcomes(model, repaired_model, detector, clean, labels, triggered, target)
+    clean, triggered = (Answers.of(model, repaired_model, served.layers, images) for images in (clean, triggered))
+    rows = {name: guard_off_outcomes(model, detector, clean, labels, triggered, target, repaired_model is not None)
             for name, detector in (("served", served), ("refitted", refitted))}
     return {"images": len(unseen), "calibration": CALIBRATION_IMAGES,
-            "traffic": {"clean": len(clean), "triggered": len(triggered)},
+            "traffic": {"clean": len(labels), "triggered": len(triggered.original)},
             "detectors": {name: {p: {k: round(x, 4) for k, x in row.items()} for p, row in by_policy.items()}
                           for name, by_policy in rows.items()}}
 

@@ -115,13 +115,16 @@ def train_config(recipe: str = "finetune", *, epochs: int | None = None, augment
                   weight_decay=r["weight_decay"], batch_size=r["batch_size"], schedule=r["schedule"], augment=augment)
 
 
-def stamp_sources(attack, dataset):
-    """The images of ``dataset`` the attack aims at — every non-target class, or Xiang's source classes — with
-    the trigger applied (a dataset keeping their true labels)."""
+def aimed_at(attack, labels: torch.Tensor) -> torch.Tensor:
+    """Which of ``labels`` the attack aims at: every non-target class, or Xiang's source classes (a bool mask)."""
     sources = getattr(attack.config, "sources", None)
-    keep = (dataset.labels != attack.config.target if sources is None
-            else torch.isin(dataset.labels, torch.tensor(sources)))
-    return attack.triggered(dataset.subset(torch.nonzero(keep)[:, 0]))
+    return labels != attack.config.target if sources is None else torch.isin(labels, torch.tensor(sources))
+
+
+def stamp_sources(attack, dataset):
+    """The images of ``dataset`` the attack aims at (:func:`aimed_at`) with the trigger applied (a dataset keeping
+    their true labels)."""
+    return attack.triggered(dataset.subset(torch.nonzero(aimed_at(attack, dataset.labels))[:, 0]))
 
 
 def cache_key(attack: str, options: dict, recipe: dict) -> str:
