@@ -36,7 +36,7 @@ Output:   benchmarks/results/guard_end_to_end.json and .png; the JSON accumulate
           repaired weights are cached in runs/end_to_end/ATTACK/, named after the victim they repair.
 Run:      GUARD_DATA_DIR=../shared/data python benchmarks/guard_end_to_end.py [--attacks badnets,blend] [--fpr 0.01]
           [--policies plain,repaired,repaired-refuse] [--repair nc-pyp|nc+nad] [--trusted-fraction 0.01] [--scale 0.25]
-          [--opt fine-tune.steps=1000] [--splits 10] [--unseen 9000]
+          [--opt fine-tune.steps=1000 --opt fine-tune.jpeg=0.5] [--splits 10] [--unseen 9000]
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Image datasets held in memory as uint8 tensors, and the one training augmentation.
+"""Image datasets held in memory as uint8 tensors, and the training augmentations.
 
 Every dataset the project trains or evaluates on becomes an :class:`ImageTensorDataset`: uint8 images
 ``(N, C, H, W)`` plus int64 labels. Keeping pixels as uint8 keeps CIFAR-10 at 150 MB, lets the training
@@ -27,6 +27,7 @@ Example::
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pickle
@@ -36,7 +37,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ._validation import require_extra
+from ._validation import is_int, is_number, require_extra
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +46,12 @@ __all__ = [
     "DATASETS",
     "DataNotFoundError",
     "ImageTensorDataset",
+    "check_quality_range",
     "data_dir",
+    "jpeg_roundtrip",
     "load_dataset",
     "random_crop_flip",
+    "random_jpeg",
 ]
 
 #: CIFAR-10 class names in label order.
@@ -183,6 +187,62 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: 
     batch = torch.arange(n, device=images.device)[:, None, None, None]
     channel = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
     return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def jpeg_roundtrip(images: torch.Tensor, quality: int | Sequence[int]) -> torch.Tensor:
+    """Every RGB image of ``images`` ``(N, 3, H, W)`` encoded as a JPEG at ``quality`` (one int, or one per
+    image) and decoded again, with PIL — what an image that travelled as a JPEG looks like. uint8 images, or
+    float images in [0, 1] (rounded to 8 bits first); the result has the dtype and device of ``images``."""
+    from PIL import Image
+
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be RGB images of shape (N, 3, H, W), got {got}")
+    qualities = [quality] * len(images) if isinstance(quality, int) else [int(q) for q in quality]
+    if len(qualities) != len(images) or any(isinstance(q, bool) or not 1 <= q <= 100 for q in qualities):
+        raise ValueError(f"quality must be an int in [1, 100] or one per image, got {quality!r} for "
+                         f"{len(images)} images")
+    as_bytes = images if images.dtype == torch.uint8 else (images.clamp(0, 1) * 255).round().byte()
+    out = []
+    for array, q in zip(as_bytes.permute(0, 2, 3, 1).cpu().numpy(), qualities):
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, "JPEG", quality=q)
+        buffer.seek(0)
+        out.append(np.asarray(Image.open(buffer).convert("RGB")))
+    decoded = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(images.device)
+    return decoded if images.dtype == torch.uint8 else decoded.to(images.dtype) / 255
+
+
+def check_quality_range(quality: object, name: str = "quality") -> tuple[int, int]:
+    """``quality`` as the ``(lowest, highest)`` JPEG qualities of :func:`random_jpeg`, 1 ≤ lowest ≤ highest
+    ≤ 100."""
+    if isinstance(quality, (str, bytes)) or not hasattr(quality, "__len__") or len(quality) != 2 \
+            or not all(is_int(q) for q in quality) or not 1 <= quality[0] <= quality[1] <= 100:
+        raise ValueError(f"{name} must be a pair (lowest, highest) of JPEG qualities with 1 <= lowest <= highest "
+                         f"<= 100, got {quality!r}")
+    return (int(quality[0]), int(quality[1]))
+
+
+def random_jpeg(images: torch.Tensor, generator: torch.Generator, p: float,
+                quality: tuple[int, int] = (50, 95)) -> torch.Tensor:
+    """Each image of the batch, with probability ``p``, through :func:`jpeg_roundtrip` at a quality drawn
+    uniformly from ``quality`` (inclusive): the JPEG augmentation of :class:`guard.train.TrainConfig`, for a
+    model that will see images that travelled as JPEGs. Both draws are taken from ``generator`` for every image,
+    so the draws that follow do not depend on which images were picked."""
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if not is_number(p) or not 0 <= p <= 1:
+        raise ValueError(f"p must be a probability in [0, 1], got {p!r}")
+    quality = check_quality_range(quality)
+    n = len(images)
+    picked = torch.nonzero(torch.rand(n, generator=generator, device=generator.device) < p).flatten().cpu()
+    drawn = torch.randint(quality[0], quality[1] + 1, (n,), generator=generator, device=generator.device).cpu()
+    if not len(picked):
+        return images
+    out = images.clone()
+    rows = picked.to(images.device)
+    out[rows] = jpeg_roundtrip(images[rows], drawn[picked].tolist())
+    return out
 
 
 def _resize(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -43,7 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._validation import is_int, is_number, resolve_generator
-from .data import ImageTensorDataset, random_crop_flip
+from .data import ImageTensorDataset, check_quality_range, random_crop_flip, random_jpeg
 from .models import GuardModel, load_weights, save_weights
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,9 @@ class TrainConfig:
     ``schedule``: the learning rate per epoch, see :func:`lr_factor`. ``steps_per_epoch``: ``None`` makes an
     epoch one pass over the training set; an int makes it that many batches drawn from an endless reshuffled
     stream (the step-counted fine-tuning loop of ALGORITHMS.md P4). ``momentum`` and ``nesterov`` apply to
-    SGD only.
+    SGD only. ``jpeg``: the probability that a training image is re-encoded as a JPEG at a quality drawn from
+    ``jpeg_quality`` before the crop and flip (:func:`~guard.data.random_jpeg`; 0, the default, draws nothing), for
+    a model that will be served images that travelled as JPEGs.
     """
 
     epochs: int
@@ -81,6 +83,8 @@ class TrainConfig:
     milestones: tuple[int, ...] = ()
     gamma: float = 0.1
     augment: bool = True
+    jpeg: float = 0.0
+    jpeg_quality: tuple[int, int] = (50, 95)
     mode: str = "scratch"
     steps_per_epoch: int | None = None
 
@@ -119,6 +123,9 @@ class TrainConfig:
             raise ValueError(f"gamma must be a number in (0, 1], got {self.gamma!r}")
         if not isinstance(self.augment, bool):
             raise TypeError(f"augment must be a bool, got {type(self.augment).__name__}")
+        if not is_number(self.jpeg) or not 0 <= self.jpeg <= 1:
+            raise ValueError(f"jpeg must be a probability in [0, 1], got {self.jpeg!r}")
+        object.__setattr__(self, "jpeg_quality", check_quality_range(self.jpeg_quality, "jpeg_quality"))
         if self.mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {self.mode!r}")
         if self.steps_per_epoch is not None and (not is_int(self.steps_per_epoch) or self.steps_per_epoch < 1):
@@ -299,6 +306,8 @@ def _load_state(checkpoint: Path, config: TrainConfig) -> dict:
         raise ValueError(f"{state_path} is not a training state of version {_STATE_VERSION}")
     saved = state["config"]
     current = dataclasses.asdict(config)
+    # a field added since the checkpoint was written compares as its default
+    saved = {**{f.name: f.default for f in dataclasses.fields(TrainConfig)}, **saved}
     diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
     if diff:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
@@ -320,7 +329,8 @@ def train(model: nn.Module, train_set: torch.utils.data.Dataset, config: TrainCo
 
     ``train_set`` yields float images in [0, 1]; an :class:`~guard.data.ImageTensorDataset` takes a fast
     path (whole uint8 batches indexed at once, augmentation on the device), any other dataset goes through
-    a ``DataLoader``. Augmentation (``config.augment``) is :func:`~guard.data.random_crop_flip`;
+    a ``DataLoader``. Augmentation is :func:`~guard.data.random_crop_flip` (``config.augment``) after
+    :func:`~guard.data.random_jpeg` (``config.jpeg``);
     ``augment_mask`` (bool, one per training sample) leaves the samples marked ``False`` un-augmented, as
     the poisons in rescaler_appendix.txt §A. ``generator`` (a CPU ``torch.Generator``; a freshly seeded one
     when ``None``) drives shuffling and augmentation; the global RNG is never touched.
@@ -415,8 +425,10 @@ def train(model: nn.Module, train_set: torch.utils.data.Dataset, config: TrainCo
                        unit="batch", leave=False, disable=not progress)
             for step, (index, (x, y)) in enumerate(bar):
                 x, y = _to_device(x, device), _to_device(y, device)
-                if config.augment:
-                    augmented = random_crop_flip(x, generator)
+                if config.augment or config.jpeg:
+                    augmented = random_jpeg(x, generator, config.jpeg, config.jpeg_quality) if config.jpeg else x
+                    if config.augment:
+                        augmented = random_crop_flip(augmented, generator)
                     if augment_mask is not None:
                         keep = augment_mask[index].to(device)[:, None, None, None]
                         augmented = torch.where(keep, augmented, x)

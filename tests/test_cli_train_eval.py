@@ -87,8 +87,9 @@ def test_last_layer_training_from_weights(cifar_subset, tmp_path, capsys):
     tuned = tmp_path / "tuned.safetensors"
     result = run_json(capsys, "train", "--model", "tiny_resnet", "--data-dir", str(cifar_subset), "--mode",
                       "last-layer", "--weights", str(base), "--epochs", "1", "--limit", "128", "--out", str(tuned),
-                      "--no-progress", "--json")
+                      "--jpeg", "0.5", "--no-progress", "--json")
     assert result["config"]["mode"] == "last-layer" and result["config"]["lr"] == 0.01
+    assert result["config"]["jpeg"] == 0.5
     a = create("tiny_resnet", weights=base).state_dict()
     b = create("tiny_resnet", weights=tuned).state_dict()
     assert {k for k in a if not torch.equal(a[k], b[k])} == {"net.linear.weight", "net.linear.bias"}
@@ -124,6 +125,7 @@ def test_pretrained_resnet20_through_guard_eval(data_root, resnet20_weights, cap
     (["train", "--model", "tiny_resnet", "--weights", "w.pt", "--out", "x.pt"], "use --mode finetune"),
     (["train", "--model", "tiny_resnet", "--epochs", "0", "--out", "x.pt"], "epochs must be an int >= 1"),
     (["train", "--model", "tiny_resnet", "--schedule", "multistep", "--out", "x.pt"], "milestones"),
+    (["train", "--model", "tiny_resnet", "--jpeg", "2", "--out", "x.pt"], r"jpeg must be a probability"),
     (["train", "--model", "nope", "--out", "x.pt"], "unknown model 'nope'"),
     (["eval", "--model", "tiny_resnet", "--weights", "w.pt", "--rescaler", "eps=2"], "--rescaler: eps must be"),
     (["eval", "--model", "tiny_resnet", "--weights", "w.pt", "--device", "tpu9"], "--device"),

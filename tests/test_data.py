@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pickle
@@ -16,8 +17,8 @@ from PIL import Image
 
 from guard._validation import MissingExtraError
 from guard.cli import main
-from guard.data import (CIFAR10_CLASSES, DATASETS, DataNotFoundError, ImageTensorDataset, data_dir, load_dataset,
-                        random_crop_flip)
+from guard.data import (CIFAR10_CLASSES, DATASETS, DataNotFoundError, ImageTensorDataset, data_dir, jpeg_roundtrip,
+                        load_dataset, random_crop_flip, random_jpeg)
 from guard.serving import free_ports
 
 #: what every missing-data message offers
@@ -364,3 +365,59 @@ def test_random_crop_flip_rejects_bad_input(args, error, match):
     args = args if len(args) == 2 else (*args, torch.Generator())
     with pytest.raises(error, match=match):
         random_crop_flip(*args)
+
+
+def _smooth(n: int, size: int = 16) -> torch.Tensor:
+    """Images JPEG can keep close at high quality: smooth colour ramps with a little texture."""
+    ramp = torch.linspace(0, 1, size)
+    base = torch.stack([ramp[None, :].expand(size, size), ramp[:, None].expand(size, size),
+                        (ramp[None, :] + ramp[:, None]) / 2])
+    shift = torch.rand(n, 3, 1, 1, generator=torch.Generator().manual_seed(1))
+    return ((base * 0.6 + shift * 0.4) * 255).round().to(torch.uint8)
+
+
+def test_jpeg_roundtrip_is_what_pil_decodes():
+    images = _smooth(6)
+    out = jpeg_roundtrip(images, 75)
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    for image, decoded in zip(images, out):
+        buffer = io.BytesIO()
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, "JPEG", quality=75)
+        assert torch.equal(decoded, torch.from_numpy(np.array(Image.open(buffer))).permute(2, 0, 1))
+    # float images in [0, 1] take the same 8-bit path and come back as floats
+    assert torch.equal(jpeg_roundtrip(images.float() / 255, 75), out.float() / 255)
+    # lower quality loses more; one quality per image
+    error = [(jpeg_roundtrip(images, q).float() - images.float()).abs().mean() for q in (95, 50, 10)]
+    assert error[0] < error[1] < error[2] and error[0] < 2
+    per_image = jpeg_roundtrip(images, [95, 10] * 3)
+    assert torch.equal(per_image[0], jpeg_roundtrip(images[:1], 95)[0])
+    assert torch.equal(per_image[1], jpeg_roundtrip(images[1:2], 10)[0])
+
+
+def test_random_jpeg_reencodes_a_fraction_reproducibly():
+    images = _smooth(400, size=8)
+    out = random_jpeg(images, torch.Generator().manual_seed(3), 0.5)
+    changed = (out != images).flatten(1).any(1)
+    assert 0.4 < changed.float().mean() < 0.6
+    assert torch.equal(out, random_jpeg(images, torch.Generator().manual_seed(3), 0.5))
+    assert torch.equal(random_jpeg(images, torch.Generator().manual_seed(3), 0.0), images)
+    every = random_jpeg(images[:20], torch.Generator().manual_seed(3), 1.0, quality=(90, 90))
+    assert torch.equal(every, jpeg_roundtrip(images[:20], 90))
+    # the generator advances the same way whatever was picked, so later draws do not depend on p
+    g0, g1 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    random_jpeg(images, g0, 0.0)
+    random_jpeg(images, g1, 1.0)
+    assert torch.equal(g0.get_state(), g1.get_state())
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: jpeg_roundtrip(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), 75), r"RGB images .* got \(2, 1, 8, 8\)"),
+    (lambda: jpeg_roundtrip(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), [75]), r"one per image, got \[75\] for 2"),
+    (lambda: jpeg_roundtrip(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), 0), r"\[1, 100\]"),
+    (lambda: random_jpeg(torch.zeros(1, 3, 8, 8), torch.Generator(), 1.5), r"probability in \[0, 1\], got 1.5"),
+    (lambda: random_jpeg(torch.zeros(1, 3, 8, 8), torch.Generator(), 0.5, (80, 40)),
+     r"quality must be a pair .* got \(80, 40\)"),
+])
+def test_jpeg_rejects_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

@@ -11,6 +11,7 @@ import pickle
 import pytest
 import torch
 
+from guard._validation import parse_config_options
 from guard.detect import NeuralCleanseConfig
 from guard.repair import (ANP_THRESHOLDS, AdversarialNeuronPruningConfig, AttentionDistillationConfig, Defense,
                           FinePruningConfig, FineTuningConfig, ModeConnectivityConfig, MothConfig, PivotalTuningConfig,
@@ -285,6 +286,8 @@ def test_mcr_evaluates_points_on_the_bezier_curve():
 @pytest.mark.parametrize("cls, kwargs, match", [
     (FineTuningConfig, {"weight_decay": -1.0}, "weight_decay"),
     (FineTuningConfig, {"nesterov": 1}, "nesterov must be a bool"),
+    (FineTuningConfig, {"jpeg": -0.1}, r"jpeg must be a probability"),
+    (AttentionDistillationConfig, {"jpeg_quality": (50,)}, "jpeg_quality must be a pair"),
     (WeightDecayConfig, {"weight_decay": 0.0}, "0 is the fine-tune"),
     (FinePruningConfig, {"ratio": 1.0}, "ratio"),
     (FinePruningConfig, {"prune_drop": -0.1}, "prune_drop"),
@@ -305,6 +308,13 @@ def test_mcr_evaluates_points_on_the_bezier_curve():
 def test_bad_baseline_config_fails_clearly(cls, kwargs, match):
     with pytest.raises((TypeError, ValueError), match=match):
         cls(**kwargs)
+
+
+def test_trusted_loop_passes_its_jpeg_augmentation_to_the_training_loop():
+    config = parse_config_options(FineTuningConfig, ["jpeg=0.5", "jpeg_quality=60,90"], what="defense 'fine-tune'")
+    assert (config.jpeg, config.jpeg_quality) == (0.5, (60, 90))
+    assert (config.train_config().jpeg, config.train_config().jpeg_quality) == (0.5, (60, 90))
+    assert pickle.loads(pickle.dumps(config)) == config
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -105,6 +105,9 @@ def test_config_pickles_and_normalizes_milestones():
     ({"milestones": "30"}, TypeError, "sequence of ints"),
     ({"gamma": 0.0}, ValueError, "gamma"),
     ({"augment": 1}, TypeError, "augment must be a bool"),
+    ({"jpeg": 1.5}, ValueError, r"jpeg must be a probability in \[0, 1\], got 1.5"),
+    ({"jpeg_quality": (95, 50)}, ValueError, r"jpeg_quality must be a pair .* got \(95, 50\)"),
+    ({"jpeg_quality": 75}, ValueError, "jpeg_quality must be a pair"),
     ({"mode": "transfer"}, ValueError, "mode must be one of.*'last-layer'"),
     ({"steps_per_epoch": 0}, ValueError, "steps_per_epoch"),
 ])
@@ -171,6 +174,40 @@ def test_augment_mask_false_means_no_augmentation(train_set):
     train(c, train_set, fast(epochs=1), generator=torch.Generator().manual_seed(2), progress=False,
           augment_mask=torch.ones(len(train_set), dtype=torch.bool))
     assert not torch.equal(state_of(a)["net.linear.weight"], state_of(c)["net.linear.weight"])
+
+
+def test_jpeg_augmentation_reproducible_and_masked(train_set):
+    """``jpeg`` re-encodes part of every batch (from the run's generator); ``augment_mask`` spares the same samples
+    from it as from the crop and flip; at 0 nothing is drawn, so runs without it are unchanged."""
+    runs = {}
+    for name, config, mask in [("plain", fast(epochs=1), None), ("jpeg", fast(epochs=1, jpeg=0.5), None),
+                               ("again", fast(epochs=1, jpeg=0.5), None),
+                               ("masked", fast(epochs=1, jpeg=0.5), torch.zeros(len(train_set), dtype=torch.bool)),
+                               ("bare", fast(epochs=1, augment=False), None)]:
+        model = tiny()
+        train(model, train_set, config, generator=torch.Generator().manual_seed(2), progress=False,
+              augment_mask=mask)
+        runs[name] = state_of(model)
+    assert_same_state(runs["jpeg"], runs["again"])
+    assert not torch.equal(runs["jpeg"]["net.linear.weight"], runs["plain"]["net.linear.weight"])
+    assert_same_state(runs["masked"], runs["bare"])
+
+
+def test_resume_of_a_checkpoint_written_before_a_config_field_existed(train_set, tmp_path):
+    """A field added to TrainConfig since a checkpoint was written compares as its default on resume."""
+    config = fast(epochs=2)
+    model = tiny()
+    train(model, train_set, config, generator=torch.Generator().manual_seed(0), checkpoint=tmp_path / "m.pt",
+          progress=False, callback=lambda s: True)
+    path = train_state_path(tmp_path / "m.pt")
+    state = torch.load(path, weights_only=True)
+    del state["config"]["jpeg"], state["config"]["jpeg_quality"]
+    torch.save(state, path)
+    result = train(tiny(), train_set, config, checkpoint=tmp_path / "m.pt", resume=True, progress=False)
+    assert len(result.history) == 2
+    with pytest.raises(ValueError, match="jpeg: checkpoint 0.0 vs now 0.5"):
+        train(tiny(), train_set, fast(epochs=2, jpeg=0.5), checkpoint=tmp_path / "m.pt", resume=True,
+              progress=False)
 
 
 def test_extra_loss_is_added_to_every_batch(train_set):

@@ -13,7 +13,7 @@ from . import CLIError
 
 #: flags of ``guard train`` that override a preset field of :class:`guard.train.TrainConfig`
 _CONFIG_FLAGS = ("epochs", "lr", "momentum", "weight_decay", "batch_size", "optimizer", "schedule",
-                 "milestones", "augment")
+                 "milestones", "augment", "jpeg")
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, default_split: str) -> None:
@@ -97,6 +97,9 @@ def add_training_arguments(p: argparse.ArgumentParser, eval_split: str | None = 
     g.add_argument("--milestones", type=_int_list, help="epochs at which multistep multiplies lr by 0.1")
     g.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="no random crop / flip")
+    g.add_argument("--jpeg", type=float, metavar="P",
+                   help="re-encode each training image as a JPEG (quality 50-95) with probability P, for a model "
+                        "that will be served JPEGs (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 

@@ -18,13 +18,14 @@ Example::
 
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from ..data import jpeg_roundtrip
 
 __all__ = ["CORRUPTIONS", "Corruptions"]
 
@@ -283,10 +284,4 @@ class Corruptions:
         return _pil_each(x, lambda im: im.resize((int(w * c), int(h * c)), Image.BOX).resize((w, h), Image.BOX))
 
     def _jpeg_compression(self, x, s, quality):
-        def jpeg(im: Image.Image) -> Image.Image:
-            buffer = io.BytesIO()
-            im.save(buffer, "JPEG", quality=quality)
-            buffer.seek(0)
-            return Image.open(buffer).convert("RGB")
-
-        return _pil_each(x, jpeg)
+        return jpeg_roundtrip(x, quality)

@@ -34,7 +34,9 @@ class TrustedTuningConfig:
     """The trusted-data loop's settings (ALGORITHMS.md P4; pick_your_poison.txt Table 5, CIFAR-10): ``steps``
     SGD steps (momentum 0.9, Nesterov, constant ``lr``, coupled L2 ``weight_decay``) on batches of
     ``batch_size`` trusted images, (CDA, ASR) every ``eval_every`` steps, stop as soon as CDA ≤ CDA_0 −
-    ``max_cda_drop``. ``augment``: random crop + flip on the trusted data (ALGORITHMS.md §7 item 9).
+    ``max_cda_drop``. ``augment``: random crop + flip on the trusted data (ALGORITHMS.md §7 item 9); ``jpeg``: the
+    probability that a trusted image is re-encoded as a JPEG at a quality drawn from ``jpeg_quality`` first
+    (:class:`guard.train.TrainConfig`), for a model that will answer images that travelled as JPEGs.
     Defaults: the plain fine-tuning baseline (D16: 1,000 steps at lr 1e-3); each repair overrides its own.
     """
 
@@ -47,6 +49,8 @@ class TrustedTuningConfig:
     eval_every: int = 50
     max_cda_drop: float = 0.02
     augment: bool = True
+    jpeg: float = 0.0
+    jpeg_quality: tuple[int, int] = (50, 95)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_every"):
@@ -66,13 +70,15 @@ class TrustedTuningConfig:
         for name in ("nesterov", "augment"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
-        self.train_config()  # momentum / nesterov consistency is checked by TrainConfig
+        # TrainConfig checks the momentum / Nesterov consistency, the JPEG probability and the quality range
+        object.__setattr__(self, "jpeg_quality", self.train_config().jpeg_quality)
 
     def train_config(self) -> TrainConfig:
         """The :class:`guard.train.TrainConfig` of the run: constant lr, epochs of ``eval_every`` steps."""
         return TrainConfig.trusted_steps(self.steps, self.eval_every, lr=self.lr, momentum=self.momentum,
                                          nesterov=self.nesterov, weight_decay=self.weight_decay,
-                                         batch_size=self.batch_size, augment=self.augment)
+                                         batch_size=self.batch_size, augment=self.augment, jpeg=self.jpeg,
+                                         jpeg_quality=self.jpeg_quality)
 
     def run(self, model: GuardModel, trusted: torch.utils.data.Dataset, *, eval_set: torch.utils.data.Dataset,
             asr: AsrProbe | None, generator: torch.Generator, device: torch.device, progress: bool,
