@@ -186,16 +186,15 @@ def guard_off_outcomes(model, detector: TriggerDetector, clean: Answers, labels:
     return outcomes
 
 
-def replay_splits(v, test, fpr: float, amplified: int, repaired: Path | None, splits: int) -> dict:
+def replay_splits(v, model, repaired_model, test, fpr: float, amplified: int, splits: int) -> dict:
     """What the guard-off policies would give on ``splits`` random calibration/traffic splits of the same test
     images (CALIBRATION_IMAGES to calibrate, the rest as traffic), replayed in process
     (:func:`guard_off_outcomes`): the spread one fixed 300-image window hides. The served forward runs once over
     every test image and its triggered copy; each split only calibrates its detector and scores its traffic.
     The repaired model is the served one; its CDA budget was measured on the served window's calibration images,
     some of which a random split sends as traffic. ``{policy: {quantity: {"median", "min", "max"}}}`` over the
-    quantities of :func:`guard_off_outcomes`."""
-    model = create("resnet20", weights=v.weights).eval()
-    repaired_model = None if repaired is None else create("resnet20", weights=repaired).eval()
+    quantities of :func:`guard_off_outcomes`. ``model``: the served victim; ``repaired_model``: its repair, or
+    ``None``."""
     attack = load_record(v.record)
     aimed = aimed_at(attack, test.labels)
     position = torch.full((len(test),), -1, dtype=torch.long)   # test image -> its row among the triggered copies
@@ -245,14 +244,13 @@ def unseen_test(root: Path, test, images: int):
     return full.subset(pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(SEED))[:images]])
 
 
-def replay_unseen(v, unseen, served: TriggerDetector, fpr: float, amplified: int, repaired: Path | None) -> dict:
+def replay_unseen(v, model, repaired_model, unseen, served: TriggerDetector, fpr: float, amplified: int) -> dict:
     """The guard-off policies on the ``unseen`` images after their first CALIBRATION_IMAGES (:func:`unseen_test`),
     replayed in process (:func:`guard_off_outcomes`) with two detectors: the ``served`` one, fitted on lossless
     images, and one fitted and calibrated the same way on those first CALIBRATION_IMAGES unseen images, i.e. on
     the traffic's own distribution. ``{"images", "calibration", "traffic": {"clean", "triggered"},
-    "detectors": {"served" | "refitted": {policy: {quantity: value}}}}``."""
-    model = create("resnet20", weights=v.weights).eval()
-    repaired_model = None if repaired is None else create("resnet20", weights=repaired).eval()
+    "detectors": {"served" | "refitted": {policy: {quantity: value}}}}``; ``model`` and ``repaired_model`` as in
+    :func:`replay_splits`."""
     calibration = unseen.subset(range(CALIBRATION_IMAGES))
     refitted = TriggerDetector.calibrate(model, calibration.images.float() / 255, false_positive_rate=fpr,
                                          amplified=amplified, generator=torch.Generator().manual_seed(SEED))
@@ -379,13 +377,15 @@ def measure(attack_name: str, test, fpr: float, options: dict | None = None, lab
     truth = sum(y == target for y in plain_trig) / max(to_target, 1)
     plain = rows["plain"]
     took_hold = plain["attack_success"] >= TOOK_HOLD
-    replayed = replay_splits(v, test, fpr, amplified, repaired, splits) if splits else {}
+    repaired_model = None if repaired is None else create("resnet20", weights=repaired).eval()
+    replayed = replay_splits(v, model, repaired_model, test, fpr, amplified, splits) if splits else {}
     for policy, row in replayed.items():
         print(f"{attack_name:15s} {policy:16s} over {splits} splits: clean loss median "
               f"{row['clean_accuracy_loss']['median']:+.3f} ({row['clean_accuracy_loss']['min']:+.3f}.."
               f"{row['clean_accuracy_loss']['max']:+.3f}), ASR median {row['attack_success']['median']:.3f} "
               f"({row['attack_success']['min']:.3f}..{row['attack_success']['max']:.3f})", flush=True)
-    unseen_rows = replay_unseen(v, unseen, detector, fpr, amplified, repaired) if unseen is not None else {}
+    unseen_rows = (replay_unseen(v, model, repaired_model, unseen, detector, fpr, amplified) if unseen is not None
+                   else {})
     for detector_name, by_policy in unseen_rows.get("detectors", {}).items():
         for policy, row in by_policy.items():
             print(f"{attack_name:15s} {policy:16s} on {unseen_rows['traffic']['clean']} unseen test images, "
