@@ -25,6 +25,8 @@ Defender:  RE's Step 0 (§5.2.1: the victim's training, without augmentation, so
            removes 63–85 % of the poisons; the scratch model carries the pattern itself (93–98 %). Step 0 models
            are cached beside the victims. Each row records Step 0's accuracy on the target's clean training
            images and eq. 12 with the true pattern (the TPR/FPR a perfect estimate would reach on that model).
+           ``--inspect victim``: SS, AC and CI inspect the victim itself instead — the model a user has, trained
+           with augmentation — and Step 0 is trained only for RE.
 Methods:   library defaults; SS and AC are given the true target for TPR/FPR (Xiang's comparison; SS removes 1000
            images of it), AC's detection outcome is its own silhouette test; RE and CI use their own detection.
            ``--re-removal-pi P``: RE's eq. 12 subtracts the smallest multiple of its estimate that sends P of the
@@ -43,10 +45,10 @@ Output:    benchmarks/results/cleanse_cifar10.json and .png (rows, timings, hard
 Rows:      one guard.sweep job per row: Ray tasks of --threads CPUs each (one GPU each when CUDA is available)
            on a local Ray or --address (a cluster runs the rows side by side); --serial runs them here in turn.
 Run:       GUARD_DATA_DIR=../shared/data python benchmarks/cleanse_cifar10.py [--rows A1,C3] [--methods re,ac]
-           [--no-retrain | --retrain-methods re] [--re-removal-pi 0.99] [--threads 2] [--device cuda]
-           [--out NAME] [--serial];  a rerun with the same --out resumes after the finished rows; --merge A.json
-           B.json ... --out NAME gathers the rows of earlier runs split over machines; --quick: a smoke run on 5000
-           images with tiny budgets (numbers are not comparable with the tables).
+           [--no-retrain | --retrain-methods re] [--re-removal-pi 0.99] [--inspect victim] [--threads 2]
+           [--device cuda] [--out NAME] [--serial];  a rerun with the same --out resumes after the finished rows;
+           --merge A.json B.json ... --out NAME gathers the rows of earlier runs split over machines; --quick: a smoke
+           run on 5000 images with tiny budgets (numbers are not comparable with the tables).
 """
 
 from __future__ import annotations
@@ -176,11 +178,11 @@ def asr_of(model, attack, test_set) -> dict:
 
 
 def step0(suspect, record, args, root: Path):
-    """RE's Step 0 (§5.2.1), the model every method inspects: ``--step0 recipe`` trains the victims' recipe
-    (from the pretrained weights for fine-tuned victims) with augmentation off; ``scratch`` trains a randomly
-    initialised ResNet-20 (``TrainConfig.scratch``: SGD lr 0.1, cosine) without augmentation, as the seed does.
-    Cached beside the victims, keyed by the row's record and the training; returns (model, seconds the training
-    took)."""
+    """RE's Step 0 (§5.2.1), the model RE inspects (SS, AC and CI too unless --inspect victim): ``--step0 recipe``
+    trains the victims' recipe (from the pretrained weights for fine-tuned victims) with augmentation off;
+    ``scratch`` trains a randomly initialised ResNet-20 (``TrainConfig.scratch``: SGD lr 0.1, cosine) without
+    augmentation, as the seed does. Cached beside the victims, keyed by the row's record and the training;
+    returns (model, seconds the training took)."""
     epochs = 1 if args.quick else args.step0_epochs
     config = (train_config(args.victims, epochs=epochs, augment=False) if args.step0 == "recipe"
               else TrainConfig.scratch(epochs=epochs, augment=False))
@@ -253,7 +255,8 @@ def run_row(row: dict, spec, args, train_set, test_set, root: Path, work: Path, 
     if spec is None:
         weights, record, attack = root / WEIGHTS, None, None
         suspect, poison_indices, target = train_set, None, None
-        undefended = {"cda": evaluate(create("resnet20", weights=weights).to(args.device), test_set)}
+        victim_model = create("resnet20", weights=weights).to(args.device)
+        undefended = {"cda": evaluate(victim_model, test_set)}
     else:
         attack_name, options = spec
         if args.quick:
@@ -264,17 +267,22 @@ def run_row(row: dict, spec, args, train_set, test_set, root: Path, work: Path, 
         poisoned = suspect_from_record(record, train_set)
         attack = attack_from_record(record)
         suspect, poison_indices, target = poisoned.dataset, poisoned.indices, attack.config.target
-        undefended = asr_of(create("resnet20", weights=weights).to(args.device), attack, test_set)
+        victim_model = create("resnet20", weights=weights).to(args.device)
+        undefended = asr_of(victim_model, attack, test_set)
         row.update(attack=attack_name, options=options, target=target, num_poisons=int(poison_indices.numel()),
                    sources=list(getattr(attack.config, "sources", None) or []))
     row["undefended"] = undefended
     print(f"[{name}] undefended {undefended}", flush=True)
 
-    defender, row["fit_seconds"] = step0(suspect, record, args, root)
-    row["step0"] = asr_of(defender, attack, test_set) if attack is not None else {"cda": evaluate(defender, test_set)}
-    if target is not None:
-        row["step0"].update(step0_fit(defender, suspect, poison_indices, target, true_pattern(attack, suspect)))
-    print(f"[{name}] Step 0 model {row['step0']} ({row['fit_seconds']} s)", flush=True)
+    row["inspect"] = args.inspect
+    defender = None
+    if "re" in args.methods or args.inspect == "step0":
+        defender, row["fit_seconds"] = step0(suspect, record, args, root)
+        row["step0"] = (asr_of(defender, attack, test_set) if attack is not None
+                        else {"cda": evaluate(defender, test_set)})
+        if target is not None:
+            row["step0"].update(step0_fit(defender, suspect, poison_indices, target, true_pattern(attack, suspect)))
+        print(f"[{name}] Step 0 model {row['step0']} ({row['fit_seconds']} s)", flush=True)
     n_target = int((suspect.labels == target).sum()) if target is not None else None
     row["methods"] = {}
     for method in args.methods:
@@ -284,8 +292,9 @@ def run_row(row: dict, spec, args, train_set, test_set, root: Path, work: Path, 
         if method == "ss" and target is not None:
             options.update(target=target, eps=min(1.0, 1000 / (1.5 * n_target)))
         cleanser = create_cleanser(method, **options)
+        inspected = defender if method == "re" or args.inspect == "step0" else victim_model
         started = time.perf_counter()
-        result = cleanser.cleanse(defender, suspect, generator=torch.Generator().manual_seed(SEED), progress=True)
+        result = cleanser.cleanse(inspected, suspect, generator=torch.Generator().manual_seed(SEED), progress=True)
         sync(args.device)
         seconds = time.perf_counter() - started
         entry = {"outcome": outcome(result, target), "detected": result.detected, "target_class": result.target_class,
@@ -293,7 +302,7 @@ def run_row(row: dict, spec, args, train_set, test_set, root: Path, work: Path, 
                  "class_scores": {str(c): round(float(v), 4) for c, v in sorted(result.class_scores.items())}}
         removal = result
         if method == "ac" and target is not None and result.target_class != target:
-            removal = create_cleanser("ac", target=target).cleanse(defender, suspect,
+            removal = create_cleanser("ac", target=target).cleanse(inspected, suspect,
                                                                    generator=torch.Generator().manual_seed(SEED))
             entry["removed_known_target"] = int(removal.removed.numel())
         if poison_indices is not None:
@@ -363,9 +372,8 @@ def plot(results: dict, path: Path) -> None:
                            None if r["patterns"]["true"] is None else torch.tensor(r["patterns"]["true"]))
                 for r in rows if r.get("patterns")}
     methods = [m for m in METHODS if any(m in r["methods"] for r in rows)]
-    bottom = max(1, len(patterns))
-    fig = plt.figure(figsize=(22, 9))
-    grid = fig.add_gridspec(2, max(4, bottom))
+    fig = plt.figure(figsize=(22, 9 if patterns else 4.5))
+    grid = fig.add_gridspec(2 if patterns else 1, max(4, len(patterns)))
     axes = [fig.add_subplot(grid[0, i]) for i in range(4)]
     width = 0.8 / (len(methods) + 1)
     for k, label in enumerate(["undefended", *methods]):
@@ -393,7 +401,8 @@ def plot(results: dict, path: Path) -> None:
         ax.imshow(image.permute(1, 2, 0).numpy(), interpolation="nearest")
         ax.set_title(f"{name}: RE estimate | true", fontsize=9)
         ax.axis("off")
-    fig.suptitle(f"Training-set cleansing, CIFAR-10 ResNet-20 ({results['hardware']['device']})")
+    inspected = "SS/AC/CI on the victim" if results.get("inspect") == "victim" else "every method on Step 0"
+    fig.suptitle(f"Training-set cleansing, CIFAR-10 ResNet-20, {inspected} ({results['hardware']['device']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -451,6 +460,9 @@ def main() -> None:
                              "(both without augmentation; see step0())")
     parser.add_argument("--step0-epochs", type=int, default=None,
                         help=f"Step 0's epochs (default: the row victim's for recipe, {SCRATCH_EPOCHS} for scratch)")
+    parser.add_argument("--inspect", choices=("step0", "victim"), default="step0",
+                        help="the model SS, AC and CI inspect: RE's Step 0, as in the seed (default), or the victim "
+                             "itself (trained with augmentation; Step 0 is then trained only for RE)")
     parser.add_argument("--re-removal-pi", type=float, default=ReverseEngineeringConfig.removal_pi,
                         help="RE's removal_pi: eq. 12 subtracts the smallest multiple of the estimate that sends this "
                              "fraction of the source class to the target (default: the library's, %(default)s)")
@@ -489,6 +501,7 @@ def main() -> None:
         rows = ["A1", "clean"]
     results = {"benchmark": "cleanse_cifar10", "quick": args.quick, "seed": SEED,
                "step0": {"model": args.step0, "epochs": args.step0_epochs}, "victims": args.victims,
+               "inspect": args.inspect,
                "re_subtract_scale": args.re_subtract_scale, "re_removal_pi": args.re_removal_pi,
                "recipe": RECIPES[args.victims],
                "retrain_epochs": retrain_epochs, "retrain_seeds": args.retrain_seeds, "paper_compact": PAPER,
@@ -503,7 +516,7 @@ def main() -> None:
                 row_victim(row, args.victims)
     settings = {"methods": methods, "retrain": args.retrain, "retrain_methods": retrain_methods,
                 "retrain_epochs": retrain_epochs, "retrain_seeds": args.retrain_seeds, "step0": args.step0,
-                "step0_epochs": args.step0_epochs,
+                "step0_epochs": args.step0_epochs, "inspect": args.inspect,
                 "quick": args.quick, "device": args.device, "victims": args.victims,
                 "re_subtract_scale": args.re_subtract_scale, "re_removal_pi": args.re_removal_pi}
     grid = Grid(name=name, function=f"{Path(__file__).resolve()}:row_job", params={"settings": settings},
