@@ -11,7 +11,9 @@ The suspect set is ``--split`` of ``--dataset`` (any dataset ``guard.data`` load
 with ``--attack-record`` it is the poisoned set ``guard poison`` built, rebuilt from the record (checked
 against its indices), and the report adds the removal's TPR/FPR against the record's poisoned images.
 ``--weights`` is a model trained on the suspect set; ``--fit-epochs N`` trains it here first, without
-augmentation (RE's Step 0). ``--retrain`` trains a fresh model on what remains with the one training loop
+augmentation (RE's Step 0). SS, AC and CI do better on the model trained with augmentation, the one a user
+already has: give it as ``--weights`` without ``--fit-epochs`` (benchmarks/cleanse_cifar10.py --inspect
+victim). ``--retrain`` trains a fresh model on what remains with the one training loop
 and reports its accuracy (and ASR with a record) on ``--eval-split``. RE writes its estimated pattern as a
 PNG next to the report, beside the true one when the record's attack has one.
 """
@@ -84,7 +86,8 @@ def add_parser(subparsers) -> None:
     g.add_argument("--subtract-scale", type=float,
                    help="re: eq. 12 subtracts this fixed multiple of the estimate instead (1: eq. 12 as the paper "
                         "states it; larger removes more poisons and more clean images)")
-    f = p.add_argument_group("the defender's model (RE Step 0)")
+    f = p.add_argument_group("the defender's model (RE Step 0; ss/ac/ci do better on the --weights trained with "
+                             "augmentation)")
     f.add_argument("--fit-epochs", type=int, default=None,
                    help="first train --model on the suspect set for N epochs without augmentation (from --weights "
                         "when given, else from scratch); its weights go next to the report")
