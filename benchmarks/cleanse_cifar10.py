@@ -2,15 +2,17 @@
 
 What:      for each poisoned CIFAR-10 training set — Xiang's imperceptible patterns A (chessboard, 2/255) and C
            (cross, 70/255) with 1 and 3 source classes, the perceptible pattern D (80/255 square) with 1 source,
-           BadNets and Blend — and for the clean training set: each method's detection outcome (Table 2 symbols:
-           ✓ detected with the right target / nothing on a clean set, ~ wrong target, ✗ missed / false alarm),
-           the removal's TPR/FPR (Table 3; FPR over the clean images labelled with the target), the ASR and
-           accuracy of a model retrained on what is left (Table 4, supp. Tables 10–12), and each method's wall
-           time. The seed's compact-ResNet-18 rows are printed beside ours (ResNet-20's 64-d features are its
-           size class).
+           BadNets, Blend, and WaNet and Adaptive-Blend (the victims the other defense benchmarks share; Adaptive-Blend
+           is made to defeat latent-separation defenses) — and for the clean training set: each method's detection
+           outcome (Table 2 symbols: ✓ detected with the right target / nothing on a clean set, ~ wrong target,
+           ✗ missed / false alarm), the removal's TPR/FPR (Table 3; FPR over the clean images labelled with the
+           target), the ASR and accuracy of a model retrained on what is left (Table 4, supp. Tables 10–12), and
+           each method's wall time. The seed's compact-ResNet-18 rows are printed beside ours (ResNet-20's 64-d
+           features are its size class).
 Victims:   ``victims.victim`` — the pretrained ResNet-20 fine-tuned on the FULL poisoned training set (undefended
-           ASR >= 0.9): 3 epochs, 8 for C1 and D1 (VICTIM_EPOCHS), whose small single-source patterns do not take
-           hold in 3; the clean row is the pretrained ResNet-20 itself (trained on the clean set).
+           ASR >= 0.9 where the attack allows): 3 epochs, 8 for C1 and D1 (VICTIM_EPOCHS), whose small
+           single-source patterns do not take hold in 3, and for WaNet; the clean row is the pretrained ResNet-20
+           itself (trained on the clean set).
            ``--victims scratch``: a ResNet-20 trained from scratch on it instead (the victims' scratch recipe, 30
            epochs), as the seed's are; Step 0 (``--step0 recipe``) and the retraining then follow that recipe too
            (hours per row on 2 CPU cores, minutes on a GPU). Give such a run its own ``--out``.
@@ -100,11 +102,14 @@ ROWS = {
     "D1": ("xiang", {"pattern": "D", "num_sources": 1}),
     "badnets": ("badnets", {"target": 0, "budget": 0.01}),
     "blend": ("blend", {"target": 0, "budget": 0.05}),
+    "wanet": ("wanet", {"target": 0}),
+    "adaptive-blend": ("adaptive-blend", {"target": 0}),
     "clean": None,
 }
 #: rows whose victims need more than the recipe's 3 epochs to take hold (3 epochs: C1 ASR 0.37, D1 0.28 on the
-#: source class); their Step 0 (--step0 recipe) and retraining default to the same epochs
-VICTIM_EPOCHS = {"C1": 8, "D1": 8}
+#: source class; WaNet: victims.DEFENSE_VICTIMS); their Step 0 (--step0 recipe) and retraining default to the same
+#: epochs
+VICTIM_EPOCHS = {"C1": 8, "D1": 8, "wanet": 8}
 
 
 def row_victim(row: str, recipe: str = "finetune"):
