@@ -79,8 +79,8 @@ from guard.sweep import Grid
 from guard.train import TrainConfig, evaluate, predict, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from victims import (CACHE, RECIPES, WEIGHTS, add_sweep_arguments, data_root, job_resources,  # noqa: E402
-                     results_name, run_grid, train_config, victim)
+from victims import (CACHE, DEFENSE_VICTIMS, RECIPES, WEIGHTS, add_sweep_arguments, data_root,  # noqa: E402
+                     job_resources, results_name, run_grid, train_config, victim)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 0
@@ -93,6 +93,13 @@ SUBTRACT_SCALES = (1.0, 1.25, 1.5)
 REMOVAL_PIS = (0.99, 0.995, 0.999)
 #: --quick: RE's code path at a tiny budget (a smoke test, not a measurement)
 RE_QUICK = {"max_steps": 3, "batch_size_per_class": 8, "max_images": 50}
+
+
+def shared(attack: str) -> tuple[str, dict]:
+    """The row of a victim the defense benchmarks share (victims.DEFENSE_VICTIMS; its epochs go to VICTIM_EPOCHS)."""
+    return attack, {k: v for k, v in DEFENSE_VICTIMS[attack].items() if k != "epochs"}
+
+
 #: row -> (attack, options); None = the clean training set
 ROWS = {
     "A1": ("xiang", {"pattern": "A", "num_sources": 1}),
@@ -100,16 +107,16 @@ ROWS = {
     "C1": ("xiang", {"pattern": "C", "num_sources": 1}),
     "C3": ("xiang", {"pattern": "C", "num_sources": 3}),
     "D1": ("xiang", {"pattern": "D", "num_sources": 1}),
-    "badnets": ("badnets", {"target": 0, "budget": 0.01}),
-    "blend": ("blend", {"target": 0, "budget": 0.05}),
-    "wanet": ("wanet", {"target": 0}),
-    "adaptive-blend": ("adaptive-blend", {"target": 0}),
+    "badnets": shared("badnets"),
+    "blend": shared("blend"),
+    "wanet": shared("wanet"),
+    "adaptive-blend": shared("adaptive-blend"),
     "clean": None,
 }
 #: rows whose victims need more than the recipe's 3 epochs to take hold (3 epochs: C1 ASR 0.37, D1 0.28 on the
 #: source class; WaNet: victims.DEFENSE_VICTIMS); their Step 0 (--step0 recipe) and retraining default to the same
 #: epochs
-VICTIM_EPOCHS = {"C1": 8, "D1": 8, "wanet": 8}
+VICTIM_EPOCHS = {"C1": 8, "D1": 8, "wanet": DEFENSE_VICTIMS["wanet"]["epochs"]}
 
 
 def row_victim(row: str, recipe: str = "finetune"):
