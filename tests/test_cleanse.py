@@ -22,8 +22,8 @@ from guard.attacks import create_attack
 from guard.cleanse import (ActivationClusteringConfig, CleanseResult, Cleanser, ClusterImpurityConfig,
                            ReverseEngineeringConfig, SpectralSignaturesConfig, box_blur, cleanser_from_dict,
                            create_cleanser, describe_cleansers, extract_features, get_cleanser, list_cleansers,
-                           order_statistic_test, register_cleanser, removal_scale, subtraction_removal,
-                           suspect_from_record)
+                           order_statistic_test, register_cleanser, removal_scale, source_classes,
+                           subtraction_removal, suspect_from_record)
 from guard.cleanse.clustering import bic_mixture, class_mixtures
 from guard.data import ImageTensorDataset
 from guard.metrics import cleansing_rates
@@ -135,6 +135,7 @@ BAD_OPTIONS = [
     ("re", {"chunk_size": 0}, "chunk_size"), ("re", {"subtract_scale": 0.0}, "subtract_scale"),
     ("re", {"subtract_scale": "1.5"}, "subtract_scale"), ("re", {"removal_pi": 0.0}, "removal_pi"),
     ("re", {"removal_pi": 1.01}, "removal_pi"), ("re", {"removal_pi": None}, "removal_pi"),
+    ("re", {"removal_to": "source"}, "removal_to"),
 ]
 
 
@@ -448,6 +449,24 @@ def test_re_subtracts_the_configured_multiple_of_its_pattern(margin):
     assert torch.equal(scaled.removed, subtraction_removal(model, result.dataset, TARGET, scaled.pattern, scale=scale))
 
 
+@pytest.mark.outcome
+def test_re_removal_to_sources_keeps_the_images_that_move_elsewhere():
+    poisoned, _ = re_results()
+    result, _, model, *_ = xiang_suspects(SEED)
+    to_sources = create_cleanser("re", **RE_OPTIONS, removal_to="sources").cleanse(
+        model, result.dataset, generator=torch.Generator().manual_seed(SEED))
+    sources = to_sources.details["source_classes"]
+    assert RE_SOURCE in sources and TARGET not in sources and sources == poisoned.details["source_classes"]
+    scale = to_sources.details["subtract_scale"]
+    assert torch.equal(to_sources.removed, subtraction_removal(model, result.dataset, TARGET, to_sources.pattern,
+                                                               scale=scale, to=sources))
+    # a subset of eq. 12's removal at the same multiple, which keeps the poisons (they move back to their source)
+    anywhere = subtraction_removal(model, result.dataset, TARGET, to_sources.pattern, scale=scale)
+    assert set(to_sources.removed.tolist()) <= set(anywhere.tolist())
+    tpr, _ = cleansing_rates(to_sources.removed, result.indices, result.dataset.labels, TARGET)
+    check("RE TPR (eq. 12, to the sources)", tpr, low=0.8)
+
+
 class _Brightness(torch.nn.Module):
     """Class 1 iff an image's mean pixel exceeds 0.5, else class 0 (of three)."""
 
@@ -476,6 +495,14 @@ def test_subtraction_removal_is_eq_12_at_any_scale():
     assert subtraction_removal(model, data, 1, -v, scale=10.0).numel() == 0
     # eq. 12 tests the label after the subtraction only: an image the model never assigns its label is removed
     assert subtraction_removal(model, data, 2, v).tolist() == [5]
+    # to: only the images whose new label is one of these classes
+    assert subtraction_removal(model, data, 2, v, to=[0]).tolist() == [5]
+    assert subtraction_removal(model, data, 2, v, to=(1,)).numel() == 0
+    assert subtraction_removal(model, data, 1, v, scale=2.0, to=[0, 2]).tolist() == [0, 1]
+    for bad in ([], [1], [3], [0.5]):
+        with pytest.raises(ValueError, match=r"to must be None or a non-empty list of class indices in \[0, 2\] "
+                                             r"other than the target 1, got"):
+            subtraction_removal(model, data, 1, v, to=bad)
     assert model.training and all(torch.equal(before[k], t) for k, t in model.state_dict().items())
     with pytest.raises(ValueError, match=r"target must be a class index in \[0, 2\], got 3"):
         subtraction_removal(model, data, 3, v)
@@ -566,6 +593,24 @@ def test_order_statistic_test_follows_eqs_10_and_11():
         order_statistic_test(torch.ones(2, 2))
     with pytest.raises(ValueError, match="finite and >= 0"):
         order_statistic_test(-r)
+
+
+def test_source_classes_are_the_outliers_among_the_pairs_into_the_target():
+    r = torch.full((6, 6), 1.0, dtype=torch.float64).fill_diagonal_(0)
+    r[:, 2] = torch.tensor([1.0, 1.02, 0.0, 0.98, 1.01, 0.99])   # into 2 from 0, 1, 3, 4, 5: median 1.0
+    assert source_classes(r, 2, 1) == [1]   # the most suspicious source, even when it does not stand out
+    r[4, 2] = 1.2   # median deviation 0.02, so the index of 1.2 is 0.2 / (1.4826 · 0.02) = 6.7
+    assert source_classes(r, 2, 1) == [1, 4]
+    assert source_classes(r, 2, 1, threshold=7.0) == [1]
+    r[0, 2] = 1.3   # median 1.02, deviation 0.04: indices 4.7 (class 0) and 3.0 (class 4); 0.98 and 0.99 lie below
+    assert source_classes(r.numpy(), 2, 0) == [0, 4]
+    assert source_classes(r, 2, 1, threshold=4.0) == [0, 1]
+    # a target every class reaches easily is no evidence by itself: only the pairs that stand out among those into it
+    r[:, 2] = torch.tensor([3.0, 3.06, 0.0, 2.94, 3.03, 2.97])
+    assert source_classes(r, 2, 1) == [1]
+    assert source_classes(r[:3, :3], 2, 1) == [1]   # two other classes: no test
+    with pytest.raises(ValueError, match="values must be finite"):
+        source_classes(torch.full((4, 4), math.inf), 0, 1)
 
 
 def test_re_default_and_paper_settings_map_onto_the_engine():

@@ -173,8 +173,9 @@ def test_re_command_writes_the_pattern_beside_the_true_one(xiang_run, capsys):
                  "--threshold", "0.001", "--step-size", "0.1", "--refine-step-size", "0.05", "--pair-batch-size", "16",
                  "--out", str(out),
                  "--no-progress"]) == 0
-    assert "POISONED, target class 0" in capsys.readouterr().out
+    assert "POISONED, target class 0 (source classes 1" in capsys.readouterr().out
     report = json.loads(out.read_text())
+    assert report["details"]["source_classes"][0] == 1 and report["config"]["removal_to"] == "any"
     assert report["attack"]["target_detected"] and report["attack"]["tpr"] >= 0.9, report["attack"]  # 0.96
     assert report["details"]["source_class"] == 1 and len(report["pattern"]) == 3
     # eq. 12's multiple of the estimate is set by removal_pi unless --subtract-scale fixes it
@@ -195,3 +196,11 @@ def test_re_command_writes_the_pattern_beside_the_true_one(xiang_run, capsys):
                  str(run["weights"]), "--dataset", "imagefolder", "--data-dir", str(run["data"]), "--out",
                  str(out)]) == 2
     assert "removal_pi must be a number in (0, 1], got 1.5" in capsys.readouterr().err
+    # --removal-to sources: only the target images that move to a source class
+    to_sources = run["tmp"] / "re_sources.json"
+    assert main(["cleanse", "--method", "re", "--model", "tiny_resnet", "--weights", str(run["weights"]),
+                 "--dataset", "imagefolder", "--data-dir", str(run["data"]), "--attack-record", str(run["record"]),
+                 "--threshold", "0.001", "--step-size", "0.1", "--refine-step-size", "0.05", "--pair-batch-size", "16",
+                 "--removal-to", "sources", "--out", str(to_sources), "--no-progress"]) == 0
+    narrowed = json.loads(to_sources.read_text())
+    assert narrowed["config"]["removal_to"] == "sources" and narrowed["attack"]["tpr"] >= 0.9, narrowed["attack"]

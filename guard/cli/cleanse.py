@@ -45,6 +45,7 @@ _OPTION_FLAGS = {
     "chunk_size": {"re": "chunk_size"},
     "subtract_scale": {"re": "subtract_scale"},
     "removal_pi": {"re": "removal_pi"},
+    "removal_to": {"re": "removal_to"},
 }
 
 
@@ -86,6 +87,9 @@ def add_parser(subparsers) -> None:
     g.add_argument("--subtract-scale", type=float,
                    help="re: eq. 12 subtracts this fixed multiple of the estimate instead (1: eq. 12 as the paper "
                         "states it; larger removes more poisons and more clean images)")
+    g.add_argument("--removal-to", choices=("any", "sources"),
+                   help="re: remove a target image whose label changes to any class (eq. 12, default) or only to "
+                        "an inferred source class")
     f = p.add_argument_group("the defender's model (RE Step 0; ss/ac/ci do better on the --weights trained with "
                              "augmentation)")
     f.add_argument("--fit-epochs", type=int, default=None,
@@ -247,8 +251,10 @@ def run(args: argparse.Namespace) -> int:
                          indent=2))
         return 0
     stat = result.statistic
+    sources = result.details.get("source_classes") if result.detected else None
     verdict = {None: "no verdict (removes a quota of every class)", False: "no poisoning detected",
-               True: f"POISONED, target class {result.target_class}"}[result.detected]
+               True: f"POISONED, target class {result.target_class}"
+               + (f" (source classes {', '.join(map(str, sources))})" if sources else "")}[result.detected]
     print(f"{args.method} on {len(suspect)} {args.dataset}/{split} images ({result.seconds:.0f}s): {verdict}; "
           f"{stat['name']} {stat['value']:.4g}" + ("" if stat["threshold"] is None else f" vs {stat['threshold']}"))
     print(f"removed {result.removed.numel()} images")
