@@ -35,7 +35,11 @@ Methods:   library defaults; SS and AC are given the true target for TPR/FPR (Xi
            source class to the target (``removal_pi``, default the library's 0.995); ``--re-subtract-scale K``: a
            fixed K times the estimate instead (``subtract_scale``; 1 is eq. 12 as the paper states it). Each RE
            row also records eq. 12 at the other margins on the same estimate: the fixed multiples 1, 1.25, 1.5
-           (``scaled_estimate``) and removal_pi 0.99, 0.995, 0.999 (``removal_pi_estimate``).
+           (``scaled_estimate``) and removal_pi 0.99, 0.995, 0.999 (``removal_pi_estimate``). ``--re-removal-to
+           sources``: eq. 12 removes only the target images whose label moves to an inferred source class
+           (``removal_to``); each row records the other rule at the same multiple (``removal_to_any`` or
+           ``removal_to_sources``), the inferred ``source_classes`` and where the subtraction sends the target's
+           poisons and clean images (``moved_to``: counts of the new labels).
 Retrain:   the victims' recipe (pretrained ResNet-20, SGD lr 0.01, the row victim's epochs, augmentation) on the
            cleansed set — the same training that implants the backdoor on the full set; CDA and ASR on test-lossless
            (ASR: source classes for Xiang's patterns, M2'; non-target images otherwise; recorded with its number
@@ -65,6 +69,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -231,10 +236,27 @@ def step0_fit(model, suspect, poison_indices: torch.Tensor, target: int, true: t
     return out
 
 
+def moved_to(model, suspect, poison_indices: torch.Tensor, target: int, pattern: torch.Tensor) -> dict:
+    """Where subtracting ``pattern`` sends the images labelled ``target`` that change label: counts of the new
+    labels among the poisons and among the clean images (what eq. 12 removes, and what ``removal_to`` keeps)."""
+    index = (suspect.labels == target).nonzero().squeeze(1)
+    shift = pattern.to(next(model.parameters()).device)
+
+    def subtracted(x):
+        with torch.no_grad():
+            return model((x - shift).clamp(0, 1))
+
+    preds = predict(model, suspect.subset(index), device=shift.device, defense=subtracted)
+    poison = torch.isin(index, poison_indices)
+    return {group: {str(c): n for c, n in sorted(Counter(preds[mask & (preds != target)].tolist()).items())}
+            for group, mask in (("poisons", poison), ("clean", ~poison))}
+
+
 def subtraction_rates(model, suspect, poison_indices: torch.Tensor, target: int,
-                      pattern: torch.Tensor) -> tuple[float, float]:
-    """(TPR, FPR) of eq. 12 with ``pattern`` (guard.cleanse.subtraction_removal)."""
-    removed = subtraction_removal(model, suspect, target, pattern, device=next(model.parameters()).device)
+                      pattern: torch.Tensor, to: list[int] | None = None) -> tuple[float, float]:
+    """(TPR, FPR) of eq. 12 with ``pattern`` (guard.cleanse.subtraction_removal; ``to``: the classes a removed image
+    must move to)."""
+    removed = subtraction_removal(model, suspect, target, pattern, to=to, device=next(model.parameters()).device)
     return cleansing_rates(removed, poison_indices, suspect.labels, target)
 
 
@@ -300,7 +322,8 @@ def run_row(row: dict, spec, args, train_set, test_set, root: Path, work: Path, 
     for method in args.methods:
         options = dict(RE_QUICK if (args.quick and method == "re") else {})
         if method == "re":
-            options.update(removal_pi=args.re_removal_pi, subtract_scale=args.re_subtract_scale)
+            options.update(removal_pi=args.re_removal_pi, subtract_scale=args.re_subtract_scale,
+                           removal_to=args.re_removal_to)
         if method == "ss" and target is not None:
             options.update(target=target, eps=min(1.0, 1000 / (1.5 * n_target)))
         cleanser = create_cleanser(method, **options)
@@ -324,14 +347,22 @@ def run_row(row: dict, spec, args, train_set, test_set, root: Path, work: Path, 
             entry["pattern_norm"] = float(result.pattern.norm())
             entry["subtract_scale"] = result.details["subtract_scale"]
             entry["removal_source_rate"] = result.details["removal_source_rate"]
+            entry["source_classes"] = result.details["source_classes"]
             true = true_pattern(attack, suspect)
             row["patterns"] = {"estimated": rounded(result.pattern), "true": None if true is None else rounded(true)}
             if true is not None:
                 entry["pattern_mse_per_pixel"] = float((result.pattern - true).square().mean())
             if poison_indices is not None and result.target_class == target:  # eq. 12 along the estimate's ray
                 fixed = args.re_subtract_scale
+                to = result.details["source_classes"] if args.re_removal_to == "sources" else None
+                other = "any" if to is not None else "sources"
+                removed_pattern = result.details["subtract_scale"] * result.pattern
+                entry[f"removal_to_{other}"] = dict(zip(("tpr", "fpr"), subtraction_rates(
+                    defender, suspect, poison_indices, target, removed_pattern,
+                    None if to is not None else result.details["source_classes"])))
+                entry["moved_to"] = moved_to(defender, suspect, poison_indices, target, removed_pattern)
                 entry["scaled_estimate"] = {str(k): dict(zip(("tpr", "fpr"), subtraction_rates(
-                    defender, suspect, poison_indices, target, k * result.pattern)))
+                    defender, suspect, poison_indices, target, k * result.pattern, to)))
                     for k in SUBTRACT_SCALES if k != fixed}
                 entry["removal_pi_estimate"] = {}
                 for pi in REMOVAL_PIS:
@@ -339,7 +370,7 @@ def run_row(row: dict, spec, args, train_set, test_set, root: Path, work: Path, 
                         continue
                     k, rate = removal_scale(defender, suspect, result.details["source_class"], target, result.pattern,
                                             pi)
-                    rates = subtraction_rates(defender, suspect, poison_indices, target, k * result.pattern)
+                    rates = subtraction_rates(defender, suspect, poison_indices, target, k * result.pattern, to)
                     entry["removal_pi_estimate"][str(pi)] = {"scale": k, "source_rate": rate, "tpr": rates[0],
                                                              "fpr": rates[1]}
         row["methods"][method] = entry
@@ -481,6 +512,9 @@ def main() -> None:
     parser.add_argument("--re-subtract-scale", type=float, default=None,
                         help="RE's subtract_scale: eq. 12 subtracts this fixed multiple of the estimate instead "
                              "(1: eq. 12 as the paper states it)")
+    parser.add_argument("--re-removal-to", choices=("any", "sources"), default=ReverseEngineeringConfig.removal_to,
+                        help="RE's removal_to: eq. 12 removes a target image whose label changes to any class, or "
+                             "only to an inferred source class (default: the library's, %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of each row's job (its declared CPUs)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
     add_sweep_arguments(parser)
@@ -515,7 +549,7 @@ def main() -> None:
                "step0": {"model": args.step0, "epochs": args.step0_epochs}, "victims": args.victims,
                "inspect": args.inspect,
                "re_subtract_scale": args.re_subtract_scale, "re_removal_pi": args.re_removal_pi,
-               "recipe": RECIPES[args.victims],
+               "re_removal_to": args.re_removal_to, "recipe": RECIPES[args.victims],
                "retrain_epochs": retrain_epochs, "retrain_seeds": args.retrain_seeds, "paper_compact": PAPER,
                "hardware": hardware_of(device), "rows": []}
     if out_json.is_file() and not args.quick:  # resume: keep the rows already measured
@@ -530,7 +564,8 @@ def main() -> None:
                 "retrain_epochs": retrain_epochs, "retrain_seeds": args.retrain_seeds, "step0": args.step0,
                 "step0_epochs": args.step0_epochs, "inspect": args.inspect,
                 "quick": args.quick, "device": args.device, "victims": args.victims,
-                "re_subtract_scale": args.re_subtract_scale, "re_removal_pi": args.re_removal_pi}
+                "re_subtract_scale": args.re_subtract_scale, "re_removal_pi": args.re_removal_pi,
+                "re_removal_to": args.re_removal_to}
     grid = Grid(name=name, function=f"{Path(__file__).resolve()}:row_job", params={"settings": settings},
                 points=[{"row": r} for r in rows if r not in done],
                 resources=job_resources(args.threads, device),
