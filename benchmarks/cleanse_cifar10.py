@@ -75,8 +75,8 @@ from pathlib import Path
 import torch
 
 from guard.attacks import attack_from_record, create_attack
-from guard.cleanse import (ReverseEngineeringConfig, create_cleanser, removal_scale, subtraction_removal,
-                           suspect_from_record)
+from guard.cleanse import (ReverseEngineeringConfig, create_cleanser, removal_scale, subtracted_labels,
+                           subtraction_removal, suspect_from_record)
 from guard.data import load_dataset
 from guard.metrics import Rate, cleansing_rates, evaluate_backdoor
 from guard.models import create, save_weights
@@ -239,14 +239,7 @@ def step0_fit(model, suspect, poison_indices: torch.Tensor, target: int, true: t
 def moved_to(model, suspect, poison_indices: torch.Tensor, target: int, pattern: torch.Tensor) -> dict:
     """Where subtracting ``pattern`` sends the images labelled ``target`` that change label: counts of the new
     labels among the poisons and among the clean images (what eq. 12 removes, and what ``removal_to`` keeps)."""
-    index = (suspect.labels == target).nonzero().squeeze(1)
-    shift = pattern.to(next(model.parameters()).device)
-
-    def subtracted(x):
-        with torch.no_grad():
-            return model((x - shift).clamp(0, 1))
-
-    preds = predict(model, suspect.subset(index), device=shift.device, defense=subtracted)
+    index, preds = subtracted_labels(model, suspect, target, pattern, device=next(model.parameters()).device)
     poison = torch.isin(index, poison_indices)
     return {group: {str(c): n for c, n in sorted(Counter(preds[mask & (preds != target)].tolist()).items())}
             for group, mask in (("poisons", poison), ("clean", ~poison))}

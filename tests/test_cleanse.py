@@ -23,7 +23,7 @@ from guard.cleanse import (ActivationClusteringConfig, CleanseResult, Cleanser, 
                            ReverseEngineeringConfig, SpectralSignaturesConfig, box_blur, cleanser_from_dict,
                            create_cleanser, describe_cleansers, extract_features, get_cleanser, list_cleansers,
                            order_statistic_test, register_cleanser, removal_scale, source_classes,
-                           subtraction_removal, suspect_from_record)
+                           subtracted_labels, subtraction_removal, suspect_from_record)
 from guard.cleanse.clustering import bic_mixture, class_mixtures
 from guard.data import ImageTensorDataset
 from guard.metrics import cleansing_rates
@@ -495,6 +495,9 @@ def test_subtraction_removal_is_eq_12_at_any_scale():
     assert subtraction_removal(model, data, 1, -v, scale=10.0).numel() == 0
     # eq. 12 tests the label after the subtraction only: an image the model never assigns its label is removed
     assert subtraction_removal(model, data, 2, v).tolist() == [5]
+    # what eq. 12 decides on: the target's images and their labels after the subtraction
+    index, labels_after = subtracted_labels(model, data, 1, v, scale=2.0)
+    assert index.tolist() == [0, 1, 2, 4] and labels_after.tolist() == [0, 0, 1, 1]
     # to: only the images whose new label is one of these classes
     assert subtraction_removal(model, data, 2, v, to=[0]).tolist() == [5]
     assert subtraction_removal(model, data, 2, v, to=(1,)).numel() == 0

@@ -20,7 +20,7 @@ from .base import (REPORT_KIND, CleanseConfig, CleanseResult, Cleanser, FeatureS
 from .clustering import (ActivationClustering, ActivationClusteringConfig, ClusterImpurity, ClusterImpurityConfig,
                          box_blur)
 from .reverse import (PairPatterns, ReverseEngineering, ReverseEngineeringConfig, order_statistic_test,
-                      removal_scale, source_classes, subtraction_removal)
+                      removal_scale, source_classes, subtracted_labels, subtraction_removal)
 from .spectral import SpectralSignatures, SpectralSignaturesConfig
 
 __all__ = ["ActivationClustering", "ActivationClusteringConfig", "CleanseConfig", "CleanseResult", "Cleanser",
@@ -28,4 +28,4 @@ __all__ = ["ActivationClustering", "ActivationClusteringConfig", "CleanseConfig"
            "ReverseEngineering", "ReverseEngineeringConfig", "SpectralSignatures", "SpectralSignaturesConfig",
            "box_blur", "check_training_set", "cleanser_from_dict", "create_cleanser", "describe_cleansers",
            "extract_features", "get_cleanser", "list_cleansers", "order_statistic_test", "register_cleanser",
-           "removal_scale", "source_classes", "subtraction_removal", "suspect_from_record"]
+           "removal_scale", "source_classes", "subtracted_labels", "subtraction_removal", "suspect_from_record"]

@@ -81,7 +81,7 @@ from .base import (CleanseConfig, CleanseResult, Cleanser, _device_of, check_fin
 logger = logging.getLogger(__name__)
 
 __all__ = ["PairPatterns", "ReverseEngineering", "ReverseEngineeringConfig", "order_statistic_test",
-           "removal_scale", "source_classes", "subtraction_removal"]
+           "removal_scale", "source_classes", "subtracted_labels", "subtraction_removal"]
 
 _STEPS = {"normalized": "normalized", "plain": "sgd"}
 #: the smallest positive double: a p-value below it underflows to 0 and is reported as this bound
@@ -372,22 +372,31 @@ def subtraction_removal(model, train_set: ImageTensorDataset, target: int, patte
     changes when the pattern is subtracted, ``f([x − scale·v̂]_c) ≠ target`` (``scale`` 1: eq. 12 as stated).
     ``pattern`` is ``(C, H, W)`` in the [0, 1] pixel scale. ``to``: class indices other than ``target``; an
     image is then removed only when its new label is one of them (the attack's source classes)."""
-    _check_removal_inputs(train_set, pattern, batch_size, target=target)
-    if not is_number(scale) or scale <= 0:
-        raise ValueError(f"scale must be a number > 0, got {scale!r}")
     if to is not None:
         to = list(to)
         bad = [c for c in to if not is_int(c) or not 0 <= c < train_set.num_classes or c == target]
         if not to or bad:
             raise ValueError(f"to must be None or a non-empty list of class indices in [0, {train_set.num_classes - 1}]"
                              f" other than the target {target}, got {to!r}")
+    index, preds = subtracted_labels(model, train_set, target, pattern, scale=scale, batch_size=batch_size,
+                                     device=device, progress=progress)
+    moved = preds != target if to is None else torch.isin(preds, torch.tensor(to, dtype=preds.dtype))
+    return index[moved]
+
+
+def subtracted_labels(model, train_set: ImageTensorDataset, target: int, pattern: torch.Tensor, *,
+                      scale: float = 1.0, batch_size: int = 128, device=None,
+                      progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sorted indices of the images of ``train_set`` labelled ``target`` and their labels under ``model``
+    once the pattern is subtracted, ``f([x − scale·v̂]_c)``: what eq. 12 (:func:`subtraction_removal`) decides on."""
+    _check_removal_inputs(train_set, pattern, batch_size, target=target)
+    if not is_number(scale) or scale <= 0:
+        raise ValueError(f"scale must be a number > 0, got {scale!r}")
     index = (train_set.labels == target).nonzero().squeeze(1)
     if index.numel() == 0:
-        return torch.zeros(0, dtype=torch.int64)
-    preds = _shifted_predictions(model, train_set.images[index], -scale * pattern, batch_size=batch_size,
-                                 device=device, progress=progress)
-    moved = preds != target if to is None else torch.isin(preds, torch.tensor(to, dtype=preds.dtype))
-    return index[moved].sort().values
+        return index, torch.zeros(0, dtype=torch.int64)
+    return index, _shifted_predictions(model, train_set.images[index], -scale * pattern, batch_size=batch_size,
+                                       device=device, progress=progress)
 
 
 def removal_scale(model, train_set: ImageTensorDataset, source: int, target: int, pattern: torch.Tensor,
