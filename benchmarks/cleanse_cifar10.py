@@ -39,7 +39,11 @@ Methods:   library defaults; SS and AC are given the true target for TPR/FPR (Xi
            sources``: eq. 12 removes only the target images whose label moves to an inferred source class
            (``removal_to``); each row records the other rule at the same multiple (``removal_to_any`` or
            ``removal_to_sources``), the inferred ``source_classes`` and where the subtraction sends the target's
-           poisons and clean images (``moved_to``: counts of the new labels).
+           poisons and clean images (``moved_to``: counts of the new labels). ``--re-removal margin``: RE removes
+           the target images whose target margin the subtraction lowers most (``removal="margin"``: the high
+           component of a two-component Gaussian mixture on the drops); each row records the other criterion at the
+           same multiple (``removal_margin`` with its mixture, or ``removal_flip``: eq. 12). The ``scaled_estimate``,
+           ``removal_pi_estimate`` and ``removal_to_*`` entries are eq. 12's label rule at those multiples.
 Retrain:   the victims' recipe (pretrained ResNet-20, SGD lr 0.01, the row victim's epochs, augmentation) on the
            cleansed set — the same training that implants the backdoor on the full set; CDA and ASR on test-lossless
            (ASR: source classes for Xiang's patterns, M2'; non-target images otherwise; recorded with its number
@@ -75,8 +79,8 @@ from pathlib import Path
 import torch
 
 from guard.attacks import attack_from_record, create_attack
-from guard.cleanse import (ReverseEngineeringConfig, create_cleanser, removal_scale, subtracted_labels,
-                           subtraction_removal, suspect_from_record)
+from guard.cleanse import (ReverseEngineeringConfig, create_cleanser, margin_removal, removal_scale,
+                           subtracted_labels, subtraction_removal, suspect_from_record)
 from guard.data import load_dataset
 from guard.metrics import Rate, cleansing_rates, evaluate_backdoor
 from guard.models import create, save_weights
@@ -316,7 +320,7 @@ def run_row(row: dict, spec, args, train_set, test_set, root: Path, work: Path, 
         options = dict(RE_QUICK if (args.quick and method == "re") else {})
         if method == "re":
             options.update(removal_pi=args.re_removal_pi, subtract_scale=args.re_subtract_scale,
-                           removal_to=args.re_removal_to)
+                           removal_to=args.re_removal_to, removal=args.re_removal)
         if method == "ss" and target is not None:
             options.update(target=target, eps=min(1.0, 1000 / (1.5 * n_target)))
         cleanser = create_cleanser(method, **options)
@@ -366,6 +370,15 @@ def run_row(row: dict, spec, args, train_set, test_set, root: Path, work: Path, 
                     rates = subtraction_rates(defender, suspect, poison_indices, target, k * result.pattern, to)
                     entry["removal_pi_estimate"][str(pi)] = {"scale": k, "source_rate": rate, "tpr": rates[0],
                                                              "fpr": rates[1]}
+                if args.re_removal == "margin":
+                    entry["margin_mixture"] = result.details["margin_mixture"]
+                    entry["removal_flip"] = dict(zip(("tpr", "fpr"), subtraction_rates(
+                        defender, suspect, poison_indices, target, removed_pattern)))
+                else:
+                    by_margin, fit = margin_removal(defender, suspect, target, removed_pattern, seed=SEED,
+                                                    device=args.device)
+                    entry["removal_margin"] = {**dict(zip(("tpr", "fpr"), cleansing_rates(
+                        by_margin, poison_indices, suspect.labels, target))), "mixture": fit}
         row["methods"][method] = entry
         print(f"[{name}] {method}: {entry}", flush=True)
         if args.retrain and method in args.retrain_methods:
@@ -508,6 +521,9 @@ def main() -> None:
     parser.add_argument("--re-removal-to", choices=("any", "sources"), default=ReverseEngineeringConfig.removal_to,
                         help="RE's removal_to: eq. 12 removes a target image whose label changes to any class, or "
                              "only to an inferred source class (default: the library's, %(default)s)")
+    parser.add_argument("--re-removal", choices=("flip", "margin"), default=ReverseEngineeringConfig.removal,
+                        help="RE's removal: the target images whose label the subtraction changes (eq. 12), or those "
+                             "whose target margin it lowers most (default: the library's, %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of each row's job (its declared CPUs)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
     add_sweep_arguments(parser)
@@ -542,7 +558,7 @@ def main() -> None:
                "step0": {"model": args.step0, "epochs": args.step0_epochs}, "victims": args.victims,
                "inspect": args.inspect,
                "re_subtract_scale": args.re_subtract_scale, "re_removal_pi": args.re_removal_pi,
-               "re_removal_to": args.re_removal_to, "recipe": RECIPES[args.victims],
+               "re_removal_to": args.re_removal_to, "re_removal": args.re_removal, "recipe": RECIPES[args.victims],
                "retrain_epochs": retrain_epochs, "retrain_seeds": args.retrain_seeds, "paper_compact": PAPER,
                "hardware": hardware_of(device), "rows": []}
     if out_json.is_file() and not args.quick:  # resume: keep the rows already measured
@@ -558,7 +574,7 @@ def main() -> None:
                 "step0_epochs": args.step0_epochs, "inspect": args.inspect,
                 "quick": args.quick, "device": args.device, "victims": args.victims,
                 "re_subtract_scale": args.re_subtract_scale, "re_removal_pi": args.re_removal_pi,
-                "re_removal_to": args.re_removal_to}
+                "re_removal_to": args.re_removal_to, "re_removal": args.re_removal}
     grid = Grid(name=name, function=f"{Path(__file__).resolve()}:row_job", params={"settings": settings},
                 points=[{"row": r} for r in rows if r not in done],
                 resources=job_resources(args.threads, device),

@@ -22,8 +22,8 @@ from guard.attacks import create_attack
 from guard.cleanse import (ActivationClusteringConfig, CleanseResult, Cleanser, ClusterImpurityConfig,
                            ReverseEngineeringConfig, SpectralSignaturesConfig, box_blur, cleanser_from_dict,
                            create_cleanser, describe_cleansers, extract_features, get_cleanser, list_cleansers,
-                           order_statistic_test, register_cleanser, removal_scale, source_classes,
-                           subtracted_labels, subtraction_removal, suspect_from_record)
+                           margin_drops, margin_removal, order_statistic_test, register_cleanser, removal_scale,
+                           source_classes, subtracted_labels, subtraction_removal, suspect_from_record)
 from guard.cleanse.clustering import bic_mixture, class_mixtures
 from guard.data import ImageTensorDataset
 from guard.metrics import cleansing_rates
@@ -135,7 +135,9 @@ BAD_OPTIONS = [
     ("re", {"chunk_size": 0}, "chunk_size"), ("re", {"subtract_scale": 0.0}, "subtract_scale"),
     ("re", {"subtract_scale": "1.5"}, "subtract_scale"), ("re", {"removal_pi": 0.0}, "removal_pi"),
     ("re", {"removal_pi": 1.01}, "removal_pi"), ("re", {"removal_pi": None}, "removal_pi"),
-    ("re", {"removal_to": "source"}, "removal_to"),
+    ("re", {"removal_to": "source"}, "removal_to"), ("re", {"removal": "drop"}, "removal"),
+    ("re", {"removal_posterior": 1.0}, "removal_posterior"),
+    ("re", {"removal": "margin", "removal_to": "sources"}, "removal_to applies to removal='flip'"),
 ]
 
 
@@ -467,6 +469,24 @@ def test_re_removal_to_sources_keeps_the_images_that_move_elsewhere():
     check("RE TPR (eq. 12, to the sources)", tpr, low=0.8)
 
 
+@pytest.mark.outcome
+def test_re_margin_rule_removes_the_poisons_by_their_margin_drop():
+    result, _, model, *_ = xiang_suspects(SEED)
+    by_margin = create_cleanser("re", **RE_OPTIONS, removal="margin").cleanse(
+        model, result.dataset, generator=torch.Generator().manual_seed(SEED))
+    assert by_margin.detected and by_margin.target_class == TARGET
+    fit, scale = by_margin.details["margin_mixture"], by_margin.details["subtract_scale"]
+    index, drops = margin_drops(model, result.dataset, TARGET, by_margin.pattern, scale=scale)
+    assert torch.equal(by_margin.removed, index[drops > fit["threshold"]])
+    assert fit["means"][1] < fit["threshold"] < fit["means"][0] and fit["posterior"] == 0.1
+    # no FPR bound: the rule needs the poisons' drops to stand apart from the clean images', and on this tiny model
+    # they do not always (seed 5: means 4.7 and 3.5, FPR 0.32, where eq. 12 removes 1.0 at 0.0; seeds 0–7)
+    tpr, _ = cleansing_rates(by_margin.removed, result.indices, result.dataset.labels, TARGET)
+    check("RE TPR (margin rule)", tpr, low=0.8)  # 0.89–1.0 over seeds 0–7, both wait policies
+    # the high component holds about the poisons' share of the target's images (80 of 280)
+    check("RE margin mixture's high-component weight", fit["weights"][0], low=0.15, high=0.45)  # >= 0.29, seeds 0–7
+
+
 class _Brightness(torch.nn.Module):
     """Class 1 iff an image's mean pixel exceeds 0.5, else class 0 (of three)."""
 
@@ -513,6 +533,54 @@ def test_subtraction_removal_is_eq_12_at_any_scale():
         subtraction_removal(model, data, 1, v[0])
     with pytest.raises(ValueError, match="scale must be a number > 0"):
         subtraction_removal(model, data, 1, v, scale=0)
+
+
+class _Corner(torch.nn.Module):
+    """Class 1's margin over classes 0 and 2 is ``10·x[0, 0, 0] + mean(x)``: a backdoor on one corner pixel."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.tensor(10.0))
+
+    def forward(self, x):
+        m = self.gain * x[:, 0, 0, 0] + x.mean((1, 2, 3))
+        return torch.stack([torch.zeros_like(m), m, torch.full_like(m, -1e3)], 1)
+
+
+def test_margin_rule_splits_the_drops_at_the_mixture_threshold():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 4, 4), dtype=torch.uint8, generator=g)
+    images[:, 0, 0, 0] = torch.randint(0, 51, (64,), dtype=torch.uint8, generator=g)   # clean corners: <= 0.2
+    poisons = torch.arange(4, 64, 5)                                                    # 12 poisons: bright corner
+    images[poisons, 0, 0, 0] = torch.randint(230, 256, (12,), dtype=torch.uint8, generator=g)
+    labels = torch.ones(64, dtype=torch.int64)
+    labels[:2] = 0                                                                      # not candidates
+    data = ImageTensorDataset(images, labels, ("a", "b", "c"))
+    model = _Corner().train()
+    v = torch.zeros(3, 4, 4)
+    v[0, 0, 0] = 0.5
+    index, drops = margin_drops(model, data, 1, v)
+    assert index.tolist() == list(range(2, 64)) and drops.dtype == torch.float64
+    corner = images[2:, 0, 0, 0].double() / 255
+    # x − v clips the clean corners at 0; the poisons' corners lose 0.5 (10 × 0.5 of margin); the mean moves with it
+    lost = corner.clamp(max=0.5)
+    assert torch.allclose(drops, 10 * lost + lost / 48, atol=1e-5)
+    removed, fit = margin_removal(model, data, 1, v)
+    assert removed.tolist() == poisons.tolist()
+    assert fit["means"][1] < fit["threshold"] < fit["means"][0]
+    assert fit["weights"][0] == pytest.approx(12 / 62, abs=0.01)
+    assert torch.equal(margin_removal(model, data, 1, v / 2, scale=2.0, seed=3)[0], removed)
+    # a pattern that moves nothing leaves nothing to split
+    assert margin_drops(model, data, 1, torch.zeros(3, 4, 4))[1].abs().max() == 0
+    nothing, no_fit = margin_removal(model, data, 1, torch.zeros(3, 4, 4))
+    assert nothing.numel() == 0 and no_fit is None
+    assert model.training
+    with pytest.raises(ValueError, match=r"posterior must be a number in \(0, 1\), got 1"):
+        margin_removal(model, data, 1, v, posterior=1)
+    with pytest.raises(ValueError, match=r"pattern must be a tensor shaped like one image \(3, 4, 4\), got \(4, 4\)"):
+        margin_drops(model, data, 1, v[0])
+    with pytest.raises(ValueError, match="scale must be a number > 0"):
+        margin_removal(model, data, 1, v, scale=-1.0)
 
 
 def test_removal_scale_is_the_smallest_multiple_that_moves_the_source_class():

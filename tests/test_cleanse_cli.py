@@ -204,3 +204,12 @@ def test_re_command_writes_the_pattern_beside_the_true_one(xiang_run, capsys):
                  "--removal-to", "sources", "--out", str(to_sources), "--no-progress"]) == 0
     narrowed = json.loads(to_sources.read_text())
     assert narrowed["config"]["removal_to"] == "sources" and narrowed["attack"]["tpr"] >= 0.9, narrowed["attack"]
+    # --removal margin reaches the config (and refuses the label rule's --removal-to sources)
+    assert main(["cleanse", "--method", "re", "--removal", "margin", "--removal-to", "sources", "--model",
+                 "tiny_resnet", "--weights", str(run["weights"]), "--dataset", "imagefolder", "--data-dir",
+                 str(run["data"]), "--out", str(out)]) == 2
+    assert "removal='margin' needs removal_to='any', got 'sources'" in capsys.readouterr().err
+    assert main(["cleanse", "--method", "re", "--removal-posterior", "0", "--model", "tiny_resnet", "--weights",
+                 str(run["weights"]), "--dataset", "imagefolder", "--data-dir", str(run["data"]), "--out",
+                 str(out)]) == 2
+    assert "removal_posterior must be a number in (0, 1), got 0" in capsys.readouterr().err

@@ -46,6 +46,8 @@ _OPTION_FLAGS = {
     "subtract_scale": {"re": "subtract_scale"},
     "removal_pi": {"re": "removal_pi"},
     "removal_to": {"re": "removal_to"},
+    "removal": {"re": "removal"},
+    "removal_posterior": {"re": "removal_posterior"},
 }
 
 
@@ -90,6 +92,12 @@ def add_parser(subparsers) -> None:
     g.add_argument("--removal-to", choices=("any", "sources"),
                    help="re: remove a target image whose label changes to any class (eq. 12, default) or only to "
                         "an inferred source class")
+    g.add_argument("--removal", choices=("flip", "margin"),
+                   help="re: remove the target images whose label the subtraction changes (eq. 12, default) or "
+                        "those whose target margin it lowers most (a two-component Gaussian mixture on the drops)")
+    g.add_argument("--removal-posterior", type=float,
+                   help="re --removal margin: the high-drop component's posterior above which an image goes "
+                        "(default 0.1)")
     f = p.add_argument_group("the defender's model (RE Step 0; ss/ac/ci do better on the --weights trained with "
                              "augmentation)")
     f.add_argument("--fit-epochs", type=int, default=None,
