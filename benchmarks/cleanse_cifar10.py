@@ -79,8 +79,8 @@ from pathlib import Path
 import torch
 
 from guard.attacks import attack_from_record, create_attack
-from guard.cleanse import (ReverseEngineeringConfig, create_cleanser, margin_removal, removal_scale,
-                           subtracted_labels, subtraction_removal, suspect_from_record)
+from guard.cleanse import (REMOVAL_TARGETS, REMOVALS, ReverseEngineeringConfig, create_cleanser, margin_removal,
+                           removal_scale, subtracted_labels, subtraction_removal, suspect_from_record)
 from guard.data import load_dataset
 from guard.metrics import Rate, cleansing_rates, evaluate_backdoor
 from guard.models import create, save_weights
@@ -518,10 +518,10 @@ def main() -> None:
     parser.add_argument("--re-subtract-scale", type=float, default=None,
                         help="RE's subtract_scale: eq. 12 subtracts this fixed multiple of the estimate instead "
                              "(1: eq. 12 as the paper states it)")
-    parser.add_argument("--re-removal-to", choices=("any", "sources"), default=ReverseEngineeringConfig.removal_to,
+    parser.add_argument("--re-removal-to", choices=REMOVAL_TARGETS, default=ReverseEngineeringConfig.removal_to,
                         help="RE's removal_to: eq. 12 removes a target image whose label changes to any class, or "
                              "only to an inferred source class (default: the library's, %(default)s)")
-    parser.add_argument("--re-removal", choices=("flip", "margin"), default=ReverseEngineeringConfig.removal,
+    parser.add_argument("--re-removal", choices=REMOVALS, default=ReverseEngineeringConfig.removal,
                         help="RE's removal: the target images whose label the subtraction changes (eq. 12), or those "
                              "whose target margin it lowers most (default: the library's, %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of each row's job (its declared CPUs)")

@@ -17,15 +17,17 @@ Clustering, ``ci`` Cluster Impurity.
 from .base import (REPORT_KIND, CleanseConfig, CleanseResult, Cleanser, FeatureSet, check_training_set,
                    cleanser_from_dict, create_cleanser, describe_cleansers, extract_features, get_cleanser,
                    list_cleansers, register_cleanser, suspect_from_record)
-from .clustering import (ActivationClustering, ActivationClusteringConfig, ClusterImpurity, ClusterImpurityConfig,
-                         box_blur)
-from .reverse import (PairPatterns, ReverseEngineering, ReverseEngineeringConfig, margin_drops, margin_removal,
-                      order_statistic_test, removal_scale, source_classes, subtracted_labels, subtraction_removal)
+from .clustering import (REDUCTIONS, ActivationClustering, ActivationClusteringConfig, ClusterImpurity,
+                         ClusterImpurityConfig, box_blur)
+from .reverse import (REMOVAL_TARGETS, REMOVALS, PairPatterns, ReverseEngineering, ReverseEngineeringConfig,
+                      margin_drops, margin_removal, order_statistic_test, removal_scale, source_classes,
+                      subtracted_labels, subtraction_removal)
 from .spectral import SpectralSignatures, SpectralSignaturesConfig
 
 __all__ = ["ActivationClustering", "ActivationClusteringConfig", "CleanseConfig", "CleanseResult", "Cleanser",
-           "ClusterImpurity", "ClusterImpurityConfig", "FeatureSet", "PairPatterns", "REPORT_KIND",
-           "ReverseEngineering", "ReverseEngineeringConfig", "SpectralSignatures", "SpectralSignaturesConfig",
+           "ClusterImpurity", "ClusterImpurityConfig", "FeatureSet", "PairPatterns", "REDUCTIONS", "REMOVAL_TARGETS",
+           "REMOVALS", "REPORT_KIND", "ReverseEngineering", "ReverseEngineeringConfig", "SpectralSignatures",
+           "SpectralSignaturesConfig",
            "box_blur", "check_training_set", "cleanser_from_dict", "create_cleanser", "describe_cleansers",
            "extract_features", "get_cleanser", "list_cleansers", "margin_drops", "margin_removal",
            "order_statistic_test", "register_cleanser", "removal_scale", "source_classes", "subtracted_labels",

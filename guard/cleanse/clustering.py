@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["ActivationClustering", "ActivationClusteringConfig", "ClusterImpurity", "ClusterImpurityConfig",
            "bic_mixture", "box_blur", "class_mixtures"]
 
-_REDUCTIONS = ("pca", "ica")
+REDUCTIONS = ("pca", "ica")
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,8 @@ class ActivationClusteringConfig(CleanseConfig):
             value = getattr(self, name)
             if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if self.reduction not in _REDUCTIONS:
-            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {self.reduction!r}")
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
         if not is_number(self.silhouette_threshold) or not -1 <= self.silhouette_threshold < 1:
             raise ValueError(f"silhouette_threshold must be a number in [-1, 1), got {self.silhouette_threshold!r}")
         check_fraction("size_threshold", self.size_threshold, high_open=True)

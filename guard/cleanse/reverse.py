@@ -109,9 +109,9 @@ _TINY = 5e-324
 _MAX_REMOVAL_SCALE = 4.0
 _REMOVAL_SCALE_TOLERANCE = 0.01
 #: eq. 12's removal: a label change to any class, or to an inferred source class only
-_REMOVAL_TO = ("any", "sources")
+REMOVAL_TARGETS = ("any", "sources")
 #: what eq. 12 removes: the images whose label changes, or the high component of the margin drops
-_REMOVAL = ("flip", "margin")
+REMOVALS = ("flip", "margin")
 #: the margin rule's threshold is searched on this many points between the mixture's two means
 _MARGIN_GRID = 10_001
 
@@ -175,10 +175,10 @@ class ReverseEngineeringConfig(CleanseConfig):
         if self.subtract_scale is not None and (not is_number(self.subtract_scale) or self.subtract_scale <= 0):
             raise ValueError(f"subtract_scale must be None (the multiple of v̂ set by removal_pi) or a number > 0 "
                              f"(a fixed factor on v̂ in eq. 12), got {self.subtract_scale!r}")
-        if self.removal_to not in _REMOVAL_TO:
-            raise ValueError(f"removal_to must be one of {_REMOVAL_TO}, got {self.removal_to!r}")
-        if self.removal not in _REMOVAL:
-            raise ValueError(f"removal must be one of {_REMOVAL}, got {self.removal!r}")
+        if self.removal_to not in REMOVAL_TARGETS:
+            raise ValueError(f"removal_to must be one of {REMOVAL_TARGETS}, got {self.removal_to!r}")
+        if self.removal not in REMOVALS:
+            raise ValueError(f"removal must be one of {REMOVALS}, got {self.removal!r}")
         check_fraction("removal_posterior", self.removal_posterior, high_open=True)
         if self.removal == "margin" and self.removal_to != "any":
             raise ValueError(f"removal_to applies to removal='flip' (a label change and where it goes); "

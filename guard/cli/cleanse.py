@@ -52,7 +52,7 @@ _OPTION_FLAGS = {
 
 
 def add_parser(subparsers) -> None:
-    from ..cleanse import list_cleansers
+    from ..cleanse import REDUCTIONS, REMOVAL_TARGETS, REMOVALS, list_cleansers
 
     p = subparsers.add_parser("cleanse", help="detect a poisoned training set, remove its poisons, retrain",
                               description=__doc__.splitlines()[0],
@@ -72,7 +72,7 @@ def add_parser(subparsers) -> None:
     g.add_argument("--threshold", type=float, help="verdict threshold: ac silhouette, ci impurity, re θ (p-value)")
     g.add_argument("--target", type=int, help="ss/ac: the known target class to cleanse (Xiang's comparison)")
     g.add_argument("--eps", type=float, help="ss: assumed upper bound on a class's poisoned fraction")
-    g.add_argument("--reduction", choices=("pca", "ica"), help="ac: projection to 10 dimensions")
+    g.add_argument("--reduction", choices=REDUCTIONS, help="ac: projection to 10 dimensions")
     g.add_argument("--max-components", type=int, help="ci: largest mixture size BIC considers")
     g.add_argument("--pi", type=float, help="re: misclassification fraction that stops a pair's estimation")
     g.add_argument("--step-size", type=float, help="re: ℓ2 length of a pattern-estimation step (default 0.2)")
@@ -89,10 +89,10 @@ def add_parser(subparsers) -> None:
     g.add_argument("--subtract-scale", type=float,
                    help="re: eq. 12 subtracts this fixed multiple of the estimate instead (1: eq. 12 as the paper "
                         "states it; larger removes more poisons and more clean images)")
-    g.add_argument("--removal-to", choices=("any", "sources"),
+    g.add_argument("--removal-to", choices=REMOVAL_TARGETS,
                    help="re: remove a target image whose label changes to any class (eq. 12, default) or only to "
                         "an inferred source class")
-    g.add_argument("--removal", choices=("flip", "margin"),
+    g.add_argument("--removal", choices=REMOVALS,
                    help="re: remove the target images whose label the subtraction changes (eq. 12, default) or "
                         "those whose target margin it lowers most (a two-component Gaussian mixture on the drops)")
     g.add_argument("--removal-posterior", type=float,
