@@ -68,11 +68,13 @@ images: their margin came from the pattern. ``removal="margin"`` scores each ima
 learn) and removes the images whose posterior for the higher-drop component exceeds ``removal_posterior``
 (:func:`margin_removal`). No label has to change. On the CIFAR-10 rows above, at the same k and with the default
 posterior 0.1 chosen on A1 and A3: A1 95.4 % at 6.4 % (eq. 12: 95.2 / 9.4), A3 99.8 % at 3.8 % (98.7 / 11.7).
-The rule needs the poisons' drops to stand apart from the clean images', and they do not always. On the held-out
-row D1 (pattern D, a patch) the subtracted estimate takes as much margin from a quarter of the clean images
-(mixture weights 0.25 / 0.75 with 9 % poisons): 98.0 % at 42.8 % against eq. 12's 99.2 / 46.0. On one of eight
-seeds of the tests' tiny model (component means 4.7 and 3.5) it removed 32 % of the clean images where eq. 12
-removed none. So the default stays ``"flip"``.
+The rule needs the poisons' drops to form a mode of their own, and they do not always. On the held-out row D1
+(pattern D, a patch) the subtracted estimate takes as much margin from a quarter of the clean images (mixture
+weights 0.25 / 0.75 with 9 % poisons): the split removes 98.0 % at 42.8 % against eq. 12's 99.2 / 46.0. On one of
+eight seeds of the tests' tiny model (component means 4.7 and 3.5) it removed 32 % of the clean images where
+eq. 12 removed none. In both the fitted density has a single mode, a skewed spread of drops that the mixture
+splits anyway, while on A1, A3 and the other seven seeds it has two. So where it has one, eq. 12 decides instead
+(:func:`margin_removal`'s ``fallback``; the report's ``details.removal_rule``). The default stays ``"flip"``.
 """
 
 from __future__ import annotations
@@ -355,7 +357,7 @@ class ReverseEngineering(Cleanser):
                 pattern = refined.patterns[(source, target)]
         sources = source_classes(pairs.reciprocals, target, source) if detected else None
         removed = torch.zeros(0, dtype=torch.int64)
-        scale, source_rate, mixture = cfg.subtract_scale, None, None
+        scale, source_rate, mixture, rule = cfg.subtract_scale, None, None, None
         if detected:
             if scale is None:
                 scale, source_rate = removal_scale(model, train_set, source, target, pattern, cfg.removal_pi,
@@ -364,7 +366,9 @@ class ReverseEngineering(Cleanser):
                 removed, mixture = margin_removal(model, train_set, target, pattern, scale=scale,
                                                   posterior=cfg.removal_posterior, seed=sklearn_seed(generator),
                                                   batch_size=cfg.batch_size, device=device, progress=progress)
+                rule = mixture["rule"]
             else:
+                rule = "flip"
                 removed = subtraction_removal(model, train_set, target, pattern, scale=scale,
                                               to=sources if cfg.removal_to == "sources" else None,
                                               batch_size=cfg.batch_size, device=device, progress=progress)
@@ -397,7 +401,7 @@ class ReverseEngineering(Cleanser):
                      "pair_seconds": round(pairs.seconds, 3),
                      "coarse_pattern_norm": float(pairs.norms[source, target]) if detected else None,
                      "subtract_scale": scale if detected else None, "removal_source_rate": source_rate,
-                     "margin_mixture": mixture,
+                     "margin_mixture": mixture, "removal_rule": rule,
                      "refined_steps": None if refined is None else int(refined.steps[source, target]),
                      "refined_found": None if refined is None else math.isfinite(
                          float(refined.norms[source, target]))},
@@ -456,32 +460,42 @@ def margin_drops(model, train_set: ImageTensorDataset, target: int, pattern: tor
 
 
 def margin_removal(model, train_set: ImageTensorDataset, target: int, pattern: torch.Tensor, *, scale: float = 1.0,
-                   posterior: float = 0.1, seed: int = 0, batch_size: int = 128, device=None,
-                   progress: bool = False) -> tuple[torch.Tensor, dict | None]:
+                   posterior: float = 0.1, fallback: bool = True, seed: int = 0, batch_size: int = 128,
+                   device=None, progress: bool = False) -> tuple[torch.Tensor, dict]:
     """The margin rule (module docstring): the sorted indices of the images labelled ``target`` whose margin drop
     (:func:`margin_drops`) exceeds the threshold τ of a two-component Gaussian mixture fitted to the drops
     (scikit-learn, 3 initialisations from ``seed``), and the fit: the components' means, standard deviations and
-    weights (high component first) and τ. τ is the drop between the two means at which the high component's
-    posterior first exceeds ``posterior`` (the posterior rises monotonically there; beyond the means a wider
-    component also takes the far tail on the other side, which a threshold leaves out). Fewer than two distinct
-    drops leave nothing to split: nothing is removed and the fit is ``None``."""
+    weights (high component first), the modes of the fitted density, τ and the rule that decided. τ is the drop
+    between the two means at which the high component's posterior first exceeds ``posterior`` (the posterior rises
+    monotonically there; beyond the means a wider component also takes the far tail on the other side, which a
+    threshold leaves out). The density's modes all lie between the means; with one mode (no dip between them) the
+    drops show no poison mode, only a skewed spread: with ``fallback``, eq. 12 (:func:`subtraction_removal`)
+    decides instead and the fit's ``rule`` says ``"flip"``, as it does when fewer than two distinct drops leave
+    nothing to fit (``modes`` 0)."""
     check_fraction("posterior", posterior, high_open=True)
     index, drops = margin_drops(model, train_set, target, pattern, scale=scale, batch_size=batch_size,
                                 device=device, progress=progress)
+    fit = {"means": None, "stds": None, "weights": None, "modes": 0, "posterior": posterior, "threshold": None}
     x = drops.numpy()[:, None]
-    if np.unique(x).size < 2:
-        return torch.zeros(0, dtype=torch.int64), None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        mixture = GaussianMixture(2, n_init=3, random_state=seed).fit(x)
-    order = np.argsort(-mixture.means_.ravel())
-    high, low = mixture.means_.ravel()[order]
-    grid = np.linspace(low, high, _MARGIN_GRID)
-    above = np.flatnonzero(mixture.predict_proba(grid[:, None])[:, order[0]] > posterior)
-    threshold = float(grid[above[0]] if above.size else high)
-    fit = {"means": [float(high), float(low)], "stds": np.sqrt(mixture.covariances_.ravel()[order]).tolist(),
-           "weights": mixture.weights_[order].tolist(), "posterior": posterior, "threshold": threshold}
-    return index[drops > threshold], fit
+    if np.unique(x).size >= 2:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            mixture = GaussianMixture(2, n_init=3, random_state=seed).fit(x)
+        order = np.argsort(-mixture.means_.ravel())
+        high, low = mixture.means_.ravel()[order]
+        grid = np.linspace(low, high, _MARGIN_GRID)
+        density = mixture.score_samples(grid[:, None])
+        dips = np.count_nonzero((density[1:-1] < density[:-2]) & (density[1:-1] < density[2:]))
+        above = np.flatnonzero(mixture.predict_proba(grid[:, None])[:, order[0]] > posterior)
+        fit.update(means=[float(high), float(low)], stds=np.sqrt(mixture.covariances_.ravel()[order]).tolist(),
+                   weights=mixture.weights_[order].tolist(), modes=1 + int(dips),
+                   threshold=float(grid[above[0]] if above.size else high))
+    if fit["threshold"] is None or (fallback and fit["modes"] < 2):
+        fit["rule"] = "flip"
+        return subtraction_removal(model, train_set, target, pattern, scale=scale, batch_size=batch_size,
+                                   device=device, progress=progress), fit
+    fit["rule"] = "margin"
+    return index[drops > fit["threshold"]], fit
 
 
 def removal_scale(model, train_set: ImageTensorDataset, source: int, target: int, pattern: torch.Tensor,

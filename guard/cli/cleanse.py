@@ -265,7 +265,11 @@ def run(args: argparse.Namespace) -> int:
                + (f" (source classes {', '.join(map(str, sources))})" if sources else "")}[result.detected]
     print(f"{args.method} on {len(suspect)} {args.dataset}/{split} images ({result.seconds:.0f}s): {verdict}; "
           f"{stat['name']} {stat['value']:.4g}" + ("" if stat["threshold"] is None else f" vs {stat['threshold']}"))
-    print(f"removed {result.removed.numel()} images")
+    rule, mixture = result.details.get("removal_rule"), result.details.get("margin_mixture")
+    print(f"removed {result.removed.numel()} images" + {
+        None: "", "margin": " (the margin rule: the target margin they lost under the subtracted pattern)",
+        "flip": " (eq. 12: their label changed under the subtracted pattern"
+                + ("; the margin drops showed no second mode)" if mixture else ")")}[rule])
     if "tpr" in summary.get("attack", {}):
         a = summary["attack"]
         print(f"against the record ({a['name']}, target {a['target']}): TPR {a['tpr']:.3f}, FPR {a['fpr']:.3f}")
