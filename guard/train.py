@@ -48,12 +48,13 @@ from .models import GuardModel, load_weights, save_weights
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EpochStats", "TrainConfig", "TrainResult", "evaluate", "lr_factor", "predict",
-           "train", "train_state_path"]
+__all__ = ["MODES", "OPTIMIZERS", "SCHEDULES", "EpochStats", "TrainConfig", "TrainResult", "evaluate", "lr_factor",
+           "predict", "train", "train_state_path"]
 
-_MODES = ("scratch", "finetune", "last-layer")
-_SCHEDULES = ("cosine", "multistep", "none")
-_OPTIMIZERS = ("sgd", "adam")
+#: TrainConfig's allowed values (``guard train`` offers the same choices)
+MODES = ("scratch", "finetune", "last-layer")
+SCHEDULES = ("cosine", "multistep", "none")
+OPTIMIZERS = ("sgd", "adam")
 _STATE_VERSION = 1
 
 
@@ -99,15 +100,15 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         if not is_int(self.batch_size) or self.batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
-        if self.optimizer not in _OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {_OPTIMIZERS}, got {self.optimizer!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if not isinstance(self.nesterov, bool):
             raise TypeError(f"nesterov must be a bool, got {type(self.nesterov).__name__}")
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
             raise ValueError(f"nesterov=True needs optimizer='sgd' and momentum > 0, got "
                              f"optimizer={self.optimizer!r}, momentum={self.momentum!r}")
-        if self.schedule not in _SCHEDULES:
-            raise ValueError(f"schedule must be one of {_SCHEDULES}, got {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if isinstance(self.milestones, (str, bytes)) or not all(is_int(m) for m in self.milestones):
             raise TypeError(f"milestones must be a sequence of ints (epochs), got {self.milestones!r}")
         object.__setattr__(self, "milestones", tuple(self.milestones))
@@ -126,8 +127,8 @@ class TrainConfig:
         if not is_number(self.jpeg) or not 0 <= self.jpeg <= 1:
             raise ValueError(f"jpeg must be a probability in [0, 1], got {self.jpeg!r}")
         object.__setattr__(self, "jpeg_quality", check_quality_range(self.jpeg_quality, "jpeg_quality"))
-        if self.mode not in _MODES:
-            raise ValueError(f"mode must be one of {_MODES}, got {self.mode!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.steps_per_epoch is not None and (not is_int(self.steps_per_epoch) or self.steps_per_epoch < 1):
             raise ValueError(f"steps_per_epoch must be None or an int >= 1, got {self.steps_per_epoch!r}")
 

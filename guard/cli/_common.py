@@ -74,9 +74,11 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 def add_training_arguments(p: argparse.ArgumentParser, eval_split: str | None = None) -> None:
     """The flags every training command shares (``guard train``, ``guard poison``)."""
+    from ..train import MODES, OPTIMIZERS, SCHEDULES
+
     p.add_argument("--model", required=True, help="registered model name (see `guard info`)")
     add_data_arguments(p, default_split="train")
-    p.add_argument("--mode", choices=("scratch", "finetune", "last-layer"), default="scratch",
+    p.add_argument("--mode", choices=MODES, default="scratch",
                    help="scratch: all weights from the registry's initialization; finetune: all weights from "
                         "--weights; last-layer: only the final linear layer, BatchNorm frozen (default: scratch)")
     p.add_argument("--weights", default=None, help="initial weights (required for finetune and last-layer)")
@@ -92,8 +94,8 @@ def add_training_arguments(p: argparse.ArgumentParser, eval_split: str | None = 
     g.add_argument("--momentum", type=float)
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--batch-size", type=int)
-    g.add_argument("--optimizer", choices=("sgd", "adam"))
-    g.add_argument("--schedule", choices=("cosine", "multistep", "none"))
+    g.add_argument("--optimizer", choices=OPTIMIZERS)
+    g.add_argument("--schedule", choices=SCHEDULES)
     g.add_argument("--milestones", type=_int_list, help="epochs at which multistep multiplies lr by 0.1")
     g.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="no random crop / flip")
