@@ -35,9 +35,10 @@ from .base import (CleanseConfig, CleanseResult, Cleanser, _device_of, check_fra
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ActivationClustering", "ActivationClusteringConfig", "ClusterImpurity", "ClusterImpurityConfig",
-           "bic_mixture", "box_blur", "class_mixtures"]
+__all__ = ["REDUCTIONS", "ActivationClustering", "ActivationClusteringConfig", "ClusterImpurity",
+           "ClusterImpurityConfig", "bic_mixture", "box_blur", "class_mixtures"]
 
+#: AC's projections to 10 dimensions (``ActivationClusteringConfig.reduction``)
 REDUCTIONS = ("pca", "ica")
 
 

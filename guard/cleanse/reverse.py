@@ -102,8 +102,9 @@ from .base import (CleanseConfig, CleanseResult, Cleanser, _device_of, check_fin
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PairPatterns", "ReverseEngineering", "ReverseEngineeringConfig", "margin_drops", "margin_removal",
-           "order_statistic_test", "removal_scale", "source_classes", "subtracted_labels", "subtraction_removal"]
+__all__ = ["REMOVALS", "REMOVAL_TARGETS", "PairPatterns", "ReverseEngineering", "ReverseEngineeringConfig",
+           "margin_drops", "margin_removal", "order_statistic_test", "removal_scale", "source_classes",
+           "subtracted_labels", "subtraction_removal"]
 
 _STEPS = {"normalized": "normalized", "plain": "sgd"}
 #: the smallest positive double: a p-value below it underflows to 0 and is reported as this bound
