@@ -35,14 +35,15 @@ Methods:   library defaults; SS and AC are given the true target for TPR/FPR (Xi
            source class to the target (``removal_pi``, default the library's 0.995); ``--re-subtract-scale K``: a
            fixed K times the estimate instead (``subtract_scale``; 1 is eq. 12 as the paper states it). Each RE
            row also records eq. 12 at the other margins on the same estimate: the fixed multiples 1, 1.25, 1.5
-           (``scaled_estimate``) and removal_pi 0.99, 0.995, 0.999 (``removal_pi_estimate``). ``--re-removal-to
-           sources``: eq. 12 removes only the target images whose label moves to an inferred source class
-           (``removal_to``); each row records the other rule at the same multiple (``removal_to_any`` or
+           (``scaled_estimate``) and removal_pi 0.99, 0.995, 0.999 (``removal_pi_estimate``). ``--re-removal``: RE
+           removes the target images whose target margin the subtraction lowers most (``margin``, the library's
+           default: the high component of a two-component Gaussian mixture on the drops, eq. 12 where they show one
+           mode) or those whose label it changes (``flip``: eq. 12); each row records the other criterion at the
+           same multiple (``removal_flip``, or ``removal_margin`` with its mixture). ``--re-removal flip
+           --re-removal-to sources``: eq. 12 removes only the target images whose label moves to an inferred source
+           class (``removal_to``); each row records the other rule at the same multiple (``removal_to_any`` or
            ``removal_to_sources``), the inferred ``source_classes`` and where the subtraction sends the target's
-           poisons and clean images (``moved_to``: counts of the new labels). ``--re-removal margin``: RE removes
-           the target images whose target margin the subtraction lowers most (``removal="margin"``: the high
-           component of a two-component Gaussian mixture on the drops); each row records the other criterion at the
-           same multiple (``removal_margin`` with its mixture, or ``removal_flip``: eq. 12). The ``scaled_estimate``,
+           poisons and clean images (``moved_to``: counts of the new labels). The ``scaled_estimate``,
            ``removal_pi_estimate`` and ``removal_to_*`` entries are eq. 12's label rule at those multiples.
 Retrain:   the victims' recipe (pretrained ResNet-20, SGD lr 0.01, the row victim's epochs, augmentation) on the
            cleansed set — the same training that implants the backdoor on the full set; CDA and ASR on test-lossless
@@ -519,11 +520,13 @@ def main() -> None:
                         help="RE's subtract_scale: eq. 12 subtracts this fixed multiple of the estimate instead "
                              "(1: eq. 12 as the paper states it)")
     parser.add_argument("--re-removal-to", choices=REMOVAL_TARGETS, default=ReverseEngineeringConfig.removal_to,
-                        help="RE's removal_to: eq. 12 removes a target image whose label changes to any class, or "
-                             "only to an inferred source class (default: the library's, %(default)s)")
+                        help="RE's removal_to (with --re-removal flip): eq. 12 removes a target image whose label "
+                             "changes to any class, or only to an inferred source class (default: the library's, "
+                             "%(default)s)")
     parser.add_argument("--re-removal", choices=REMOVALS, default=ReverseEngineeringConfig.removal,
-                        help="RE's removal: the target images whose label the subtraction changes (eq. 12), or those "
-                             "whose target margin it lowers most (default: the library's, %(default)s)")
+                        help="RE's removal: the target images whose target margin the subtraction lowers most (eq. 12 "
+                             "where the drops show one mode), or those whose label it changes (eq. 12) (default: the "
+                             "library's, %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of each row's job (its declared CPUs)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
     add_sweep_arguments(parser)
@@ -542,6 +545,11 @@ def main() -> None:
         parser.error(f"unknown rows/methods {unknown}")
     if args.retrain_seeds < 1:
         parser.error(f"--retrain-seeds must be >= 1, got {args.retrain_seeds}")
+    try:  # RE's removal options, refused now rather than after the victims and Step 0 are trained
+        ReverseEngineeringConfig(removal_pi=args.re_removal_pi, subtract_scale=args.re_subtract_scale,
+                                 removal_to=args.re_removal_to, removal=args.re_removal)
+    except ValueError as e:
+        parser.error(f"RE's removal options: {e}")
     name = args.out or ("cleanse_cifar10_quick" if args.quick else "cleanse_cifar10")
     out_json = RESULTS / f"{name}.json"
     if args.merge:

@@ -138,6 +138,7 @@ BAD_OPTIONS = [
     ("re", {"removal_to": "source"}, "removal_to"), ("re", {"removal": "drop"}, "removal"),
     ("re", {"removal_posterior": 1.0}, "removal_posterior"),
     ("re", {"removal": "margin", "removal_to": "sources"}, "removal_to applies to removal='flip'"),
+    ("re", {"removal_to": "sources"}, "pass removal='flip' with it"),  # the default removal is the margin rule
 ]
 
 
@@ -415,14 +416,14 @@ def test_re_pattern_sits_on_the_planted_cross():
 
 @pytest.mark.outcome
 def test_re_removes_the_poisons_by_eq_12():
-    poisoned, _ = re_results()
-    result, *_ = xiang_suspects(SEED)
+    result, _, model, *_ = xiang_suspects(SEED)
+    poisoned = create_cleanser("re", **RE_OPTIONS, removal="flip").cleanse(
+        model, result.dataset, generator=torch.Generator().manual_seed(SEED))
     tpr, fpr = cleansing_rates(poisoned.removed, result.indices, result.dataset.labels, TARGET)
     check("RE TPR (eq. 12)", tpr, low=0.8)  # 0.90–1.0 over seeds 0–9
     check("RE FPR (eq. 12)", fpr, high=0.05)
-    assert (result.dataset.labels[poisoned.removed] == TARGET).all()
-    model = xiang_suspects(SEED)[2]
-    # the default margin: the smallest multiple of v̂ that moves 99.5 % of the source class
+    assert (result.dataset.labels[poisoned.removed] == TARGET).all() and poisoned.details["removal_rule"] == "flip"
+    # the default multiple: the smallest multiple of v̂ that moves 99.5 % of the source class
     scale, rate = poisoned.details["subtract_scale"], poisoned.details["removal_source_rate"]
     assert (scale, rate) == removal_scale(model, result.dataset, poisoned.details["source_class"], TARGET,
                                           poisoned.pattern, ReverseEngineeringConfig().removal_pi)
@@ -431,22 +432,22 @@ def test_re_removes_the_poisons_by_eq_12():
 
 
 @pytest.mark.outcome
-@pytest.mark.parametrize("margin", [{"subtract_scale": 1.0}, {"subtract_scale": 1.5}, {"removal_pi": 0.999}],
+@pytest.mark.parametrize("multiple", [{"subtract_scale": 1.0}, {"subtract_scale": 1.5}, {"removal_pi": 0.999}],
                          ids=lambda m: "-".join(f"{k}={v}" for k, v in m.items()))
-def test_re_subtracts_the_configured_multiple_of_its_pattern(margin):
+def test_re_subtracts_the_configured_multiple_of_its_pattern(multiple):
     poisoned, _ = re_results()
     result, _, model, *_ = xiang_suspects(SEED)
-    scaled = create_cleanser("re", **RE_OPTIONS, **margin).cleanse(
+    scaled = create_cleanser("re", **RE_OPTIONS, **multiple, removal="flip").cleanse(
         model, result.dataset, generator=torch.Generator().manual_seed(SEED))
-    # the margin changes the removal only; the estimation repeats up to float rounding, which a CPU's threads can
+    # the multiple changes the removal only; the estimation repeats up to float rounding, which a CPU's threads can
     # order differently from one run to the next and the gradient steps carry along (7e-6 on one pixel, seed 4)
     assert (scaled.pattern - poisoned.pattern).norm() <= 1e-3 * poisoned.pattern.norm()
     scale, rate = scaled.details["subtract_scale"], scaled.details["removal_source_rate"]
-    if "removal_pi" in margin:  # the smallest multiple that moves 99.9 % of the source class
+    if "removal_pi" in multiple:  # the smallest multiple that moves 99.9 % of the source class
         assert (scale, rate) == removal_scale(model, result.dataset, scaled.details["source_class"], TARGET,
-                                              scaled.pattern, margin["removal_pi"])
+                                              scaled.pattern, multiple["removal_pi"])
     else:  # a fixed multiple; 1.0 is eq. 12 as the paper states it
-        assert (scale, rate) == (margin["subtract_scale"], None)
+        assert (scale, rate) == (multiple["subtract_scale"], None)
     assert torch.equal(scaled.removed, subtraction_removal(model, result.dataset, TARGET, scale * scaled.pattern))
     assert torch.equal(scaled.removed, subtraction_removal(model, result.dataset, TARGET, scaled.pattern, scale=scale))
 
@@ -455,7 +456,7 @@ def test_re_subtracts_the_configured_multiple_of_its_pattern(margin):
 def test_re_removal_to_sources_keeps_the_images_that_move_elsewhere():
     poisoned, _ = re_results()
     result, _, model, *_ = xiang_suspects(SEED)
-    to_sources = create_cleanser("re", **RE_OPTIONS, removal_to="sources").cleanse(
+    to_sources = create_cleanser("re", **RE_OPTIONS, removal="flip", removal_to="sources").cleanse(
         model, result.dataset, generator=torch.Generator().manual_seed(SEED))
     sources = to_sources.details["source_classes"]
     assert RE_SOURCE in sources and TARGET not in sources and sources == poisoned.details["source_classes"]
@@ -472,21 +473,22 @@ def test_re_removal_to_sources_keeps_the_images_that_move_elsewhere():
 @pytest.mark.outcome
 def test_re_margin_rule_removes_the_poisons_by_their_margin_drop():
     result, _, model, *_ = xiang_suspects(SEED)
-    by_margin = create_cleanser("re", **RE_OPTIONS, removal="margin").cleanse(
-        model, result.dataset, generator=torch.Generator().manual_seed(SEED))
+    by_margin, _ = re_results()  # the default removal
+    assert ReverseEngineeringConfig().removal == "margin" and by_margin.config["removal"] == "margin"
     assert by_margin.detected and by_margin.target_class == TARGET
     fit, scale = by_margin.details["margin_mixture"], by_margin.details["subtract_scale"]
     assert fit["rule"] == by_margin.details["removal_rule"] and fit["posterior"] == 0.1
     # the poisons' drops form a mode of their own on seven seeds of 0–7; on seed 5 (means 4.7 and 3.5) the fitted
     # density has one mode, the split alone removes 0.32 of the clean images, and eq. 12 decides instead
-    if fit["modes"] == 2:
+    if fit["fallback"] is None:
         index, drops = margin_drops(model, result.dataset, TARGET, by_margin.pattern, scale=scale)
         assert fit["rule"] == "margin" and torch.equal(by_margin.removed, index[drops > fit["threshold"]])
         assert fit["means"][1] < fit["threshold"] < fit["means"][0]
         # the high component holds about the poisons' share of the target's images (80 of 280)
         check("RE margin mixture's high-component weight", fit["weights"][0], low=0.15, high=0.45)  # 0.29
     else:
-        assert fit["rule"] == "flip" and torch.equal(by_margin.removed, subtraction_removal(
+        assert fit["rule"] == "flip" and fit["fallback"] in ("one mode", "majority")
+        assert torch.equal(by_margin.removed, subtraction_removal(
             model, result.dataset, TARGET, by_margin.pattern, scale=scale))
     tpr, fpr = cleansing_rates(by_margin.removed, result.indices, result.dataset.labels, TARGET)
     check("RE TPR (margin rule)", tpr, low=0.8)  # 1.0 over seeds 0–7
@@ -553,33 +555,47 @@ class _Corner(torch.nn.Module):
         return torch.stack([torch.zeros_like(m), m, torch.full_like(m, -1e3)], 1)
 
 
-def test_margin_rule_splits_the_drops_at_the_mixture_threshold():
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (64, 3, 4, 4), dtype=torch.uint8, generator=g)
-    images[:, 0, 0, 0] = torch.randint(0, 51, (64,), dtype=torch.uint8, generator=g)   # clean corners: <= 0.2
-    poisons = torch.arange(4, 64, 5)                                                    # 12 poisons: bright corner
-    images[poisons, 0, 0, 0] = torch.randint(230, 256, (12,), dtype=torch.uint8, generator=g)
-    labels = torch.ones(64, dtype=torch.int64)
-    labels[:2] = 0                                                                      # not candidates
-    data = ImageTensorDataset(images, labels, ("a", "b", "c"))
-    model = _Corner().train()
+def _corner_backdoor(corners: torch.Tensor, labels: torch.Tensor | None = None):
+    """Random 4×4 images whose corner pixel (red) is ``corners``, of class 1 unless ``labels`` says; the _Corner
+    model (in training mode, which the passes must leave as it was) and the pattern v = 0.5 on that pixel."""
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (len(corners), 3, 4, 4), dtype=torch.uint8, generator=g)
+    images[:, 0, 0, 0] = corners
+    labels = torch.ones(len(corners), dtype=torch.int64) if labels is None else labels
     v = torch.zeros(3, 4, 4)
     v[0, 0, 0] = 0.5
+    return ImageTensorDataset(images, labels, ("a", "b", "c")), _Corner().train(), v
+
+
+def _dark_and_bright(n: int, bright: torch.Tensor) -> torch.Tensor:
+    """``n`` corner values: dark (<= 0.2, what x − v clips at 0) but at the ``bright`` indices (>= 0.9)."""
+    g = torch.Generator().manual_seed(0)
+    corners = torch.randint(0, 51, (n,), dtype=torch.uint8, generator=g)
+    corners[bright] = torch.randint(230, 256, (len(bright),), dtype=torch.uint8, generator=g)
+    return corners
+
+
+def test_margin_rule_splits_the_drops_at_the_mixture_threshold():
+    poisons = torch.arange(4, 64, 5)                                                    # 12 poisons: bright corner
+    labels = torch.ones(64, dtype=torch.int64)
+    labels[:2] = 0                                                                      # not candidates
+    data, model, v = _corner_backdoor(_dark_and_bright(64, poisons), labels)
     index, drops = margin_drops(model, data, 1, v)
     assert index.tolist() == list(range(2, 64)) and drops.dtype == torch.float64
-    corner = images[2:, 0, 0, 0].double() / 255
+    corner = data.images[2:, 0, 0, 0].double() / 255
     # x − v clips the clean corners at 0; the poisons' corners lose 0.5 (10 × 0.5 of margin); the mean moves with it
     lost = corner.clamp(max=0.5)
     assert torch.allclose(drops, 10 * lost + lost / 48, atol=1e-5)
     removed, fit = margin_removal(model, data, 1, v)
-    assert removed.tolist() == poisons.tolist() and (fit["rule"], fit["modes"]) == ("margin", 2)
+    assert removed.tolist() == poisons.tolist() and (fit["rule"], fit["modes"], fit["fallback"]) == ("margin", 2, None)
     assert fit["means"][1] < fit["threshold"] < fit["means"][0]
     assert fit["weights"][0] == pytest.approx(12 / 62, abs=0.01)
     assert torch.equal(margin_removal(model, data, 1, v / 2, scale=2.0, seed=3)[0], removed)
     # a pattern that moves nothing leaves nothing to split: eq. 12 decides (and nothing flips)
     assert margin_drops(model, data, 1, torch.zeros(3, 4, 4))[1].abs().max() == 0
     nothing, no_fit = margin_removal(model, data, 1, torch.zeros(3, 4, 4))
-    assert nothing.numel() == 0 and (no_fit["rule"], no_fit["modes"]) == ("flip", 0) and no_fit["threshold"] is None
+    assert nothing.numel() == 0 and (no_fit["rule"], no_fit["modes"], no_fit["fallback"]) == ("flip", 0, "no fit")
+    assert no_fit["threshold"] is None
     assert model.training
     with pytest.raises(ValueError, match=r"posterior must be a number in \(0, 1\), got 1"):
         margin_removal(model, data, 1, v, posterior=1)
@@ -592,16 +608,11 @@ def test_margin_rule_splits_the_drops_at_the_mixture_threshold():
 def test_margin_rule_falls_back_to_eq_12_when_the_drops_have_one_mode():
     # no poisons: the corners, and so the drops, spread around one value; whatever split the mixture finds (the
     # threshold passes through the spread), its density has a single mode and eq. 12 decides
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (200, 3, 4, 4), dtype=torch.uint8, generator=g)
-    corners = (torch.randn(200, generator=g) * 8 + 40).round().clamp(0, 255)
-    images[:, 0, 0, 0] = corners.to(torch.uint8)                                 # 0.16 ± 0.03 < 0.5: x − v clips
-    data = ImageTensorDataset(images, torch.ones(200, dtype=torch.int64), ("a", "b", "c"))
-    model = _Corner().train()
-    v = torch.zeros(3, 4, 4)
-    v[0, 0, 0] = 0.5
+    corners = (torch.randn(200, generator=torch.Generator().manual_seed(0)) * 8 + 40).round().clamp(0, 255)
+    data, model, v = _corner_backdoor(corners.to(torch.uint8))                  # 0.16 ± 0.03 < 0.5: x − v clips
     removed, fit = margin_removal(model, data, 1, v)
-    assert (fit["rule"], fit["modes"]) == ("flip", 1) and fit["means"][1] <= fit["threshold"] < fit["means"][0]
+    assert (fit["rule"], fit["modes"], fit["fallback"]) == ("flip", 1, "one mode")
+    assert fit["means"][1] <= fit["threshold"] < fit["means"][0]
     # eq. 12 removes none: x − v keeps a margin of mean(x) − corner/48 > 0
     assert removed.numel() == 0 and torch.equal(removed, subtraction_removal(model, data, 1, v))
     # without the fallback the rule splits the single mode at its threshold
@@ -609,6 +620,21 @@ def test_margin_rule_falls_back_to_eq_12_when_the_drops_have_one_mode():
     assert same["rule"] == "margin" and same["modes"] == 1
     index, drops = margin_drops(model, data, 1, v)
     assert torch.equal(split, index[drops > same["threshold"]]) and 0 < split.numel() < 200
+
+
+def test_margin_rule_falls_back_to_eq_12_when_the_high_drops_are_most_of_the_class():
+    # two clear modes, but the high one holds 49 of the 62 images: the poisons are a minority of the target class,
+    # so that component is not theirs (a wrong pattern can take margin from the clean images and not the poisons)
+    keep = torch.ones(62, dtype=torch.bool)
+    keep[torch.arange(0, 62, 5)] = False                                   # 13 dark corners: drop <= 2
+    data, model, v = _corner_backdoor(_dark_and_bright(62, torch.arange(62)[keep]))   # 49 bright: drop 5
+    removed, fit = margin_removal(model, data, 1, v)
+    assert (fit["rule"], fit["modes"], fit["fallback"]) == ("flip", 2, "majority")
+    assert fit["weights"][0] == pytest.approx(49 / 62, abs=0.01)
+    # eq. 12 removes none: the bright corners keep 10 × 0.4 of margin after x − v
+    assert removed.numel() == 0 and torch.equal(removed, subtraction_removal(model, data, 1, v))
+    split, same = margin_removal(model, data, 1, v, fallback=False)
+    assert same["rule"] == "margin" and split.tolist() == torch.arange(62)[keep].tolist()
 
 
 def test_removal_scale_is_the_smallest_multiple_that_moves_the_source_class():

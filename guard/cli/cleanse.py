@@ -49,6 +49,10 @@ _OPTION_FLAGS = {
     "removal": {"re": "removal"},
     "removal_posterior": {"re": "removal_posterior"},
 }
+#: why RE's margin rule let eq. 12 decide (``details.margin_mixture.fallback``), as the report line says it
+_FALLBACKS = {"no fit": "; the margin drops left nothing to fit",
+              "one mode": "; the margin drops showed no second mode",
+              "majority": "; the high margin drops held most of the class, which the poisons do not"}
 
 
 def add_parser(subparsers) -> None:
@@ -90,11 +94,12 @@ def add_parser(subparsers) -> None:
                    help="re: eq. 12 subtracts this fixed multiple of the estimate instead (1: eq. 12 as the paper "
                         "states it; larger removes more poisons and more clean images)")
     g.add_argument("--removal-to", choices=REMOVAL_TARGETS,
-                   help="re: remove a target image whose label changes to any class (eq. 12, default) or only to "
-                        "an inferred source class")
+                   help="re --removal flip: remove a target image whose label changes to any class (eq. 12, "
+                        "default) or only to an inferred source class")
     g.add_argument("--removal", choices=REMOVALS,
-                   help="re: remove the target images whose label the subtraction changes (eq. 12, default) or "
-                        "those whose target margin it lowers most (a two-component Gaussian mixture on the drops)")
+                   help="re: remove the target images whose target margin the subtraction lowers most (a "
+                        "two-component Gaussian mixture on the drops; eq. 12 where they show one mode; default) or "
+                        "those whose label it changes (eq. 12)")
     g.add_argument("--removal-posterior", type=float,
                    help="re --removal margin: the high-drop component's posterior above which an image goes "
                         "(default 0.1)")
@@ -265,11 +270,13 @@ def run(args: argparse.Namespace) -> int:
                + (f" (source classes {', '.join(map(str, sources))})" if sources else "")}[result.detected]
     print(f"{args.method} on {len(suspect)} {args.dataset}/{split} images ({result.seconds:.0f}s): {verdict}; "
           f"{stat['name']} {stat['value']:.4g}" + ("" if stat["threshold"] is None else f" vs {stat['threshold']}"))
-    rule, mixture = result.details.get("removal_rule"), result.details.get("margin_mixture")
-    print(f"removed {result.removed.numel()} images" + {
-        None: "", "margin": " (the margin rule: the target margin they lost under the subtracted pattern)",
-        "flip": " (eq. 12: their label changed under the subtracted pattern"
-                + ("; the margin drops showed no second mode)" if mixture else ")")}[rule])
+    rule, fit = result.details.get("removal_rule"), result.details.get("margin_mixture") or {}
+    how = ""
+    if rule == "margin":
+        how = " (the margin rule: the target margin they lost under the subtracted pattern)"
+    elif rule == "flip":
+        how = f" (eq. 12: their label changed under the subtracted pattern{_FALLBACKS.get(fit.get('fallback'), '')})"
+    print(f"removed {result.removed.numel()} images{how}")
     if "tpr" in summary.get("attack", {}):
         a = summary["attack"]
         print(f"against the record ({a['name']}, target {a['target']}): TPR {a['tpr']:.3f}, FPR {a['fpr']:.3f}")
