@@ -650,7 +650,8 @@ def test_removal_scale_is_the_smallest_multiple_that_moves_the_source_class():
     k, rate = removal_scale(model, data, 0, 1, v, 0.75)   # three of four
     assert needed[1] < k <= needed[1] + 0.01 and rate == 0.75
     assert removal_scale(model, data, 0, 1, v, 0.5) == (1.0, 0.5)   # k = 1 moves 120/255 and 126/255 already
-    assert removal_scale(model, data, 0, 1, v / 10, 1.0) == (4.0, 0.25)   # the cap, and its rate (126/255 only)
+    # a ray that never moves them all: its best rate, first reached at ×1.25 (126/255 + 1.25 · 0.005 > 0.5)
+    assert removal_scale(model, data, 0, 1, v / 10, 1.0) == (1.25, 0.25)
     assert model.training and all(torch.equal(before[n], t) for n, t in model.state_dict().items())
     with pytest.raises(ValueError, match=r"source must be a class index in \[0, 2\], got 5"):
         removal_scale(model, data, 5, 1, v, 0.9)
@@ -662,6 +663,34 @@ def test_removal_scale_is_the_smallest_multiple_that_moves_the_source_class():
         removal_scale(model, data, 0, 1, v[0], 0.9)
     with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
         removal_scale(model, data, 0, 1, v, 0.9, batch_size=0)
+
+
+class _Band(torch.nn.Module):
+    """Class 1 iff an image's mean pixel is in (0.5, 0.6); class 0 below, class 2 above."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.tensor(4.0))
+
+    def forward(self, x):
+        m = x.mean((1, 2, 3))
+        return self.gain * torch.stack([0.5 - m, torch.minimum(m - 0.5, 0.6 - m), m - 0.6], 1)
+
+
+def test_removal_scale_follows_a_ray_whose_rate_falls_again():
+    # x + k·v is class 1 for k in (1.37, 3.37) at 110/255, (0.59, 2.59) at 120/255, (0.12, 2.12) at 126/255: the rate
+    # rises to 1 and falls to 0 at the cap, where a bisection over [1, 4] that assumes a rising rate would end
+    grey = torch.tensor([110, 120, 126, 200], dtype=torch.uint8)
+    data = ImageTensorDataset(grey[:, None, None, None].expand(-1, 3, 4, 4).contiguous(), torch.tensor([0, 0, 0, 1]),
+                              ("a", "b", "c"))
+    model, v = _Band(), torch.full((3, 4, 4), 0.05)
+    k, rate = removal_scale(model, data, 0, 1, v, 1.0)
+    needed = (0.5 - 110 / 255) / 0.05   # 1.373
+    assert needed < k <= needed + 0.01 and rate == 1.0
+    # with 100/255 (class 1 for k in (2.16, 4.16)) no multiple moves all four: the best, 3 of 4, from ×1.5 on
+    data = ImageTensorDataset(torch.cat([data.images[:3], torch.full((2, 3, 4, 4), 100, dtype=torch.uint8)]),
+                              torch.tensor([0, 0, 0, 0, 1]), ("a", "b", "c"))
+    assert removal_scale(model, data, 0, 1, v, 1.0) == (1.5, 0.75)
 
 
 @pytest.mark.outcome
