@@ -157,7 +157,8 @@ class ReverseEngineeringConfig(CleanseConfig):
     an inferred source class (:func:`source_classes`; see the module's "Removal rule"). ``removal``: ``"margin"``
     (default) removes the images whose margin drop under the subtraction belongs, with posterior above
     ``removal_posterior``, to the higher of a two-component Gaussian mixture, and lets eq. 12 decide where the drops
-    have one mode (:func:`margin_removal`; see the module's "Margin rule"; ``removal_to`` must stay ``"any"``);
+    have one mode or the higher component holds half the class (:func:`margin_removal`; see the module's "Margin
+    rule"; ``removal_to`` must stay ``"any"``);
     ``"flip"`` removes by the label change (eq. 12, with ``removal_to``).
     """
 
