@@ -31,7 +31,7 @@ Defender:  RE's Step 0 (§5.2.1: the victim's training, without augmentation, so
            with augmentation — and Step 0 is trained only for RE.
 Methods:   library defaults; SS and AC are given the true target for TPR/FPR (Xiang's comparison; SS removes 1000
            images of it), AC's detection outcome is its own silhouette test; RE and CI use their own detection.
-           ``--re-removal-pi P``: RE's eq. 12 subtracts the smallest multiple of its estimate that sends P of the
+           ``--re-removal-pi P``: RE's removal subtracts the smallest multiple of its estimate that sends P of the
            source class to the target (``removal_pi``, default the library's 0.995); ``--re-subtract-scale K``: a
            fixed K times the estimate instead (``subtract_scale``; 1 is eq. 12 as the paper states it). Each RE
            row also records eq. 12 at the other margins on the same estimate: the fixed multiples 1, 1.25, 1.5
@@ -514,10 +514,10 @@ def main() -> None:
                         help="the model SS, AC and CI inspect: RE's Step 0, as in the seed (default), or the victim "
                              "itself (trained with augmentation; Step 0 is then trained only for RE)")
     parser.add_argument("--re-removal-pi", type=float, default=ReverseEngineeringConfig.removal_pi,
-                        help="RE's removal_pi: eq. 12 subtracts the smallest multiple of the estimate that sends this "
-                             "fraction of the source class to the target (default: the library's, %(default)s)")
+                        help="RE's removal_pi: the removal subtracts the smallest multiple of the estimate that sends "
+                             "this fraction of the source class to the target (default: the library's, %(default)s)")
     parser.add_argument("--re-subtract-scale", type=float, default=None,
-                        help="RE's subtract_scale: eq. 12 subtracts this fixed multiple of the estimate instead "
+                        help="RE's subtract_scale: the removal subtracts this fixed multiple of the estimate instead "
                              "(1: eq. 12 as the paper states it)")
     parser.add_argument("--re-removal-to", choices=REMOVAL_TARGETS, default=ReverseEngineeringConfig.removal_to,
                         help="RE's removal_to (with --re-removal flip): eq. 12 removes a target image whose label "

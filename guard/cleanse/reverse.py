@@ -40,7 +40,7 @@ such pattern and undershoots the planted one; subtracting it leaves the poisons 
 furthest past the boundary. On a CIFAR-10 ResNet-20 with pattern A (benchmarks/cleanse_cifar10.py, 30-epoch
 Step 0) the estimate had ℓ2 norm 0.17 against the planted 0.31 and eq. 12 as stated removed 88.4 % of the
 poisons at 3.0 % FPR. The step rule is not the cause: the paper's own (plain δ = 1e-4 steps, 256 images, ρ over
-all of D_s) stopped that pair at norm 0.152 (79.6 % at 1.6 %). So eq. 12 subtracts k·v̂, with k ≥ 1 the smallest
+all of D_s) stopped that pair at norm 0.152 (79.6 % at 1.6 %). So the removal subtracts k·v̂, k ≥ 1 the smallest
 multiple that sends ``removal_pi`` (default 0.995) of *all* of D_ŝ to t̂ (:func:`removal_scale`): a pattern as
 strong on the source class as the planted one, which moves nearly all of it. ``subtract_scale`` fixes k instead
 (1: eq. 12 as stated). A fixed factor does not carry over from one pattern to another: ×1.25 gave 94.2 % at 6.6 %
@@ -150,7 +150,7 @@ class ReverseEngineeringConfig(CleanseConfig):
     pass — the images of many pairs share it (``None``: the engine's default for the device,
     :func:`guard.detect.inversion.default_chunk_size`). ``refine_step_size``/``refine_batch_size_per_class``:
     the same step rule, finer, for the detected pair's pattern that eq. 12 subtracts (``None``: the coarse
-    pattern). ``removal_pi``: eq. 12 subtracts the smallest multiple k ≥ 1 of v̂ that sends this fraction of all
+    pattern). ``removal_pi``: the removal subtracts the smallest multiple k ≥ 1 of v̂ that sends this fraction of all
     of D_ŝ to t̂ (:func:`removal_scale`; see the module's "Removal margin"). ``subtract_scale``: a fixed multiple
     instead (1.0: eq. 12 as the paper states it); when set, ``removal_pi`` is not used. ``removal_to``: ``"any"``
     removes an image of t̂ whose label changes to any class (eq. 12); ``"sources"`` only one whose label changes to

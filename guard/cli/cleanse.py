@@ -88,18 +88,19 @@ def add_parser(subparsers) -> None:
                    help="re: most images in one forward/backward pass, shared by many class pairs "
                         "(default: 128 on a CPU, 4096 on a GPU)")
     g.add_argument("--removal-pi", type=float,
-                   help="re: eq. 12 subtracts the smallest multiple of the estimate that sends this fraction of all "
-                        "the source class's images to the target (default 0.995)")
+                   help="re: the removal subtracts the smallest multiple of the estimate that sends this fraction of "
+                        "all the source class's images to the target (default 0.995; where no multiple up to 4 "
+                        "does, the one that sends the most)")
     g.add_argument("--subtract-scale", type=float,
-                   help="re: eq. 12 subtracts this fixed multiple of the estimate instead (1: eq. 12 as the paper "
-                        "states it; larger removes more poisons and more clean images)")
+                   help="re: the removal subtracts this fixed multiple of the estimate instead (1: eq. 12 as the "
+                        "paper states it; larger removes more poisons and more clean images)")
     g.add_argument("--removal-to", choices=REMOVAL_TARGETS,
                    help="re --removal flip: remove a target image whose label changes to any class (eq. 12, "
                         "default) or only to an inferred source class")
     g.add_argument("--removal", choices=REMOVALS,
                    help="re: remove the target images whose target margin the subtraction lowers most (a "
-                        "two-component Gaussian mixture on the drops; eq. 12 where they show one mode; default) or "
-                        "those whose label it changes (eq. 12)")
+                        "two-component Gaussian mixture on the drops; eq. 12 where they show one mode or the high "
+                        "component holds half the class; default) or those whose label it changes (eq. 12)")
     g.add_argument("--removal-posterior", type=float,
                    help="re --removal margin: the high-drop component's posterior above which an image goes "
                         "(default 0.1)")
