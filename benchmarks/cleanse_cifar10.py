@@ -376,7 +376,8 @@ def run_row(row: dict, spec, args, train_set, test_set, root: Path, work: Path, 
                     entry["removal_flip"] = dict(zip(("tpr", "fpr"), subtraction_rates(
                         defender, suspect, poison_indices, target, removed_pattern)))
                 else:
-                    by_margin, fit = margin_removal(defender, suspect, target, removed_pattern, seed=SEED,
+                    by_margin, fit = margin_removal(defender, suspect, target, result.pattern,
+                                                    scale=result.details["subtract_scale"], seed=SEED,
                                                     device=args.device)
                     entry["removal_margin"] = {**dict(zip(("tpr", "fpr"), cleansing_rates(
                         by_margin, poison_indices, suspect.labels, target))), "mixture": fit}

@@ -49,7 +49,7 @@ _OPTION_FLAGS = {
     "removal": {"re": "removal"},
     "removal_posterior": {"re": "removal_posterior"},
 }
-#: why RE's margin rule let eq. 12 decide (``details.margin_mixture.fallback``), as the report line says it
+#: why RE's margin rule did not trust a split (``details.margin_mixture.fallback``), as the report line says it
 _FALLBACKS = {"no fit": "; the margin drops left nothing to fit",
               "one mode": "; the margin drops showed no second mode",
               "majority": "; the high margin drops held most of the class, which the poisons do not"}
@@ -274,7 +274,10 @@ def run(args: argparse.Namespace) -> int:
     rule, fit = result.details.get("removal_rule"), result.details.get("margin_mixture") or {}
     how = ""
     if rule == "margin":
-        how = " (the margin rule: the target margin they lost under the subtracted pattern)"
+        first = (fit.get("other") or [None])[0]  # an untrusted split at the multiple, retried at the estimate
+        how = (" (the margin rule: the target margin they lost under the subtracted "
+               + (f"estimate itself, since at ×{first['scale']:.3g}{_FALLBACKS[first['fallback']][1:]})" if first
+                  else "pattern)"))
     elif rule == "flip":
         how = f" (eq. 12: their label changed under the subtracted pattern{_FALLBACKS.get(fit.get('fallback'), '')})"
     print(f"removed {result.removed.numel()} images{how}")
