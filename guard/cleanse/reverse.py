@@ -81,7 +81,7 @@ fitted density has a single mode, a skewed spread of drops that the mixture spli
 other seven seeds it has two. On D1 the multiple is the cause: at k = 1 the drops have two modes (weights 0.13 / 0.87)
 and the split removes 96.0 % at 10.0 %, where the stronger k = 1.54 takes margin from the clean images too (k = 1.25:
 one mode already). On A1 and C1 the split at k = 1 is worse than at the multiple (94.4 / 7.3 against 95.4 / 6.4, 87.8 /
-5.4 against 97.6 / 3.7; A3 and C3 about the same), so the multiple comes first, and an untrusted split at k > 1 is
+5.4 against 97.6 / 3.7; A3 and C3 about the same). So the multiple comes first; an untrusted split at k > 1 is
 fitted again at k = 1, and where the density has one mode there too (the tiny seed), eq. 12 decides at k
 (:func:`margin_removal`'s ``fallback``; the report's ``details.removal_rule`` and ``margin_mixture.scale``). The rule
 also needs the poisons to be the smaller component. On one of eight seeds of the tiny set behind ``guard cleanse``'s
@@ -507,8 +507,8 @@ def margin_removal(model, train_set: ImageTensorDataset, target: int, pattern: t
     ``rule`` says ``"flip"``, as it does when fewer than two distinct drops leave nothing to fit (``modes`` 0,
     ``fallback`` ``"no fit"``)."""
     check_fraction("posterior", posterior, high_open=True)
-    fits = []
-    for k in (scale, 1.0) if fallback and scale > 1 else (scale,):
+    fits, scales = [], (scale, 1.0) if fallback and scale > 1 else (scale,)
+    for k in scales:
         index, drops = margin_drops(model, train_set, target, pattern, scale=k, batch_size=batch_size,
                                     device=device, progress=progress)
         fit = {"scale": k, **_drop_mixture(drops.numpy(), posterior, seed)}

@@ -99,8 +99,9 @@ def add_parser(subparsers) -> None:
                         "default) or only to an inferred source class")
     g.add_argument("--removal", choices=REMOVALS,
                    help="re: remove the target images whose target margin the subtraction lowers most (a "
-                        "two-component Gaussian mixture on the drops; eq. 12 where they show one mode or the high "
-                        "component holds half the class; default) or those whose label it changes (eq. 12)")
+                        "two-component Gaussian mixture on the drops; where they show one mode or the high component "
+                        "holds half the class, again at the estimate itself, then eq. 12; default) or those whose "
+                        "label it changes (eq. 12)")
     g.add_argument("--removal-posterior", type=float,
                    help="re --removal margin: the high-drop component's posterior above which an image goes "
                         "(default 0.1)")
