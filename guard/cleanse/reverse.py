@@ -98,6 +98,7 @@ seed's bound: 4.9 %), it gave 2.2, 3.4 and 3.4 %. ``removal="flip"`` is eq. 12 a
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -475,17 +476,9 @@ def margin_drops(model, train_set: ImageTensorDataset, target: int, pattern: tor
     when the pattern is subtracted, ``m_t(x) − m_t([x − scale·v̂]_c)`` with ``m_t = logit_t − max_{c≠t} logit_c``
     (float64): what :func:`margin_removal` decides on."""
     index = _subtraction_candidates(train_set, target, pattern, scale, batch_size)
-    if index.numel() == 0:
-        return index, torch.zeros(0, dtype=torch.float64)
-
-    def margin(shift: torch.Tensor) -> torch.Tensor:
-        logits = _shifted_logits(model, train_set.images[index], shift, batch_size=batch_size, device=device,
-                                 progress=progress).double()
-        others = logits.clone()
-        others[:, target] = -math.inf
-        return logits[:, target] - others.max(1).values
-
-    return index, margin(torch.zeros_like(pattern)) - margin(-scale * pattern)
+    margins = functools.partial(_target_margins, model, train_set.images[index], target, batch_size=batch_size,
+                                device=device, progress=progress)
+    return index, margins(torch.zeros_like(pattern)) - margins(-scale * pattern)
 
 
 def margin_removal(model, train_set: ImageTensorDataset, target: int, pattern: torch.Tensor, *, scale: float = 1.0,
@@ -507,10 +500,13 @@ def margin_removal(model, train_set: ImageTensorDataset, target: int, pattern: t
     ``rule`` says ``"flip"``, as it does when fewer than two distinct drops leave nothing to fit (``modes`` 0,
     ``fallback`` ``"no fit"``)."""
     check_fraction("posterior", posterior, high_open=True)
+    index = _subtraction_candidates(train_set, target, pattern, scale, batch_size)
+    margins = functools.partial(_target_margins, model, train_set.images[index], target, batch_size=batch_size,
+                                device=device, progress=progress)
+    before = margins(torch.zeros_like(pattern))                         # margin_drops' first term, shared by the tries
     fits, scales = [], (scale, 1.0) if fallback and scale > 1 else (scale,)
     for k in scales:
-        index, drops = margin_drops(model, train_set, target, pattern, scale=k, batch_size=batch_size,
-                                    device=device, progress=progress)
+        drops = before - margins(-k * pattern)
         fit = {"scale": k, **_drop_mixture(drops.numpy(), posterior, seed)}
         if fit["threshold"] is not None and not (fallback and fit["fallback"]):
             return index[drops > fit["threshold"]], {**fit, "rule": "margin", "other": fits}
@@ -614,6 +610,17 @@ def _subtraction_candidates(train_set: ImageTensorDataset, target: object, patte
     if not is_number(scale) or scale <= 0:
         raise ValueError(f"scale must be a number > 0, got {scale!r}")
     return (train_set.labels == target).nonzero().squeeze(1)
+
+
+def _target_margins(model, images: torch.Tensor, target: int, shift: torch.Tensor, *, batch_size: int, device,
+                    progress: bool = False) -> torch.Tensor:
+    """The target margins ``m_t([x + shift]_c) = logit_t − max_{c≠t} logit_c`` (float64) of uint8 ``images``."""
+    if len(images) == 0:
+        return torch.zeros(0, dtype=torch.float64)
+    logits = _shifted_logits(model, images, shift, batch_size=batch_size, device=device, progress=progress).double()
+    others = logits.clone()
+    others[:, target] = -math.inf
+    return logits[:, target] - others.max(1).values
 
 
 @torch.inference_mode()
