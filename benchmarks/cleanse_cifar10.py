@@ -37,14 +37,15 @@ Methods:   library defaults; SS and AC are given the true target for TPR/FPR (Xi
            row also records eq. 12 at the other margins on the same estimate: the fixed multiples 1, 1.25, 1.5
            (``scaled_estimate``) and removal_pi 0.99, 0.995, 0.999 (``removal_pi_estimate``). ``--re-removal``: RE
            removes the target images whose target margin the subtraction lowers most (``margin``, the library's
-           default: the high component of a two-component Gaussian mixture on the drops, eq. 12 where they show one
-           mode) or those whose label it changes (``flip``: eq. 12); each row records the other criterion at the
-           same multiple (``removal_flip``, or ``removal_margin`` with its mixture). ``--re-removal flip
-           --re-removal-to sources``: eq. 12 removes only the target images whose label moves to an inferred source
-           class (``removal_to``); each row records the other rule at the same multiple (``removal_to_any`` or
-           ``removal_to_sources``), the inferred ``source_classes`` and where the subtraction sends the target's
-           poisons and clean images (``moved_to``: counts of the new labels). The ``scaled_estimate``,
-           ``removal_pi_estimate`` and ``removal_to_*`` entries are eq. 12's label rule at those multiples.
+           default, ``guard.cleanse.margin_removal`` with its fallbacks: the high component of a two-component
+           Gaussian mixture on the drops) or those whose label it changes (``flip``: eq. 12); each row records the
+           other criterion at the same multiple (``removal_flip``, or ``removal_margin`` with its mixture).
+           ``--re-removal flip --re-removal-to sources``: eq. 12 removes only the target images whose label moves to an
+           inferred source class (``removal_to``); each row records the other rule at the same multiple
+           (``removal_to_any`` or ``removal_to_sources``), the inferred ``source_classes`` and where the subtraction
+           sends the target's poisons and clean images (``moved_to``: counts of the new labels). The
+           ``scaled_estimate``, ``removal_pi_estimate`` and ``removal_to_*`` entries are eq. 12's label rule at those
+           multiples.
 Retrain:   the victims' recipe (pretrained ResNet-20, SGD lr 0.01, the row victim's epochs, augmentation) on the
            cleansed set — the same training that implants the backdoor on the full set; CDA and ASR on test-lossless
            (ASR: source classes for Xiang's patterns, M2'; non-target images otherwise; recorded with its number
@@ -525,9 +526,9 @@ def main() -> None:
                              "changes to any class, or only to an inferred source class (default: the library's, "
                              "%(default)s)")
     parser.add_argument("--re-removal", choices=REMOVALS, default=ReverseEngineeringConfig.removal,
-                        help="RE's removal: the target images whose target margin the subtraction lowers most (eq. 12 "
-                             "where the drops show one mode), or those whose label it changes (eq. 12) (default: the "
-                             "library's, %(default)s)")
+                        help="RE's removal: the target images whose target margin the subtraction lowers most (the "
+                             "margin rule, with the library's fallbacks), or those whose label it changes (eq. 12) "
+                             "(default: the library's, %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of each row's job (its declared CPUs)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
     add_sweep_arguments(parser)
