@@ -1,7 +1,8 @@
 """Training-set cleansing on real CIFAR-10: RE, SS, AC and CI beside Xiang et al.'s Tables 2–4.
 
 What:      for each poisoned CIFAR-10 training set — Xiang's imperceptible patterns A (chessboard, 2/255) and C
-           (cross, 70/255) with 1 and 3 source classes, the perceptible pattern D (80/255 square) with 1 source,
+           (cross, 70/255) with 1 and 3 source classes, B (grid, 3/255) with 1 source (a row held out from the
+           choice of RE's removal defaults), the perceptible pattern D (80/255 square) with 1 source,
            BadNets, Blend, and WaNet and Adaptive-Blend (the victims the other defense benchmarks share; Adaptive-Blend
            is made to defeat latent-separation defenses) — and for the clean training set: each method's detection
            outcome (Table 2 symbols: ✓ detected with the right target / nothing on a clean set, ~ wrong target,
@@ -52,8 +53,8 @@ Retrain:   the victims' recipe (pretrained ResNet-20, SGD lr 0.01, the row victi
            of images and exact 95 % interval). A method that removes nothing keeps the undefended numbers.
            ``--retrain-seeds N``: N trainings with seeds 0..N-1, medians (each run keeps its interval).
 Output:    benchmarks/results/cleanse_cifar10.json and .png (rows, timings, hardware, versions; each method's
-           per-class statistic; RE's estimated patterns beside the true ones with their per-pixel MSE, as Xiang
-           reports it).
+           per-class statistic; RE's K×K pair pattern norms, ``pair_norms``, which its test and its inferred sources
+           rest on, and its estimated pattern beside the true one with their per-pixel MSE, as Xiang reports it).
 Rows:      one guard.sweep job per row: Ray tasks of --threads CPUs each (one GPU each when CUDA is available)
            on a local Ray or --address (a cluster runs the rows side by side); --serial runs them here in turn.
 Run:       GUARD_DATA_DIR=../shared/data python benchmarks/cleanse_cifar10.py [--rows A1,C3] [--methods re,ac]
@@ -115,6 +116,7 @@ def shared(attack: str) -> tuple[str, dict]:
 ROWS = {
     "A1": ("xiang", {"pattern": "A", "num_sources": 1}),
     "A3": ("xiang", {"pattern": "A", "num_sources": 3}),
+    "B1": ("xiang", {"pattern": "B", "num_sources": 1}),
     "C1": ("xiang", {"pattern": "C", "num_sources": 1}),
     "C3": ("xiang", {"pattern": "C", "num_sources": 3}),
     "D1": ("xiang", {"pattern": "D", "num_sources": 1}),
@@ -149,6 +151,8 @@ PAPER = {
            "ac": ("✓", (30.6, 45.0), (99.3, 90.3)), "ci": ("✓", (55.8, 7.5), (98.5, 90.6))},
     "A3": {"re": ("✓", (94.8, 11.3), (1.1, 90.1)), "ss": (None, (39.2, 15.7), (98.3, 90.2)),
            "ac": ("✓", (61.2, 36.1), (91.1, 90.6)), "ci": ("✓", (89.7, 1.9), (2.2, 90.6))},
+    "B1": {"re": ("✓", (100.0, 9.5), (0.0, 90.2)), "ss": (None, (98.2, 10.2), (0.2, 90.3)),
+           "ac": ("~", (96.0, 0.0), (0.3, 90.4)), "ci": ("✓", (99.8, 0.0), (0.1, 90.9))},
     "C1": {"re": ("✓", (91.0, 10.6), (2.6, 90.4)), "ss": (None, (45.8, 15.4), (97.6, 90.5)),
            "ac": ("✓", (81.8, 39.4), (80.6, 90.3)), "ci": ("✓", (93.8, 13.1), (3.2, 90.5))},
     "C3": {"re": ("✓", (99.0, 4.5), (0.1, 90.5)), "ss": (None, (16.5, 18.4), (97.4, 90.8)),
@@ -347,6 +351,7 @@ def run_row(row: dict, spec, args, train_set, test_set, root: Path, work: Path, 
             entry["subtract_scale"] = result.details["subtract_scale"]
             entry["removal_source_rate"] = result.details["removal_source_rate"]
             entry["source_classes"] = result.details["source_classes"]
+            entry["pair_norms"] = result.details["norms"]
             true = true_pattern(attack, suspect)
             row["patterns"] = {"estimated": rounded(result.pattern), "true": None if true is None else rounded(true)}
             if true is not None:
