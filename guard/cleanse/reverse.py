@@ -317,8 +317,10 @@ def source_classes(reciprocals: torch.Tensor | np.ndarray, target: int, source: 
     class whose reciprocal into the target is an outlier among the K−1 reciprocals into it (Neural Cleanse's MAD
     test, index > ``threshold``; :func:`guard.detect.mad_anomaly_index`). A column test, not the Gamma null of
     eqs. 10–11: that null is fitted to the pairs into the *other* classes, and a target that every class reaches
-    easily (on pattern D's CIFAR-10 Step 0, every pair into the cat) puts every source in its tail. With fewer
-    than three other classes there is no test: ``[source]``."""
+    easily (on pattern D's CIFAR-10 Step 0, every pair into the cat) puts every source in its tail. No test on the
+    norms finds the sources of a backdoor the model generalises to every class (pattern C from three sources on a
+    CIFAR-10 Step 0: every pair into the target is short). With fewer than three other classes there is no test:
+    ``[source]``."""
     r = np.asarray(reciprocals, dtype=np.float64)
     others = [s for s in range(r.shape[0]) if s != target]
     if len(others) < 3:
