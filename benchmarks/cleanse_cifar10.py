@@ -338,6 +338,8 @@ def run_row(row: dict, spec, args, train_set, test_set, root: Path, work: Path, 
         entry = {"outcome": outcome(result, target), "detected": result.detected, "target_class": result.target_class,
                  "statistic": result.statistic, "removed": int(result.removed.numel()), "seconds": round(seconds, 1),
                  "class_scores": {str(c): round(float(v), 4) for c, v in sorted(result.class_scores.items())}}
+        if method == "re":
+            entry["pair_norms"] = result.details["norms"]
         removal = result
         if method == "ac" and target is not None and result.target_class != target:
             removal = create_cleanser("ac", target=target).cleanse(inspected, suspect,
@@ -351,7 +353,6 @@ def run_row(row: dict, spec, args, train_set, test_set, root: Path, work: Path, 
             entry["subtract_scale"] = result.details["subtract_scale"]
             entry["removal_source_rate"] = result.details["removal_source_rate"]
             entry["source_classes"] = result.details["source_classes"]
-            entry["pair_norms"] = result.details["norms"]
             true = true_pattern(attack, suspect)
             row["patterns"] = {"estimated": rounded(result.pattern), "true": None if true is None else rounded(true)}
             if true is not None:
