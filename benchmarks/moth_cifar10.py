@@ -170,13 +170,25 @@ def with_test_options(attack, options: dict):
     return changed
 
 
+def trusted_fraction(args) -> float:
+    """The share of the training set MOTH hardens on in this run (--trusted-fraction, or --quick's)."""
+    return QUICK["trusted_fraction"] if args.quick else args.trusted_fraction
+
+
+def moth_config(args) -> MothConfig:
+    """The MOTH configuration of this run: --quick's, the MOTH code's (--moth reference) or the default, with
+    --epochs."""
+    if args.quick:
+        return MothConfig(**QUICK["moth"])
+    return MothConfig.reference(epochs=args.epochs) if args.moth == "reference" else MothConfig(epochs=args.epochs)
+
+
 def moth_row(name: str, root: Path, train_set, heldout, device, args) -> dict:
     """One attack's row: its strong victim hardened by MOTH, before/after CDA, ASR and class distance."""
     quick = args.quick
-    fraction = QUICK["trusted_fraction"] if quick else args.trusted_fraction
+    fraction = trusted_fraction(args)
     trusted = train_set if fraction == 1 else split_trusted(train_set, fraction, torch.Generator().manual_seed(SEED))
-    config = (MothConfig(**QUICK["moth"]) if quick else
-              MothConfig.reference(epochs=args.epochs) if args.moth == "reference" else MothConfig(epochs=args.epochs))
+    config = moth_config(args)
     distance = (ClassDistanceConfig(**QUICK["distance"], pairs=QUICK["pairs"]) if quick else ClassDistanceConfig())
     model, attack = strong_victim(root, name, train_set, device, quick, args.victims, args.attack_opts)
     amplified = with_test_options(attack, args.test_opts) if args.test_opts else None
@@ -370,8 +382,8 @@ def main() -> None:
     results.update({"what": __doc__.splitlines()[0], "device": str(device), "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "guard": guard.__version__, "platform": platform.platform(),
                     "quick": args.quick,
-                    "params": {"trusted_fraction": TRUSTED_FRACTION, "heldout_images": HELDOUT_IMAGES,
-                               "moth": dataclasses.asdict(MothConfig()),
+                    "params": {"trusted_fraction": trusted_fraction(args), "heldout_images": HELDOUT_IMAGES,
+                               "moth": dataclasses.asdict(moth_config(args)),
                                "distance": dataclasses.asdict(ClassDistanceConfig())}})
     OUT.mkdir(parents=True, exist_ok=True)
 
