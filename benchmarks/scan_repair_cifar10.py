@@ -10,6 +10,9 @@ What:     four parts, each written into one JSON as it finishes (--part picks th
                    (benchmarks/victims.py, fine-tuned 3 epochs on the full poisoned training set), at the default
                    repair grain and at the defaults before (STRONG_OLD_*), with guard scan's trusted set and
                    with the detect part's: is the target flagged, and does the scan say when it cannot tell?
+                   Beside them, Neural Cleanse as `guard scan --method nc --opt steps=STRONG_NC_STEPS` runs it, on
+                   guard scan's trusted set, on the same victims and on clean models (STRONG_NC_CLEAN: the
+                   pretrained ResNet-20 and clean models of the detect part), under the paper's MAD threshold 2.
           repair — per attack (BadNets, Blend, A-Blend, A-Patch, WaNet, Refool, Adv): remaining ASR at ≤ 2 points
                    CDA loss with 1 % trusted data (v_1%, M10) for Pivotal Tuning and NC unlearning, beside Table 3's
                    "Ours" / "Neural Cleanse" columns; (CDA, ASR) every EVAL_EVERY steps (trade-off curves).
@@ -81,6 +84,9 @@ STRONG_OLD_EVAL_EVERY = 50
 STRONG_OLD_THRESHOLD = 0.25808249721293197
 # the trusted sets: guard scan's (1 % of the training set drawn with --seed 0) and the detect part's
 STRONG_SPLITS = ("scan", "detect")
+# and Neural Cleanse's mask inversion at a budget a scan affords (one pass over the 500 trusted images per step)
+STRONG_NC_STEPS = 50
+STRONG_NC_CLEAN = ("pretrained", "clean-0", "clean-1")
 NC_REPAIR_STEPS = 15
 NC_UNLEARN_STEPS = 300
 # Adv: PyP's independent ImageNet model is not reachable; the pretrained CIFAR ResNet-56 stands in, pushing
@@ -112,6 +118,12 @@ class Bench:
         tenth = len(full) // 10
         self.trusted = split_trusted(full.subset(order[:tenth]), TRUSTED_FRACTION * 10, g)
         self.pool = full.subset(order[tenth:])
+
+    def trusted_split(self, split: str):
+        """The trusted set of a strong row (one of STRONG_SPLITS): guard scan's (1 % of the training set drawn with
+        --seed 0) or the detect part's."""
+        return self.trusted if split == "detect" else split_trusted(self.train, TRUSTED_FRACTION,
+                                                                    torch.Generator().manual_seed(0))
 
     def victim(self, seed: int, attack=None) -> torch.nn.Module:
         """The pretrained ResNet-20 fine-tuned on its own random FT_IMAGES-image subset (poisoned by ``attack``)."""
@@ -233,8 +245,7 @@ def strong_job(name: str, eval_every: int, split: str) -> dict:
     the repair's evaluation grain ``eval_every`` (and, at STRONG_OLD_EVAL_EVERY, the threshold calibrated there),
     on the trusted set ``split`` (one of STRONG_SPLITS)."""
     bench = Bench(data_root(), pick_device("auto"))
-    trusted = bench.trusted if split == "detect" else split_trusted(
-        bench.train, TRUSTED_FRACTION, torch.Generator().manual_seed(0))
+    trusted = bench.trusted_split(split)
     built = victim(name, progress=False, **DEFENSE_VICTIMS[name])
     attack = load_record(built.record)
     model = create(MODEL, weights=built.weights).to(bench.device)
@@ -258,6 +269,31 @@ def strong_job(name: str, eval_every: int, split: str) -> dict:
             "summary": report.summary, "seconds": round(seconds, 1)}
 
 
+def strong_nc_job(name: str) -> dict:
+    """One NC row of the strong part, run by the sweep: ``name`` (a shared victim of STRONG_ATTACKS, or a clean
+    model of STRONG_NC_CLEAN) scanned by Neural Cleanse at STRONG_NC_STEPS on guard scan's trusted set."""
+    bench = Bench(data_root(), pick_device("auto"))
+    target = None
+    if name in STRONG_ATTACKS:
+        built = victim(name, progress=False, **DEFENSE_VICTIMS[name])
+        model = create(MODEL, weights=built.weights).to(bench.device)
+        target = load_record(built.record).config.target
+    elif name == "pretrained":
+        model = create(MODEL, weights=bench.root / WEIGHTS).to(bench.device)
+    else:  # clean-i: the detect part's clean model i
+        model = bench.victim(1000 + int(name.removeprefix("clean-")))
+    started = time.perf_counter()
+    scan = NeuralCleanse(NeuralCleanseConfig(steps=STRONG_NC_STEPS)).scan(
+        model, bench.trusted_split("scan"), bench.test, generator=torch.Generator().manual_seed(0),
+        device=bench.device)
+    report = scan.report
+    return {"model": name, "target": target, "l1_norms": report.details["l1_norms"],
+            "anomaly_index": report.separation, "backdoored": report.backdoored,
+            "flagged_class": report.flagged_class,
+            "target_rank": None if target is None else target_rank(report.scores, target),
+            "summary": report.summary, "seconds": round(time.perf_counter() - started, 1)}
+
+
 def strong(args, results: dict, save) -> None:
     rows = results.setdefault("strong", {"rows": []})["rows"]
     done = {(row["attack"], row["eval_every"], row["split"]) for row in rows}
@@ -275,6 +311,13 @@ def strong(args, results: dict, save) -> None:
               f"{row['target_rank']}, max {row['max_score']:.3f} (class {row['top_class']}) | {row['summary']}",
               flush=True)
         save("strong")
+    nc_rows = results["strong"].setdefault("nc", {})
+    points = [{"name": n} for n in (*STRONG_ATTACKS, *STRONG_NC_CLEAN) if n not in nc_rows]
+    for finished in finished_jobs("strong", "strong_nc_job", points, args):
+        row = nc_rows[finished.result["model"]] = finished.result
+        print(f"NC {row['model']} (scan split, {STRONG_NC_STEPS} steps, {row['seconds']:.0f}s): {row['summary']}",
+              flush=True)
+        save("strong")
     summary = results["strong"]["summary"] = {}
     for grain in ("default", "old"):
         for split in STRONG_SPLITS:
@@ -284,6 +327,12 @@ def strong(args, results: dict, save) -> None:
                 "target_ranked_first": sum(r["target_rank"] == 1 for r in picked),
                 "wrong_class_flagged": sum(r["flagged_class"] not in (None, r["target"]) for r in picked),
                 "victim_kept": sum(r["repair_step"] == 0 for r in picked)}
+    victims = [r for r in nc_rows.values() if r["target"] is not None]
+    clean = [r for r in nc_rows.values() if r["target"] is None]
+    summary["nc_scan"] = {"steps": STRONG_NC_STEPS, "victims": len(victims),
+                          "target_flagged": sum(r["flagged_class"] == r["target"] for r in victims),
+                          "target_ranked_first": sum(r["target_rank"] == 1 for r in victims),
+                          "clean_models": len(clean), "clean_flagged": sum(r["backdoored"] for r in clean)}
     save()
 
 
@@ -436,7 +485,8 @@ def main() -> None:
                    "detect_repair": dataclasses.asdict(CNCConfig().repair), "cnc_steps": CNC_STEPS,
                    "cnc_batch": CNC_BATCH,
                    "nc_steps": NC_STEPS, "nc_samples_per_step": NC_SAMPLES_PER_STEP, "repair_steps": REPAIR_STEPS,
-                   "nc_repair_steps": NC_REPAIR_STEPS, "nc_unlearn_steps": NC_UNLEARN_STEPS}})
+                   "nc_repair_steps": NC_REPAIR_STEPS, "nc_unlearn_steps": NC_UNLEARN_STEPS,
+                   "strong_nc_steps": STRONG_NC_STEPS}})
 
     def save(ran: str | None = None) -> None:
         """Write this run's parts into the JSON, keeping the parts another run (maybe running now) wrote; ``ran``:
