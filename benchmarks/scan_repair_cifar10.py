@@ -125,6 +125,11 @@ class Bench:
         return self.trusted if split == "detect" else split_trusted(self.train, TRUSTED_FRACTION,
                                                                     torch.Generator().manual_seed(0))
 
+    def shared_victim(self, name: str):
+        """(victim record, model on the bench's device, attack) of the shared strong victim of attack ``name``."""
+        built = victim(name, progress=False, **DEFENSE_VICTIMS[name])
+        return built, create(MODEL, weights=built.weights).to(self.device), load_record(built.record)
+
     def victim(self, seed: int, attack=None) -> torch.nn.Module:
         """The pretrained ResNet-20 fine-tuned on its own random FT_IMAGES-image subset (poisoned by ``attack``)."""
         g = torch.Generator().manual_seed(seed)
@@ -246,9 +251,7 @@ def strong_job(name: str, eval_every: int, split: str) -> dict:
     on the trusted set ``split`` (one of STRONG_SPLITS)."""
     bench = Bench(data_root(), pick_device("auto"))
     trusted = bench.trusted_split(split)
-    built = victim(name, progress=False, **DEFENSE_VICTIMS[name])
-    attack = load_record(built.record)
-    model = create(MODEL, weights=built.weights).to(bench.device)
+    built, model, attack = bench.shared_victim(name)
     defaults = CNCConfig()
     config = defaults if eval_every == defaults.repair.eval_every else dataclasses.replace(
         defaults, repair=dataclasses.replace(defaults.repair, eval_every=eval_every), threshold=STRONG_OLD_THRESHOLD)
@@ -275,9 +278,8 @@ def strong_nc_job(name: str) -> dict:
     bench = Bench(data_root(), pick_device("auto"))
     target = None
     if name in STRONG_ATTACKS:
-        built = victim(name, progress=False, **DEFENSE_VICTIMS[name])
-        model = create(MODEL, weights=built.weights).to(bench.device)
-        target = load_record(built.record).config.target
+        _, model, attack = bench.shared_victim(name)
+        target = attack.config.target
     elif name == "pretrained":
         model = create(MODEL, weights=bench.root / WEIGHTS).to(bench.device)
     else:  # clean-i: the detect part's clean model i
