@@ -10,9 +10,13 @@ What:     four parts, each written into one JSON as it finishes (--part picks th
                    (benchmarks/victims.py, fine-tuned 3 epochs on the full poisoned training set), at the default
                    repair grain and at the defaults before (STRONG_OLD_*), with guard scan's trusted set and
                    with the detect part's: is the target flagged, and does the scan say when it cannot tell?
+                   The negative controls (STRONG_CLEAN) are the same recipe on the clean training set, two seeds,
+                   scanned at the default grain: does the threshold calibrated on the detect part's clean models
+                   hold for models trained like the victims?
                    Beside them, Neural Cleanse as `guard scan --method nc --opt steps=STRONG_NC_STEPS` runs it, on
-                   guard scan's trusted set, on the same victims and on clean models (STRONG_NC_CLEAN: the
-                   pretrained ResNet-20 and clean models of the detect part), under the paper's MAD threshold 2.
+                   guard scan's trusted set, on the same victims, on the controls and on clean models
+                   (STRONG_NC_CLEAN: the pretrained ResNet-20 and clean models of the detect part), under the
+                   paper's MAD threshold 2.
           repair — per attack (BadNets, Blend, A-Blend, A-Patch, WaNet, Refool, Adv): remaining ASR at ≤ 2 points
                    CDA loss with 1 % trusted data (v_1%, M10) for Pivotal Tuning and NC unlearning, beside Table 3's
                    "Ours" / "Neural Cleanse" columns; (CDA, ASR) every EVAL_EVERY steps (trade-off curves).
@@ -58,7 +62,7 @@ from guard.models import create
 from guard.repair import PivotalTuning, PivotalTuningConfig, UnlearningConfig, create_defense, split_trusted
 from guard.sweep import Grid
 from guard.train import TrainConfig, evaluate, predict, train
-from victims import (DEFENSE_VICTIMS, WEIGHTS, add_sweep_arguments, data_root, job_resources,  # shared helpers
+from victims import (CLEAN, DEFENSE_VICTIMS, WEIGHTS, add_sweep_arguments, data_root, job_resources,  # shared
                      pick_device, run_grid, victim)
 
 MODEL = "resnet20"
@@ -87,6 +91,9 @@ STRONG_SPLITS = ("scan", "detect")
 # and Neural Cleanse's mask inversion at a budget a scan affords (one pass over the 500 trusted images per step)
 STRONG_NC_STEPS = 50
 STRONG_NC_CLEAN = ("pretrained", "clean-0", "clean-1")
+# the negative controls of the strong part: the victims' recipe on the clean training set (victim(CLEAN, seed=S)),
+# scanned like the victims by CNC's defaults on both trusted sets and by NC
+STRONG_CLEAN = {"clean-full-0": 0, "clean-full-1": 1}
 NC_REPAIR_STEPS = 15
 NC_UNLEARN_STEPS = 300
 # Adv: PyP's independent ImageNet model is not reachable; the pretrained CIFAR ResNet-56 stands in, pushing
@@ -126,9 +133,14 @@ class Bench:
                                                                     torch.Generator().manual_seed(0))
 
     def shared_victim(self, name: str):
-        """(victim record, model on the bench's device, attack) of the shared strong victim of attack ``name``."""
-        built = victim(name, progress=False, **DEFENSE_VICTIMS[name])
-        return built, create(MODEL, weights=built.weights).to(self.device), load_record(built.record)
+        """(victim record, model on the bench's device, attack) of the shared strong victim of attack ``name``, or
+        of the clean control ``name`` of STRONG_CLEAN (attack ``None``)."""
+        if name in STRONG_CLEAN:
+            built = victim(CLEAN, progress=False, seed=STRONG_CLEAN[name])
+        else:
+            built = victim(name, progress=False, **DEFENSE_VICTIMS[name])
+        attack = None if name in STRONG_CLEAN else load_record(built.record)
+        return built, create(MODEL, weights=built.weights).to(self.device), attack
 
     def victim(self, seed: int, attack=None) -> torch.nn.Module:
         """The pretrained ResNet-20 fine-tuned on its own random FT_IMAGES-image subset (poisoned by ``attack``)."""
@@ -246,9 +258,9 @@ def target_rank(scores: dict[int, float], target: int) -> int:
 
 
 def strong_job(name: str, eval_every: int, split: str) -> dict:
-    """One strong row, run by the sweep: the shared victim of attack ``name`` scanned by CNC with its defaults but
-    the repair's evaluation grain ``eval_every`` (and, at STRONG_OLD_EVAL_EVERY, the threshold calibrated there),
-    on the trusted set ``split`` (one of STRONG_SPLITS)."""
+    """One strong row, run by the sweep: the shared victim of attack ``name`` (or the clean control ``name`` of
+    STRONG_CLEAN) scanned by CNC with its defaults but the repair's evaluation grain ``eval_every`` (and, at
+    STRONG_OLD_EVAL_EVERY, the threshold calibrated there), on the trusted set ``split`` (one of STRONG_SPLITS)."""
     bench = Bench(data_root(), pick_device("auto"))
     trusted = bench.trusted_split(split)
     built, model, attack = bench.shared_victim(name)
@@ -260,26 +272,28 @@ def strong_job(name: str, eval_every: int, split: str) -> dict:
                                                    generator=torch.Generator().manual_seed(0), device=bench.device)
     seconds = time.perf_counter() - started
     report, record = scan.report, scan.report.details["repair"]
-    probe = bench.asr_probe(attack)
+    target = None if attack is None else attack.config.target
+    probe = (lambda m: None) if attack is None else bench.asr_probe(attack)
     return {"attack": name, "eval_every": eval_every, "split": split,
             "default_grain": eval_every == defaults.repair.eval_every,
-            "target": attack.config.target, "victim_cda": built.cda, "victim_asr": probe(model),
+            "target": target, "victim_cda": built.cda, "victim_asr": probe(model),
             "repair_step": record["chosen"]["step"], "repair_cda": record["chosen"]["cda"],
             "repaired_asr": probe(scan.reference), "scores": {str(c): v for c, v in report.scores.items()},
             "top_class": report.details["top_class"], "max_score": report.max_score, "threshold": report.threshold,
             "separation": report.separation, "backdoored": report.backdoored, "flagged_class": report.flagged_class,
-            "target_rank": target_rank(report.scores, attack.config.target),
+            "target_rank": None if target is None else target_rank(report.scores, target),
             "summary": report.summary, "seconds": round(seconds, 1)}
 
 
 def strong_nc_job(name: str) -> dict:
-    """One NC row of the strong part, run by the sweep: ``name`` (a shared victim of STRONG_ATTACKS, or a clean
-    model of STRONG_NC_CLEAN) scanned by Neural Cleanse at STRONG_NC_STEPS on guard scan's trusted set."""
+    """One NC row of the strong part, run by the sweep: ``name`` (a shared victim of STRONG_ATTACKS, a clean
+    control of STRONG_CLEAN, or a clean model of STRONG_NC_CLEAN) scanned by Neural Cleanse at STRONG_NC_STEPS on
+    guard scan's trusted set."""
     bench = Bench(data_root(), pick_device("auto"))
     target = None
-    if name in STRONG_ATTACKS:
+    if name in STRONG_ATTACKS or name in STRONG_CLEAN:
         _, model, attack = bench.shared_victim(name)
-        target = attack.config.target
+        target = None if attack is None else attack.config.target
     elif name == "pretrained":
         model = create(MODEL, weights=bench.root / WEIGHTS).to(bench.device)
     else:  # clean-i: the detect part's clean model i
@@ -299,23 +313,27 @@ def strong_nc_job(name: str) -> dict:
 def strong(args, results: dict, save) -> None:
     rows = results.setdefault("strong", {"rows": []})["rows"]
     done = {(row["attack"], row["eval_every"], row["split"]) for row in rows}
-    for name in STRONG_ATTACKS:  # build missing victims once, before the jobs that share them
-        victim(name, **DEFENSE_VICTIMS[name])
+    nc_rows = results["strong"].setdefault("nc", {})
     grains = (CNCConfig().repair.eval_every, STRONG_OLD_EVAL_EVERY)
-    points = [{"name": n, "eval_every": e, "split": t} for t in STRONG_SPLITS for n in STRONG_ATTACKS for e in grains
+    scans = [(a, e) for a in STRONG_ATTACKS for e in grains] + [(c, grains[0]) for c in STRONG_CLEAN]
+    points = [{"name": n, "eval_every": e, "split": t} for t in STRONG_SPLITS for n, e in scans
               if (n, e, t) not in done]
+    nc_points = [{"name": n} for n in (*STRONG_ATTACKS, *STRONG_CLEAN, *STRONG_NC_CLEAN) if n not in nc_rows]
+    needed = {p["name"] for p in points + nc_points}
+    for name in needed & set(STRONG_ATTACKS):  # build missing models once, before the jobs that share them
+        victim(name, **DEFENSE_VICTIMS[name])
+    for name in needed & set(STRONG_CLEAN):
+        victim(CLEAN, seed=STRONG_CLEAN[name])
     for finished in finished_jobs("strong", "strong_job", points, args):
         row = finished.result
         rows.append(row)
+        asr = "" if row["target"] is None else f" ASR {row['victim_asr']:.3f} -> {row['repaired_asr']:.3f}"
         print(f"{row['attack']} ({row['split']} split, repair every {row['eval_every']}): repair step "
-              f"{row['repair_step']} CDA {row['repair_cda']:.3f} ASR {row['victim_asr']:.3f} -> "
-              f"{row['repaired_asr']:.3f} | target rank "
+              f"{row['repair_step']} CDA {row['repair_cda']:.3f}{asr} | target rank "
               f"{row['target_rank']}, max {row['max_score']:.3f} (class {row['top_class']}) | {row['summary']}",
               flush=True)
         save("strong")
-    nc_rows = results["strong"].setdefault("nc", {})
-    points = [{"name": n} for n in (*STRONG_ATTACKS, *STRONG_NC_CLEAN) if n not in nc_rows]
-    for finished in finished_jobs("strong", "strong_nc_job", points, args):
+    for finished in finished_jobs("strong", "strong_nc_job", nc_points, args):
         row = nc_rows[finished.result["model"]] = finished.result
         print(f"NC {row['model']} (scan split, {STRONG_NC_STEPS} steps, {row['seconds']:.0f}s): {row['summary']}",
               flush=True)
@@ -324,11 +342,15 @@ def strong(args, results: dict, save) -> None:
     for grain in ("default", "old"):
         for split in STRONG_SPLITS:
             picked = [r for r in rows if r["default_grain"] == (grain == "default") and r["split"] == split]
+            clean = [r for r in picked if r["target"] is None]
+            picked = [r for r in picked if r["target"] is not None]
             summary[f"{grain}_{split}"] = {
                 "victims": len(picked), "target_flagged": sum(r["flagged_class"] == r["target"] for r in picked),
                 "target_ranked_first": sum(r["target_rank"] == 1 for r in picked),
                 "wrong_class_flagged": sum(r["flagged_class"] not in (None, r["target"]) for r in picked),
-                "victim_kept": sum(r["repair_step"] == 0 for r in picked)}
+                "victim_kept": sum(r["repair_step"] == 0 for r in picked),
+                **({"clean_models": len(clean), "clean_flagged": sum(r["backdoored"] for r in clean),
+                    "clean_max_score": max(r["max_score"] for r in clean)} if clean else {})}
     victims = [r for r in nc_rows.values() if r["target"] is not None]
     clean = [r for r in nc_rows.values() if r["target"] is None]
     summary["nc_scan"] = {"steps": STRONG_NC_STEPS, "victims": len(victims),
@@ -430,16 +452,17 @@ def plot(results: dict, bench: Bench) -> None:
     strong_rows = [r for r in results.get("strong", {}).get("rows", []) if r["default_grain"]]
     if strong_rows:  # the shared strong victims under guard scan's defaults: the target's score, labelled
         x = len(ticks)
-        for r in strong_rows:  # * guard scan's trusted set (labelled), + the detect part's
-            scan_split = r["split"] == "scan"
-            ax.scatter([x + (0 if scan_split else 0.15)], [r["scores"][str(r["target"])]],
-                       marker="*" if scan_split else "+", color="C3")
+        for r in strong_rows:  # * guard scan's trusted set (labelled), + the detect part's; clean controls: max
+            scan_split, clean = r["split"] == "scan", r["target"] is None
+            score = r["max_score"] if clean else r["scores"][str(r["target"])]
+            ax.scatter([x + (0 if scan_split else 0.15)], [score], marker="*" if scan_split else "+",
+                       color="C0" if clean else "C3")
             if scan_split:
-                ax.annotate(r["attack"], (x, r["scores"][str(r["target"])]), fontsize=5, xytext=(-4, 0),
-                            textcoords="offset points", ha="right")
+                ax.annotate(r["attack"], (x, score), fontsize=5, xytext=(-4, 0), textcoords="offset points",
+                            ha="right")
         ax.hlines(strong_rows[0]["threshold"], -0.3, x + 0.3, color="grey", ls="--", lw=0.8,
                   label="default threshold (N=5)")
-        ticks.append("strong victims, target\n(* scan's, + detect's trusted)")
+        ticks.append("strong victims: target (red),\nclean controls: max (blue)\n(* scan's, + detect's trusted)")
     ax.set_xticks(range(len(ticks)), ticks, fontsize=7)
     ax.set_title("detection scores per model", fontsize=8)
     ax.legend(fontsize=7)

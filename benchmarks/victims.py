@@ -9,7 +9,8 @@ What:     a victim is the pretrained CIFAR ResNet-20 fine-tuned (every weight; S
           initialization instead (SGD lr 0.1, cosine, 30 epochs by default: about an hour on 2 cores), as the
           papers' victims are: a backdoor fine-tuned into the pretrained model is not the same experiment as
           one learned with the features (MOTH's Table 8 victims are trained from scratch). ``model`` fine-tunes
-          a deeper pretrained CIFAR ResNet (PRETRAINED) instead, with the same recipe.
+          a deeper pretrained CIFAR ResNet (PRETRAINED) instead, with the same recipe. ``victim(CLEAN, seed=S)``
+          is the negative control: the same recipe on the clean training set (``guard train``), seed S.
 Cache:    benchmarks/results/victims/<attack>-<hash>.pt and .pt.json, keyed by the attack, the options that differ
           from its defaults (as validated: "0.05" and 0.05 are one option) and the recipe (cache_key); an
           interrupted build resumes from its checkpoint; a finished one is reused as it is.
@@ -20,6 +21,7 @@ Use:      from victims import DEFENSE_VICTIMS, victim
           python benchmarks/victims.py badnets target=0 budget=0.01 [--epochs 3]   # build one from the shell
           python benchmarks/victims.py blend --recipe scratch                      # trained from scratch
           python benchmarks/victims.py badnets target=0 budget=0.01 --model resnet56  # a deeper pretrained ResNet
+          python benchmarks/victims.py clean seed=1                                # the recipe on clean data
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ import torch
 
 from guard.attacks import get_attack, parse_options
 from guard.cli import main as guard_main
+from guard.data import load_dataset
+from guard.models import create
 from guard.sweep import Grid, JobResult, Resources, iter_sweep
-from guard.train import TrainConfig
+from guard.train import TrainConfig, evaluate
 
 CACHE = Path(__file__).parent / "results" / "victims"
 #: the pretrained CIFAR ResNets of GUARD_DATA_DIR the finetune recipe starts from (--model; ResNet-20 by default)
@@ -49,6 +53,8 @@ RECIPE = {"model": "resnet20", "mode": "finetune", "epochs": 3, "lr": 0.01, "mom
           "weight_decay": 5e-4, "batch_size": 128, "schedule": "cosine", "seed": 0, "eval_split": "test-lossless"}
 #: the victim recipes by name: the default fine-tunes the pretrained weights; scratch trains from initialization
 RECIPES = {"finetune": RECIPE, "scratch": dict(RECIPE, mode="scratch", epochs=30, lr=0.1)}
+#: ``victim(CLEAN, seed=S)``: no attack, the recipe on the clean training set (its only option is the seed)
+CLEAN = "clean"
 
 
 #: the victims the defense benchmarks share, with the options they are built with (one cache entry each);
@@ -66,8 +72,8 @@ class Victim:
     weights: Path
     record: Path
     cda: float
-    asr: float
-    asr_nontarget: float
+    asr: float | None  # None for CLEAN
+    asr_nontarget: float | None
 
 
 def pick_device(name: str) -> torch.device:
@@ -147,23 +153,36 @@ def victim(attack: str, *, recipe: str = "finetune", model: str = "resnet20", ep
     if model not in PRETRAINED:
         raise ValueError(f"model must be one of {sorted(PRETRAINED)} (a pretrained CIFAR ResNet), got {model!r}")
     training = dict(RECIPES[recipe], model=model, **({} if epochs is None else {"epochs": epochs}))
-    out = CACHE / f"{attack}-{cache_key(attack, options, training)}.pt"
+    if attack == CLEAN:
+        if set(options) - {"seed"}:
+            raise ValueError(f"the clean control takes only seed=S, got {sorted(options)}")
+        training["seed"] = int(options.get("seed", training["seed"]))
+        key = hashlib.sha256(json.dumps({"attack": None, "recipe": training}, sort_keys=True).encode()).hexdigest()
+        out = CACHE / f"{CLEAN}-{key[:10]}.pt"
+    else:
+        out = CACHE / f"{attack}-{cache_key(attack, options, training)}.pt"
     record = out.with_name(out.name + ".json")
     done = record.is_file() and "cda" in json.loads(record.read_text())
     if not done:
         root = data_root()
         CACHE.mkdir(parents=True, exist_ok=True)
-        argv = ["poison", "--attack", attack, *(a for k, v in options.items() for a in ("--attack-opt", f"{k}={v}")),
-                "--model", training["model"], "--mode", training["mode"],
+        command = ["train"] if attack == CLEAN else ["poison", "--attack", attack, *(
+            a for k, v in options.items() for a in ("--attack-opt", f"{k}={v}"))]
+        argv = [*command, "--model", training["model"], "--mode", training["mode"],
                 *(["--weights", str(root / PRETRAINED[model])] if training["mode"] == "finetune" else []),
                 "--data-dir", str(root), "--eval-split", training["eval_split"], "--seed", str(training["seed"]),
                 "--out", str(out), "--json", *([] if progress else ["--no-progress"])]
         for flag in ("epochs", "lr", "momentum", "weight_decay", "batch_size", "schedule"):
             argv += [f"--{flag.replace('_', '-')}", str(training[flag])]
-        if out.is_file() and record.is_file():
+        if out.is_file() and (record.is_file() or attack == CLEAN):
             argv.append("--resume")
         if guard_main(argv) != 0:
             raise RuntimeError(f"building the {attack} victim failed: guard {' '.join(argv)}")
+        if attack == CLEAN:  # guard train writes no record: the CDA on the recipe's evaluation split
+            test = load_dataset("cifar10", root, split=training["eval_split"])
+            cda = evaluate(create(model, weights=out), test)
+            record.write_text(json.dumps({"attack": None, "training": training, "cda": round(cda, 4), "asr": None,
+                                          "asr_nontarget": None}, indent=2))
     data = json.loads(record.read_text())
     return Victim(model, out, record, data["cda"], data["asr"], data["asr_nontarget"])
 
