@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 import guard
+from guard._validation import parse_config_options
 from guard.attacks import create_attack, load_record, parse_options
 from guard.data import load_dataset
 from guard.detect import ClassDistance, ClassDistanceConfig
@@ -177,10 +178,14 @@ def trusted_fraction(args) -> float:
 
 def moth_config(args) -> MothConfig:
     """The MOTH configuration of this run: --quick's, the MOTH code's (--moth reference) or the default, with
-    --epochs."""
+    --epochs, then the fields --moth-opt sets."""
     if args.quick:
-        return MothConfig(**QUICK["moth"])
-    return MothConfig.reference(epochs=args.epochs) if args.moth == "reference" else MothConfig(epochs=args.epochs)
+        config = MothConfig(**QUICK["moth"])
+    elif args.moth == "reference":
+        config = MothConfig.reference(epochs=args.epochs)
+    else:
+        config = MothConfig(epochs=args.epochs)
+    return dataclasses.replace(config, **args.moth_opts)
 
 
 def moth_row(name: str, root: Path, train_set, heldout, device, args) -> dict:
@@ -229,7 +234,7 @@ def moth_row(name: str, root: Path, train_set, heldout, device, args) -> dict:
         "strong_victim": before["asr_nontarget"] >= 0.9, "test_options": test_options,
         "table8": {"model": paper[0], "acc_before": paper[1], "asr_before": paper[2], "acc_after": paper[3],
                    "asr_after": paper[4]},
-        "moth_config": args.moth, "moth_epochs": config.epochs, "device": str(device),
+        "moth_config": args.moth, "moth_opts": args.moth_opts, "moth_epochs": config.epochs, "device": str(device),
         "moth_seconds": round(seconds, 1), "moth_steps": result.details["hardening_steps"],
         "trusted_images": len(trusted), "history": [dataclasses.asdict(p) for p in result.history],
         "distance_before": d_before.to_dict(), "distance_after": d_after.to_dict(),
@@ -256,8 +261,8 @@ def moth_part(args, device, results: dict, save) -> None:
     if not args.quick:
         for name in names:
             cached_victim(name, args.victims, args.attack_opts)
-    settings = {k: getattr(args, k) for k in ("quick", "trusted_fraction", "moth", "epochs", "device", "victims",
-                                              "attack_opts", "test_opts")}
+    settings = {k: getattr(args, k) for k in ("quick", "trusted_fraction", "moth", "moth_opts", "epochs", "device",
+                                              "victims", "attack_opts", "test_opts")}
     grid = Grid(name="moth", function=f"{Path(__file__).resolve()}:moth_job", params={"settings": settings},
                 points=[{"attack": n} for n in names],
                 resources=job_resources(args.threads, device))
@@ -333,6 +338,8 @@ def main() -> None:
     parser.add_argument("--moth", choices=("default", "reference"), default="default",
                         help="MothConfig() (a CPU budget) or MothConfig.reference() (the MOTH code's, a GPU budget)")
     parser.add_argument("--epochs", type=int, default=MothConfig.epochs, help="MOTH epochs over the trusted set")
+    parser.add_argument("--moth-opt", action="append", default=[], metavar="KEY=VALUE",
+                        help="a MothConfig field set on top of --moth's (e.g. lr=0.001 with --moth reference)")
     parser.add_argument("--victims", choices=sorted(RECIPES), default="finetune",
                         help="the victims' recipe (benchmarks/victims.py): fine-tuned from the pretrained ResNet-20 "
                              "(default) or trained from scratch as Table 8's")
@@ -362,6 +369,11 @@ def main() -> None:
     if any(not o.startswith("test_") for o in args.test_opt):
         parser.error(f"expected --test-opt options of the test-time trigger (test_delta, test_alpha, ...), got "
                      f"{args.test_opt}")
+    try:
+        given = parse_config_options(MothConfig, args.moth_opt, what="--moth-opt")
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))
+    args.moth_opts = {o.split("=", 1)[0].strip(): getattr(given, o.split("=", 1)[0].strip()) for o in args.moth_opt}
     texts = dict(o.split("=", 1) for o in args.attack_opt)
     tests = dict(o.split("=", 1) for o in args.test_opt)
     args.attack_opts, args.test_opts = {}, {}
