@@ -373,7 +373,8 @@ def main() -> None:
         given = parse_config_options(MothConfig, args.moth_opt, what="--moth-opt")
     except (TypeError, ValueError) as err:
         parser.error(str(err))
-    args.moth_opts = {o.split("=", 1)[0].strip(): getattr(given, o.split("=", 1)[0].strip()) for o in args.moth_opt}
+    keys = [o.split("=", 1)[0].strip() for o in args.moth_opt]
+    args.moth_opts = {k: getattr(given, k) for k in keys}
     texts = dict(o.split("=", 1) for o in args.attack_opt)
     tests = dict(o.split("=", 1) for o in args.test_opt)
     args.attack_opts, args.test_opts = {}, {}

@@ -136,10 +136,10 @@ class Bench:
         """(victim record, model on the bench's device, attack) of the shared strong victim of attack ``name``, or
         of the clean control ``name`` of STRONG_CLEAN (attack ``None``)."""
         if name in STRONG_CLEAN:
-            built = victim(CLEAN, progress=False, seed=STRONG_CLEAN[name])
+            built, attack = victim(CLEAN, progress=False, seed=STRONG_CLEAN[name]), None
         else:
             built = victim(name, progress=False, **DEFENSE_VICTIMS[name])
-        attack = None if name in STRONG_CLEAN else load_record(built.record)
+            attack = load_record(built.record)
         return built, create(MODEL, weights=built.weights).to(self.device), attack
 
     def victim(self, seed: int, attack=None) -> torch.nn.Module:
