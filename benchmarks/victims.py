@@ -135,11 +135,14 @@ def stamp_sources(attack, dataset):
 
 def cache_key(attack: str, options: dict, recipe: dict) -> str:
     """The victim's cache name: a hash of the attack's validated options that differ from its defaults, and the
-    recipe — so ``blend`` with ``alpha=0.2`` (its default), ``budget="0.05"`` or nothing is one victim."""
-    config = dataclasses.asdict(parse_options(attack, [f"{k}={v}" for k, v in options.items()]))  # fails early
-    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                for f in dataclasses.fields(get_attack(attack).config_class)}
-    changed = {k: v for k, v in config.items() if v != defaults.get(k, dataclasses.MISSING)}
+    recipe — so ``blend`` with ``alpha=0.2`` (its default), ``budget="0.05"`` or nothing is one victim. CLEAN has
+    no options (its seed is the recipe's)."""
+    changed = {}
+    if attack != CLEAN:
+        config = dataclasses.asdict(parse_options(attack, [f"{k}={v}" for k, v in options.items()]))  # fails early
+        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                    for f in dataclasses.fields(get_attack(attack).config_class)}
+        changed = {k: v for k, v in config.items() if v != defaults.get(k, dataclasses.MISSING)}
     key = json.dumps({"attack": attack, "options": changed, "recipe": recipe}, sort_keys=True, default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:10]
 
@@ -156,11 +159,8 @@ def victim(attack: str, *, recipe: str = "finetune", model: str = "resnet20", ep
     if attack == CLEAN:
         if set(options) - {"seed"}:
             raise ValueError(f"the clean control takes only seed=S, got {sorted(options)}")
-        training["seed"] = int(options.get("seed", training["seed"]))
-        key = hashlib.sha256(json.dumps({"attack": None, "recipe": training}, sort_keys=True).encode()).hexdigest()
-        out = CACHE / f"{CLEAN}-{key[:10]}.pt"
-    else:
-        out = CACHE / f"{attack}-{cache_key(attack, options, training)}.pt"
+        training["seed"] = int(options.pop("seed", training["seed"]))
+    out = CACHE / f"{attack}-{cache_key(attack, options, training)}.pt"
     record = out.with_name(out.name + ".json")
     done = record.is_file() and "cda" in json.loads(record.read_text())
     if not done:
