@@ -46,13 +46,13 @@ from pathlib import Path
 import torch
 
 import guard
-from guard._validation import parse_config_options
 from guard.attacks import create_attack, load_record, parse_options
 from guard.data import load_dataset
 from guard.detect import ClassDistance, ClassDistanceConfig
 from guard.metrics import evaluate_backdoor
 from guard.models import create
 from guard.repair import MothConfig, create_defense, split_trusted
+from guard.repair.base import DEFENSES
 from guard.sweep import Grid
 from guard.train import TrainConfig, train
 from victims import (DEFENSE_VICTIMS, RECIPES, WEIGHTS, add_sweep_arguments, job_resources,  # benchmarks/victims.py
@@ -370,7 +370,7 @@ def main() -> None:
         parser.error(f"expected --test-opt options of the test-time trigger (test_delta, test_alpha, ...), got "
                      f"{args.test_opt}")
     try:
-        given = parse_config_options(MothConfig, args.moth_opt, what="--moth-opt")
+        given = DEFENSES.parse("moth", args.moth_opt)
     except (TypeError, ValueError) as err:
         parser.error(str(err))
     keys = [o.split("=", 1)[0].strip() for o in args.moth_opt]

@@ -9,8 +9,10 @@ the style of timm's ``create_model``. Each kind keeps one :class:`Registry`; its
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, Generic, TypeVar
+
+from ._validation import parse_config_options
 
 
 class Configured:
@@ -74,6 +76,11 @@ class Registry(Generic[T]):
     def create(self, name: str, **options: Any) -> T:
         """The class registered as ``name``, configured with ``options``."""
         return self.get(name)(**options)
+
+    def parse(self, name: str, items: Sequence[str]) -> Any:
+        """The validated config of ``name`` from ``key=value`` strings, the form of the CLI's ``--opt``
+        (values are Python literals; ``outer.inner=value`` sets a field of a nested config)."""
+        return parse_config_options(self.get(name).config_class, items, what=f"{self.what} {name!r}")
 
     def items(self) -> list[tuple[str, type[T]]]:
         """(name, class) pairs, sorted by name."""

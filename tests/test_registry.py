@@ -48,6 +48,15 @@ def test_register_create_and_list():
     assert widget.run() == 3 and repr(widget) == "Good(Config(steps=3))"
     assert Good(Config(steps=2)).config.steps == 2
     assert registry.items() == [("good", Good)]
+    assert registry.parse("good", ["steps=4"]) == Config(steps=4) and registry.parse("good", []) == Config()
+
+
+def test_parse_refuses_unknown_options_and_names():
+    registry = fresh()
+    with pytest.raises(ValueError, match="widget 'good' has no option 'step'; expected one of steps"):
+        registry.parse("good", ["step=4"])
+    with pytest.raises(ValueError, match="unknown widget 'nope'"):
+        registry.parse("nope", ["steps=4"])
 
 
 def test_refusals_name_what_was_expected_and_received():
