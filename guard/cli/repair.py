@@ -103,15 +103,15 @@ def run_defense(args: argparse.Namespace, kind: str):
     """Defend the model of ``args`` with its ``--method``; writes the weights, ``OUT.json`` and the plot.
 
     Returns (the summary dict, the result, the trusted set, the held-out set, the device)."""
-    from .._validation import parse_config_options
     from ..metrics import attack_success_rate
     from ..models import create, save_weights
     from ..repair import get_defense
+    from ..repair.base import DEFENSES
     from ..train import predict
 
     cls = get_defense(args.method)
     try:
-        defense = cls(parse_config_options(cls.config_class, args.opt, what=f"defense {args.method!r}"))
+        defense = cls(DEFENSES.parse(args.method, args.opt))
     except (TypeError, ValueError) as exc:
         raise CLIError(str(exc)) from exc
     if args.plot:  # asked for by name: fail before the repair, not after it

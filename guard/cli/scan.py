@@ -55,13 +55,13 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .._validation import parse_config_options
     from ..detect import get_detector, save_trigger_png
+    from ..detect.base import DETECTORS
     from ..models import create, save_weights
 
     cls = get_detector(args.method)
     try:
-        detector = cls(parse_config_options(cls.config_class, args.opt, what=f"detector {args.method!r}"))
+        detector = cls(DETECTORS.parse(args.method, args.opt))
     except (TypeError, ValueError) as exc:
         raise CLIError(str(exc)) from exc
     device = resolve_device(args.device)
