@@ -10,6 +10,8 @@ What:     four parts, each written into one JSON as it finishes (--part picks th
                    (benchmarks/victims.py, fine-tuned 3 epochs on the full poisoned training set), at the default
                    repair grain and at the defaults before (STRONG_OLD_*), with guard scan's trusted set and
                    with the detect part's: is the target flagged, and does the scan say when it cannot tell?
+                   More draws of guard scan's trusted set (STRONG_SCAN_SEEDS) at the default grain show whether
+                   a miss or a false alarm is one draw's luck.
                    The negative controls (STRONG_CLEAN) are the same recipe on the clean training set, two seeds,
                    scanned at the default grain: does the threshold calibrated on the detect part's clean models
                    hold for models trained like the victims?
@@ -88,6 +90,8 @@ STRONG_OLD_EVAL_EVERY = 50
 STRONG_OLD_THRESHOLD = 0.25808249721293197
 # the trusted sets: guard scan's (1 % of the training set drawn with --seed 0) and the detect part's
 STRONG_SPLITS = ("scan", "detect")
+# more draws of guard scan's trusted set (--seed S, split "scan-S"), scanned by the defaults only
+STRONG_SCAN_SEEDS = (1, 2)
 # and Neural Cleanse's mask inversion at a budget a scan affords (one pass over the 500 trusted images per step)
 STRONG_NC_STEPS = 50
 STRONG_NC_CLEAN = ("pretrained", "clean-0", "clean-1")
@@ -127,10 +131,12 @@ class Bench:
         self.pool = full.subset(order[tenth:])
 
     def trusted_split(self, split: str):
-        """The trusted set of a strong row (one of STRONG_SPLITS): guard scan's (1 % of the training set drawn with
-        --seed 0) or the detect part's."""
-        return self.trusted if split == "detect" else split_trusted(self.train, TRUSTED_FRACTION,
-                                                                    torch.Generator().manual_seed(0))
+        """The trusted set of a strong row: the detect part's (``detect``) or guard scan's, 1 % of the training set
+        drawn with --seed 0 (``scan``) or --seed S (``scan-S``, S in STRONG_SCAN_SEEDS)."""
+        if split == "detect":
+            return self.trusted
+        seed = 0 if split == "scan" else int(split.removeprefix("scan-"))
+        return split_trusted(self.train, TRUSTED_FRACTION, torch.Generator().manual_seed(seed))
 
     def shared_victim(self, name: str):
         """(victim record, model on the bench's device, attack) of the shared strong victim of attack ``name``, or
@@ -260,7 +266,7 @@ def target_rank(scores: dict[int, float], target: int) -> int:
 def strong_job(name: str, eval_every: int, split: str) -> dict:
     """One strong row, run by the sweep: the shared victim of attack ``name`` (or the clean control ``name`` of
     STRONG_CLEAN) scanned by CNC with its defaults but the repair's evaluation grain ``eval_every`` (and, at
-    STRONG_OLD_EVAL_EVERY, the threshold calibrated there), on the trusted set ``split`` (one of STRONG_SPLITS)."""
+    STRONG_OLD_EVAL_EVERY, the threshold calibrated there), on the trusted set ``split`` (Bench.trusted_split)."""
     bench = Bench(data_root(), pick_device("auto"))
     trusted = bench.trusted_split(split)
     built, model, attack = bench.shared_victim(name)
@@ -316,8 +322,11 @@ def strong(args, results: dict, save) -> None:
     nc_rows = results["strong"].setdefault("nc", {})
     grains = (CNCConfig().repair.eval_every, STRONG_OLD_EVAL_EVERY)
     scans = [(a, e) for a in STRONG_ATTACKS for e in grains] + [(c, grains[0]) for c in STRONG_CLEAN]
-    points = [{"name": n, "eval_every": e, "split": t} for t in STRONG_SPLITS for n, e in scans
-              if (n, e, t) not in done]
+    draws = tuple(f"scan-{s}" for s in STRONG_SCAN_SEEDS)
+    points = [{"name": n, "eval_every": e, "split": t} for t in STRONG_SPLITS for n, e in scans]
+    points += [{"name": n, "eval_every": grains[0], "split": t} for t in draws
+               for n in (*STRONG_ATTACKS, *STRONG_CLEAN)]
+    points = [p for p in points if (p["name"], p["eval_every"], p["split"]) not in done]
     nc_points = [{"name": n} for n in (*STRONG_ATTACKS, *STRONG_CLEAN, *STRONG_NC_CLEAN) if n not in nc_rows]
     needed = {p["name"] for p in points + nc_points}
     for name in needed & set(STRONG_ATTACKS):  # build missing models once, before the jobs that share them
@@ -340,8 +349,10 @@ def strong(args, results: dict, save) -> None:
         save("strong")
     summary = results["strong"]["summary"] = {}
     for grain in ("default", "old"):
-        for split in STRONG_SPLITS:
+        for split in STRONG_SPLITS + draws:
             picked = [r for r in rows if r["default_grain"] == (grain == "default") and r["split"] == split]
+            if not picked:
+                continue
             clean = [r for r in picked if r["target"] is None]
             picked = [r for r in picked if r["target"] is not None]
             summary[f"{grain}_{split}"] = {
@@ -351,6 +362,14 @@ def strong(args, results: dict, save) -> None:
                 "victim_kept": sum(r["repair_step"] == 0 for r in picked),
                 **({"clean_models": len(clean), "clean_flagged": sum(r["backdoored"] for r in clean),
                     "clean_max_score": max(r["max_score"] for r in clean)} if clean else {})}
+    picked = [r for r in rows if r["default_grain"] and r["split"] in ("scan", *draws)]
+    clean = [r for r in picked if r["target"] is None]
+    summary["default_scan_draws"] = {  # every draw of guard scan's trusted set, per victim and for the controls
+        "seeds": [0, *STRONG_SCAN_SEEDS],
+        "target_flagged": {a: sum(r["flagged_class"] == r["target"] for r in picked if r["attack"] == a)
+                           for a in STRONG_ATTACKS},
+        "clean_scans": len(clean), "clean_flagged": sum(r["backdoored"] for r in clean),
+        "clean_max_score": max((r["max_score"] for r in clean), default=None)}
     victims = [r for r in nc_rows.values() if r["target"] is not None]
     clean = [r for r in nc_rows.values() if r["target"] is None]
     summary["nc_scan"] = {"steps": STRONG_NC_STEPS, "victims": len(victims),
@@ -453,16 +472,16 @@ def plot(results: dict, bench: Bench) -> None:
     if strong_rows:  # the shared strong victims under guard scan's defaults: the target's score, labelled
         x = len(ticks)
         for r in strong_rows:  # * guard scan's trusted set (labelled), + the detect part's; clean controls: max
-            scan_split, clean = r["split"] == "scan", r["target"] is None
+            scan_split, clean = r["split"].startswith("scan"), r["target"] is None
             score = r["max_score"] if clean else r["scores"][str(r["target"])]
             ax.scatter([x + (0 if scan_split else 0.15)], [score], marker="*" if scan_split else "+",
                        color="C0" if clean else "C3")
-            if scan_split:
+            if r["split"] == "scan":
                 ax.annotate(r["attack"], (x, score), fontsize=5, xytext=(-4, 0), textcoords="offset points",
                             ha="right")
         ax.hlines(strong_rows[0]["threshold"], -0.3, x + 0.3, color="grey", ls="--", lw=0.8,
                   label="default threshold (N=5)")
-        ticks.append("strong victims: target (red),\nclean controls: max (blue)\n(* scan's, + detect's trusted)")
+        ticks.append("strong victims: target (red),\nclean controls: max (blue)\n(* scan's draws, + detect's trusted)")
     ax.set_xticks(range(len(ticks)), ticks, fontsize=7)
     ax.set_title("detection scores per model", fontsize=8)
     ax.legend(fontsize=7)
