@@ -471,7 +471,7 @@ def plot(results: dict, bench: Bench) -> None:
     strong_rows = [r for r in results.get("strong", {}).get("rows", []) if r["default_grain"]]
     if strong_rows:  # the shared strong victims under guard scan's defaults: the target's score, labelled
         x = len(ticks)
-        for r in strong_rows:  # * guard scan's trusted set (labelled), + the detect part's; clean controls: max
+        for r in strong_rows:  # * guard scan's trusted sets (seed 0 labelled), + the detect part's; controls: max
             scan_split, clean = r["split"].startswith("scan"), r["target"] is None
             score = r["max_score"] if clean else r["scores"][str(r["target"])]
             ax.scatter([x + (0 if scan_split else 0.15)], [score], marker="*" if scan_split else "+",
