@@ -92,6 +92,8 @@ STRONG_OLD_THRESHOLD = 0.25808249721293197
 STRONG_SPLITS = ("scan", "detect")
 # more draws of guard scan's trusted set (--seed S, split "scan-S"), scanned by the defaults only
 STRONG_SCAN_SEEDS = (1, 2)
+# every draw of guard scan's trusted set by split name: its --seed
+SCAN_DRAWS = {"scan": 0, **{f"scan-{s}": s for s in STRONG_SCAN_SEEDS}}
 # and Neural Cleanse's mask inversion at a budget a scan affords (one pass over the 500 trusted images per step)
 STRONG_NC_STEPS = 50
 STRONG_NC_CLEAN = ("pretrained", "clean-0", "clean-1")
@@ -132,11 +134,10 @@ class Bench:
 
     def trusted_split(self, split: str):
         """The trusted set of a strong row: the detect part's (``detect``) or guard scan's, 1 % of the training set
-        drawn with --seed 0 (``scan``) or --seed S (``scan-S``, S in STRONG_SCAN_SEEDS)."""
+        drawn with the --seed of SCAN_DRAWS (``scan``: 0, ``scan-S``: S)."""
         if split == "detect":
             return self.trusted
-        seed = 0 if split == "scan" else int(split.removeprefix("scan-"))
-        return split_trusted(self.train, TRUSTED_FRACTION, torch.Generator().manual_seed(seed))
+        return split_trusted(self.train, TRUSTED_FRACTION, torch.Generator().manual_seed(SCAN_DRAWS[split]))
 
     def shared_victim(self, name: str):
         """(victim record, model on the bench's device, attack) of the shared strong victim of attack ``name``, or
@@ -322,7 +323,7 @@ def strong(args, results: dict, save) -> None:
     nc_rows = results["strong"].setdefault("nc", {})
     grains = (CNCConfig().repair.eval_every, STRONG_OLD_EVAL_EVERY)
     scans = [(a, e) for a in STRONG_ATTACKS for e in grains] + [(c, grains[0]) for c in STRONG_CLEAN]
-    draws = tuple(f"scan-{s}" for s in STRONG_SCAN_SEEDS)
+    draws = tuple(t for t in SCAN_DRAWS if t not in STRONG_SPLITS)
     points = [{"name": n, "eval_every": e, "split": t} for t in STRONG_SPLITS for n, e in scans]
     points += [{"name": n, "eval_every": grains[0], "split": t} for t in draws
                for n in (*STRONG_ATTACKS, *STRONG_CLEAN)]
@@ -362,10 +363,10 @@ def strong(args, results: dict, save) -> None:
                 "victim_kept": sum(r["repair_step"] == 0 for r in picked),
                 **({"clean_models": len(clean), "clean_flagged": sum(r["backdoored"] for r in clean),
                     "clean_max_score": max(r["max_score"] for r in clean)} if clean else {})}
-    picked = [r for r in rows if r["default_grain"] and r["split"] in ("scan", *draws)]
+    picked = [r for r in rows if r["default_grain"] and r["split"] in SCAN_DRAWS]
     clean = [r for r in picked if r["target"] is None]
     summary["default_scan_draws"] = {  # every draw of guard scan's trusted set, per victim and for the controls
-        "seeds": [0, *STRONG_SCAN_SEEDS],
+        "seeds": list(SCAN_DRAWS.values()),
         "target_flagged": {a: sum(r["flagged_class"] == r["target"] for r in picked if r["attack"] == a)
                            for a in STRONG_ATTACKS},
         "clean_scans": len(clean), "clean_flagged": sum(r["backdoored"] for r in clean),
@@ -472,7 +473,7 @@ def plot(results: dict, bench: Bench) -> None:
     if strong_rows:  # the shared strong victims under guard scan's defaults: the target's score, labelled
         x = len(ticks)
         for r in strong_rows:  # * guard scan's trusted sets (seed 0 labelled), + the detect part's; controls: max
-            scan_split, clean = r["split"].startswith("scan"), r["target"] is None
+            scan_split, clean = r["split"] in SCAN_DRAWS, r["target"] is None
             score = r["max_score"] if clean else r["scores"][str(r["target"])]
             ax.scatter([x + (0 if scan_split else 0.15)], [score], marker="*" if scan_split else "+",
                        color="C0" if clean else "C3")
