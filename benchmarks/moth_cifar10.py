@@ -21,6 +21,9 @@ What:     two parts, each written into one JSON as it finishes (--part picks the
                      KEY=VALUE changes an attack option for every row (a victim of its own, cached like the
                      others) and joins the row's name (sig-scratch-budget0.1); --test-opt KEY=VALUE also measures
                      every ASR with that test-time trigger option (SIG's test_delta: an amplified signal).
+                     The row `clean` hardens the same recipe trained on the clean training set (victims.CLEAN,
+                     no backdoor): MOTH's accuracy cost and distance enlargement where there is nothing to
+                     remove, beside the control's (ALGORITHMS.md D9: 0.13 % accuracy drop on TrojAI models).
 Models:   CIFAR ResNet-20 (data/weights/resnet20-12fca82f.th); Table 8 has ResNet-20 rows for Blend and SIG, a
           ResNet-18 row for WaNet and a ResNet-32 row for DFST (the real DFST; guard's is a colour-style
           substitute) — the numbers are beside them, not the same experiment.
@@ -54,9 +57,9 @@ from guard.models import create
 from guard.repair import MothConfig, create_defense, split_trusted
 from guard.repair.base import DEFENSES
 from guard.sweep import Grid
-from guard.train import TrainConfig, train
-from victims import (DEFENSE_VICTIMS, RECIPES, WEIGHTS, add_sweep_arguments, job_resources,  # benchmarks/victims.py
-                     results_name, run_grid, victim)
+from guard.train import TrainConfig, evaluate, train
+from victims import (CLEAN, DEFENSE_VICTIMS, RECIPES, WEIGHTS, add_sweep_arguments,  # benchmarks/victims.py
+                     job_resources, results_name, run_grid, victim)
 
 # ----------------------------------------------------------------------------------------- parameters
 SEED = 0
@@ -71,9 +74,10 @@ TABLE8 = {  # (model, orig acc, orig ASR, MOTH acc, MOTH ASR), CIFAR-10 rows of 
     "blend": ("ResNet20", 0.9096, 0.9996, 0.8908, 0.0000), "sig": ("ResNet20", 0.8338, 0.9330, 0.8691, 0.0397),
     "wanet": ("ResNet18", 0.9415, 0.9955, 0.9112, 0.0064), "dfst": ("ResNet32 Detox1", 0.8995, 0.9760, 0.8822, 0.1422),
 }
+ROWS = (*ATTACKS, CLEAN)  # the moth rows: Table 8's attacks, and the clean control (no backdoor, no ASR)
 QUICK = {  # --quick: every step of both parts at a few seconds' budget
     "pairs": ((0, 1), (1, 0), (3, 5), (5, 3)), "distance": {"steps": 3, "images_per_class": 8, "batch_size": 8},
-    "attacks": ("blend",), "victim_images": 1000, "victim_epochs": 1, "trusted_fraction": 0.01,
+    "attacks": ("blend", CLEAN), "victim_images": 1000, "victim_epochs": 1, "trusted_fraction": 0.01,
     "moth": {"epochs": 1, "warmup_steps": 2, "pair_steps": 2, "quick_steps": 1, "eval_every": 5},
 }
 PASS_SIZES = (32, 128, 512, 2048)  # images per forward/backward pass timed by the distance part
@@ -129,24 +133,26 @@ def pass_sizes(model, heldout, device, sizes=PASS_SIZES, steps: int = 3) -> dict
 def strong_victim(root: Path, name: str, train_set, device, quick: bool, recipe: str = "finetune",
                   options: dict | None = None):
     """(model, attack): the ``recipe`` victim with Table 8's settings updated by ``options`` from the shared cache,
-    or with --quick one fine-tuned here for seconds."""
+    or with --quick one fine-tuned here for seconds; the clean row's attack is None."""
     if quick:
-        attack = create_attack(name, target=0, **attack_settings(name, options))
+        attack = None if name == CLEAN else create_attack(name, target=0, **attack_settings(name, options))
         subset = train_set.subset(torch.randperm(len(train_set), generator=torch.Generator().manual_seed(SEED))
                                   [:QUICK["victim_images"]])
-        poisoned = attack.poison(subset, torch.Generator().manual_seed(SEED)).dataset
+        poisoned = subset if attack is None else attack.poison(subset, torch.Generator().manual_seed(SEED)).dataset
         model = create(MODEL, weights=root / WEIGHTS).to(device)
         train(model, poisoned, TrainConfig.finetune(epochs=QUICK["victim_epochs"], lr=0.01, weight_decay=5e-4),
               generator=torch.Generator().manual_seed(SEED), device=device, progress=False)
         return model, attack
     v = cached_victim(name, recipe, options)
-    return create(MODEL, weights=v.weights).to(device), load_record(v.record)
+    return create(MODEL, weights=v.weights).to(device), None if name == CLEAN else load_record(v.record)
 
 
 def cached_victim(name: str, recipe: str, options: dict | None = None):
     """The shared cache's ``recipe`` victim of ``name`` with Table 8's settings updated by ``options``, built now
     if missing; a fine-tuned victim trains for the epochs the defense benchmarks' victim of that attack takes
-    (DEFENSE_VICTIMS)."""
+    (DEFENSE_VICTIMS). The clean row's model is the recipe on the clean training set (no options)."""
+    if name == CLEAN:
+        return victim(CLEAN, recipe=recipe)
     epochs = DEFENSE_VICTIMS.get(name, {}).get("epochs") if recipe == "finetune" else None
     return victim(name, recipe=recipe, epochs=epochs, target=0, **attack_settings(name, options))
 
@@ -158,9 +164,10 @@ def attack_settings(name: str, options: dict | None) -> dict:
 
 def row_name(attack: str, recipe: str, options: dict | None = None) -> str:
     """A row's key in the JSON: the attack, suffixed by the victim recipe unless it is the default and by the
-    options that change Table 8's settings (``sig-scratch-budget0.1``)."""
+    options that change Table 8's settings (``sig-scratch-budget0.1``; the clean row takes none)."""
     name = attack if recipe == "finetune" else f"{attack}-{recipe}"
-    return name + "".join(f"-{k}{v}" for k, v in sorted((options or {}).items()))
+    changed = {} if attack == CLEAN else options or {}
+    return name + "".join(f"-{k}{v}" for k, v in sorted(changed.items()))
 
 
 def with_test_options(attack, options: dict):
@@ -189,51 +196,53 @@ def moth_config(args) -> MothConfig:
 
 
 def moth_row(name: str, root: Path, train_set, heldout, device, args) -> dict:
-    """One attack's row: its strong victim hardened by MOTH, before/after CDA, ASR and class distance."""
+    """One attack's row: its strong victim hardened by MOTH, before/after CDA, ASR and class distance (the
+    clean row: no attack, the ASR fields None)."""
     quick = args.quick
     fraction = trusted_fraction(args)
     trusted = train_set if fraction == 1 else split_trusted(train_set, fraction, torch.Generator().manual_seed(SEED))
     config = moth_config(args)
     distance = (ClassDistanceConfig(**QUICK["distance"], pairs=QUICK["pairs"]) if quick else ClassDistanceConfig())
     model, attack = strong_victim(root, name, train_set, device, quick, args.victims, args.attack_opts)
-    amplified = with_test_options(attack, args.test_opts) if args.test_opts else None
+    amplified = with_test_options(attack, args.test_opts) if args.test_opts and attack is not None else None
 
     def asr_with_test_options(m) -> float:
         return evaluate_backdoor(m, amplified, heldout, device=device)["asr_nontarget"]
 
-    before = evaluate_backdoor(model, attack, heldout, device=device)
+    before = backdoor_metrics(model, attack, heldout, device)
     started = time.perf_counter()
     result = create_defense("moth", config=config).defend(model, trusted, eval_set=heldout,
                                                           generator=torch.Generator().manual_seed(SEED),
                                                           device=device)
     sync(device)
     seconds = time.perf_counter() - started
-    after = evaluate_backdoor(result.model, attack, heldout, device=device)
+    after = backdoor_metrics(result.model, attack, heldout, device)
     # the control: the same steps, data and optimizer, nothing stamped; evaluated once at the end and, like MOTH
     # here, never stopped for CDA (max_cda_drop 0.99)
     steps = result.details["hardening_steps"]
     control = create_defense("fine-tune", steps=steps, eval_every=steps, lr=config.lr, batch_size=config.batch_size,
                              augment=config.augment, max_cda_drop=0.99).defend(
         model, trusted, eval_set=heldout, generator=torch.Generator().manual_seed(SEED), device=device)
-    tuned = evaluate_backdoor(control.model, attack, heldout, device=device)
+    tuned = backdoor_metrics(control.model, attack, heldout, device)
     test_options = ({"options": args.test_opts, "asr_before": asr_with_test_options(model),
                      "asr_after": asr_with_test_options(result.model),
                      "fine_tune_control_asr_after": asr_with_test_options(control.model)} if amplified else None)
     measure = ClassDistance(distance)
     d_before = measure.measure(model, heldout, generator=torch.Generator().manual_seed(SEED), device=device)
     d_after = measure.measure(result.model, heldout, generator=torch.Generator().manual_seed(SEED), device=device)
-    paper = TABLE8[name]
+    paper = TABLE8.get(name)
     enlargement = d_after.enlargement(d_before)
     return {
-        "attack": attack.name, "config": json.loads(json.dumps(dataclasses.asdict(attack.config), default=str)),
+        "attack": attack and attack.name,
+        "config": attack and json.loads(json.dumps(dataclasses.asdict(attack.config), default=str)),
         "victim_recipe": "quick" if quick else args.victims,
         "cda_before": before["cda"], "asr_before": before["asr_nontarget"],
         "cda_after": after["cda"], "asr_after": after["asr_nontarget"],
         "fine_tune_control": {"steps": steps, "lr": config.lr, "cda_after": tuned["cda"],
                               "asr_after": tuned["asr_nontarget"]},
-        "strong_victim": before["asr_nontarget"] >= 0.9, "test_options": test_options,
-        "table8": {"model": paper[0], "acc_before": paper[1], "asr_before": paper[2], "acc_after": paper[3],
-                   "asr_after": paper[4]},
+        "strong_victim": attack is not None and before["asr_nontarget"] >= 0.9, "test_options": test_options,
+        "table8": paper and {"model": paper[0], "acc_before": paper[1], "asr_before": paper[2],
+                             "acc_after": paper[3], "asr_after": paper[4]},
         "moth_config": args.moth, "moth_opts": args.moth_opts, "moth_epochs": config.epochs, "device": str(device),
         "moth_seconds": round(seconds, 1), "moth_steps": result.details["hardening_steps"],
         "trusted_images": len(trusted), "history": [dataclasses.asdict(p) for p in result.history],
@@ -241,6 +250,13 @@ def moth_row(name: str, root: Path, train_set, heldout, device, args) -> dict:
         "distance_mean_before": d_before.to_dict()["mean"], "distance_mean_after": d_after.to_dict()["mean"],
         "enlargement": enlargement if math.isfinite(enlargement) else None,
         "pair_counts": result.details["pair_counts"]}
+
+
+def backdoor_metrics(model, attack, heldout, device) -> dict:
+    """CDA and non-target ASR of ``model`` on ``heldout`` (``attack`` None, the clean row: CDA only)."""
+    if attack is None:
+        return {"cda": evaluate(model, heldout, device=device), "asr_nontarget": None}
+    return evaluate_backdoor(model, attack, heldout, device=device)
 
 
 def moth_job(attack: str, settings: dict) -> dict:
@@ -272,14 +288,23 @@ def moth_part(args, device, results: dict, save) -> None:
             print(f"FAILED {name}: {done.record['error']}", flush=True)
             continue
         row = rows[name] = done.result
-        print(f"{name}: CDA {row['cda_before']:.3f} -> {row['cda_after']:.3f}, ASR {row['asr_before']:.3f} -> "
-              f"{row['asr_after']:.3f} (Table 8 {row['table8']['model']}: {row['table8']['asr_before']:.3f} -> "
-              f"{row['table8']['asr_after']:.3f}; fine-tuning alone: {row['fine_tune_control']['asr_after']:.3f}); "
-              + (f"with {row['test_options']['options']}: ASR {row['test_options']['asr_before']:.3f} -> "
-                 f"{row['test_options']['asr_after']:.3f}; " if row["test_options"] else "") +
-              f"distance {row['distance_mean_before']:.1f} -> {row['distance_mean_after']:.1f}; "
-              f"MOTH {row['moth_seconds']:.0f}s", flush=True)
+        print(f"{name}: {row_summary(row)}", flush=True)
         save()
+
+
+def row_summary(row: dict) -> str:
+    """A moth row in one line: CDA and ASR (none in the clean row) before/after beside Table 8 and the control,
+    the mean class distance and MOTH's wall time."""
+    control, paper, tested = row["fine_tune_control"], row["table8"], row["test_options"]
+    line = f"CDA {row['cda_before']:.3f} -> {row['cda_after']:.3f} (fine-tuning alone: {control['cda_after']:.3f})"
+    if row["asr_before"] is not None:
+        line += (f", ASR {row['asr_before']:.3f} -> {row['asr_after']:.3f} (Table 8 {paper['model']}: "
+                 f"{paper['asr_before']:.3f} -> {paper['asr_after']:.3f}; "
+                 f"fine-tuning alone: {control['asr_after']:.3f})")
+    if tested:
+        line += f"; with {tested['options']}: ASR {tested['asr_before']:.3f} -> {tested['asr_after']:.3f}"
+    return (line + f"; distance {row['distance_mean_before']:.1f} -> {row['distance_mean_after']:.1f}; "
+            f"MOTH {row['moth_seconds']:.0f}s")
 
 
 def sync(device: torch.device) -> None:
@@ -313,13 +338,17 @@ def plot(results: dict, path: Path) -> None:
     x = torch.arange(len(names)).float()
     for offset, key, label in ((-0.3, "asr_before", "ASR before"), (-0.1, "asr_after", "ASR after MOTH"),
                                (0.1, "cda_before", "CDA before"), (0.3, "cda_after", "CDA after MOTH")):
-        ax.bar((x + offset).tolist(), [rows[n][key] for n in names], width=0.2, label=label)
-    ax.scatter((x - 0.1).tolist(), [rows[n]["table8"]["asr_after"] for n in names], marker="*", color="k",
-               zorder=3, label="Table 8 ASR after")
+        ax.bar((x + offset).tolist(), [math.nan if rows[n][key] is None else rows[n][key] for n in names], width=0.2,
+               label=label)  # the clean row has no ASR
+    published = [i for i, n in enumerate(names) if rows[n]["table8"]]
+    ax.scatter([x[i].item() - 0.1 for i in published], [rows[names[i]]["table8"]["asr_after"] for i in published],
+               marker="*", color="k", zorder=3, label="Table 8 ASR after")
     controlled = [i for i, n in enumerate(names) if "fine_tune_control" in rows[n]]
-    ax.scatter([x[i].item() - 0.1 for i in controlled],
-               [rows[names[i]]["fine_tune_control"]["asr_after"] for i in controlled], marker="_", s=300,
-               color="r", zorder=3, label="ASR after fine-tuning alone")
+    for offset, key, color in ((-0.1, "asr_after", "r"), (0.3, "cda_after", "b")):
+        marked = [i for i in controlled if rows[names[i]]["fine_tune_control"][key] is not None]  # clean: no ASR
+        ax.scatter([x[i].item() + offset for i in marked],
+                   [rows[names[i]]["fine_tune_control"][key] for i in marked], marker="_", s=300, color=color,
+                   zorder=3, label=f"{key.split('_')[0].upper()} after fine-tuning alone")
     ax.set_xticks(x.tolist(), names, rotation=30, ha="right", fontsize=7)
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=3)
@@ -334,7 +363,7 @@ def main() -> None:
     parser.add_argument("--part", choices=("distance", "moth"), action="append", help="default: both")
     parser.add_argument("--quick", action="store_true", help="a few pairs, steps and one quick victim")
     parser.add_argument("--reference", action="store_true", help="also measure at the MOTH code's budget (GPU)")
-    parser.add_argument("--attacks", default=",".join(ATTACKS), help=f"moth rows (default: {','.join(ATTACKS)})")
+    parser.add_argument("--attacks", default=",".join(ROWS), help=f"moth rows (default: {','.join(ROWS)})")
     parser.add_argument("--moth", choices=("default", "reference"), default="default",
                         help="MothConfig() (a CPU budget) or MothConfig.reference() (the MOTH code's, a GPU budget)")
     parser.add_argument("--epochs", type=int, default=MothConfig.epochs, help="MOTH epochs over the trusted set")
@@ -359,9 +388,9 @@ def main() -> None:
                         default=None, help="results name (default moth_cifar10[_quick]; .json/.png)")
     args = parser.parse_args()
     args.attacks = [a for a in args.attacks.split(",") if a]
-    unknown = [a for a in args.attacks if a not in ATTACKS]
+    unknown = [a for a in args.attacks if a not in ROWS]
     if unknown or not 0 < args.trusted_fraction <= 1:
-        parser.error(f"expected --attacks from {list(ATTACKS)} and 0 < --trusted-fraction <= 1, got {args.attacks} "
+        parser.error(f"expected --attacks from {list(ROWS)} and 0 < --trusted-fraction <= 1, got {args.attacks} "
                      f"and {args.trusted_fraction}")
     for flag, given in (("--attack-opt", args.attack_opt), ("--test-opt", args.test_opt)):
         if any("=" not in o for o in given):
@@ -378,7 +407,8 @@ def main() -> None:
     texts = dict(o.split("=", 1) for o in args.attack_opt)
     tests = dict(o.split("=", 1) for o in args.test_opt)
     args.attack_opts, args.test_opts = {}, {}
-    for name in args.attacks:  # validated per attack; the values typed as the attack's config reads them
+    # validated per attack (the clean row takes none); the values typed as the attack's config reads them
+    for name in [a for a in args.attacks if a != CLEAN]:
         try:
             config = parse_options(name, [f"{k}={v}" for k, v in {**ATTACKS[name], **texts, **tests}.items()])
         except (TypeError, ValueError) as err:
